@@ -1,0 +1,3 @@
+from deepseek_serve.cli import main
+
+main()

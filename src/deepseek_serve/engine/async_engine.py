@@ -1,0 +1,237 @@
+"""AsyncEngine: the one interface routes use to talk to the model.
+
+The scheduler loop (`LLMEngine.step`) runs in one worker thread; native forward passes release
+the GIL, so the event loop stays responsive. Each request gets a `RequestStream` (an async
+iterator of `StreamDelta`) fed from the worker thread with `call_soon_threadsafe`.
+
+Submission errors (`QueueFullError`, `ContextLengthError`, `InvalidRequestError`,
+`EngineStoppedError`) are raised by `add_request` itself, before any streaming starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from deepseek_serve.engine.chat_template import ChatTemplate
+from deepseek_serve.engine.errors import EngineStoppedError
+from deepseek_serve.engine.llm_engine import LLMEngine
+from deepseek_serve.engine.types import (
+    EngineStats,
+    GenerationRequest,
+    ModelInfo,
+    SamplingParams,
+    StreamDelta,
+)
+
+if TYPE_CHECKING:
+    from deepseek_serve.config import Settings
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+class RequestStream(AsyncIterator[StreamDelta]):
+    """Deltas of one request. Closing it (or the task being cancelled) before the last delta
+    aborts the request and frees its KV at once."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, num_prompt_tokens: int) -> None:
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self._engine = engine
+        self._queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
+        self._finished = False
+        self.scheduled = asyncio.Event()  # set when the request leaves the waiting queue
+
+    def _put(self, delta: StreamDelta) -> None:
+        self._queue.put_nowait(delta)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamDelta:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            delta = await self._queue.get()
+        except BaseException:
+            await self.aclose()
+            raise
+        if delta.finished:
+            self._finished = True
+        return delta
+
+    async def aclose(self) -> None:
+        """Abort the request if it has not finished; safe to call more than once."""
+        if not self._finished:
+            self._finished = True
+            self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    """Owns the scheduler core and its worker thread. Create with `from_settings`, then `start()`."""
+
+    def __init__(self, core: LLMEngine, model_info: ModelInfo, chat_template: ChatTemplate | None) -> None:
+        self._core = core
+        self.model_info = model_info
+        self._template = chat_template
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopping = False
+        self._accepting = False
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AsyncEngine:
+        """Resolve the model (downloading if needed), load it with the configured runner."""
+        from deepseek_serve.engine.loader import load_engine
+
+        return load_engine(settings)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop accepting; let in-flight requests finish for up to `drain_timeout_s`; abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while self._core.has_work() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+            self._thread = None
+        self._core.close()
+
+    @property
+    def is_accepting(self) -> bool:
+        return self._accepting
+
+    # --- requests ----------------------------------------------------------------------------------
+    async def add_request(self, request: GenerationRequest) -> RequestStream:
+        """Tokenize, validate and enqueue. Raises before any work when the request cannot be served."""
+        if not self._accepting:
+            raise EngineStoppedError("the engine is not accepting requests (starting or shutting down)")
+        seq = self._core.make_sequence(request)  # validates; raises InvalidRequest/ContextLength
+        stream = RequestStream(self, request.request_id, seq.num_prompt_tokens)
+        self._streams[request.request_id] = stream
+        try:
+            self._core.add_sequence(seq)  # raises QueueFullError
+        except BaseException:
+            self._streams.pop(request.request_id, None)
+            raise
+        self._wake.set()
+        return stream
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        """Convenience: add the request and yield its deltas."""
+        stream = await self.add_request(request)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            await stream.aclose()
+
+    async def complete(self, request: GenerationRequest) -> tuple[str, StreamDelta]:
+        """Run a request to the end; returns (full text, last delta)."""
+        parts: list[str] = []
+        last: StreamDelta | None = None
+        async for delta in self.generate(request):
+            parts.append(delta.text)
+            last = delta
+        assert last is not None and last.finished
+        return "".join(parts), last
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its KV is freed by the next scheduler iteration (well under one step)."""
+        self._core.abort(request_id)
+        self._wake.set()
+
+    async def probe(self, timeout_s: float = 10.0) -> bool:
+        """Generate one token end to end; True when the engine answered in time."""
+        request = GenerationRequest(
+            request_id=f"probe-{time.monotonic_ns()}",
+            prompt_token_ids=(self.tokenizer_bos_or_first(),),
+            params=SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+            deadline_s=timeout_s,
+        )
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, last = await self.complete(request)
+            return last.finish_reason in ("length", "stop")
+        except Exception:  # noqa: BLE001 - a failed probe is the answer
+            return False
+
+    def tokenizer_bos_or_first(self) -> int:
+        ids = self._core.tokenizer.encode("Hi", add_special_tokens=True)
+        return ids[0] if ids else 0
+
+    # --- text helpers ------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._core.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self._core.tokenizer.decode(list(token_ids))
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    **extra: Any) -> str:
+        """Render messages with the model's chat template (sandboxed Jinja, Hugging Face semantics).
+
+        Raises InvalidRequestError when the template rejects the conversation (`raise_exception`).
+        """
+        if self._template is None:
+            from deepseek_serve.engine.errors import InvalidRequestError
+
+            raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
+        return self._template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
+
+    def stats(self) -> EngineStats:
+        return self._core.stats(is_running=self._thread is not None and not self._stopping)
+
+    # --- worker thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        while not self._stopping:
+            if not self._core.has_work():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self._core.step()
+            except Exception:  # noqa: BLE001 - the core isolates per-request failures; this is a last resort
+                logger.exception("engine step failed")
+                outputs = self._core.fail_all("internal engine error")
+            if outputs:
+                loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[tuple[str, StreamDelta, bool]]) -> None:
+        for request_id, delta, scheduled in outputs:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            if scheduled:
+                stream.scheduled.set()
+            if delta.finished:
+                self._streams.pop(request_id, None)
+            stream._put(delta)

@@ -1,0 +1,129 @@
+"""The runner interface: the model half of the engine.
+
+A runner owns the weights, the tokenizer and the KV cache of every sequence. The scheduler owns
+everything else (queues, admission order, deadlines, stop conditions, detokenization). One
+`step()` runs ONE forward pass over a batch that mixes prefill chunks and decode tokens of
+different sequences, and samples the next token for every sequence whose input is complete.
+
+Two runners implement it: `LlamaCppRunner` (GGUF on CPU, llama.cpp's unified KV cache, one
+sequence id per slot) and `TorchRunner` (Hugging Face checkpoints, a pre-allocated slot KV cache).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deepseek_serve.engine.sequence import Sequence
+    from deepseek_serve.engine.types import TokenLogprob
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's share of a step: feed `num_new_tokens` tokens starting at
+    `seq.num_computed_tokens` (from `seq.all_token_ids`), then sample iff `sample`."""
+
+    seq: Sequence
+    num_new_tokens: int
+    sample: bool
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+class Tokenizer(abc.ABC):
+    """Token ids <-> text. `token_bytes` lets the engine detokenize incrementally, byte-exact."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation: EOS and end-of-turn tokens (e.g. <|im_end|>, <|EOT|>)."""
+
+    @property
+    @abc.abstractmethod
+    def bos_token(self) -> str | None: ...
+
+    @property
+    @abc.abstractmethod
+    def eos_token(self) -> str | None: ...
+
+    @abc.abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize; special tokens written in `text` (e.g. "<|im_start|>") are parsed as such."""
+
+    @abc.abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (b"" for control tokens such as EOS)."""
+
+    def decode(self, token_ids: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
+
+
+class Runner(abc.ABC):
+    """Weights + KV cache for up to `max_num_seqs` concurrent sequences. Not thread-safe: the engine
+    calls it from its one worker thread only."""
+
+    name: str
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    @abc.abstractmethod
+    def max_num_seqs(self) -> int:
+        """Sequences that can hold KV at the same time (slots)."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int:
+        """Longest sequence (prompt + completion) the runner accepts."""
+
+    @property
+    @abc.abstractmethod
+    def kv_capacity_tokens(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def kv_used_tokens(self) -> int:
+        """Tokens held by running sequences (reserved, not only written)."""
+
+    @property
+    @abc.abstractmethod
+    def chat_template(self) -> str | None:
+        """The model's own Jinja chat template, if it has one."""
+
+    @abc.abstractmethod
+    def can_allocate(self, seq: Sequence) -> bool:
+        """Whether `seq` (prompt + max_tokens) fits now, counting evictable prefix-cache entries as free."""
+
+    @abc.abstractmethod
+    def allocate(self, seq: Sequence) -> int:
+        """Give `seq` a slot and its KV budget, reusing cached prefix tokens when possible.
+
+        Sets `seq.slot` and `seq.num_computed_tokens`; returns the number of prompt tokens reused.
+        At least one prompt token is always left to compute (its logits are needed to sample).
+        """
+
+    @abc.abstractmethod
+    def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
+        """One forward pass over the batch; one result per entry (None where `sample` is False).
+
+        The runner advances `seq.num_computed_tokens` by `num_new_tokens` for every entry.
+        """
+
+    @abc.abstractmethod
+    def free(self, seq: Sequence) -> None:
+        """Release `seq`'s slot at once. Its KV may stay as a prefix-cache entry, evictable any time."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release native resources."""
