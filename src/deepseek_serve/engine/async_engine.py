@@ -197,6 +197,8 @@ class AsyncEngine:
                     **extra: Any) -> str:
         """Render messages with the model's chat template (sandboxed Jinja, Hugging Face semantics).
 
+        NOTE: the rendered text already holds the template's special tokens (BOS...): submit it with
+        `GenerationRequest(add_special_tokens=False)`, as Hugging Face's apply_chat_template does.
         Raises InvalidRequestError when the template rejects the conversation (`raise_exception`).
         """
         if self._template is None:
@@ -225,13 +227,16 @@ class AsyncEngine:
             if outputs:
                 loop.call_soon_threadsafe(self._deliver, outputs)
 
-    def _deliver(self, outputs: list[tuple[str, StreamDelta, bool]]) -> None:
+    def _deliver(self, outputs: list[tuple[str, StreamDelta | None, bool]]) -> None:
         for request_id, delta, scheduled in outputs:
             stream = self._streams.get(request_id)
             if stream is None:
                 continue
             if scheduled:
                 stream.scheduled.set()
+            if delta is None:
+                continue
             if delta.finished:
+                stream.scheduled.set()
                 self._streams.pop(request_id, None)
             stream._put(delta)

@@ -20,6 +20,7 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    max_tokens: int  # resolved completion budget (params.max_tokens or what fits)
     deadline: float  # time.monotonic() after which the request is aborted
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -56,7 +57,7 @@ class Sequence:
     @property
     def max_total_tokens(self) -> int:
         """Prompt + the completion budget: what admission reserves in the KV cache."""
-        return self.num_prompt_tokens + self.params.max_tokens
+        return self.num_prompt_tokens + self.max_tokens
 
     @property
     def is_prefilling(self) -> bool:

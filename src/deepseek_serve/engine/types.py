@@ -15,7 +15,7 @@ FinishReason = Literal["stop", "length", "abort", "timeout", "error"]
 class SamplingParams:
     """How to pick tokens. temperature 0 means greedy; a seed makes sampling reproducible."""
 
-    max_tokens: int = 256
+    max_tokens: int | None = None  # None = as many as fit, capped by settings.default_max_tokens
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -50,7 +50,7 @@ class SamplingParams:
         def bad(name: str, why: str) -> InvalidRequestError:
             return InvalidRequestError(f"Invalid value for '{name}': {why}", param=name)
 
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", f"{self.max_tokens} is less than the minimum of 1")
         for name, value, lo, hi in (
             ("temperature", self.temperature, 0.0, 2.0),

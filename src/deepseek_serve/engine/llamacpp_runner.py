@@ -1,0 +1,404 @@
+"""GGUF models on CPU through llama.cpp's low-level API (llama-cpp-python's ctypes bindings).
+
+KV layout: one llama.cpp context with a unified KV cache of `context_length` cells shared by all
+sequences, and `n_slots` sequence ids. A running request holds one slot. A finished request's
+slot keeps its KV as a prefix-cache entry until the slot or its cells are needed (LRU). A new
+request reuses the idle slot with the longest common token prefix (`seq_rm` of the tail), or
+shares a running sequence's prefix (`seq_cp`, which only tags the same cells with a second id).
+
+Sampling runs in llama.cpp's native sampler chains (one chain per sequence, own seed), so the
+per-token Python work is filling the batch and one call per sequence.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+
+from deepseek_serve.engine.runner import Runner, SampleResult, ScheduledSeq, Tokenizer
+from deepseek_serve.engine.sequence import Sequence
+from deepseek_serve.engine.types import SamplingParams, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # NOTE: llama.cpp logs every load detail to stderr; keep errors (level 2 = GGML_LOG_LEVEL_ERROR... 4).
+    if level in (2, 4) and text:
+        logger.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        lc.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+        lc.llama_backend_init()
+        _backend_ready = True
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (llama.cpp is slower on hyper-threads)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+    cores: set[tuple[str, str]] = set()
+    try:
+        cpu = pkg = core = ""
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key, val = key.strip(), val.strip()
+            if key == "processor":
+                cpu = val
+            elif key == "physical id":
+                pkg = val
+            elif key == "core id":
+                core = val
+                if cpu.isdigit() and int(cpu) in cpus:
+                    cores.add((pkg, core))
+    except OSError:
+        pass
+    return max(1, min(len(cores) or len(cpus), len(cpus)))
+
+
+class LlamaCppTokenizer(Tokenizer):
+    def __init__(self, model: lc.llama_model_p) -> None:
+        self._vocab = lc.llama_model_get_vocab(model)
+        self._n_vocab = lc.llama_vocab_n_tokens(self._vocab)
+        self._bytes: list[bytes | None] = [None] * self._n_vocab
+        self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+        eog = [t for t in range(self._n_vocab) if lc.llama_vocab_is_eog(self._vocab, t)]
+        self._eos_ids = tuple(eog)
+        self._bos_id = lc.llama_vocab_bos(self._vocab)
+        self._eos_id = lc.llama_vocab_eos(self._vocab)
+        self._buf = ctypes.create_string_buffer(256)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._n_vocab
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos_ids
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._special_text(self._bos_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._special_text(self._eos_id)
+
+    def _special_text(self, token: int) -> str | None:
+        if token < 0:
+            return None
+        return self._piece(token, special=True).decode("utf-8", "replace")
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        n = lc.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            return buf.raw[:n]
+        return self._buf.raw[:n]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        out = (lc.llama_token * n_max)()
+        n = lc.llama_tokenize(self._vocab, data, len(data), out, n_max, add_special_tokens, True)
+        if n < 0:
+            out = (lc.llama_token * -n)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), out, -n, add_special_tokens, True)
+        return list(out[:n])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        b = self._bytes[token_id]
+        if b is None:
+            b = self._piece(token_id, special=False)
+            self._bytes[token_id] = b
+        return b
+
+    def token_text(self, token_id: int) -> str:
+        return self._piece(token_id, special=True).decode("utf-8", "replace")
+
+
+@dataclass(eq=False)
+class _Slot:
+    index: int
+    tokens: list[int]  # tokens whose KV the slot holds (for idle slots; running: see seq)
+    seq: Sequence | None = None
+    sampler: lc.llama_sampler_p | None = None
+    last_used: float = 0.0
+
+    @property
+    def is_idle(self) -> bool:
+        return self.seq is None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class LlamaCppRunner(Runner):
+    name = "llamacpp"
+
+    def __init__(self, model_path: Path, *, context_length: int = 8192, max_batch_size: int = 8,
+                 max_model_len: int = 0, n_threads: int = 0, prefill_chunk_tokens: int = 512,
+                 prefix_cache: bool = True, flash_attn: bool = True) -> None:
+        _init_backend()
+        mparams = lc.llama_model_default_params()
+        mparams.use_mmap = True
+        self._model = lc.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load the model file {model_path}")
+        self._tokenizer = LlamaCppTokenizer(self._model)
+        self._n_vocab = self._tokenizer.vocab_size
+        self.n_ctx_train = lc.llama_model_n_ctx_train(self._model)
+        self._prefix_cache = prefix_cache
+        self._max_batch = max_batch_size
+        # NOTE: extra sequence ids beyond the batch keep finished sequences' KV for prefix reuse.
+        n_slots = min(max_batch_size * 2 if prefix_cache else max_batch_size, 256)
+        self._n_batch = prefill_chunk_tokens + max_batch_size
+        threads = n_threads or physical_cores()
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = context_length
+        cparams.n_batch = self._n_batch
+        cparams.n_ubatch = min(self._n_batch, 512)
+        cparams.n_seq_max = n_slots
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._ctx = lc.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lc.llama_model_free(self._model)
+            raise RuntimeError("llama.cpp could not create a context (out of memory for the KV cache?)")
+        self.n_threads = threads
+        self._mem = lc.llama_get_memory(self._ctx)
+        self._n_ctx = lc.llama_n_ctx(self._ctx)
+        limit = max_model_len or self.n_ctx_train or self._n_ctx
+        self._max_model_len = min(limit, self._n_ctx)
+        self._slots = [_Slot(i, []) for i in range(n_slots)]
+        self._batch = lc.llama_batch_init(self._n_batch, 0, 1)
+        self._b_token = np.ctypeslib.as_array(self._batch.token, shape=(self._n_batch,))
+        self._b_pos = np.ctypeslib.as_array(self._batch.pos, shape=(self._n_batch,))
+        self._b_nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self._n_batch,))
+        self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self._n_batch,))
+        self._b_seq = [self._batch.seq_id[i] for i in range(self._n_batch)]
+        self._b_nseq[:] = 1
+        self._reserved = 0  # KV tokens reserved by running sequences
+        template = lc.llama_model_chat_template(self._model, None)
+        self._chat_template = template.decode("utf-8") if template else None
+        self.model_path = model_path
+
+    # --- Runner properties -------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> LlamaCppTokenizer:
+        return self._tokenizer
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self._max_batch
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self._n_ctx
+
+    @property
+    def kv_used_tokens(self) -> int:
+        return self._reserved
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    # --- admission ----------------------------------------------------------------------------------
+    def _cached_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self._slots if s.is_idle)
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        has_slot = any(s.is_idle for s in self._slots)
+        return has_slot and self._reserved + seq.max_total_tokens <= self._n_ctx
+
+    def allocate(self, seq: Sequence) -> int:
+        prompt = seq.prompt_token_ids
+        slot, reuse, source = self._pick_slot(prompt)
+        # make room: idle entries are evicted (least recently used first) until the reservation fits
+        need = self._reserved + seq.max_total_tokens
+        for victim in sorted((s for s in self._slots if s.is_idle and s is not slot and s.tokens),
+                             key=lambda s: s.last_used):
+            if need + self._cached_tokens() - len(slot.tokens) <= self._n_ctx:
+                break
+            self._clear(victim)
+        if source is not None:
+            self._clear(slot)
+            lc.llama_memory_seq_cp(self._mem, source.index, slot.index, 0, reuse)
+        elif reuse < len(slot.tokens):
+            lc.llama_memory_seq_rm(self._mem, slot.index, reuse, -1)
+        cached = min(reuse, len(prompt) - 1)
+        if cached < reuse:
+            lc.llama_memory_seq_rm(self._mem, slot.index, cached, -1)
+        slot.tokens = []
+        slot.seq = seq
+        slot.sampler = self._make_sampler(seq.params)
+        seq.slot = slot.index
+        seq.num_computed_tokens = cached
+        seq.num_cached_tokens = cached
+        self._reserved += seq.max_total_tokens
+        return cached
+
+    def _pick_slot(self, prompt: list[int]) -> tuple[_Slot, int, _Slot | None]:
+        """(slot to use, prefix tokens reusable, running slot to copy the prefix from or None)."""
+        idle = [s for s in self._slots if s.is_idle]
+        if self._prefix_cache:
+            best_idle = max(idle, key=lambda s: (_common_prefix(s.tokens, prompt), -len(s.tokens)))
+            idle_lcp = _common_prefix(best_idle.tokens, prompt)
+            best_run, run_lcp = None, 0
+            for s in self._slots:
+                if s.seq is not None:
+                    lcp = _common_prefix(s.seq.all_token_ids[: s.seq.num_computed_tokens], prompt)
+                    if lcp > run_lcp:
+                        best_run, run_lcp = s, lcp
+            if idle_lcp >= run_lcp and idle_lcp > 0:
+                return best_idle, idle_lcp, None
+            if best_run is not None and run_lcp > 0:
+                target = min(idle, key=lambda s: (len(s.tokens) > 0, s.last_used))
+                return target, run_lcp, best_run
+        target = min(idle, key=lambda s: (len(s.tokens) > 0, s.last_used))
+        self._clear(target)
+        return target, 0, None
+
+    def _clear(self, slot: _Slot) -> None:
+        if slot.tokens or slot.seq is not None:
+            lc.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
+        slot.tokens = []
+
+    def _make_sampler(self, p: SamplingParams) -> lc.llama_sampler_p:
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if p.has_penalties:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
+                self._n_vocab, p.penalty_last_n, p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
+        if p.is_greedy:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+            return chain
+        if p.top_k > 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(p.min_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(p.temperature))
+        seed = lc.LLAMA_DEFAULT_SEED if p.seed is None else p.seed % 0xFFFFFFFF
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+        return chain
+
+    # --- forward ------------------------------------------------------------------------------------
+    def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
+        n = 0
+        out_index: list[int] = []
+        for item in batch:
+            seq = item.seq
+            assert seq.slot is not None, "step() on an unallocated sequence"
+            start = seq.num_computed_tokens
+            k = item.num_new_tokens
+            if start + k <= seq.num_prompt_tokens:
+                self._b_token[n:n + k] = seq.prompt_token_ids[start:start + k]
+            else:
+                self._b_token[n:n + k] = seq.all_token_ids[start:start + k]
+            self._b_pos[n:n + k] = np.arange(start, start + k)
+            self._b_logits[n:n + k] = 0
+            slot = seq.slot
+            for i in range(n, n + k):
+                self._b_seq[i][0] = slot
+            n += k
+            if item.sample:
+                self._b_logits[n - 1] = 1
+            out_index.append(n - 1)
+        assert n <= self._n_batch, f"batch of {n} tokens exceeds n_batch {self._n_batch}"
+        self._batch.n_tokens = n
+        rc = lc.llama_decode(self._ctx, self._batch)
+        if rc == 1:
+            # no contiguous KV room: drop the prefix cache and retry once
+            for s in self._slots:
+                if s.is_idle:
+                    self._clear(s)
+            rc = lc.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+        results: list[SampleResult | None] = []
+        for item, idx in zip(batch, out_index, strict=True):
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if not item.sample:
+                results.append(None)
+                continue
+            slot = self._slots[item.seq.slot]  # type: ignore[index]
+            token = lc.llama_sampler_sample(slot.sampler, self._ctx, idx)
+            logprob = self._logprob(idx, token, item.seq.params.top_logprobs) if item.seq.params.logprobs else None
+            results.append(SampleResult(token, logprob))
+        return results
+
+    def _logprob(self, idx: int, token: int, top_n: int) -> TokenLogprob:
+        ptr = lc.llama_get_logits_ith(self._ctx, idx)
+        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).astype(np.float64)
+        m = logits.max()
+        lse = m + math.log(np.exp(logits - m).sum())
+        tok = self._tokenizer
+        top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+        if top_n:
+            ids = np.argpartition(-logits, top_n)[:top_n]
+            ids = ids[np.argsort(-logits[ids])]
+            top = tuple((tok.token_text(int(t)), float(logits[t] - lse), tuple(tok.token_bytes(int(t))))
+                        for t in ids)
+        return TokenLogprob(token_id=token, token=tok.token_text(token), logprob=float(logits[token] - lse),
+                            bytes=tuple(tok.token_bytes(token)), top=top)
+
+    def free(self, seq: Sequence) -> None:
+        if seq.slot is None:
+            return
+        slot = self._slots[seq.slot]
+        if slot.sampler is not None:
+            lc.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+        self._reserved -= seq.max_total_tokens
+        slot.seq = None
+        slot.last_used = time.monotonic()
+        seq.slot = None
+        if self._prefix_cache:
+            slot.tokens = seq.all_token_ids[: seq.num_computed_tokens]
+        else:
+            slot.tokens = [0]  # force a clear
+            self._clear(slot)
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            lc.llama_batch_free(self._batch)
+            lc.llama_free(self._ctx)
+            lc.llama_model_free(self._model)
+            self._ctx = None

@@ -1,0 +1,264 @@
+"""LLMEngine: the synchronous core. `step()` = take aborts and deadlines, admit, schedule, run, postprocess.
+
+Thread contract: `make_sequence`, `add_sequence` and `abort` may be called from any thread;
+everything else runs on the engine's single worker thread (see AsyncEngine).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from deepseek_serve.engine.detokenizer import IncrementalDetokenizer
+from deepseek_serve.engine.errors import ContextLengthError, InvalidRequestError
+from deepseek_serve.engine.runner import Runner, SampleResult, Tokenizer
+from deepseek_serve.engine.scheduler import Scheduler
+from deepseek_serve.engine.sequence import Sequence
+from deepseek_serve.engine.types import (
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    RequestTimings,
+    StreamDelta,
+    TokenLogprob,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+
+# (request_id, delta or None, just scheduled)
+Output = tuple[str, StreamDelta | None, bool]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 8
+    max_queue_size: int = 64
+    prefill_chunk_tokens: int = 512
+    default_max_tokens: int = 1024
+    request_timeout_s: float = 600.0
+
+
+@dataclass
+class _Counters:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    last_step: float = 0.0
+
+
+@dataclass(eq=False)
+class _SeqState:
+    """Per-sequence bookkeeping that only the engine thread touches."""
+
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, runner: Runner, config: EngineConfig) -> None:
+        self.runner = runner
+        self.config = config
+        self.tokenizer: Tokenizer = runner.tokenizer
+        self.scheduler = Scheduler(runner, config.max_batch_size, config.max_queue_size, config.prefill_chunk_tokens)
+        self._states: dict[str, _SeqState] = {}
+        self._abort_lock = threading.Lock()
+        self._aborted: set[str] = set()
+        self._eos = frozenset(self.tokenizer.eos_token_ids)
+        self._counters = _Counters()
+
+    # --- submission (any thread) -------------------------------------------------------------------------
+    def make_sequence(self, request: GenerationRequest) -> Sequence:
+        """Tokenize and validate; raises InvalidRequestError / ContextLengthError before any work."""
+        params = request.params
+        params.validate()
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            vocab = self.tokenizer.vocab_size
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        elif request.prompt is not None:
+            ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        else:
+            raise InvalidRequestError("either prompt or prompt_token_ids is required", param="prompt")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        max_len = self.runner.max_model_len
+        if params.max_tokens is not None:
+            max_tokens = params.max_tokens
+            if len(ids) + max_tokens > max_len:
+                raise ContextLengthError(len(ids), max_tokens, max_len)
+        else:
+            if len(ids) >= max_len:
+                raise ContextLengthError(len(ids), 1, max_len)
+            max_tokens = min(self.config.default_max_tokens, max_len - len(ids))
+        timeout = request.deadline_s if request.deadline_s is not None else self.config.request_timeout_s
+        return Sequence(
+            request_id=request.request_id,
+            prompt_token_ids=ids,
+            params=params,
+            max_tokens=max_tokens,
+            deadline=time.monotonic() + timeout,
+        )
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Enqueue; raises QueueFullError."""
+        state = _SeqState(seq, IncrementalDetokenizer(self.tokenizer, seq.params.stop))
+        self._states[seq.request_id] = state
+        try:
+            self.scheduler.add(seq)
+        except BaseException:
+            self._states.pop(seq.request_id, None)
+            raise
+
+    def abort(self, request_id: str) -> None:
+        with self._abort_lock:
+            self._aborted.add(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._aborted)
+
+    # --- the loop (engine thread) ------------------------------------------------------------------------
+    def step(self) -> list[Output]:
+        outputs: list[Output] = []
+        self._reap(outputs)
+        for seq in self.scheduler.admit():
+            self._counters.prompt_tokens += seq.num_prompt_tokens
+            self._counters.prefix_queries += seq.num_prompt_tokens
+            self._counters.prefix_hits += seq.num_cached_tokens
+            outputs.append((seq.request_id, None, True))
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        try:
+            results = self.runner.step(batch)
+        except Exception as exc:  # noqa: BLE001 - isolate: fail this batch, keep the engine alive
+            logger.exception("forward step failed for %d sequences", len(batch))
+            for item in batch:
+                self._finish(item.seq, "error", outputs, error=f"forward step failed: {exc}")
+            return outputs
+        now = time.monotonic()
+        self._counters.steps += 1
+        self._counters.last_step = now
+        for item, result in zip(batch, results, strict=True):
+            if result is not None:
+                self._on_token(item.seq, result, now, outputs)
+        return outputs
+
+    def _reap(self, outputs: list[Output]) -> None:
+        """Apply aborts and deadlines to waiting and running sequences."""
+        with self._abort_lock:
+            aborted, self._aborted = self._aborted, set()
+        now = time.monotonic()
+
+        def expired(s: Sequence) -> bool:
+            return s.request_id in aborted or now > s.deadline
+
+        for seq in self.scheduler.remove_waiting(expired):
+            self._end_unscheduled(seq, aborted, outputs)
+        for seq in [s for s in self.scheduler.running if expired(s)]:
+            self._end_unscheduled(seq, aborted, outputs)
+
+    def _end_unscheduled(self, seq: Sequence, aborted: set[str], outputs: list[Output]) -> None:
+        if seq.request_id in aborted:
+            self._finish(seq, "abort", outputs)
+        else:
+            self._finish(seq, "timeout", outputs, error="request timed out", flush=True)
+
+    def _on_token(self, seq: Sequence, result: SampleResult, now: float, outputs: list[Output]) -> None:
+        state = self._states[seq.request_id]
+        token = result.token_id
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        params = seq.params
+        is_eos = token in self._eos and not params.ignore_eos and seq.num_output_tokens >= params.min_tokens
+        if is_eos or token in params.stop_token_ids:
+            # NOTE: the end token is not part of the completion text nor its token count.
+            self._finish(seq, "stop", outputs, flush=True)
+            return
+        seq.output_token_ids.append(token)
+        self._counters.generation_tokens += 1
+        state.pending_ids.append(token)
+        if result.logprob is not None:
+            seq.output_logprobs.append(result.logprob)
+            state.pending_logprobs.append(result.logprob)
+        text, hit_stop = state.detok.push(token)
+        if hit_stop:
+            self._finish(seq, "stop", outputs, text=text)
+        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.runner.max_model_len:
+            self._finish(seq, "length", outputs, text=text + state.detok.flush())
+        elif text or state.pending_logprobs:
+            outputs.append((seq.request_id, self._delta(state, text), False))
+            state.pending_ids, state.pending_logprobs = [], []
+
+    def _delta(self, state: _SeqState, text: str) -> StreamDelta:
+        return StreamDelta(
+            text=text,
+            token_ids=tuple(state.pending_ids),
+            logprobs=tuple(state.pending_logprobs) if state.seq.params.logprobs else None,
+        )
+
+    def _finish(self, seq: Sequence, reason: FinishReason, outputs: list[Output], text: str = "",
+                error: str | None = None, flush: bool = False) -> None:
+        state = self._states.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        seq.error = error
+        if flush and state is not None:
+            text += state.detok.flush()
+        now = time.monotonic()
+        timings = RequestTimings(
+            queue_s=(seq.first_scheduled_time or now) - seq.arrival_time,
+            first_token_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
+            total_s=now - seq.arrival_time,
+        )
+        delta = StreamDelta(
+            text=text,
+            token_ids=tuple(state.pending_ids) if state else (),
+            logprobs=tuple(state.pending_logprobs) if state and seq.params.logprobs else None,
+            finished=True,
+            finish_reason=reason,
+            usage=Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens),
+            timings=timings,
+            error=error,
+        )
+        outputs.append((seq.request_id, delta, False))
+
+    def fail_all(self, message: str) -> list[Output]:
+        """Last resort after an unexpected error in the loop itself: end every request with an error."""
+        outputs: list[Output] = []
+        for seq in list(self.scheduler.running) + self.scheduler.remove_waiting(lambda s: True):
+            try:
+                self._finish(seq, "error", outputs, error=message)
+            except Exception:  # noqa: BLE001
+                logger.exception("could not finish %s", seq.request_id)
+        return outputs
+
+    # --- introspection -----------------------------------------------------------------------------------
+    def stats(self, is_running: bool = True) -> EngineStats:
+        c = self._counters
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            max_batch_size=self.scheduler.max_batch_size,
+            max_queue_size=self.scheduler.max_queue_size,
+            kv_capacity_tokens=self.runner.kv_capacity_tokens,
+            kv_used_tokens=self.runner.kv_used_tokens,
+            last_step_monotonic=c.last_step,
+            steps_total=c.steps,
+            prompt_tokens_total=c.prompt_tokens,
+            generation_tokens_total=c.generation_tokens,
+            prefix_cache_queries_tokens_total=c.prefix_queries,
+            prefix_cache_hits_tokens_total=c.prefix_hits,
+            is_running=is_running,
+        )
+
+    def close(self) -> None:
+        self.runner.close()

@@ -1,0 +1,105 @@
+"""Iteration-level scheduling: which sequences run in the next forward step, and with how many tokens.
+
+Between two steps, waiting sequences join the running batch (FCFS, bounded by free slots and
+KV capacity) and finished ones leave it. Each step gives every decoding sequence one token and
+spends the rest of the token budget on prompt chunks (chunked prefill), so a long prompt never
+stalls the others for more than one chunk.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from deepseek_serve.engine.errors import QueueFullError
+from deepseek_serve.engine.runner import Runner, ScheduledSeq
+from deepseek_serve.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, runner: Runner, max_batch_size: int, max_queue_size: int, prefill_chunk_tokens: int) -> None:
+        self.runner = runner
+        self.max_batch_size = min(max_batch_size, runner.max_num_seqs)
+        self.max_queue_size = max_queue_size
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._lock = threading.Lock()  # guards `waiting` against submissions from the event loop
+
+    # --- called from the event loop thread -----------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Enqueue; raises QueueFullError when the batch and the queue are both full."""
+        with self._lock:
+            in_system = len(self.running) + len(self.waiting)
+            if in_system >= self.max_batch_size + self.max_queue_size:
+                raise QueueFullError(len(self.waiting), retry_after_s=self._retry_after())
+            self.waiting.append(seq)
+
+    def _retry_after(self) -> float:
+        # NOTE: a coarse hint: roughly how long until a running sequence frees its slot.
+        return max(1.0, min(30.0, float(len(self.waiting) // max(self.max_batch_size, 1) + 1)))
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # --- called from the engine thread -----------------------------------------------------------------
+    def remove_waiting(self, predicate: object) -> list[Sequence]:
+        """Remove and return waiting sequences for which predicate(seq) is true."""
+        assert callable(predicate)
+        with self._lock:
+            removed = [s for s in self.waiting if predicate(s)]
+            if removed:
+                self.waiting = deque(s for s in self.waiting if not predicate(s))
+        return removed
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into the batch while slots and KV allow (FCFS, no overtaking)."""
+        admitted: list[Sequence] = []
+        now = time.monotonic()
+        while len(self.running) < self.max_batch_size:
+            with self._lock:
+                if not self.waiting:
+                    break
+                seq = self.waiting[0]
+                if not self.runner.can_allocate(seq):
+                    break
+                self.waiting.popleft()
+            self.runner.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            seq.first_scheduled_time = now
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def schedule(self) -> list[ScheduledSeq]:
+        """The next step's batch: one token per decoding sequence, prompt chunks with what is left."""
+        batch: list[ScheduledSeq] = []
+        budget = max(self.prefill_chunk_tokens, len(self.running))
+        # decode first: latency of running streams comes before throughput of new prompts
+        for seq in self.running:
+            if not seq.is_prefilling:
+                batch.append(ScheduledSeq(seq, 1, True))
+                budget -= 1
+        for seq in self.running:
+            if seq.is_prefilling and budget > 0:
+                remaining = seq.num_prompt_tokens - seq.num_computed_tokens
+                n = min(remaining, budget)
+                batch.append(ScheduledSeq(seq, n, n == remaining))
+                budget -= n
+        return batch
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a running sequence out of the batch and free its KV slot at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.runner.free(seq)
+        seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,41 @@
+"""Shared fixtures. The engine fixtures load the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from deepseek_serve.config import Settings, load_settings
+from deepseek_serve.engine.async_engine import AsyncEngine
+
+# NOTE: tests never read the developer's .env or DS_* variables by accident.
+for _key in [k for k in os.environ if k.startswith("DS_")]:
+    del os.environ[_key]
+
+
+def make_settings(tmp_path: Path | None = None, **overrides: object) -> Settings:
+    # NOTE: _env_file=None: a developer's .env never leaks into tests.
+    base: dict[str, object] = {"_env_file": None, "context_length": 4096, "max_batch_size": 8,
+                               "max_queue_size": 64, "n_threads": 0}
+    if tmp_path is not None:
+        base["data_dir"] = tmp_path
+    base.update(overrides)
+    return load_settings(**base)
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return make_settings(tmp_path_factory.mktemp("data"))
+
+
+@pytest_asyncio.fixture(scope="session")
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """One real engine for the whole session (max batch 8). Tests must leave it idle."""
+    eng = AsyncEngine.from_settings(settings)
+    await eng.start()
+    yield eng
+    await eng.shutdown()
