@@ -98,6 +98,7 @@ class Settings(BaseSettings):
 
     # --- Redis: limits, response cache, sessions -------------------------------------------------
     redis_url: str = Field("", description="redis:// or rediss:// URL; empty = in-process fallbacks")
+    redis_key_prefix: str = Field("ds:", min_length=1, description="prefix of every Redis key (one per deployment)")
     redis_timeout_s: float = Field(0.25, gt=0)
     redis_pool_size: int = Field(50, ge=1)
     breaker_failure_threshold: int = Field(3, ge=1)

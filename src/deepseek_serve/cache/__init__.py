@@ -1,0 +1,85 @@
+"""Rate limits, response cache and sessions: Redis when `DS_REDIS_URL` is set, in process otherwise.
+
+`build_cache_layer(settings)` returns the three services for `api.services.Services`; each has an
+in-process implementation of the same interface, used as the embedded default and, behind the
+circuit breaker of `RedisClient`, while Redis is slow or down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from deepseek_serve.cache.breaker import CircuitBreaker
+from deepseek_serve.cache.client import RedisClient, RedisUnavailable
+from deepseek_serve.cache.limiter import (
+    FailoverRateLimiter,
+    LocalRateLimiter,
+    RedisRateLimiter,
+    build_rate_limiter,
+)
+from deepseek_serve.cache.response_cache import (
+    CachedChoice,
+    CachedCompletion,
+    LocalResponseCache,
+    RedisResponseCache,
+    build_response_cache,
+    cache_key,
+    is_cacheable,
+)
+from deepseek_serve.cache.sessions import FailoverSessionStore, LocalSessionStore, build_session_store
+
+if TYPE_CHECKING:
+    from deepseek_serve.config import Settings
+
+__all__ = [
+    "CacheLayer",
+    "CachedChoice",
+    "CachedCompletion",
+    "CircuitBreaker",
+    "FailoverRateLimiter",
+    "FailoverSessionStore",
+    "LocalRateLimiter",
+    "LocalResponseCache",
+    "LocalSessionStore",
+    "RedisClient",
+    "RedisRateLimiter",
+    "RedisResponseCache",
+    "RedisUnavailable",
+    "build_cache_layer",
+    "cache_key",
+    "is_cacheable",
+]
+
+
+@dataclass
+class CacheLayer:
+    """The cache layer's services; `client` is None when running without Redis."""
+
+    limiter: LocalRateLimiter | FailoverRateLimiter
+    response_cache: LocalResponseCache | RedisResponseCache | None
+    sessions: LocalSessionStore | FailoverSessionStore
+    client: RedisClient | None
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        """The Redis circuit breaker (monitoring exports `breaker.state_value`); None without Redis."""
+        return self.client.breaker if self.client is not None else None
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+
+def build_cache_layer(settings: Settings) -> CacheLayer:
+    """Build the limiter, response cache (None when `DS_RESPONSE_CACHE=false`) and session store.
+
+    Does no I/O: the Redis pool connects lazily, so a server starts even when Redis is down.
+    """
+    client = RedisClient.from_settings(settings) if settings.redis_url else None
+    return CacheLayer(
+        limiter=build_rate_limiter(settings, client),
+        response_cache=build_response_cache(settings, client) if settings.response_cache else None,
+        sessions=build_session_store(settings, client),
+        client=client,
+    )
