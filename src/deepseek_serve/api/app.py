@@ -1,0 +1,123 @@
+"""The app factory. `create_app(settings)` returns a FastAPI app whose lifespan owns the engine.
+
+Request path: middleware (request id, body limit, CORS) -> `api/routes/<resource>.py` (routers
+listed in `api/routes/__init__.py`) -> `api/deps.py` -> `api/generation.py` -> `AsyncEngine`.
+
+Other layers plug in at two places: `build_services` (fill a `Services` slot) and the router list.
+No module-level state: everything a request needs hangs off `app.state.services`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from deepseek_serve.api.errors import install_error_handlers
+from deepseek_serve.api.middleware import (
+    BodySizeLimitMiddleware,
+    RequestIdMiddleware,
+    install_log_record_factory,
+)
+from deepseek_serve.api.services import Services
+from deepseek_serve.config import Settings, load_settings
+from deepseek_serve.engine.async_engine import AsyncEngine
+from deepseek_serve.observability.metrics import PrometheusMetrics
+from deepseek_serve.observability.middleware import HTTPMetricsMiddleware
+
+logger = logging.getLogger(__name__)
+
+
+async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
+    """Build every optional service. Each layer fills its own slot below with a small edit; a slot
+    left None switches the feature off. Resources to close at shutdown go into `services.extras`
+    (anything with `aclose()` or `close()`)."""
+    services = Services(settings=settings, engine=engine)
+    # --- storage (persistence issue): services.auth, services.usage, services.conversations ---------
+    # --- cache (Redis issue): services.limiter, services.response_cache, services.sessions ----------
+    from deepseek_serve.cache import build_cache_layer
+
+    cache_layer = build_cache_layer(settings)
+    services.limiter = cache_layer.limiter
+    services.response_cache = cache_layer.response_cache
+    services.sessions = cache_layer.sessions
+    services.extras["cache"] = cache_layer  # .breaker: the Redis circuit breaker (None without Redis)
+    # --- observability (monitoring issue): services.metrics -----------------------------------------
+    metrics = PrometheusMetrics()
+    metrics.attach(engine, services)
+    services.metrics = metrics
+    services.extras["metrics"] = metrics
+    return services
+
+
+async def close_services(services: Services) -> None:
+    """Close what `build_services` opened, last opened first; errors are logged, not raised."""
+    for name, resource in reversed(list(services.extras.items())):
+        try:
+            closer: Any = getattr(resource, "aclose", None)
+            if closer is not None:
+                await closer()
+                continue
+            closer = getattr(resource, "close", None)
+            if closer is not None:
+                result = closer()
+                if hasattr(result, "__await__"):
+                    await result
+        except Exception:
+            logger.exception("closing %s failed", name)
+
+
+def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI:
+    """The ASGI app. Without `engine` the lifespan loads the model from `settings` and shuts it
+    down on exit; a passed engine is started if needed and left running (the caller owns it)."""
+    from deepseek_serve.api.routes import api_routers
+
+    install_log_record_factory()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owns_engine = engine is None
+        active = AsyncEngine.from_settings(settings) if engine is None else engine
+        await active.start()
+        services = await build_services(settings, active)
+        app.state.services = services
+        logger.info("serving model %s (%s)", active.model_info.id, active.model_info.runner)
+        try:
+            yield
+        finally:
+            if owns_engine:
+                await active.shutdown(settings.drain_timeout_s)
+            await close_services(services)
+
+    app = FastAPI(
+        title="deepseek-serve",
+        summary="OpenAI-compatible API for small DeepSeek chat models",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    for router in api_routers:
+        app.include_router(router)
+    # NOTE: add_middleware prepends: the last added is the outermost.
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id", "x-cache", "retry-after"],
+            allow_credentials="*" not in settings.cors_origins,
+        )
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(HTTPMetricsMiddleware)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Uvicorn factory (`deepseek_serve.api.app:create_app_from_env`): each worker reads `DS_*`."""
+    return create_app(load_settings())
