@@ -1,0 +1,190 @@
+"""Helpers for the monitoring tests: a real app server process, a real Prometheus, PromQL name parsing."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MONITORING = REPO / "deploy" / "monitoring"
+APT_HINT = "apt-get install -y prometheus prometheus-alertmanager"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_tool(name: str) -> str:
+    """Path of a Debian monitoring binary; skips the test (saying which package) when it is absent."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed ({APT_HINT})")
+    return path
+
+
+# --- the app, as `deepseek-serve serve` runs it --------------------------------------------------------
+_SERVER = textwrap.dedent("""
+    import sys, uvicorn
+    from deepseek_serve.config import load_settings
+    from deepseek_serve.observability.logs import uvicorn_log_config
+    from deepseek_serve.observability.metrics import prepare_multiprocess_dir
+
+    settings = load_settings()
+    workers = int(sys.argv[2])
+    if workers > 1:
+        prepare_multiprocess_dir(settings.data_dir)
+    uvicorn.run("deepseek_serve.api.app:create_app_from_env", factory=True, host="127.0.0.1",
+                port=int(sys.argv[1]), workers=workers, log_config=uvicorn_log_config(settings))
+""")
+
+
+class AppServer:
+    """`uvicorn` serving the real app and the real default model in a subprocess on a free port.
+
+    Started the way the serve command starts it: `uvicorn_log_config(settings)` for logs and, with
+    several workers, `prepare_multiprocess_dir` before the workers spawn.
+    """
+
+    def __init__(self, data_dir: Path, workers: int = 1, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.stderr_path = data_dir / "server.stderr"
+        self.workers = workers
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith("DS_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+        self.env.update({"DS_DATA_DIR": str(data_dir), "DS_MAX_BATCH_SIZE": "4", "DS_CONTEXT_LENGTH": "2048",
+                         "DS_N_THREADS": "1", "DS_REDIS_URL": "", "DS_RESPONSE_CACHE": "false"})
+        self.env.update(env)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> AppServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        stderr = self.stderr_path.open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(self.port), str(self.workers)],
+                                     env=self.env, cwd=self.data_dir, stdout=subprocess.DEVNULL,
+                                     stderr=stderr, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.stderr()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.__exit__()
+        raise RuntimeError(f"server not ready in 120s:\n{self.stderr()[-3000:]}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+
+# --- a real Prometheus --------------------------------------------------------------------------------
+class PrometheusServer:
+    """Debian's `prometheus` on a free port with a tmp storage folder."""
+
+    def __init__(self, workdir: Path, config: str) -> None:
+        self.binary = require_tool("prometheus")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> PrometheusServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "prometheus.yml"
+        config.write_text(self.config)
+        log = (self.workdir / "prometheus.log").open("wb")
+        self.proc = subprocess.Popen(
+            [self.binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError((self.workdir / "prometheus.log").read_text()[-3000:])
+            try:
+                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("prometheus not ready in 60s")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        body = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10).json()
+        assert body["status"] == "success", body
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+
+# --- metric names in PromQL -----------------------------------------------------------------------------
+_KEYWORDS = frozenset({"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
+                       "bool", "offset", "inf", "nan"})
+# NOTE: metric names Prometheus makes itself
+BUILTIN_METRICS = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE", "scrape_duration_seconds",
+                             "scrape_samples_scraped"})
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects (functions, keywords, labels and numbers removed)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # range and subquery windows
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    names = set()
+    for match in re.finditer(r"(?<![\w.$])([A-Za-z_:][A-Za-z0-9_:]*)\b(?!\s*\()", text):
+        name = match.group(1)
+        if name.lower() not in _KEYWORDS:
+            names.add(name)
+    return names
+
+
+def sample_names(family: str, kind: str) -> set[str]:
+    """The sample names a family of `kind` exposes."""
+    if kind in ("histogram", "summary"):
+        return {family, f"{family}_bucket", f"{family}_sum", f"{family}_count"}
+    return {family}
+
+
+def exporter_metric_names() -> dict[str, str]:
+    """{sample name: exporter} from deploy/monitoring/exporter-metrics.txt."""
+    out: dict[str, str] = {}
+    for line in (MONITORING / "exporter-metrics.txt").read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        exporter, family, kind = line.split()
+        for name in sample_names(family, kind):
+            out[name] = exporter
+    return out
