@@ -43,6 +43,11 @@ def serve(
             os.environ[f"DS_{name.upper()}"] = str(value)
     # NOTE: Uvicorn re-raises SIGTERM after its graceful shutdown; a no-op handler makes that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    if settings.workers > 1:
+        from deepseek_serve.observability.metrics import prepare_multiprocess_dir
+
+        # NOTE: before the workers spawn: they inherit PROMETHEUS_MULTIPROC_DIR and share /metrics files.
+        prepare_multiprocess_dir(settings.data_dir)
     uvicorn.run(
         APP_FACTORY,
         factory=True,

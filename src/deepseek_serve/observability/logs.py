@@ -33,8 +33,8 @@ CONTEXT_FIELDS = ("request_id", "key_id", "route", "status", "latency_ms", "toke
 PROMPT_FIELDS = frozenset({"prompt", "prompt_text", "messages", "completion", "completion_text", "content",
                            "input"})
 # attributes every LogRecord has; anything else on a record came from `extra=`
-_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime",
-                                                                                     "taskName"}
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName", "request_id", "color_message"}
 _ACCESS_LOGGER = "uvicorn.access"
 
 
