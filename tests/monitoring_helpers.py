@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -36,28 +35,9 @@ def require_tool(name: str) -> str:
     return path
 
 
-# --- the app, as `deepseek-serve serve` runs it --------------------------------------------------------
-_SERVER = textwrap.dedent("""
-    import sys, uvicorn
-    from deepseek_serve.config import load_settings
-    from deepseek_serve.observability.logs import uvicorn_log_config
-    from deepseek_serve.observability.metrics import prepare_multiprocess_dir
-
-    settings = load_settings()
-    workers = int(sys.argv[2])
-    if workers > 1:
-        prepare_multiprocess_dir(settings.data_dir)
-    uvicorn.run("deepseek_serve.api.app:create_app_from_env", factory=True, host="127.0.0.1",
-                port=int(sys.argv[1]), workers=workers, log_config=uvicorn_log_config(settings))
-""")
-
-
+# --- the app, run by `deepseek-serve serve` ----------------------------------------------------------------
 class AppServer:
-    """`uvicorn` serving the real app and the real default model in a subprocess on a free port.
-
-    Started the way the serve command starts it: `uvicorn_log_config(settings)` for logs and, with
-    several workers, `prepare_multiprocess_dir` before the workers spawn.
-    """
+    """`deepseek-serve serve` with the real default model in a subprocess on a free loopback port."""
 
     def __init__(self, data_dir: Path, workers: int = 1, **env: str) -> None:
         self.port = free_port()
@@ -75,8 +55,9 @@ class AppServer:
     def __enter__(self) -> AppServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         stderr = self.stderr_path.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(self.port), str(self.workers)],
-                                     env=self.env, cwd=self.data_dir, stdout=subprocess.DEVNULL,
+        command = [sys.executable, "-m", "deepseek_serve", "serve", "--host", "127.0.0.1", "--port",
+                   str(self.port), "--workers", str(self.workers)]
+        self.proc = subprocess.Popen(command, env=self.env, cwd=self.data_dir, stdout=subprocess.DEVNULL,
                                      stderr=stderr, start_new_session=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
