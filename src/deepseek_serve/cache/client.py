@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from deepseek_serve.cache.breaker import CircuitBreaker
@@ -43,8 +45,11 @@ class RedisClient:
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             health_check_interval=30,
+            # NOTE: one immediate retry, for a pooled connection gone stale across a Redis restart;
+            # the whole call stays bounded by 2 * timeout_s in `run`
+            retry=Retry(NoBackoff(), 1),
         )
-        self.redis = aioredis.Redis(connection_pool=self.pool, retry_on_timeout=False)
+        self.redis = aioredis.Redis(connection_pool=self.pool)
         self.breaker = CircuitBreaker(failure_threshold, reset_s, name="redis")
 
     @classmethod
