@@ -149,9 +149,14 @@ def build() -> dict[str, Any]:
         q(f"sum(ds_db_pool_size{{{APP}}})", "pool size"),
         q(f"sum(ds_db_pool_max_overflow{{{APP}}})", "max overflow"),
     ])
-    lay.panel("Usage spool", [
-        q(f"max(ds_usage_spool_backlog{{{APP}}})", "spooled records"),
-        q(f"sum(ds_usage_queue_depth{{{APP}}})", "queued in memory"),
+    lay.panel("Usage records not yet in the database", [
+        q(f"max(ds_usage_spool_backlog{{{APP}}})", "backlog"),
+        q(f"min(ds_usage_database_reachable{{{APP}}})", "database reachable (1/0)"),
+    ])
+    lay.panel("Usage records/s", [
+        q(f"sum({r('ds_usage_records_written_total')})", "written"),
+        q(f"sum({r('ds_usage_records_spooled_total')})", "spooled"),
+        q(f"sum({r('ds_usage_records_rejected_total')})", "rejected"),
     ])
     lay.panel("App memory", [q(f"sum(process_resident_memory_bytes{{{APP}}})", "resident")], unit="bytes")
     lay.panel("App CPU", [q(f"sum(rate(process_cpu_seconds_total{{{APP}}}{rate}))", "cores")])

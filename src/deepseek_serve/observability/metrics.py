@@ -131,7 +131,7 @@ def _candidates(services: object) -> Iterator[object]:
         roots.extend(extras.values())
     for root in roots:
         for obj in (root, *(getattr(root, n, None) for n in ("redis", "client", "engine", "db", "db_engine",
-                                                              "spool", "store", "primary"))):
+                                                              "storage", "writer", "primary"))):
             if obj is None or id(obj) in seen:
                 continue
             seen.add(id(obj))
@@ -155,7 +155,7 @@ def services_state(services: object) -> list[StateMetric]:
             if not pool_done:
                 pool_done = _pool_state(obj, out)
             if not spool_done:
-                spool_done = _spool_state(obj, out)
+                spool_done = _usage_state(obj, out)
         except Exception:  # NOTE: a scrape must not fail because one object misbehaves
             logger.debug("reading metrics state from %r failed", type(obj).__name__, exc_info=True)
     if breaker_value is not None:
@@ -185,21 +185,32 @@ def _pool_state(obj: object, out: list[StateMetric]) -> bool:
     return True
 
 
-def _spool_state(obj: object, out: list[StateMetric]) -> bool:
-    backlog = _attr(obj, "spool_backlog", "spooled_records", "num_spooled")
-    if callable(backlog):
-        backlog = backlog()
-    if not isinstance(backlog, int | float) or isinstance(backlog, bool):
+def _number(value: Any) -> float | None:
+    if callable(value):
+        value = value()
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _usage_state(obj: object, out: list[StateMetric]) -> bool:
+    """The usage writer (storage.writer.UsageWriter): `backlog()`, `database_reachable`, `*_total`."""
+    backlog = _number(getattr(obj, "backlog", None))
+    if backlog is None:
         return False
-    out.append(StateMetric("ds_usage_spool_backlog",
-                           "Usage records in the local spool file, waiting for the database.", "gauge",
-                           float(backlog), "livemax"))
-    pending = _attr(obj, "queue_depth", "pending", "num_pending")
-    if callable(pending):
-        pending = pending()
-    if isinstance(pending, int | float) and not isinstance(pending, bool):
-        out.append(StateMetric("ds_usage_queue_depth", "Usage records queued in memory for the next batch.",
-                               "gauge", float(pending)))
+    out.append(StateMetric("ds_usage_spool_backlog", "Usage records not yet in the database "
+                           "(queued in memory plus spooled on disk).", "gauge", backlog, "livemax"))
+    reachable = _number(getattr(obj, "database_reachable", None))
+    if reachable is not None:
+        out.append(StateMetric("ds_usage_database_reachable", "1 while usage records reach the database.",
+                               "gauge", reachable, "livemin"))
+    for attr, name, doc in (("written_total", "ds_usage_records_written", "Usage records written."),
+                            ("spooled_total", "ds_usage_records_spooled", "Usage records sent to the spool."),
+                            ("rejected_total", "ds_usage_records_rejected", "Usage records the database "
+                                                                            "refused.")):
+        total = _number(getattr(obj, attr, None))
+        if total is not None:
+            out.append(StateMetric(name, doc, "counter", total))
     return True
 
 
