@@ -283,3 +283,18 @@ async def test_failover_sessions_found_after_redis_outage() -> None:
     session_id = await store.create(key("k"), "conv-x")
     assert (await store.get(session_id) or {}).get("conversation_id") == "conv-x"
     await down.close()
+
+
+def test_build_cache_layer_picks_backends() -> None:
+    from deepseek_serve.cache import build_cache_layer
+    from deepseek_serve.config import load_settings
+
+    embedded = build_cache_layer(load_settings(_env_file=None))
+    assert embedded.client is None and embedded.breaker is None
+    assert isinstance(embedded.limiter, LocalRateLimiter)
+    assert isinstance(embedded.response_cache, LocalResponseCache)
+    assert isinstance(embedded.sessions, LocalSessionStore)
+    off = build_cache_layer(load_settings(_env_file=None, response_cache=False, redis_url=SHARED_REDIS_URL))
+    assert off.response_cache is None
+    assert off.client is not None and off.breaker is not None and off.breaker.state == "closed"
+    assert isinstance(off.sessions, FailoverSessionStore)
