@@ -1,0 +1,1 @@
+"""Alembic migration scripts (run through storage/migrate.py, or `alembic` with `-x url=...`)."""

@@ -1,0 +1,203 @@
+"""UsageWriter: the `UsageSink` behind the API; records usage off the request path, losing none.
+
+`record()` appends the event to an in-memory queue and returns. A background task writes batches
+every `flush_interval_s`, or as soon as `batch_size` records wait. If the database cannot be
+reached the batch is appended to the spool (storage/spool.py) and the writer keeps spooling,
+retrying the database with backoff (at most `max_retry_s` apart); when it answers, the spool is
+replayed first, then the queue. `stop()` flushes what is left (to the database or the spool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
+from deepseek_serve.storage.spool import Spool
+from deepseek_serve.storage.usage import UsageRepository, event_to_row
+
+if TYPE_CHECKING:
+    from deepseek_serve.api.services import UsageEvent
+
+logger = logging.getLogger(__name__)
+
+# errors that mean "the database is not there", as opposed to "this row is wrong"
+_UNREACHABLE = (OperationalError, InterfaceError, DisconnectionError, OSError, TimeoutError,
+                asyncio.TimeoutError)
+
+
+class UsageWriter:
+    def __init__(self, repo: UsageRepository, spool: Spool, *, flush_interval_s: float = 1.0,
+                 batch_size: int = 200, store_content: bool = False, write_timeout_s: float = 15.0,
+                 max_retry_s: float = 5.0) -> None:
+        self._repo = repo
+        self._spool = spool
+        self._flush_interval_s = flush_interval_s
+        self._batch_size = batch_size
+        self._store_content = store_content
+        self._write_timeout_s = write_timeout_s
+        self._max_retry_s = max_retry_s
+        self._queue: deque[dict[str, Any]] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._spooled = 0  # records on disk (spool + claimed files)
+        self._db_down = False
+        self._retry_delay_s = flush_interval_s
+        self._next_retry = 0.0
+        # counters, for metrics and tests
+        self.written_total = 0
+        self.spooled_total = 0
+        self.rejected_total = 0
+
+    # --- the sink -------------------------------------------------------------------------------
+    def record(self, event: UsageEvent) -> None:
+        """Queue a record; never blocks, never raises."""
+        try:
+            data = dataclasses.asdict(event)
+            if not data.get("created_at"):
+                data["created_at"] = time.time()
+            self._queue.append(data)
+            if len(self._queue) >= self._batch_size and self._wake is not None:
+                self._wake.set()
+        except Exception:  # the request path must never fail on accounting
+            logger.exception("usage: could not queue a record")
+
+    def backlog(self) -> int:
+        """Records not yet in the database: queued in memory plus spooled on disk."""
+        return len(self._queue) + self._spooled
+
+    @property
+    def database_reachable(self) -> bool:
+        return not self._db_down
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Count what an earlier run left in the spool and start the background task."""
+        if self._task is not None:
+            return
+        self._spooled = await asyncio.to_thread(self._spool.size)
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="usage-writer")
+
+    async def stop(self) -> None:
+        """Stop the background task and write (or spool) everything still queued."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._next_retry = 0.0
+        await self.flush()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._flush_interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:  # keep the writer alive whatever happens
+                logger.exception("usage: flush failed")
+
+    # --- writing --------------------------------------------------------------------------------
+    async def flush(self) -> None:
+        """Replay the spool if due, then write the queue in batches (spooling on failure)."""
+        async with self._lock:
+            if self._spooled and time.monotonic() >= self._next_retry:
+                await self._replay()
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
+                # NOTE: while the database is down (or older records wait in the spool) new records go
+                # straight to the spool, keeping the request order and sparing a dead server.
+                if self._spooled or self._db_down or not await self._write(batch):
+                    await self._to_spool(batch)
+
+    async def _to_spool(self, batch: list[dict[str, Any]]) -> None:
+        await asyncio.to_thread(self._spool.append, batch)
+        self._spooled += len(batch)
+        self.spooled_total += len(batch)
+
+    async def _write(self, batch: list[dict[str, Any]]) -> bool:
+        """Insert a batch; False when the database is unreachable (the caller spools it)."""
+        rows = [event_to_row(d, self._store_content) for d in batch]
+        try:
+            try:
+                await asyncio.wait_for(self._repo.insert_many(rows), self._write_timeout_s)
+            except _UNREACHABLE:
+                raise
+            except Exception:  # a bad row must not block the others
+                logger.exception("usage: batch insert failed; retrying row by row")
+                await self._write_one_by_one(batch, rows)
+        except _UNREACHABLE as exc:
+            self._mark_down(exc)
+            return False
+        self._mark_up()
+        self.written_total += len(batch)
+        return True
+
+    async def _write_one_by_one(self, batch: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+        rejected: list[dict[str, Any]] = []
+        for data, row in zip(batch, rows, strict=True):
+            try:
+                await self._repo.insert_many([row])
+            except _UNREACHABLE:
+                raise
+            except Exception:
+                rejected.append(data)
+        if rejected:
+            # dead letters: kept on disk next to the spool for a human, never replayed automatically
+            dead = Spool(self._spool.path.with_name(self._spool.path.name + ".rejected"))
+            await asyncio.to_thread(dead.append, rejected)
+            self.rejected_total += len(rejected)
+            logger.error("usage: %d record(s) rejected by the database, kept in %s", len(rejected), dead.path)
+
+    async def _replay(self) -> None:
+        files: list[Path] = await asyncio.to_thread(self._spool.claim)
+        for path in files:
+            records = await asyncio.to_thread(Spool.read, path)
+            for start in range(0, len(records), self._batch_size):
+                chunk = records[start:start + self._batch_size]
+                rows = [event_to_row(d, self._store_content) for d in chunk]
+                try:
+                    try:
+                        await asyncio.wait_for(self._repo.insert_many(rows), self._write_timeout_s)
+                    except _UNREACHABLE:
+                        raise
+                    except Exception:  # a bad row must not block the others
+                        await self._write_one_by_one(chunk, rows)
+                except _UNREACHABLE as exc:
+                    self._mark_down(exc)
+                    return  # the file stays; the next replay reads it again (idempotent)
+            await asyncio.to_thread(Spool.discard, path)
+            self._spooled = max(self._spooled - len(records), 0)
+            self.written_total += len(records)
+            logger.info("usage: replayed %d spooled record(s) from %s", len(records), path.name)
+        self._mark_up()
+        self._spooled = 0
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if not self._db_down:
+            logger.warning("usage: database unreachable (%s); spooling to %s", exc, self._spool.path)
+            self._retry_delay_s = self._flush_interval_s
+        else:
+            self._retry_delay_s = min(self._retry_delay_s * 2, self._max_retry_s)
+        self._db_down = True
+        self._next_retry = time.monotonic() + self._retry_delay_s
+
+    def _mark_up(self) -> None:
+        if self._db_down:
+            logger.info("usage: database reachable again")
+        self._db_down = False
+        self._retry_delay_s = self._flush_interval_s
