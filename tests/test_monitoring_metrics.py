@@ -173,6 +173,48 @@ def test_prepare_multiprocess_dir_clears_old_files(tmp_path: Path, monkeypatch: 
     assert path.is_dir() and list(path.iterdir()) == []
 
 
+_WORKER = """
+import sys
+from prometheus_client import Gauge
+from deepseek_serve.observability.metrics import PrometheusMetrics
+
+m = PrometheusMetrics()
+seed = int(sys.argv[1])
+for i in range(50):
+    m.observe_request(endpoint="completions", finish_reason=("stop", "length")[i % 2], prompt_tokens=i,
+                      completion_tokens=seed + i, cached_tokens=0, queue_s=i / 100, ttft_s=i / 10,
+                      e2e_s=i / 5, itl_s=[0.01 * seed, 0.02])
+    m.observe_http("POST", "/v1/completions", (200, 429)[i % 3 == 0], i / 50)
+m.rejected("queue_full")
+for mode in ("all", "liveall", "mostrecent", "min", "max", "livesum"):
+    Gauge(f"extra_{mode}", "x", ["k"], registry=None, multiprocess_mode=mode).labels("a").set(seed * 10 + 1)
+"""
+
+
+def test_multiprocess_aggregation_equals_prometheus_client(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from deepseek_serve.observability.metrics import MultiProcessFilesCollector
+
+    env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
+    for seed in (1, 2, 3):  # three worker processes writing their own files
+        subprocess.run([sys.executable, "-c", _WORKER, str(seed)], env=env, check=True, timeout=60)
+    reference, ours = CollectorRegistry(), CollectorRegistry()
+    MultiProcessCollector(reference, path=str(tmp_path))
+    ours.register(MultiProcessFilesCollector(str(tmp_path)))
+    expected = samples(generate_latest(reference).decode())
+    got = samples(generate_latest(ours).decode())
+    assert got == expected
+    assert got[("llm_request_success_total", (("finish_reason", "stop"),))] == 75
+    assert got[("llm_inter_token_latency_seconds_count", ())] == 300
+    assert got[("extra_max", (("k", "a"),))] == 31
+    assert len([k for k in got if k[0] == "extra_all"]) == 3  # one series per worker pid
+
+
 # --- /metrics served by the real app ----------------------------------------------------------------------
 @pytest_asyncio.fixture(loop_scope="session")
 async def client(engine: AsyncEngine, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
