@@ -139,7 +139,8 @@ def _seed(database: str, rows: int = 500) -> None:
         f"({1 + i % 20}, {i}, {i * 7 % 113}, {i / 3.0}, NOW(6) - INTERVAL {i} MINUTE)" for i in range(rows)
     )
     values_msgs = ",".join(
-        f"('{('user', 'assistant')[i % 2]}', 'héllo 世界 \\'quoted\\' {i}\\n', UNHEX('{secrets.token_hex(16)}'))"
+        f"('{('user', 'assistant')[i % 2]}', 'héllo 世界 \\'quoted\\' {i}\\n', "
+        f"UNHEX('{secrets.token_hex(16)}'))"
         for i in range(rows)
     )
     _mysql(
@@ -161,7 +162,7 @@ def _fingerprint(database: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _redis_fingerprint(client: redis.Redis) -> dict[bytes, tuple[bytes, bool]]:
+def _redis_fingerprint(client: redis.Redis) -> dict[bytes, tuple[object, bool]]:
     """Every key's DUMP payload and whether it has a TTL."""
     return {key: (client.dump(key), client.ttl(key) > 0) for key in client.scan_iter(count=1000)}
 
@@ -190,7 +191,9 @@ def _backup(dest: Path, database: str, port: int, *extra: str) -> Path:
     return archive
 
 
-def _restore(archive: Path, database: str, server: RedisServer, *extra: str) -> subprocess.CompletedProcess[str]:
+def _restore(
+    archive: Path, database: str, server: RedisServer, *extra: str
+) -> subprocess.CompletedProcess[str]:
     return _run(RESTORE, "--mode", "direct", "--yes", "--mysql-host", MYSQL_HOST, "--mysql-port", MYSQL_PORT,
                 "--mysql-database", database, "--redis-dir", str(server.data_dir),
                 "--redis-port", str(server.port), *extra, str(archive))

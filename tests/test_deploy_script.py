@@ -67,7 +67,8 @@ class Host:
             f'NAME="{os_id.title()}"\nID={os_id}\nVERSION_ID="{version}"\nVERSION_CODENAME={codename}\n')
 
     def write_mem_gib(self, gib: float) -> None:
-        (self.root / "proc" / "meminfo").write_text(f"MemTotal:       {int(gib * 1024 * 1024)} kB\nMemFree: 1 kB\n")
+        meminfo = f"MemTotal:       {int(gib * 1024 * 1024)} kB\nMemFree: 1 kB\n"
+        (self.root / "proc" / "meminfo").write_text(meminfo)
 
     def deploy(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         full_env = {
@@ -110,7 +111,8 @@ def host(tmp_path: Path) -> Host:
 
 
 def _env_map(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
 
 
 def _snapshot(h: Host) -> dict[str, tuple[bytes, int]]:
@@ -144,7 +146,8 @@ def test_fresh_host_then_second_run_changes_nothing(host: Host, version: str) ->
     assert not any(c.startswith("apt-get") for c in calls)  # Docker present: nothing installed
     assert env["DS_ADMIN_KEY"] in first.stdout and "http://203.0.113.7:8000/v1" in first.stdout
     logs = list((host.root / "var/log/deepseek-serve").glob("deploy-*.log"))
-    assert len(logs) == 1 and re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[CHANGE\]", logs[0].read_text(), re.M)
+    assert len(logs) == 1
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[CHANGE\]", logs[0].read_text(), re.M)
 
     before = _snapshot(host)
     host.log.unlink()
@@ -233,7 +236,8 @@ def test_recommended_minimums_warn_but_proceed(host: Host) -> None:
     host.write_mem_gib(6)
     res = host.deploy("--dry-run", DEPLOY_NPROC="2", DEPLOY_DISK_FREE_GB="40")
     assert res.returncode == 0, res.stderr
-    assert "[WARN] 2 CPUs" in res.stderr and "[WARN] 6144 MiB RAM" in res.stderr and "[WARN] 40 GB free" in res.stderr
+    for warning in ("[WARN] 2 CPUs", "[WARN] 6144 MiB RAM", "[WARN] 40 GB free"):
+        assert warning in res.stderr
 
 
 def test_failures_name_the_line_and_readiness_times_out(host: Host) -> None:
