@@ -48,6 +48,8 @@ class UsageWriter:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._spooled = 0  # records on disk (spool + claimed files)
+        self._in_flight = 0  # records taken from the queue, not yet written or spooled
+        self._stopping = False
         self._db_down = False
         self._retry_delay_s = flush_interval_s
         self._next_retry = 0.0
@@ -71,7 +73,15 @@ class UsageWriter:
 
     def backlog(self) -> int:
         """Records not yet in the database: queued in memory plus spooled on disk."""
-        return len(self._queue) + self._spooled
+        return len(self._queue) + self._in_flight + self._spooled
+
+    def spool_backlog(self) -> int:
+        """Records spooled on disk, waiting for the database (the `ds_usage_spool_backlog` gauge)."""
+        return self._spooled
+
+    def queue_depth(self) -> int:
+        """Records in memory: queued for the next batch or being written."""
+        return len(self._queue) + self._in_flight
 
     @property
     def database_reachable(self) -> bool:
@@ -83,24 +93,25 @@ class UsageWriter:
         if self._task is not None:
             return
         self._spooled = await asyncio.to_thread(self._spool.size)
+        self._stopping = False
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="usage-writer")
 
     async def stop(self) -> None:
         """Stop the background task and write (or spool) everything still queued."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # NOTE: no cancel: a batch being written finishes (or is spooled) before the task ends
+            self._stopping = True
+            assert self._wake is not None
+            self._wake.set()
+            await self._task
             self._task = None
         self._next_retry = 0.0
         await self.flush()
 
     async def _run(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self._stopping:
             try:
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval_s)
             except TimeoutError:
@@ -119,10 +130,17 @@ class UsageWriter:
                 await self._replay()
             while self._queue:
                 batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
-                # NOTE: while the database is down (or older records wait in the spool) new records go
-                # straight to the spool, keeping the request order and sparing a dead server.
-                if self._spooled or self._db_down or not await self._write(batch):
-                    await self._to_spool(batch)
+                self._in_flight = len(batch)
+                try:
+                    # NOTE: while the database is down (or older records wait in the spool) new records go
+                    # straight to the spool, keeping the request order and sparing a dead server.
+                    if self._spooled or self._db_down or not await self._write(batch):
+                        await self._to_spool(batch)
+                except BaseException:
+                    self._queue.extendleft(reversed(batch))  # spool unwritable: keep them for the next try
+                    raise
+                finally:
+                    self._in_flight = 0
 
     async def _to_spool(self, batch: list[dict[str, Any]]) -> None:
         await asyncio.to_thread(self._spool.append, batch)
