@@ -150,7 +150,8 @@ def build() -> dict[str, Any]:
         q(f"sum(ds_db_pool_max_overflow{{{APP}}})", "max overflow"),
     ])
     lay.panel("Usage records not yet in the database", [
-        q(f"max(ds_usage_spool_backlog{{{APP}}})", "backlog"),
+        q(f"max(ds_usage_spool_backlog{{{APP}}})", "spooled on disk"),
+        q(f"sum(ds_usage_queue_depth{{{APP}}})", "queued in memory"),
         q(f"min(ds_usage_database_reachable{{{APP}}})", "database reachable (1/0)"),
     ])
     lay.panel("Usage records/s", [

@@ -198,12 +198,17 @@ def _number(value: Any) -> float | None:
 
 
 def _usage_state(obj: object, out: list[StateMetric]) -> bool:
-    """The usage writer (storage.writer.UsageWriter): `backlog()`, `database_reachable`, `*_total`."""
-    backlog = _number(getattr(obj, "backlog", None))
+    """The usage writer (storage.writer.UsageWriter): `spool_backlog()` (else `backlog()`),
+    `queue_depth()`, `database_reachable`, `*_total`."""
+    backlog = _number(_attr(obj, "spool_backlog", "backlog"))
     if backlog is None:
         return False
-    out.append(StateMetric("ds_usage_spool_backlog", "Usage records not yet in the database "
-                           "(queued in memory plus spooled on disk).", "gauge", backlog, "livemax"))
+    out.append(StateMetric("ds_usage_spool_backlog", "Usage records spooled on disk, waiting for the "
+                           "database.", "gauge", backlog, "livemax"))
+    queued = _number(getattr(obj, "queue_depth", None))
+    if queued is not None:
+        out.append(StateMetric("ds_usage_queue_depth", "Usage records in memory, queued or being written.",
+                               "gauge", queued))
     reachable = _number(getattr(obj, "database_reachable", None))
     if reachable is not None:
         out.append(StateMetric("ds_usage_database_reachable", "1 while usage records reach the database.",
