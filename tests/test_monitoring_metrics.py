@@ -287,3 +287,17 @@ async def test_metrics_token_protects_the_endpoint(engine: AsyncEngine, tmp_path
         assert "llm_" not in refused.text
     assert right.status_code == 200
     assert "llm_requests_running" in right.text
+
+
+async def test_refused_api_keys_count_as_auth_rejections(engine: AsyncEngine, tmp_path: Path) -> None:
+    app = create_app(make_settings(tmp_path, auth="on"), engine)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}]}
+        missing = await c.post("/v1/chat/completions", json=body)
+        wrong = await c.post("/v1/chat/completions", json=body,
+                             headers={"Authorization": "Bearer sk-wrong-key-000000000000000000"})
+        text = (await c.get("/metrics")).text
+    assert missing.status_code == wrong.status_code == 401
+    assert samples(text)[("llm_requests_rejected_total", (("reason", "auth"),))] == 2
+    assert "sk-wrong" not in text
