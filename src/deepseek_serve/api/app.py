@@ -38,6 +38,16 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     (anything with `aclose()` or `close()`)."""
     services = Services(settings=settings, engine=engine)
     # --- storage (persistence issue): services.auth, services.usage, services.conversations ---------
+    from deepseek_serve.api.auth import ApiKeyAuthenticator
+    from deepseek_serve.api.routes.conversations import StoredConversations
+    from deepseek_serve.storage import Storage
+
+    storage = Storage(settings)
+    await storage.start()  # migrates when DS_DB_AUTO_MIGRATE, upserts DS_ADMIN_KEY, replays the spool
+    services.extras["storage"] = storage  # closed last: flushes queued usage (or spools it)
+    services.auth = ApiKeyAuthenticator(storage.key_lookup) if settings.auth_enabled else None
+    services.usage = storage.writer
+    services.conversations = StoredConversations(storage.conversations)
     # --- cache (Redis issue): services.limiter, services.response_cache, services.sessions ----------
     from deepseek_serve.cache import build_cache_layer
 

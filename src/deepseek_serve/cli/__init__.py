@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # NOTE: one line per command module; heavy imports stay inside the command functions.
-_COMMAND_MODULES = ("generate", "model", "bench")
+_COMMAND_MODULES = ("generate", "model", "bench", "serve", "db", "keys", "usage")
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"deepseek_serve.cli.{_name}").register(app)
