@@ -1,0 +1,334 @@
+"""A compact Llama / Qwen2 decoder (gpt-fast style) that reads and writes a slot KV cache.
+
+One module serves both architectures: Qwen2 differs only by a bias on q/k/v. Shapes use
+B = batch rows, T = new tokens per row, H = query heads, Hk = KV heads, D = head dim, S = cache length.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture or one of its options is not implemented by this runner."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The architecture fields of a Hugging Face `config.json` that change the computation."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_linear_factor: float  # 1.0 = no scaling; positions are divided by it ("linear" rope_scaling)
+    max_position_embeddings: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelArgs:
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+            str(cfg.get("model_type")), str(cfg.get("model_type")))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {arch!r} is not supported by the torch runner (supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)")
+        if cfg.get("use_sliding_window"):
+            raise UnsupportedModelError("sliding-window attention is not supported")
+        # NOTE: transformers < 5 writes `rope_scaling` + `rope_theta`; transformers 5 writes `rope_parameters`.
+        rope = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        factor = float(rope.get("factor") or scaling.get("factor") or 1.0)
+        if rope_type not in ("default", "linear"):
+            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported (default, linear)")
+        if rope_type == "default":
+            factor = 1.0
+        theta = float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_linear_factor=factor,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            qkv_bias=is_qwen2 or bool(cfg.get("attention_bias", False)),
+            o_bias=(not is_qwen2) and bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+    @classmethod
+    def from_dir(cls, path: Path) -> ModelArgs:
+        return cls.from_config(json.loads((path / "config.json").read_text(encoding="utf-8")))
+
+    @property
+    def num_params(self) -> int:
+        d, i, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+        per_layer = attn + 3 * d * i + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb + d
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return OPS.rms_norm(x, self.weight, self.eps)
+
+
+def rope_cache(args: ModelArgs, max_len: int, device: torch.device | str | None = None) -> Tensor:
+    """float32 [max_len, 2, D]: cos and sign-folded sin (-sin on the first half), so that
+    rope(x) = x * cos + swap_halves(x) * sin (Hugging Face's rotate-half layout)."""
+    half = args.head_dim // 2
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, half, dtype=torch.int64, device=device).float() / half))
+    pos = torch.arange(max_len, dtype=torch.float32, device=device) / args.rope_linear_factor
+    freqs = torch.outer(pos, inv_freq)  # [S, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]
+    sin = emb.sin()
+    sin[:, :half] = -sin[:, :half]
+    return torch.stack([emb.cos(), sin], dim=1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, T, h, D]; cos/sin [B, T, 1, D] in x's dtype (as transformers computes it)."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + swapped * sin
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # NOTE: float32 statistics, cast back, then the weight: transformers' LlamaRMSNorm exactly.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(x + residual), x + residual)."""
+    h = x + residual
+    return rms_norm(h, weight, eps), h
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _Ops:
+    """The elementwise pieces; `use_compiled_ops()` swaps in torch.compile'd (fused) versions."""
+
+    rms_norm = staticmethod(rms_norm)
+    add_rms_norm = staticmethod(add_rms_norm)
+    silu_mul = staticmethod(silu_mul)
+    apply_rope = staticmethod(apply_rope)
+
+
+OPS = _Ops()
+
+
+def use_compiled_ops() -> None:
+    """Fuse the elementwise ops with torch.compile (dynamic shapes: one compile serves every batch).
+    CUDA only; numerics are those of the eager ops up to rounding order."""
+    # NOTE: sizes 0/1 are specialized (decode vs prefill, one row vs many): a handful of compiles per op
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    for name in ("rms_norm", "add_rms_norm", "silu_mul", "apply_rope"):
+        setattr(OPS, name, torch.compile(globals()[name], dynamic=True, fullgraph=True))
+
+
+@dataclass
+class ForwardBatch:
+    """Where each row's new tokens go in the cache and what they may attend to.
+
+    Rows map to cache slots through `slots`. `write_pos` is the cache position of each new token
+    (a scratch position for padding rows); `mask` [B, 1, T, S] is True where a query may attend.
+    """
+
+    slots: Tensor | None  # [B] int64; None = rows are slots 0..B-1 (decode over a slot range)
+    positions: Tensor  # [B, T] int64 rope positions
+    write_pos: Tensor  # [B, T] int64 cache positions
+    mask: Tensor  # [B, 1, T, S] additive (0 / -inf) or bool
+    kv_len: int  # S: cache positions read
+    rows: Tensor | None = None  # [B, T] int64 cache slot of each new token (built once per forward)
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            b, t = self.positions.shape
+            slots = self.slots if self.slots is not None else torch.arange(b, device=self.positions.device)
+            self.rows = slots.unsqueeze(1).expand(b, t)
+
+
+class KVCache(nn.Module):
+    """Static KV buffers [layers, slots, Hk, max_len + 1, D]; the last position is a scratch column
+    that padding rows write to and nothing reads."""
+
+    def __init__(self, args: ModelArgs, num_slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        shape = (args.num_layers, num_slots, args.num_kv_heads, max_len + 1, args.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class Attention(nn.Module):
+    """q, k and v projections are fused into `qkv_proj` ([H + 2 Hk] * D outputs) at load time."""
+
+    def __init__(self, args: ModelArgs, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        d = args.hidden_size
+        self.qkv_proj = nn.Linear(d, (args.num_heads + 2 * args.num_kv_heads) * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, d, bias=args.o_bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, fb: ForwardBatch) -> Tensor:
+        b, t, _ = x.shape
+        h, hk, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        g = h // hk
+        qkv = self.qkv_proj(x).view(b, t, h + 2 * hk, hd)
+        qk = OPS.apply_rope(qkv[:, :, : h + hk], *rope)  # [B, T, H + Hk, D]
+        q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + hk :]
+        kc, vc = cache.k[self.layer_id], cache.v[self.layer_id]  # [slots, Hk, S_max+1, D]
+        s = fb.kv_len
+        kc[fb.rows, :, fb.write_pos] = k
+        vc[fb.rows, :, fb.write_pos] = v
+        if fb.slots is None:  # decode over a slot range: row i is slot i
+            keys, values = kc[:b, :, :s], vc[:b, :, :s]  # [B, Hk, S, D] (views)
+        else:
+            keys, values = kc[fb.slots, :, :s], vc[fb.slots, :, :s]  # [B, Hk, S, D] (gather)
+        # GQA without copying KV: fold the g query heads of a KV head into the query length.
+        qg = q.reshape(b, t, hk, g, hd).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, hd)  # [B, Hk, g*T, D]
+        mask = fb.mask if g == 1 or t == 1 else fb.mask.repeat(1, 1, g, 1)  # [B, 1, g*T or 1, S]
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)  # [B, Hk, g*T, D]
+        out = out.view(b, hk, g, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """gate and up projections fused into `gate_up_proj` (2 * intermediate outputs) at load time."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        d, i = args.hidden_size, args.intermediate_size
+        self.gate_up_proj = nn.Linear(d, 2 * i, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(i, d, bias=args.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(OPS.silu_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(args, layer_id)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: Tensor, residual: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache,
+                fb: ForwardBatch) -> tuple[Tensor, Tensor]:
+        """(x, residual) -> (mlp output, residual before it); the caller adds the last pair."""
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            h, residual = n1(x), x
+        else:
+            h, residual = OPS.add_rms_norm(x, residual, n1.weight, n1.eps)
+        a = self.self_attn(h, rope, cache, fb)
+        h, residual = OPS.add_rms_norm(a, residual, n2.weight, n2.eps)
+        return self.mlp(h), residual
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Parameter names follow Hugging Face's (`model.layers.N.self_attn...`, `lm_head.weight`) except
+    the fused projections; `fuse_hf_state_dict` maps a checkpoint's state dict onto them."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rope: Tensor | None = None  # [max_len, 2, D] float32, set by setup_rope
+
+    def setup_rope(self, max_len: int, device: torch.device | str) -> None:
+        self.rope = rope_cache(self.args, max_len, device)
+
+    def hidden_states(self, tokens: Tensor, cache: KVCache, fb: ForwardBatch) -> Tensor:
+        """tokens [B, T] -> final-norm hidden states [B, T, d]."""
+        assert self.rope is not None, "call setup_rope first"
+        x = self.model.embed_tokens(tokens)
+        cs = self.rope[fb.positions].to(x.dtype)  # [B, T, 2, D]
+        rope = (cs[:, :, 0:1], cs[:, :, 1:2])  # cos, sin: [B, T, 1, D]
+        residual: Tensor | None = None
+        for layer in self.model.layers:
+            x, residual = layer(x, residual, rope, cache, fb)
+        assert residual is not None
+        h, _ = OPS.add_rms_norm(x, residual, self.model.norm.weight, self.model.norm.eps)
+        return h
+
+    def forward(self, tokens: Tensor, cache: KVCache, fb: ForwardBatch) -> Tensor:
+        """Logits of every position, [B, T, V]."""
+        return self.lm_head(self.hidden_states(tokens, cache, fb))
+
+
+def fuse_hf_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Hugging Face names -> this module's: q/k/v_proj into qkv_proj, gate/up_proj into gate_up_proj."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if ".self_attn.q_proj." in key:
+            stem, kind = key.split(".self_attn.q_proj.")
+            parts = [state[f"{stem}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            out[f"{stem}.self_attn.qkv_proj.{kind}"] = torch.cat(parts, dim=0)
+        elif ".mlp.gate_proj." in key:
+            stem, kind = key.split(".mlp.gate_proj.")
+            out[f"{stem}.mlp.gate_up_proj.{kind}"] = torch.cat([value, state[f"{stem}.mlp.up_proj.{kind}"]], dim=0)
+        elif not any(f".{p}." in key for p in ("k_proj", "v_proj", "up_proj")):
+            out[key] = value
+    return out

@@ -1,0 +1,377 @@
+"""TorchRunner: Hugging Face Llama/Qwen2 checkpoints on CPU or CUDA behind the engine's `Runner`.
+
+One `step()`:
+1. decode rows (entries feeding one token) run together as one forward over the slot range
+   [0, n): row i is slot i, rows without work write to the cache's scratch column. On CUDA this
+   forward is a CUDA graph captured per (rows bucket, KV-length bucket);
+2. each prefill chunk (more than one token) runs as its own forward over its slot;
+3. logits of the rows that sample go through the on-device sampler; the chosen ids come back in
+   one device-to-host copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from deepseek_serve.engine.runner import Runner, SampleResult, ScheduledSeq, Tokenizer
+from deepseek_serve.engine.torch_runner.model import CausalLM, ForwardBatch, KVCache, use_compiled_ops
+from deepseek_serve.engine.torch_runner.quantize import use_compiled_int8
+from deepseek_serve.engine.torch_runner.sampler import SampleRow, sample
+from deepseek_serve.engine.torch_runner.slots import SlotTable
+from deepseek_serve.engine.types import TokenLogprob
+
+if TYPE_CHECKING:
+    from deepseek_serve.config import Settings
+    from deepseek_serve.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_LEN_BUCKET = 256
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> CUDA when present, else CPU. Asking for cuda without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DS_DEVICE=cuda but torch sees no CUDA device (is this a CPU-only torch build?)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto -> bfloat16 on CUDA, float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """bool mask -> 0 / -inf in the model dtype, built once per forward (SDPA would convert per layer)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length()
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: Tensor  # [3, n] int64: token, rope position, cache write position
+    host: Tensor  # [3, n] int64, pinned: staging for `inputs`
+    logits: Tensor  # [n, V]
+    greedy: Tensor  # [n] int64 argmax of logits (the fast path of all-greedy decode steps)
+
+
+class TorchRunner(Runner):
+    name = "torch"
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, *, num_slots: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True, prefix_cache: bool = True,
+                 chat_template: str | None = None, seed: int = 0, compile_ops: bool = True) -> None:
+        self.model = model
+        self.args = model.args
+        self.device = device
+        self.dtype = dtype
+        self._tokenizer = tokenizer
+        self._chat_template = chat_template
+        self._max_len = max_len
+        self.cache = KVCache(model.args, num_slots, max_len, dtype, device)
+        model.setup_rope(max_len + 1, device)
+        self.slots = SlotTable(num_slots, max_len, prefix_cache)
+        self._arange = torch.arange(max_len + 1, device=device)
+        self._use_graphs = cuda_graphs and device.type == "cuda"
+        if compile_ops and device.type == "cuda":
+            use_compiled_ops()
+            use_compiled_int8()
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
+        self._generator = torch.Generator(device=device).manual_seed(seed)
+        self._eos_ids = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Settings, model_path: Path) -> TorchRunner:
+        """Load a Hugging Face folder with `settings.device/dtype/quantization/max_batch_size/
+        max_model_len/context_length/cuda_graphs/prefix_cache`."""
+        from deepseek_serve.engine.torch_runner.loading import load_model
+        from deepseek_serve.engine.torch_runner.quantize import quantize_model
+        from deepseek_serve.engine.torch_runner.tokenizer import HFTokenizer, read_chat_template
+
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        model = load_model(Path(model_path), dtype, device)
+        quantize_model(model, settings.quantization)
+        trained = model.args.max_position_embeddings
+        max_len = settings.max_model_len or min(trained, settings.context_length)
+        logger.info("torch runner: %s on %s (%s, quantization %s), %d slots x %d tokens",
+                    model.args.architecture, device, dtype, settings.quantization, settings.max_batch_size, max_len)
+        return cls(model, HFTokenizer(model_path), num_slots=settings.max_batch_size, max_len=max_len,
+                   device=device, dtype=dtype, cuda_graphs=settings.cuda_graphs,
+                   prefix_cache=settings.prefix_cache, chat_template=read_chat_template(Path(model_path)))
+
+    # --- Runner properties -------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise RuntimeError("this runner was built without a tokenizer")
+        return self._tokenizer
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.slots.num_slots
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.slots.num_slots * self._max_len
+
+    @property
+    def kv_used_tokens(self) -> int:
+        return self.slots.reserved_tokens
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    # --- slots -------------------------------------------------------------------------------------
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self.slots.can_allocate(seq.max_total_tokens)
+
+    def allocate(self, seq: Sequence) -> int:
+        grant = self.slots.allocate(seq.prompt_token_ids, seq.max_total_tokens)
+        seq.slot = grant.slot
+        seq.num_computed_tokens = grant.num_cached_tokens
+        seq.num_cached_tokens = grant.num_cached_tokens
+        return grant.num_cached_tokens
+
+    def free(self, seq: Sequence) -> None:
+        if seq.slot is None:
+            return
+        self.slots.release(seq.slot, seq.all_token_ids[: seq.num_computed_tokens])
+        seq.slot = None
+
+    # --- forward -----------------------------------------------------------------------------------
+    def _decode_forward(self, inputs: Tensor, kv_len: int) -> Tensor:
+        """inputs [3, n] (token, position, write position) -> logits [n, V]; row i is slot i."""
+        n = inputs.shape[1]
+        tok, pos, wpos = inputs[0], inputs[1], inputs[2]
+        mask = additive_mask((self._arange[:kv_len][None, :] <= pos[:, None]).view(n, 1, 1, kv_len), self.dtype)
+        fb = ForwardBatch(slots=None, positions=pos[:, None], write_pos=wpos[:, None], mask=mask, kv_len=kv_len)
+        return self.model(tok[:, None], self.cache, fb)[:, 0]
+
+    def _graph(self, n: int, kv_len: int) -> _Graph:
+        key = (n, kv_len)
+        g = self._graphs.get(key)
+        if g is not None:
+            return g
+        inputs = torch.zeros((3, n), dtype=torch.int64, device=self.device)
+        inputs[2].fill_(self._max_len)  # warm-up rows write to the scratch column only
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode_forward(inputs, kv_len)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._decode_forward(inputs, kv_len)
+            greedy = logits.argmax(dim=-1)
+        g = _Graph(graph, inputs, torch.empty((3, n), dtype=torch.int64).pin_memory(), logits, greedy)
+        self._graphs[key] = g
+        return g
+
+    def _decode(self, entries: list[ScheduledSeq]) -> tuple[Tensor, Tensor | None]:
+        """(logits [n, V] over slots 0..n-1, their argmax [n] when a graph computed it) for entries
+        that each feed exactly one token."""
+        top = max(e.seq.slot for e in entries if e.seq.slot is not None) + 1
+        n = min(_next_pow2(top), self.slots.num_slots) if self._use_graphs else top
+        max_pos = max(e.seq.num_computed_tokens for e in entries)
+        kv_len = self._kv_bucket(max_pos + 1)
+        tok, pos, wpos = [0] * n, [0] * n, [self._max_len] * n  # idle rows: scratch column
+        for e in entries:
+            s, p = e.seq.slot, e.seq.num_computed_tokens
+            assert s is not None
+            tok[s], pos[s], wpos[s] = e.seq.token_at(p), p, p
+        if not self._use_graphs:
+            host = torch.tensor([tok, pos, wpos], dtype=torch.int64)
+            return self._decode_forward(host.to(self.device), kv_len), None
+        g = self._graph(n, kv_len)
+        g.host.copy_(torch.tensor([tok, pos, wpos], dtype=torch.int64))
+        g.inputs.copy_(g.host, non_blocking=True)
+        g.graph.replay()
+        return g.logits, g.greedy
+
+    def _kv_bucket(self, length: int) -> int:
+        """KV positions a decode step reads: a multiple of KV_LEN_BUCKET (a power of two of it with
+        CUDA graphs, to bound the number of graphs), capped at max_len."""
+        kv_len = -(-length // KV_LEN_BUCKET) * KV_LEN_BUCKET
+        if self._use_graphs:
+            kv_len = KV_LEN_BUCKET * _next_pow2(kv_len // KV_LEN_BUCKET)
+        return min(kv_len, self._max_len)
+
+    def warmup(self) -> int:
+        """Capture every decode graph (rows bucket x KV-length bucket) now rather than on first use.
+        Returns the number of graphs."""
+        if not self._use_graphs:
+            return 0
+        with torch.inference_mode():
+            n = 1
+            while True:
+                rows = min(n, self.slots.num_slots)
+                length = 1
+                while True:
+                    kv_len = self._kv_bucket(length)
+                    self._graph(rows, kv_len)
+                    if kv_len >= self._max_len:
+                        break
+                    length = kv_len + 1
+                if rows >= self.slots.num_slots:
+                    break
+                n *= 2
+        torch.cuda.synchronize(self.device)
+        return len(self._graphs)
+
+    def _prefill(self, entries: list[ScheduledSeq]) -> Tensor:
+        """Feed chunks of equal length T of several sequences in one forward; logits [B, V] of
+        each chunk's last token."""
+        t = entries[0].num_new_tokens
+        ids, starts, slot_ids = [], [], []
+        for e in entries:
+            p0 = e.seq.num_computed_tokens
+            ids.append(e.seq.all_token_ids[p0 : p0 + t])
+            starts.append(p0)
+            slot_ids.append(e.seq.slot)
+        tok = torch.tensor(ids, dtype=torch.int64).to(self.device)  # [B, T]
+        pos = (torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(t)[None, :]).to(self.device)
+        kv_len = max(starts) + t
+        mask = additive_mask((self._arange[:kv_len][None, None, :] <= pos[:, :, None]).unsqueeze(1), self.dtype)
+        slots = torch.tensor(slot_ids, dtype=torch.int64).to(self.device)
+        fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, kv_len=kv_len)
+        h = self.model.hidden_states(tok, self.cache, fb)
+        return self.model.lm_head(h[:, -1])
+
+    def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
+        for e in batch:
+            assert e.seq.slot is not None and e.num_new_tokens >= 1
+            assert e.seq.num_computed_tokens + e.num_new_tokens <= min(e.seq.num_tokens, self._max_len)
+        order: list[int] = []  # batch index of each sampled logits row
+        parts: list[Tensor] = []
+        results: list[SampleResult | None] = [None] * len(batch)
+        with torch.inference_mode():
+            decode = [i for i, e in enumerate(batch) if e.num_new_tokens == 1]
+            if decode:
+                logits, greedy = self._decode([batch[i] for i in decode])
+                picked = [i for i in decode if batch[i].sample]
+                if greedy is not None and len(decode) == len(batch) and all(
+                        self._plain_greedy(batch[i].seq) for i in picked):
+                    # fast path: argmax computed inside the graph; one small device -> host copy
+                    ids = greedy.tolist()
+                    for e in batch:
+                        e.seq.num_computed_tokens += 1
+                    for i in picked:
+                        results[i] = SampleResult(ids[batch[i].seq.slot])  # type: ignore[index]
+                    return results
+                if picked:
+                    idx = torch.tensor([batch[i].seq.slot for i in picked], dtype=torch.int64)
+                    parts.append(logits[idx.to(self.device)])
+                    order.extend(picked)
+            groups: dict[int, list[int]] = {}
+            for i, e in enumerate(batch):
+                if e.num_new_tokens > 1:
+                    groups.setdefault(e.num_new_tokens, []).append(i)
+            for members in groups.values():
+                logits = self._prefill([batch[i] for i in members])
+                picked = [j for j, i in enumerate(members) if batch[i].sample]
+                if picked:
+                    parts.append(logits[picked] if len(picked) < len(members) else logits)
+                    order.extend(members[j] for j in picked)
+            for e in batch:
+                e.seq.num_computed_tokens += e.num_new_tokens
+            if order:
+                specs = [self._sample_row(batch[i].seq) for i in order]
+                out = sample(torch.cat(parts), specs, self._generator)
+                for i, res in zip(order, self._results(out, specs), strict=True):
+                    results[i] = res
+        return results
+
+    def _plain_greedy(self, seq: Sequence) -> bool:
+        p = seq.params
+        return (p.is_greedy and not p.logprobs and not p.has_penalties
+                and seq.num_output_tokens >= p.min_tokens)
+
+    # --- sampling ----------------------------------------------------------------------------------
+    def _sample_row(self, seq: Sequence) -> SampleRow:
+        p = seq.params
+        history: list[int] = []
+        if p.has_penalties and p.penalty_last_n != 0:
+            toks = seq.all_token_ids
+            history = toks if p.penalty_last_n < 0 else toks[-p.penalty_last_n :]
+        banned: tuple[int, ...] = ()
+        if seq.num_output_tokens < p.min_tokens:
+            banned = tuple(dict.fromkeys(self._eos_ids + tuple(p.stop_token_ids)))
+        return SampleRow(p, history, seq.num_tokens, banned)
+
+    def _results(self, out: object, specs: list[SampleRow]) -> list[SampleResult]:
+        from deepseek_serve.engine.torch_runner.sampler import SampleOutput
+
+        assert isinstance(out, SampleOutput)
+        tokens = out.tokens.tolist()  # the one device -> host sync of the step
+        if out.logprobs is None:
+            return [SampleResult(t) for t in tokens]
+        chosen = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        results = []
+        for j, (tok, spec) in enumerate(zip(tokens, specs, strict=True)):
+            if not spec.params.logprobs:
+                results.append(SampleResult(tok))
+                continue
+            top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+            if top_ids is not None and top_lp is not None and spec.params.top_logprobs:
+                k = spec.params.top_logprobs
+                top = tuple(self._top_entry(t, lp) for t, lp in zip(top_ids[j][:k], top_lp[j][:k], strict=True))
+            text, raw = self._piece(tok)
+            results.append(SampleResult(tok, TokenLogprob(tok, text, chosen[j], raw, top)))
+        return results
+
+    def _top_entry(self, token_id: int, logprob: float) -> tuple[str, float, tuple[int, ...]]:
+        text, raw = self._piece(token_id)
+        return text, logprob, raw
+
+    def _piece(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        raw = self._tokenizer.token_bytes(token_id) if self._tokenizer is not None else b""
+        return raw.decode("utf-8", errors="replace"), tuple(raw)
+
+    # --- scoring (perplexity, prompt logprobs) -----------------------------------------------------
+    def score(self, token_ids: list[int]) -> Tensor:
+        """Log-probability of each token given the ones before it, float32 [len - 1]; uses a private
+        one-slot cache, so running sequences are untouched."""
+        t = len(token_ids)
+        cache = KVCache(self.args, 1, t, self.dtype, self.device)
+        with torch.inference_mode():
+            tok = torch.tensor([token_ids], dtype=torch.int64, device=self.device)
+            pos = self._arange[:t][None, :] if t <= self._max_len else torch.arange(t, device=self.device)[None, :]
+            if t > self._max_len:
+                self.model.setup_rope(t + 1, self.device)
+            mask = additive_mask((torch.arange(t, device=self.device)[None, :] <= pos[0][:, None]).view(1, 1, t, t),
+                                 self.dtype)
+            fb = ForwardBatch(slots=torch.zeros(1, dtype=torch.int64, device=self.device), positions=pos,
+                              write_pos=pos, mask=mask, kv_len=t)
+            logp = torch.log_softmax(self.model(tok, cache, fb)[0, :-1].float(), dim=-1)
+            if t > self._max_len:
+                self.model.setup_rope(self._max_len + 1, self.device)
+            return logp.gather(1, tok[0, 1:, None])[:, 0]
+
+    def close(self) -> None:
+        self._graphs.clear()
