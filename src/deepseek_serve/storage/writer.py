@@ -62,7 +62,8 @@ class UsageWriter:
     def record(self, event: UsageEvent) -> None:
         """Queue a record; never blocks, never raises."""
         try:
-            data = dataclasses.asdict(event)
+            # a shallow copy: the fields are plain values (dataclasses.asdict deep-copies, 30x slower)
+            data = dict(vars(event)) if hasattr(event, "__dict__") else dataclasses.asdict(event)
             if not data.get("created_at"):
                 data["created_at"] = time.time()
             self._queue.append(data)
