@@ -261,3 +261,13 @@ def test_help_and_bad_arguments(host: Host) -> None:
     assert res.returncode == 2 and "unknown argument: --frobnicate" in res.stderr
     res = host.deploy("--app-port", "70000")
     assert res.returncode == 2 and "--app-port must be 1-65535" in res.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="needs shellcheck (apt install shellcheck)")
+def test_shell_scripts_are_shellcheck_clean() -> None:
+    scripts = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "deploy").rglob("*.sh")
+                     if "monitoring" not in p.parts and "mysql" not in p.parts)
+    assert {"deploy/deploy.sh", "deploy/backup.sh", "deploy/restore.sh"} <= set(scripts)
+    res = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout
