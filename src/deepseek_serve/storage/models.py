@@ -25,13 +25,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# NOTE: fixed constraint names, so migrations can address them on every backend.
+# NOTE: fixed constraint names, so migrations can address them on every backend. Primary keys stay
+# unnamed: MySQL ignores (and warns about) primary key names.
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
     "ck": "ck_%(table_name)s_%(constraint_name)s",
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
 }
 
 Id = BigInteger().with_variant(Integer(), "sqlite")
