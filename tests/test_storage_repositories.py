@@ -3,6 +3,7 @@ lookup, usage insert/summary, conversations and their ownership, retention purge
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -14,13 +15,13 @@ from sqlalchemy import select, text
 
 from deepseek_serve.storage import Storage, migrate
 from deepseek_serve.storage.conversations import ConversationNotFound
-from deepseek_serve.storage.db import create_db_engine
-from deepseek_serve.storage.key_lookup import KeyLookup, KeyStatus
+from deepseek_serve.storage.db import create_db_engine, create_session_factory
+from deepseek_serve.storage.key_lookup import KeyLookup, KeyStatus, KeyStoreUnavailable
 from deepseek_serve.storage.keys import KeyRepository, generate_secret
 from deepseek_serve.storage.models import ApiKey, Conversation, Message, UsageRecord, utcnow
 from deepseek_serve.storage.retention import parse_duration, purge
 from deepseek_serve.storage.usage import event_to_row
-from storage_support import BACKENDS, database_url, storage_settings
+from storage_support import BACKENDS, database_url, free_port, storage_settings
 
 
 @pytest_asyncio.fixture(scope="module", params=BACKENDS)
@@ -265,3 +266,38 @@ def test_parse_duration() -> None:
     for bad in ("90", "d", "-1d", "0d", "1y", ""):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+async def test_lookup_serves_cached_keys_while_the_database_is_down(storage: Storage, tmp_path: Path) -> None:
+    created = await storage.keys.create("dave")
+    lookup = KeyLookup(storage.keys, ttl_s=0.01)
+    assert (await lookup.check(created.secret)).status is KeyStatus.OK
+    # the key store becomes unreachable (a MySQL URL on a port nothing listens on)
+    url = f"mysql+asyncmy://root@127.0.0.1:{free_port()}/gone"
+    dead = create_db_engine(storage_settings(tmp_path, url, db_connect_timeout_s=1.0), url=url)
+    lookup._repo = KeyRepository(create_session_factory(dead))
+    try:
+        await asyncio.sleep(0.05)  # past the TTL: a refresh is attempted and fails
+        assert (await lookup.check(created.secret)).status is KeyStatus.OK  # stale entry served
+        with pytest.raises(KeyStoreUnavailable):
+            await lookup.check(generate_secret())  # never seen: cannot be answered
+    finally:
+        await dead.dispose()
+
+
+async def test_daily_purge_runs_at_start(migrated_url: str, tmp_path: Path) -> None:
+    st = Storage(storage_settings(tmp_path, migrated_url, purge_daily=True, retention_days=30))
+    await st.usage.insert_many([
+        event_to_row(_event("ancient", 1, "m", when=utcnow() - timedelta(days=31)), False),
+        event_to_row(_event("recent", 1, "m", when=utcnow() - timedelta(days=29)), False)])
+    await st.start(migrate_schema=False)
+    try:
+        for _ in range(100):
+            async with st.sessions() as session:
+                ids = set((await session.execute(select(UsageRecord.request_id))).scalars())
+            if "ancient" not in ids:
+                break
+            await asyncio.sleep(0.05)
+        assert "ancient" not in ids and "recent" in ids
+    finally:
+        await st.close()
