@@ -121,11 +121,33 @@ def bench_outage(num_requests: int, workdir: Path) -> dict[str, object]:
             "p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan")}
 
 
+def print_cache_table(rows: list[tuple[str, float, float]], args: argparse.Namespace) -> None:
+    print(f"\n### Response cache (median of {args.rounds}, max_tokens={args.max_tokens}, "
+          "temperature 0)\n")
+    print("| prompt | uncached ms | cached ms | cached / uncached |")
+    print("|---|---:|---:|---:|")
+    for prompt, uncached, cached in rows:
+        print(f"| {prompt[:40]} | {uncached * 1000:.1f} | {cached * 1000:.1f} | "
+              f"{cached / uncached:.1%} |")
+    total_u = statistics.median(r[1] for r in rows)
+    total_c = statistics.median(r[2] for r in rows)
+    print(f"| **median** | {total_u * 1000:.1f} | {total_c * 1000:.1f} | **{total_c / total_u:.1%}** |")
+
+
+def print_outage_table(outage: dict[str, object]) -> None:
+    print("\n### Redis killed and restarted mid-run\n")
+    print("| requests | failed | p50 ms | cache after restart |")
+    print("|---:|---:|---:|---|")
+    print(f"| {outage['requests']} | {outage['failed']} | {outage['p50_ms']:.1f} | "
+          f"{outage['cache_after_restart']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--outage-requests", type=int, default=60)
+    parser.add_argument("--parts", default="cache,outage", help="comma-separated: cache, outage")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # NOTE: so the servers are stopped on `timeout`
     random.seed(SEED)
@@ -134,23 +156,11 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; commit {commit}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     with TemporaryDirectory() as tmp:
-        rows = bench_cache(args.rounds, args.max_tokens, Path(tmp))
-        print(f"\n### Response cache (median of {args.rounds}, max_tokens={args.max_tokens}, "
-              "temperature 0)\n")
-        print("| prompt | uncached ms | cached ms | cached / uncached |")
-        print("|---|---:|---:|---:|")
-        for prompt, uncached, cached in rows:
-            print(f"| {prompt[:40]} | {uncached * 1000:.1f} | {cached * 1000:.1f} | "
-                  f"{cached / uncached:.1%} |")
-        total_u = statistics.median(r[1] for r in rows)
-        total_c = statistics.median(r[2] for r in rows)
-        print(f"| **median** | {total_u * 1000:.1f} | {total_c * 1000:.1f} | **{total_c / total_u:.1%}** |")
-        outage = bench_outage(args.outage_requests, Path(tmp))
-        print("\n### Redis killed and restarted mid-run\n")
-        print("| requests | failed | p50 ms | cache after restart |")
-        print("|---:|---:|---:|---|")
-        print(f"| {outage['requests']} | {outage['failed']} | {outage['p50_ms']:.1f} | "
-              f"{outage['cache_after_restart']} |")
+        parts = set(args.parts.split(","))
+        if "cache" in parts:
+            print_cache_table(bench_cache(args.rounds, args.max_tokens, Path(tmp)), args)
+        if "outage" in parts:
+            print_outage_table(bench_outage(args.outage_requests, Path(tmp)))
 
 
 if __name__ == "__main__":

@@ -68,10 +68,12 @@ class PrivateRedis:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                redis.Redis(port=self.port, socket_timeout=0.5).ping()
+                # NOTE: a TCP connect, not PING: the server may require a password
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return
-            except redis.RedisError:
+            except OSError:
                 time.sleep(0.05)
+        self.kill()
         raise RuntimeError(f"private redis-server on port {self.port} did not start")
 
     def kill(self) -> None:
