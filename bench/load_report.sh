@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The load tests of docs/performance.md ("Load test: baseline vs deepseek-serve", "Tuning").
+#   bench/load_report.sh OUT_DIR [baseline|serve|tuning|overload|wrk]...   (default: all of them)
+# Each step starts its server on a free port, runs `deepseek-serve bench` against it, stops it.
+# Results: OUT_DIR/<run>/{results.json,report.md,*.png}. Fixed seed 0; 8 streams x 128 tokens.
+set -euo pipefail
+out=${1:?usage: bench/load_report.sh OUT_DIR [step...]}
+shift
+steps=("$@")
+[[ ${#steps[@]} -gt 0 ]] || steps=(baseline serve tuning overload wrk)
+repo=$(cd "$(dirname "$0")/.." && pwd)
+py="$repo/.venv/bin/python"
+mkdir -p "$out"
+export COLUMNS=160
+
+free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+server_pid=""
+start() {  # start NAME URL_PATH COMMAND...: run a server in the background, wait until URL_PATH answers 200
+  local name=$1 ready=$2; shift 2
+  "$@" >"$out/$name.server.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 1 600); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$port$ready" 2>/dev/null && return 0
+    kill -0 "$server_pid" 2>/dev/null || { tail -20 "$out/$name.server.log"; return 1; }
+    sleep 0.5
+  done
+  return 1
+}
+stop() { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; }
+trap stop EXIT
+
+bench() {  # bench NAME ARGS...
+  local name=$1; shift
+  "$repo/.venv/bin/deepseek-serve" bench --base-url "http://127.0.0.1:$port" --seed 0 --no-progress \
+    --server-pid "$server_pid" --label "$name" -o "$out/$name" "$@" | tee "$out/$name.log"
+}
+
+serve() {  # serve NAME [DS_X=Y...]: deepseek-serve with the given settings (Redis for limits and cache)
+  local name=$1; shift
+  port=$(free_port)
+  start "$name" /health/ready env DS_DATA_DIR="$out/$name.data" DS_AUTH=off DS_LOG_LEVEL=warning \
+    DS_REDIS_URL=redis://127.0.0.1:6379/0 DS_REDIS_KEY_PREFIX="bench-$RANDOM-$name:" "$@" \
+    "$repo/.venv/bin/deepseek-serve" serve --host 127.0.0.1 --port "$port"
+}
+
+main8=(-c 8 -n 16 --max-tokens 128 --ignore-eos --warmup 1)
+
+for step in "${steps[@]}"; do
+  case $step in
+    baseline)
+      # torch threads 1: on this shared 2-core machine 1 thread decoded 4x faster than 2 (see the report)
+      port=$(free_port)
+      start baseline /v1/models "$py" "$repo/bench/baseline_server.py" --port "$port" --threads 1
+      bench baseline "${main8[@]}"
+      stop ;;
+    serve)
+      serve serve-default
+      bench serve-default "${main8[@]}"
+      stop ;;
+    tuning)
+      serve tune-threads1 DS_N_THREADS=1
+      bench tune-threads1 "${main8[@]}"
+      stop
+      serve tune-batch4 DS_MAX_BATCH_SIZE=4
+      bench tune-batch4 "${main8[@]}"
+      stop
+      serve tune-batch16 DS_MAX_BATCH_SIZE=16
+      bench tune-batch16 -c 16 -n 32 --max-tokens 128 --ignore-eos --warmup 1
+      stop
+      # prefix cache: multi-turn conversations sharing a long system prompt
+      serve tune-prefix-on
+      bench tune-prefix-on -w multi-turn -c 4 -n 16 --max-tokens 32 --warmup 1
+      stop
+      serve tune-prefix-off DS_PREFIX_CACHE=false
+      bench tune-prefix-off -w multi-turn -c 4 -n 16 --max-tokens 32 --warmup 1
+      stop
+      # response cache: the same deterministic request again and again
+      serve tune-rcache-on
+      bench tune-rcache-on -w repeat -c 8 -n 32 --max-tokens 64 --warmup 1
+      stop
+      serve tune-rcache-off DS_RESPONSE_CACHE=false
+      bench tune-rcache-off -w repeat -c 8 -n 32 --max-tokens 64 --warmup 1
+      stop ;;
+    overload)
+      # open loop at 4x the measured capacity (requests/s of serve-default at c=8); short queue
+      cap=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["phases"][0]["metrics"]["request_throughput"])' \
+        "$out/serve-default/results.json")
+      rate=$("$py" -c "print(round(4 * $cap, 3))")
+      for queue in 64 8; do
+        serve "overload-q$queue" DS_MAX_QUEUE_SIZE=$queue DS_REQUEST_TIMEOUT_S=120
+        bench "overload-q$queue" -r "$rate" -d 60 --max-tokens 128 --ignore-eos --warmup 1 --timeout 180
+        stop
+      done ;;
+    wrk)
+      serve wrk
+      "$repo/bench/wrk/run.sh" "http://127.0.0.1:$port" 10s 32 2 | tee "$out/wrk.log"
+      stop ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
