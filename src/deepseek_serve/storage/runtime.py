@@ -54,6 +54,10 @@ class Storage:
             await migrate.upgrade(self.engine)
         if self.settings.admin_key:
             await self.keys.ensure_bootstrap_admin(self.settings.admin_key)
+        elif self.settings.auth_enabled and not any(
+                "admin" in k.scopes and not k.is_expired() for k in await self.keys.list()):
+            logger.warning("auth is on and no admin key exists: set DS_ADMIN_KEY or run "
+                           "`deepseek-serve keys create --admin`")
         await self.writer.start()
         self._tasks.append(asyncio.create_task(self._touch_loop(), name="key-touch"))
         if self.settings.purge_daily:

@@ -104,6 +104,11 @@ class UsageRepository:
         async with self._engine.begin() as conn:
             await conn.execute(stmt, list(rows))
 
+    async def ping(self) -> None:
+        """One round trip (`SELECT 1`); raises when the database is unreachable."""
+        async with self._engine.connect() as conn:
+            await conn.execute(select(1))
+
     async def count(self) -> int:
         async with self._sessions() as session:
             return int((await session.execute(select(func.count()).select_from(UsageRecord))).scalar_one())

@@ -183,6 +183,11 @@ class UsageWriter:
             logger.error("usage: %d record(s) rejected by the database, kept in %s", len(rejected), dead.path)
 
     async def _replay(self) -> None:
+        try:  # NOTE: before claiming, so a long outage does not leave one claimed file per retry
+            await asyncio.wait_for(self._repo.ping(), self._write_timeout_s)
+        except _UNREACHABLE as exc:
+            self._mark_down(exc)
+            return
         files: list[Path] = await asyncio.to_thread(self._spool.claim)
         for path in files:
             records = await asyncio.to_thread(Spool.read, path)
