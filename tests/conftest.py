@@ -12,8 +12,9 @@ import pytest_asyncio
 from deepseek_serve.config import Settings, load_settings
 from deepseek_serve.engine.async_engine import AsyncEngine
 
-# NOTE: tests never read the developer's .env or DS_* variables by accident.
-for _key in [k for k in os.environ if k.startswith("DS_")]:
+# NOTE: tests never read the developer's .env or DS_* variables by accident; DS_TEST_* are test
+# switches (e.g. DS_TEST_CONTAINERS=1), not settings, and stay.
+for _key in [k for k in os.environ if k.startswith("DS_") and not k.startswith("DS_TEST_")]:
     del os.environ[_key]
 
 
