@@ -114,6 +114,14 @@ def test_cache_opt_out_and_nondeterministic_requests_bypass_it(app: CacheAppServ
     assert headers["x-cache"] == "miss"
 
 
+def test_errors_after_admission_carry_rate_limit_headers(app: CacheAppServer) -> None:
+    client = client_for(app)
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, model_of(client), "Hi", max_tokens=100_000)  # beyond the context: refused by the engine
+    assert caught.value.response.json()["error"]["code"] == "context_length_exceeded"
+    assert caught.value.response.headers["x-ratelimit-limit-requests"] == "10000"
+
+
 def test_two_processes_share_one_rate_limit(tmp_path: Path) -> None:
     """DS_DEFAULT_RPM=2 in each process: counted per process this would admit 4 of 4 requests."""
     prefix = unique_prefix()
@@ -166,7 +174,8 @@ def test_redis_killed_during_50_requests(app: CacheAppServer, private_redis_serv
             breaker_states.extend(line for line in metrics.splitlines()
                                   if line.startswith("ds_redis_circuit_state"))
     assert failures == []
-    assert breaker_states and breaker_states[0].split()[-1] == "2.0"  # open while Redis was down
+    # open (2) or, between trials that fail while Redis is down, half-open (1); never closed (0)
+    assert breaker_states and breaker_states[0].split()[-1] in ("1.0", "2.0")
     assert "circuit breaker open" in app.stderr()
 
     time.sleep(RESET_S + 0.3)
