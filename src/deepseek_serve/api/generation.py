@@ -415,7 +415,12 @@ async def run_plan(request: Request, services: Services, principal: Principal, p
                 return StreamingResponse(_replay(events), media_type="text/event-stream",
                                          headers={**_SSE_HEADERS, **headers})
             return Response(orjson.dumps(hit), media_type="application/json", headers=headers)
-    await run.submit()
+    try:
+        await run.submit()
+    except EngineError as exc:
+        err = from_engine_error(exc)
+        err.headers = {**run.headers, **err.headers}  # x-ratelimit-* on errors after admission too
+        raise err from exc
     if plan.stream:
         run.cache_key = cache_key
         headers = {**_SSE_HEADERS, **run.headers}
@@ -429,6 +434,7 @@ async def run_plan(request: Request, services: Services, principal: Principal, p
         run.outcome.completed = True
     except ApiError as err:
         run.outcome.status = err.status
+        err.headers = {**run.headers, **err.headers}
         raise
     finally:
         await run.finish()
