@@ -4,14 +4,17 @@ Part 1 (cache): for each fixed deterministic prompt (temperature 0), time the re
 cache bypassed (`"cache": false`, the engine runs) and served from the cache (a repeat), several
 rounds each; print the median of both and their ratio (target: cached <= 10% of uncached).
 
-Part 2 (outage): a private redis-server on a free port; send requests, kill Redis a third of the
+Part 2 (limiter): the cost of `admit` + `settle` in process and through Redis (one process).
+
+Part 3 (outage): a private redis-server on a free port; send requests, kill Redis a third of the
 way in, restart it two thirds in; count failed requests (target: 0) and check that the cache
 answers again afterwards.
 
-    .venv/bin/python bench/cache.py [--rounds 5] [--max-tokens 64] [--outage-requests 60]
+    .venv/bin/python bench/cache.py [--rounds 5] [--max-tokens 64] [--outage-requests 60] \
+        [--parts cache,limiter,outage]
 
-Needs a Redis on 127.0.0.1:6379 for part 1 (keys under a random prefix, deleted afterwards) and
-`redis-server` on PATH for part 2.
+Needs a Redis on 127.0.0.1:6379 for parts 1 and 2 (keys under a random prefix, deleted afterwards) and
+`redis-server` on PATH for part 3.
 """
 
 from __future__ import annotations
@@ -121,6 +124,45 @@ def bench_outage(num_requests: int, workdir: Path) -> dict[str, object]:
             "p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan")}
 
 
+def bench_limiter(num_calls: int) -> list[tuple[str, float, float]]:
+    """Admission cost in one process: (backend, p50 us, p99 us) of `admit` + `settle`."""
+    import asyncio
+
+    from deepseek_serve.api.services import Principal
+    from deepseek_serve.cache import LocalRateLimiter, RedisClient, RedisRateLimiter
+
+    async def run() -> list[tuple[str, float, float]]:
+        prefix = unique_prefix()
+        client = RedisClient(SHARED_REDIS_URL, prefix=prefix, timeout_s=1.0)
+        rows = []
+        try:
+            for name, limiter in (("in process", LocalRateLimiter(10**9, 10**12)),
+                                  ("Redis (Lua)", RedisRateLimiter(client, 10**9, 10**12))):
+                who = Principal(key_id="bench")
+                samples = []
+                for _ in range(num_calls):
+                    start = time.perf_counter()
+                    decision = await limiter.admit(who, 512)
+                    await limiter.settle(who, decision, 100)
+                    samples.append((time.perf_counter() - start) * 1e6)
+                samples.sort()
+                rows.append((name, samples[len(samples) // 2], samples[int(len(samples) * 0.99)]))
+        finally:
+            await client.close()
+            delete_prefix(SHARED_REDIS_URL, prefix)
+        return rows
+
+    return asyncio.run(run())
+
+
+def print_limiter_table(rows: list[tuple[str, float, float]], num_calls: int) -> None:
+    print(f"\n### Rate limiter: admit + settle, {num_calls} sequential calls\n")
+    print("| backend | p50 us | p99 us |")
+    print("|---|---:|---:|")
+    for name, p50, p99 in rows:
+        print(f"| {name} | {p50:.1f} | {p99:.1f} |")
+
+
 def print_cache_table(rows: list[tuple[str, float, float]], args: argparse.Namespace) -> None:
     print(f"\n### Response cache (median of {args.rounds}, max_tokens={args.max_tokens}, "
           "temperature 0)\n")
@@ -147,7 +189,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--outage-requests", type=int, default=60)
-    parser.add_argument("--parts", default="cache,outage", help="comma-separated: cache, outage")
+    parser.add_argument("--parts", default="cache,limiter,outage",
+                        help="comma-separated: cache, limiter, outage")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # NOTE: so the servers are stopped on `timeout`
     random.seed(SEED)
@@ -159,6 +202,8 @@ def main() -> None:
         parts = set(args.parts.split(","))
         if "cache" in parts:
             print_cache_table(bench_cache(args.rounds, args.max_tokens, Path(tmp)), args)
+        if "limiter" in parts:
+            print_limiter_table(bench_limiter(2000), 2000)
         if "outage" in parts:
             print_outage_table(bench_outage(args.outage_requests, Path(tmp)))
 
