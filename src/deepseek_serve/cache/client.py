@@ -72,7 +72,7 @@ class RedisClient:
             raise RedisUnavailable("circuit breaker open")
         try:
             result = await asyncio.wait_for(op(self.redis), self.timeout_s * 2)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError, asyncio.TimeoutError) as exc:  # NOTE: distinct on 3.10
             self.breaker.record_failure(f"{type(exc).__name__}: {exc}")
             raise RedisUnavailable(str(exc)) from exc
         except BaseException:
