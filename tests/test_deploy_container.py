@@ -80,7 +80,9 @@ def test_image_metadata_and_size(image: str) -> None:
     assert config["Entrypoint"] == ["tini", "--", "deepseek-serve"]
     assert config["Cmd"] == ["serve", "--host", "0.0.0.0"]
     assert set(config["Volumes"]) == {"/data", "/models"}
-    assert config["Healthcheck"]["Test"][:2] == ["CMD", "python3"]
+    assert config["StopSignal"] == "SIGTERM"
+    healthcheck = info.get("Healthcheck") or config.get("Healthcheck")  # podman: top level
+    assert healthcheck["Test"] == ["CMD", "python3", "/usr/local/lib/deepseek-serve/healthcheck.py"]
     size = int(info["Size"])
     print(f"image {image}: {size / 1e6:.0f} MB")
     assert size <= MAX_IMAGE_BYTES, f"{size / 1e6:.0f} MB > 800 MB"
