@@ -29,8 +29,8 @@ class RedisUnavailable(Exception):
 class RedisClient:
     """One connection pool per process, shared by the limiter, the response cache and the sessions.
 
-    Every call goes through `run`: it is refused at once while the breaker is open, and bounded by
-    `timeout_s` (socket timeouts are the same, so a dead server costs at most that long).
+    Every call goes through `run`: it is refused at once while the breaker is open, and cut off after
+    `2 * timeout_s` (socket, connect and pool-wait timeouts are `timeout_s`; one retry).
     """
 
     def __init__(self, url: str, *, prefix: str = "ds:", timeout_s: float = 0.25, pool_size: int = 50,
