@@ -66,12 +66,12 @@ def chat(client: httpx.Client, model: str, prompt: str, max_tokens: int,
     return elapsed, response.headers.get("x-cache", "-"), response.json()["choices"][0]["message"]["content"]
 
 
-def bench_cache(rounds: int, max_tokens: int, workdir: Path) -> list[tuple[str, float, float]]:
+def bench_cache(rounds: int, max_tokens: int, workdir: Path, threads: str) -> list[tuple[str, float, float]]:
     prefix = unique_prefix()
     rows: list[tuple[str, float, float]] = []
     try:
         with CacheAppServer(workdir / "cache", DS_REDIS_URL=SHARED_REDIS_URL, DS_REDIS_KEY_PREFIX=prefix,
-                            DS_N_THREADS="0") as server, \
+                            DS_N_THREADS=threads) as server, \
                 httpx.Client(base_url=server.url, timeout=600) as client:
             model = client.get("/v1/models").json()["data"][0]["id"]
             chat(client, model, "warm up", 4, cache=False)
@@ -92,7 +92,7 @@ def bench_cache(rounds: int, max_tokens: int, workdir: Path) -> list[tuple[str, 
     return rows
 
 
-def bench_outage(num_requests: int, workdir: Path) -> dict[str, object]:
+def bench_outage(num_requests: int, workdir: Path, threads: str) -> dict[str, object]:
     redis_server = PrivateRedis()
     redis_server.start()
     failures: list[str] = []
@@ -100,7 +100,8 @@ def bench_outage(num_requests: int, workdir: Path) -> dict[str, object]:
     try:
         with CacheAppServer(workdir / "outage", DS_REDIS_URL=redis_server.url,
                             DS_REDIS_KEY_PREFIX=unique_prefix(), DS_DEFAULT_RPM="100000",
-                            DS_DEFAULT_TPM="100000000", DS_BREAKER_RESET_S="1", DS_N_THREADS="0") as server, \
+                            DS_DEFAULT_TPM="100000000", DS_BREAKER_RESET_S="1",
+                            DS_N_THREADS=threads) as server, \
                 httpx.Client(base_url=server.url, timeout=600) as client:
             model = client.get("/v1/models").json()["data"][0]["id"]
             rng = random.Random(SEED)
@@ -191,6 +192,7 @@ def main() -> None:
     parser.add_argument("--outage-requests", type=int, default=60)
     parser.add_argument("--parts", default="cache,limiter,outage",
                         help="comma-separated: cache, limiter, outage")
+    parser.add_argument("--threads", default="1", help="DS_N_THREADS of the server (0 = physical cores)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # NOTE: so the servers are stopped on `timeout`
     random.seed(SEED)
@@ -201,11 +203,11 @@ def main() -> None:
     with TemporaryDirectory() as tmp:
         parts = set(args.parts.split(","))
         if "cache" in parts:
-            print_cache_table(bench_cache(args.rounds, args.max_tokens, Path(tmp)), args)
+            print_cache_table(bench_cache(args.rounds, args.max_tokens, Path(tmp), args.threads), args)
         if "limiter" in parts:
             print_limiter_table(bench_limiter(2000), 2000)
         if "outage" in parts:
-            print_outage_table(bench_outage(args.outage_requests, Path(tmp)))
+            print_outage_table(bench_outage(args.outage_requests, Path(tmp), args.threads))
 
 
 if __name__ == "__main__":
