@@ -40,7 +40,10 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
     """Build the model from `path/config.json` and load its weights. Raises CheckpointError when
     tensors are missing or unexpected (rotary `inv_freq` buffers excepted)."""
-    return from_state_dict(ModelArgs.from_dir(path), _read_state_dict(path), dtype, device, str(path))
+    state = _read_state_dict(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: config.json is missing")
+    return from_state_dict(ModelArgs.from_dir(path), state, dtype, device, str(path))
 
 
 def from_state_dict(args: ModelArgs, state: dict[str, Tensor], dtype: torch.dtype, device: torch.device,

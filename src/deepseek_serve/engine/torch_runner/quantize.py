@@ -1,9 +1,8 @@
 """Weight-only quantization as a module swap (gpt-fast habit): `quantize_model(model, mode)` replaces
 every `nn.Linear` of the decoder layers (and the LM head for int8) with a quantized twin in place.
 
-- int8: per-output-channel symmetric scales; CPU uses aten's fused `_weight_int8pack_mm`,
-  CUDA dequantizes in the matmul's input dtype.
-- int4: group-wise asymmetric (min/max, 16 levels, groups along K); aten's tinygemm kernels
+- int8: per-output-channel symmetric scales, weight-only (see `Int8Linear` for the kernels).
+- int4: group-wise asymmetric (min/max, 16 levels, groups of 32 along K); aten's tinygemm kernels
   (`_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on CPU).
 """
 
@@ -65,7 +64,10 @@ def dequantize_int4(codes: Tensor, sz: Tensor, group_size: int) -> Tensor:
     return g.reshape(n, k)
 
 
-def int4_group_size(k: int, preferred: int = 128) -> int:
+INT4_GROUP_SIZE = 32  # NOTE: the block size of GGUF's Q4_0/Q4_1, so Q4 checkpoints requantize losslessly
+
+
+def int4_group_size(k: int, preferred: int = INT4_GROUP_SIZE) -> int:
     """The largest group size <= preferred (of 128, 64, 32) that divides K."""
     for g in (128, 64, 32):
         if g <= preferred and k % g == 0:
@@ -74,20 +76,24 @@ def int4_group_size(k: int, preferred: int = 128) -> int:
 
 
 class Int8Linear(nn.Module):
+    """Per-output-channel int8 weights, weight-only. CPU: aten's fused `_weight_int8pack_mm` with bf16
+    activations (its float32 path is not vectorized); CUDA: a compiled dequantize-and-reduce kernel
+    for decode-sized inputs, else dequantize then matmul."""
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        dtype = linear.weight.dtype
         q, scales = quantize_int8(linear.weight.data)
+        self._cpu = linear.weight.device.type == "cpu"
+        act_dtype = torch.bfloat16 if self._cpu else linear.weight.dtype
         self.register_buffer("weight", q)
-        self.register_buffer("scales", scales.to(dtype))
+        self.register_buffer("scales", scales.to(act_dtype))
         self.bias = linear.bias
-        self._fused = linear.weight.device.type == "cpu"
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._fused:
-            # [*, K] -> [M, K] @ int8 [N, K]^T * scales -> [*, N]
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+        if self._cpu:
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).to(x.dtype)
             y = y.view(*x.shape[:-1], self.out_features)
         elif _int8_small_m is not None and x.numel() // self.in_features <= SMALL_M:
             y = _int8_small_m(x.reshape(-1, self.in_features), self.weight, self.scales)
@@ -98,7 +104,7 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, linear: nn.Linear, group_size: int = 128) -> None:
+    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group_size = int4_group_size(self.in_features, group_size)
@@ -151,13 +157,13 @@ def quantize_model(model: nn.Module, mode: QuantMode) -> None:
 
 
 def weight_bytes(model: nn.Module, include_embedding: bool = False) -> int:
-    """Bytes of parameters and buffers read per decode step (the embedding table excluded: rows only)."""
+    """Bytes of weights read per decode step (the embedding table excluded: it is read by row)."""
     total = 0
-    skip = {id(model.model.embed_tokens.weight)} if not include_embedding else set()  # type: ignore[union-attr]
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) in skip or name.endswith(("cache.k", "cache.v")):
+    emb = model.model.embed_tokens.weight  # type: ignore[union-attr]
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is emb and not include_embedding:
             continue
         total += t.numel() * t.element_size()
-    if not include_embedding and model.lm_head.weight is model.model.embed_tokens.weight:  # type: ignore[union-attr]
-        total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()  # type: ignore[union-attr, operator]
+    if not include_embedding and model.lm_head.weight is emb:  # type: ignore[union-attr]
+        total += emb.numel() * emb.element_size()
     return total

@@ -1,0 +1,221 @@
+"""TorchRunner against transformers on tiny random models built from the real DeepSeek configs (fp32 CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from deepseek_serve.engine.runner import ScheduledSeq
+from deepseek_serve.engine.sequence import Sequence
+from deepseek_serve.engine.torch_runner.drive import run_to_completion
+from deepseek_serve.engine.torch_runner.loading import CheckpointError, load_model
+from deepseek_serve.engine.torch_runner.model import ModelArgs, UnsupportedModelError
+from deepseek_serve.engine.torch_runner.runner import TorchRunner
+from deepseek_serve.engine.types import SamplingParams
+from torch_fixtures import CODER, R1_32B_OLD, tiny_checkpoint
+
+torch.set_num_threads(1)  # NOTE: the CI box is shared; more threads only contend
+
+VOCAB = 512
+ARCHS = {"llama-coder": CODER, "qwen2-r1": R1_32B_OLD}
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    return tiny_checkpoint(tmp_path_factory.mktemp(request.param), ARCHS[request.param], vocab_size=VOCAB)
+
+
+def make_runner(path: Path, slots: int = 4, max_len: int = 160, **kw: Any) -> TorchRunner:
+    model = load_model(path, torch.float32, torch.device("cpu"))
+    return TorchRunner(model, None, num_slots=slots, max_len=max_len, device=torch.device("cpu"),
+                       dtype=torch.float32, **kw)
+
+
+def seq(prompt: list[int], n: int, **params: Any) -> Sequence:
+    return Sequence(f"r{len(prompt)}-{n}", list(prompt), SamplingParams(**{"temperature": 0.0, **params}), n,
+                    float("inf"))
+
+
+def reference(hf: Any, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return list(out[0, len(prompt):].tolist())
+
+
+def prompts(lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_config_fields_are_read(tiny: tuple[Path, Any]) -> None:
+    path, hf = tiny
+    args = ModelArgs.from_dir(path)
+    assert args.num_kv_heads == hf.config.num_key_value_heads
+    assert args.rope_theta == pytest.approx(hf.config.rope_parameters["rope_theta"])
+    if args.architecture == "LlamaForCausalLM":
+        assert args.rope_linear_factor == 4.0 and not args.qkv_bias  # deepseek-coder: linear rope scaling x4
+    else:
+        assert args.qkv_bias and args.num_kv_heads < args.num_heads
+
+
+def test_greedy_single_matches_generate(tiny: tuple[Path, Any]) -> None:
+    path, hf = tiny
+    runner = make_runner(path)
+    (p,) = prompts((23,))
+    s = seq(p, 20)
+    run_to_completion(runner, [s])
+    assert s.output_token_ids == reference(hf, p, 20)
+
+
+def test_greedy_batched_mixed_lengths_match_generate(tiny: tuple[Path, Any]) -> None:
+    """Four sequences of different lengths share every step; prompts are fed in 16-token chunks, so
+    prefill chunks and decode tokens of different sequences are mixed in one step."""
+    path, hf = tiny
+    runner = make_runner(path)
+    ps = prompts((1, 9, 40, 71), seed=1)
+    seqs = [seq(p, 12) for p in ps]
+    steps = run_to_completion(runner, seqs, prefill_chunk=16)
+    assert steps < 4 * (12 + 5)  # batched, not one sequence after the other
+    for p, s in zip(ps, seqs, strict=True):
+        assert s.output_token_ids == reference(hf, p, 12), f"prompt of {len(p)} tokens"
+
+
+def test_prefix_cache_reuses_idle_slot(tiny: tuple[Path, Any]) -> None:
+    path, hf = tiny
+    runner = make_runner(path, slots=2)
+    base = prompts((30,), seed=2)[0]
+    first = seq(base, 6)
+    run_to_completion(runner, [first])
+    assert runner.kv_used_tokens == 0
+    # same prompt + its continuation: everything but the last prompt token comes from the cache
+    follow = base + first.output_token_ids[:3] + [7, 8]
+    second = seq(follow, 6)
+    assert runner.allocate(second) == 30 + 3
+    assert second.num_cached_tokens == 33 and second.slot == 0  # the slot `first` ran in
+    runner.free(second)
+    # an identical prompt still computes its last token (its logits are needed to sample)
+    again = seq(base, 6)
+    run_to_completion(runner, [again])
+    assert again.num_cached_tokens == 29
+    assert again.output_token_ids == first.output_token_ids == reference(hf, base, 6)
+    other = seq(prompts((12,), seed=3)[0], 4)
+    run_to_completion(runner, [other])
+    assert other.num_cached_tokens == 0
+
+
+def test_capacity_and_free(tiny: tuple[Path, Any]) -> None:
+    path, _ = tiny
+    runner = make_runner(path, slots=2, max_len=64, prefix_cache=False)
+    a, b, c = (seq(p, 10) for p in prompts((5, 6, 7), seed=4))
+    assert not runner.can_allocate(seq(list(range(60)), 10))  # 70 > max_len 64
+    runner.allocate(a)
+    runner.allocate(b)
+    assert runner.kv_used_tokens == 15 + 16 and runner.kv_capacity_tokens == 128
+    assert not runner.can_allocate(c)
+    runner.free(a)
+    assert a.slot is None and runner.can_allocate(c)
+    runner.allocate(c)
+    assert c.slot is not None and c.slot != b.slot
+
+
+def test_step_advances_computed_tokens_and_samples_only_when_asked(tiny: tuple[Path, Any]) -> None:
+    path, _ = tiny
+    runner = make_runner(path)
+    s = seq(list(range(1, 21)), 4)
+    runner.allocate(s)
+    assert runner.step([ScheduledSeq(s, 12, False)]) == [None]
+    assert s.num_computed_tokens == 12
+    (res,) = runner.step([ScheduledSeq(s, 8, True)])
+    assert res is not None and 0 <= res.token_id < VOCAB and s.num_computed_tokens == 20
+
+
+def test_seeded_sampling_is_independent_of_the_batch(tiny: tuple[Path, Any]) -> None:
+    path, _ = tiny
+    ps = prompts((11, 17, 25), seed=5)
+    params = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 1234}
+    alone = seq(ps[0], 10, **params)
+    run_to_completion(make_runner(path), [alone])
+    crowd = [seq(ps[0], 10, **params), seq(ps[1], 10, temperature=0.7), seq(ps[2], 10, **{**params, "seed": 9})]
+    run_to_completion(make_runner(path), crowd)
+    assert crowd[0].output_token_ids == alone.output_token_ids
+    assert crowd[2].output_token_ids != alone.output_token_ids  # another seed draws other tokens
+    greedy = seq(ps[0], 10)
+    topk1 = seq(ps[0], 10, temperature=1.0, top_k=1)
+    run_to_completion(make_runner(path), [greedy, topk1])
+    assert topk1.output_token_ids == greedy.output_token_ids
+
+
+def test_repetition_penalty_changes_greedy_choice(tiny: tuple[Path, Any]) -> None:
+    path, _ = tiny
+    p = prompts((15,), seed=6)[0]
+    plain, penal = seq(p, 16), seq(p, 16, repetition_penalty=10.0, frequency_penalty=2.0)
+    run_to_completion(make_runner(path), [plain, penal])
+    window = set(p)
+    assert plain.output_token_ids != penal.output_token_ids
+    # with a strong penalty the output repeats its own/prompt tokens less
+    repeats = lambda out: sum(t in window or out[:i].count(t) > 0 for i, t in enumerate(out))  # noqa: E731
+    assert repeats(penal.output_token_ids) < repeats(plain.output_token_ids) or repeats(plain.output_token_ids) == 0
+
+
+def test_logprobs_are_those_of_the_model(tiny: tuple[Path, Any]) -> None:
+    path, hf = tiny
+    p = prompts((10,), seed=7)[0]
+    s = seq(p, 3, logprobs=True, top_logprobs=3)
+    run_to_completion(make_runner(path), [s])
+    with torch.no_grad():
+        logits = hf(torch.tensor([p + s.output_token_ids])).logits[0].float()
+    ref = torch.log_softmax(logits, dim=-1)
+    for i, lp in enumerate(s.output_logprobs):
+        row = ref[len(p) - 1 + i]
+        assert lp.token_id == s.output_token_ids[i]
+        assert lp.logprob == pytest.approx(row[lp.token_id].item(), abs=1e-4)
+        assert [t[1] for t in lp.top] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+
+
+def test_score_gives_next_token_logprobs(tiny: tuple[Path, Any]) -> None:
+    path, hf = tiny
+    p = prompts((33,), seed=8)[0]
+    got = make_runner(path).score(p)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([p])).logits[0, :-1].float(), -1).gather(1, torch.tensor(p[1:])[:, None])
+    torch.testing.assert_close(got, ref[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_and_broken_checkpoints(tmp_path: Path, tiny: tuple[Path, Any]) -> None:
+    with pytest.raises(UnsupportedModelError, match="architecture"):
+        ModelArgs.from_config({"architectures": ["GPT2LMHeadModel"]})
+    base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10}
+    with pytest.raises(UnsupportedModelError, match="rope type 'yarn'"):
+        ModelArgs.from_config({**base, "rope_scaling": {"type": "yarn", "factor": 2.0}})
+    path, _ = tiny
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((path / "config.json").read_text())
+    state = load_file(str(path / "model.safetensors"))
+    state.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="down_proj"):
+        load_model(broken, torch.float32, torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        load_model(tmp_path, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_match_generate(tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    path, hf = tiny_checkpoint(tmp_path, R1_32B_OLD, vocab_size=VOCAB)
+    model = load_model(path, torch.float32, torch.device("cuda"))
+    runner = TorchRunner(model, None, num_slots=4, max_len=160, device=torch.device("cuda"), dtype=torch.float32)
+    ps = prompts((1, 9, 40, 71), seed=1)
+    seqs = [seq(p, 12) for p in ps]
+    run_to_completion(runner, seqs, prefill_chunk=16)
+    for p, s in zip(ps, seqs, strict=True):
+        assert s.output_token_ids == reference(hf, p, 12)
