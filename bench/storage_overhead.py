@@ -1,6 +1,7 @@
 """What auth and usage accounting add to a one-token chat completion (target: at most 5 ms on the median).
 
-    .venv/bin/python bench/storage_overhead.py [--requests 200] [--backend mariadb|sqlite]
+    .venv/bin/python bench/storage_overhead.py [--requests 200] [--models-requests 1000]
+                                               [--backend mariadb|sqlite]
 
 Two real server processes (Uvicorn, the same app and model) run side by side:
   - with:    DS_AUTH=on, every request carries an API key (checked against the database, cached),
@@ -8,14 +9,17 @@ Two real server processes (Uvicorn, the same app and model) run side by side:
   - without: DS_AUTH=off and the usage and conversation slots emptied after `build_services`.
 Requests alternate between the two (with, without, with, ...), one at a time, so machine noise hits
 both alike. Each is `POST /v1/chat/completions` with max_tokens=1, temperature 0, a fixed prompt
-(prompt `i % 8` of a fixed list). Also timed in-process: one cached key check and one `record()`.
-Prints a Markdown table with medians, p90 and the difference.
+(prompt `i % 8` of a fixed list); then `GET /v1/models` the same way (auth without the model's noise).
+Also timed in-process: one cached key check, one `record()`, one background flush. Prints a Markdown
+table: medians, their difference, and the median of the paired differences (request i with minus
+request i without) with a 95% bootstrap interval (fixed seed).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import platform
 import random
@@ -50,7 +54,7 @@ def serve(mode: str, port: int) -> None:
             services.auth = services.usage = services.conversations = None
             return services
 
-        app_module.build_services = stripped  # type: ignore[assignment]
+        app_module.build_services = stripped
     uvicorn.run(app_module.create_app(load_settings()), host="127.0.0.1", port=port, log_level="warning",
                 loop="uvloop", http="httptools")
 
@@ -80,21 +84,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def bootstrap_ci(a: list[float], b: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of median(a) - median(b), resampling both (fixed seed)."""
+def bootstrap_median(values: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the median (fixed seed)."""
     rng = random.Random(seed)
-    diffs = sorted(statistics.median(rng.choices(a, k=len(a))) - statistics.median(rng.choices(b, k=len(b)))
-                   for _ in range(rounds))
-    return diffs[int(0.025 * rounds)], diffs[int(0.975 * rounds)]
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(rounds))
+    return medians[int(0.025 * rounds)], medians[int(0.975 * rounds)]
 
 
-async def components(data_dir: Path) -> dict[str, float]:
-    """Microseconds per cached key check and per usage record() (in-process, SQLite)."""
+async def components(data_dir: Path, url: str) -> dict[str, float]:
+    """In-process, on the benchmark's database: µs per cached key check and per usage record(), and ms
+    of one background flush of a single record (at low QPS each flush carries about one)."""
     from deepseek_serve.api.services import UsageEvent
     from deepseek_serve.config import load_settings
     from deepseek_serve.storage import Storage
 
-    settings = load_settings(_env_file=None, data_dir=data_dir, usage_flush_interval_s=3600)
+    settings = load_settings(_env_file=None, data_dir=data_dir, database_url=url, usage_flush_interval_s=3600)
     storage = Storage(settings)
     await storage.start(migrate_schema=True)
     key = (await storage.keys.create("bench")).secret
@@ -111,14 +115,21 @@ async def components(data_dir: Path) -> dict[str, float]:
         storage.writer.record(event)
     record_us = (time.perf_counter() - t0) / n * 1e6
     storage.writer._queue.clear()
+    flushes = []
+    for i in range(200):
+        storage.writer.record(dataclasses.replace(event, request_id=f"bench-flush-{uuid.uuid4().hex}-{i}"))
+        t0 = time.perf_counter()
+        await storage.writer.flush()
+        flushes.append((time.perf_counter() - t0) * 1000)
     await storage.close()
-    return {"check_us": check_us, "record_us": record_us}
+    return {"check_us": check_us, "record_us": record_us, "flush_ms": statistics.median(flushes)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=200, help="timed requests per variant")
     parser.add_argument("--warmup", type=int, default=16)
+    parser.add_argument("--models-requests", type=int, default=1000, help="timed GET /v1/models per variant")
     parser.add_argument("--backend", choices=("mariadb", "sqlite"), default="mariadb")
     parser.add_argument("--serve", nargs=2, metavar=("MODE", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -164,7 +175,13 @@ def main() -> None:
                     response.raise_for_status()
                     if i >= args.warmup:
                         times[mode].append(elapsed)
-        comp = asyncio.run(components(tmp / "components"))
+            models: dict[str, list[float]] = {"with": [], "without": []}
+            for i in range(args.models_requests):
+                for mode in (("with", "without") if i % 2 == 0 else ("without", "with")):
+                    t0 = time.perf_counter()
+                    client.get(f"{urls[mode]}/v1/models", headers=headers[mode]).raise_for_status()
+                    models[mode].append((time.perf_counter() - t0) * 1000)
+        comp = asyncio.run(components(tmp / "components", url))
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -173,23 +190,21 @@ def main() -> None:
         if args.backend == "mariadb":
             subprocess.run(["mysql", "-uroot", "-h127.0.0.1", "-e", f"DROP DATABASE IF EXISTS {db_name}"])
 
-    med = {m: statistics.median(v) for m, v in times.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.1f}; backend {args.backend}; "
-          f"{args.requests} requests per variant\n")
-    print("| variant | median ms | p90 ms | mean ms |")
-    print("|---|---:|---:|---:|")
-    for mode in ("without", "with"):
-        v = times[mode]
-        print(f"| {mode} auth + usage | {med[mode]:.2f} | {percentile(v, 0.9):.2f} "
-              f"| {statistics.fmean(v):.2f} |")
-    diff = med["with"] - med["without"]
-    low, high = bootstrap_ci(times["with"], times["without"])
-    print(f"\nadded on the median: {diff:+.2f} ms (ratio {med['with'] / med['without']:.3f}x; "
-          f"95% bootstrap interval {low:+.2f} .. {high:+.2f} ms)")
-    print(f"in-process: cached key check {comp['check_us']:.1f} µs, "
-          f"usage record() {comp['record_us']:.1f} µs")
-
+          f"load average {os.getloadavg()[0]:.1f} at the end; backend {args.backend}\n")
+    print("| request | n per variant | median without | median with | added (medians) "
+          "| added (median of paired differences) [95% interval] | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, data in (("chat completion, max_tokens=1", times), ("GET /v1/models", models)):
+        med = {m: statistics.median(v) for m, v in data.items()}
+        paired = [w - o for w, o in zip(data["with"], data["without"], strict=True)]
+        low, high = bootstrap_median(paired)
+        print(f"| {label} | {len(paired)} | {med['without']:.2f} ms | {med['with']:.2f} ms "
+              f"| {med['with'] - med['without']:+.2f} ms | {statistics.median(paired):+.2f} ms "
+              f"[{low:+.2f} .. {high:+.2f}] | {med['with'] / med['without']:.3f}x |")
+    print(f"\nin-process ({args.backend}): cached key check {comp['check_us']:.1f} µs, usage record() "
+          f"{comp['record_us']:.1f} µs, one background flush of one record {comp['flush_ms']:.2f} ms "
+          "(median)")
 
 if __name__ == "__main__":
     main()
