@@ -174,3 +174,89 @@ def test_container_runs_read_only_non_root_answers_and_stops_on_sigterm(
     elapsed = time.monotonic() - started
     assert code == "0", _podman("logs", name).stderr[-3000:]
     assert elapsed < DRAIN_TIMEOUT_S + 5
+
+
+def _mysql(sql: str) -> str:
+    return subprocess.run(["mysql", "-h", "127.0.0.1", "-u", "root", "-N", "-B", "-e", sql],
+                          check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+@pytest.mark.skipif(shutil.which("mysql") is None or shutil.which("redis-server") is None,
+                    reason="needs the MariaDB client and redis-server")
+def test_container_with_mysql_and_redis_as_in_compose(image: str, tmp_path: Path) -> None:
+    """The image against the real MariaDB (a user with only init.sql's grants) and a password-protected
+    Redis running deploy/redis/redis.conf; then backup.sh captures what the app wrote."""
+    from openai import OpenAI
+
+    tag = secrets.token_hex(4)
+    db, user, db_password = f"ds_test_ctr_{tag}", f"ds_ctr_{tag}", secrets.token_hex(16)
+    redis_password = secrets.token_hex(16)
+    redis_port, port = _free_port(), _free_port()
+    admin_key = "sk-" + secrets.token_hex(24)
+    # the grants deploy/mysql/init.sql gives the application user, on its own database only
+    grants = "SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX, DROP, REFERENCES"
+    _mysql(f"CREATE DATABASE `{db}` CHARACTER SET utf8mb4; "
+           + "".join(f"CREATE USER '{user}'@'{h}' IDENTIFIED BY '{db_password}'; "
+                     f"GRANT {grants} ON `{db}`.* TO '{user}'@'{h}'; " for h in ("localhost", "%")))
+    assert grants.split(", ")[-1] in (ROOT / "deploy/mysql/init.sql").read_text()
+
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    conf = tmp_path / "redis.conf"
+    conf.write_text((ROOT / "deploy/redis/redis.conf").read_text()
+                    .replace("dir /data", f"dir {redis_dir}").replace("bind 0.0.0.0", "bind 127.0.0.1"))
+    redis_proc = subprocess.Popen(["redis-server", str(conf), "--port", str(redis_port),
+                                   "--requirepass", redis_password],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    name = f"ds-test-stack-{tag}"
+    try:
+        _podman(
+            "run", "-d", "--name", name, "--network", "host", "--read-only",
+            "--tmpfs", "/tmp:size=256m,mode=1777", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+            "-e", f"DS_PORT={port}", "-e", f"DS_ADMIN_KEY={admin_key}", "-e", "DS_N_THREADS=2",
+            "-e", f"DS_DATABASE_URL=mysql+asyncmy://{user}:{db_password}@127.0.0.1:3306/{db}?charset=utf8mb4",
+            "-e", "DS_DB_AUTO_MIGRATE=true",
+            "-e", f"DS_REDIS_URL=redis://:{redis_password}@127.0.0.1:{redis_port}/0",
+            "-e", f"DS_REDIS_KEY_PREFIX=dstest{tag}:",
+            image,
+        )
+        _wait_ready(name, port)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=admin_key, max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        for _ in range(2):
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+            assert reply.choices[0].message.content is not None
+
+        # the app migrated its schema with the least-privilege user and wrote usage and keys
+        tables = set(_mysql(f"SHOW TABLES FROM `{db}`").split())
+        assert {"api_keys", "usage_records", "alembic_version"} <= tables
+        deadline = time.monotonic() + 30
+        while int(_mysql(f"SELECT COUNT(*) FROM `{db}`.usage_records").strip()) < 2:
+            assert time.monotonic() < deadline, "usage records not written"
+            time.sleep(1)
+        env = {**os.environ, "MYSQL_PWD": "", "REDISCLI_AUTH": redis_password}
+        keys = subprocess.run(["redis-cli", "-p", str(redis_port), "--scan", "--pattern", f"dstest{tag}:*"],
+                              capture_output=True, text=True, env=env, timeout=10).stdout.split()
+        assert keys, "nothing written to Redis under the key prefix"
+
+        # a backup of this stack verifies
+        res = subprocess.run(
+            ["bash", str(ROOT / "deploy/backup.sh"), "--mode", "direct", "--dest", str(tmp_path / "bk"),
+             "--mysql-database", db, "--redis-port", str(redis_port)],
+            capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 0, res.stderr
+        archive = res.stdout.strip()
+        verify = subprocess.run(["bash", str(ROOT / "deploy/restore.sh"), "--verify-only", archive],
+                                capture_output=True, text=True, timeout=60)
+        assert verify.returncode == 0, verify.stderr
+
+        _podman("kill", "--signal", "TERM", name)
+        assert _podman("wait", name, timeout=60).stdout.strip() == "0"
+    finally:
+        logs = _podman("logs", "--tail", "20", name, check=False)
+        print(logs.stdout[-2000:], logs.stderr[-2000:])
+        _podman("rm", "-f", "-t", "0", name, check=False)
+        redis_proc.terminate()
+        redis_proc.wait(timeout=10)
+        _mysql(f"DROP DATABASE IF EXISTS `{db}`; DROP USER IF EXISTS '{user}'@'localhost', '{user}'@'%';")
