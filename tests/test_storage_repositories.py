@@ -20,6 +20,7 @@ from deepseek_serve.storage.key_lookup import KeyLookup, KeyStatus, KeyStoreUnav
 from deepseek_serve.storage.keys import KeyRepository, generate_secret
 from deepseek_serve.storage.models import ApiKey, Conversation, Message, UsageRecord, utcnow
 from deepseek_serve.storage.retention import parse_duration, purge
+from deepseek_serve.storage.runtime import StorageStartError
 from deepseek_serve.storage.usage import event_to_row
 from storage_support import BACKENDS, database_url, free_port, storage_settings
 
@@ -301,3 +302,12 @@ async def test_daily_purge_runs_at_start(migrated_url: str, tmp_path: Path) -> N
         assert "ancient" not in ids and "recent" in ids
     finally:
         await st.close()
+
+
+async def test_start_names_an_unreachable_database_without_its_password(tmp_path: Path) -> None:
+    url = f"mysql+asyncmy://app:s3cret@127.0.0.1:{free_port()}/app"
+    st = Storage(storage_settings(tmp_path, url, db_auto_migrate=True, db_connect_timeout_s=1.0))
+    with pytest.raises(StorageStartError) as info:
+        await st.start()
+    assert "127.0.0.1" in str(info.value) and "s3cret" not in str(info.value)
+    await st.engine.dispose()

@@ -13,6 +13,9 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
 from deepseek_serve.storage import migrate
 from deepseek_serve.storage.conversations import ConversationRepository
 from deepseek_serve.storage.db import create_db_engine, create_session_factory
@@ -32,6 +35,10 @@ TOUCH_FLUSH_INTERVAL_S = 10.0
 PURGE_INTERVAL_S = 24 * 3600.0
 
 
+class StorageStartError(RuntimeError):
+    """The database could not be reached or migrated at start."""
+
+
 class Storage:
     def __init__(self, settings: Settings, url: str | None = None) -> None:
         self.settings = settings
@@ -49,7 +56,21 @@ class Storage:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, *, migrate_schema: bool | None = None) -> None:
-        """Migrate (if asked or `effective_auto_migrate`), bootstrap the admin key, start background work."""
+        """Migrate (if asked or `effective_auto_migrate`), bootstrap the admin key, start background work.
+
+        Raises StorageStartError, naming the database (password hidden), when it cannot be reached.
+        """
+        try:
+            await self._prepare(migrate_schema)
+        except (DBAPIError, OSError, TimeoutError) as exc:
+            url = make_url(self.settings.effective_database_url).render_as_string(hide_password=True)
+            raise StorageStartError(f"database {url}: {getattr(exc, 'orig', None) or exc}") from exc
+        await self.writer.start()
+        self._tasks.append(asyncio.create_task(self._touch_loop(), name="key-touch"))
+        if self.settings.purge_daily:
+            self._tasks.append(asyncio.create_task(self._purge_loop(), name="retention-purge"))
+
+    async def _prepare(self, migrate_schema: bool | None) -> None:
         if self.settings.effective_auto_migrate if migrate_schema is None else migrate_schema:
             await migrate.upgrade(self.engine)
         if self.settings.admin_key:
@@ -58,10 +79,6 @@ class Storage:
                 "admin" in k.scopes and not k.is_expired() for k in await self.keys.list()):
             logger.warning("auth is on and no admin key exists: set DS_ADMIN_KEY or run "
                            "`deepseek-serve keys create --admin`")
-        await self.writer.start()
-        self._tasks.append(asyncio.create_task(self._touch_loop(), name="key-touch"))
-        if self.settings.purge_daily:
-            self._tasks.append(asyncio.create_task(self._purge_loop(), name="retention-purge"))
 
     async def close(self) -> None:
         """Stop background work, write what is pending (or spool it), release the pool."""
