@@ -18,6 +18,7 @@ Imports only the engine's value types and the torch runner package (no pydantic-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -45,19 +46,43 @@ from deepseek_serve.engine.types import SamplingParams
 
 SHAPES: dict[str, dict[str, Any]] = {
     "r1-distill-qwen-1.5b": dict(
-        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=1536, num_hidden_layers=28,
-        num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
-        tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=131072, rms_norm_eps=1e-6,
-        hidden_act="silu", use_sliding_window=False),
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        use_sliding_window=False,
+    ),
     "deepseek-coder-1.3b": dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, num_hidden_layers=24,
-        num_attention_heads=16, num_key_value_heads=16, intermediate_size=5504, vocab_size=32256,
-        tie_word_embeddings=False, rope_theta=100000.0, rope_scaling={"type": "linear", "factor": 4.0},
-        max_position_embeddings=16384, rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False),
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=5504,
+        vocab_size=32256,
+        tie_word_embeddings=False,
+        rope_theta=100000.0,
+        rope_scaling={"type": "linear", "factor": 4.0},
+        max_position_embeddings=16384,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        attention_bias=False,
+    ),
 }
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=1024,
-            max_position_embeddings=1024)
-CONCURRENCY = (1, 8, 32, 64)
+TINY = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=1024, max_position_embeddings=1024
+)
+CONCURRENCY: tuple[int, ...] = (1, 8, 32, 64)
 PROMPT_LEN, NEW_TOKENS = 128, 256
 
 LOG: list[str] = []
@@ -95,29 +120,45 @@ def hf_model(cfg: dict[str, Any], dtype: torch.dtype, seed: int) -> torch.nn.Mod
     return model.eval()
 
 
-def our_runner(hf: torch.nn.Module, cfg: dict[str, Any], dtype: torch.dtype, slots: int, max_len: int,
-               quant: str = "none", graphs: bool = True) -> TorchRunner:
+def our_runner(
+    hf: torch.nn.Module,
+    cfg: dict[str, Any],
+    dtype: torch.dtype,
+    slots: int,
+    max_len: int,
+    quant: str = "none",
+    graphs: bool = True,
+) -> TorchRunner:
     args = ModelArgs.from_config(cfg)
     model = from_state_dict(args, dict(hf.state_dict()), dtype, DEVICE, "hf model")
     if quant != "none":
         # NOTE: quantizing swaps modules in place; work on private copies of the shared tensors
-        model = from_state_dict(args, {k: v.clone() for k, v in hf.state_dict().items()}, dtype,
-                                DEVICE)
+        model = from_state_dict(args, {k: v.clone() for k, v in hf.state_dict().items()}, dtype, DEVICE)
         quantize_model(model, quant)  # type: ignore[arg-type]
-    return TorchRunner(model, None, num_slots=slots, max_len=max_len, device=DEVICE,
-                       dtype=dtype, cuda_graphs=graphs)
+    return TorchRunner(
+        model, None, num_slots=slots, max_len=max_len, device=DEVICE, dtype=dtype, cuda_graphs=graphs
+    )
 
 
 def make_seqs(prompts: list[list[int]], new_tokens: int) -> list[Sequence]:
-    return [Sequence(f"r{i}", list(p), SamplingParams(temperature=0.0), new_tokens, float("inf"))
-            for i, p in enumerate(prompts)]
+    return [
+        Sequence(f"r{i}", list(p), SamplingParams(temperature=0.0), new_tokens, float("inf"))
+        for i, p in enumerate(prompts)
+    ]
 
 
 def hf_generate(hf: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     ids = torch.tensor(prompts, device=DEVICE)
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,  # type: ignore[operator]
-                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-    return [row[ids.shape[1]:].tolist() for row in out]
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,  # type: ignore[operator]
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    return [row[ids.shape[1] :].tolist() for row in out]
 
 
 # --- 1. correctness --------------------------------------------------------------------------------
@@ -155,7 +196,7 @@ def check_correctness(results: dict[str, Any]) -> None:
     try:
         q4 = Int4Linear(lin)
         err4 = ((q4(x).float() - ref4).norm() / ref4.norm()).item()
-    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+    except Exception as exc:
         err4 = float("nan")
         log(f"int4 on CUDA failed: {exc!r}")
     results.setdefault("correctness", {}).update(int8_rel_err=err8, int4_rel_err=err4)
@@ -210,8 +251,11 @@ def bench_runner(runner: TorchRunner, prompts: list[list[int]], new_tokens: int)
     sync()
     t1 = time.perf_counter()
     n = len(prompts) * new_tokens
-    return {"tok_s": n / (t1 - t0), "decode_tok_s": len(prompts) * (new_tokens - 1) / (t1 - marks["prefilled"]),
-            "seconds": t1 - t0}
+    return {
+        "tok_s": n / (t1 - t0),
+        "decode_tok_s": len(prompts) * (new_tokens - 1) / (t1 - marks["prefilled"]),
+        "seconds": t1 - t0,
+    }
 
 
 def bench_shape(name: str, cfg: dict[str, Any], bw: float, results: dict[str, Any], quick: bool) -> None:
@@ -221,8 +265,11 @@ def bench_shape(name: str, cfg: dict[str, Any], bw: float, results: dict[str, An
     t_capture = timed(runner.warmup)
     wbytes = weight_bytes(runner.model)
     roof = bw / wbytes
-    log(f"\n{name}: weights {wbytes / 1e9:.2f} GB (embedding excluded), roofline {roof:.0f} tok/s one stream; "
-        f"{len(runner._graphs)} graphs captured in {t_capture:.1f} s; KV {runner.cache.nbytes / 1e9:.2f} GB")
+    log(
+        f"\n{name}: weights {wbytes / 1e9:.2f} GB (embedding excluded), "
+        f"roofline {roof:.0f} tok/s one stream; "
+        f"{len(runner._graphs)} graphs captured in {t_capture:.1f} s; KV {runner.cache.nbytes / 1e9:.2f} GB"
+    )
     gen = torch.Generator().manual_seed(0)
     rows = []
     # bf16 agreement with generate(): one prompt, greedy
@@ -234,23 +281,33 @@ def bench_shape(name: str, cfg: dict[str, Any], bw: float, results: dict[str, An
     agree = next((i for i, (a, b) in enumerate(zip(ref, s0[0].output_token_ids, strict=True)) if a != b), k)
     log(f"bf16 greedy agreement with generate(): first {agree}/{k} tokens equal")
     for conc in CONCURRENCY:
-        prompts = [torch.randint(0, cfg["vocab_size"], (PROMPT_LEN,), generator=gen).tolist() for _ in range(conc)]
+        prompts = [
+            torch.randint(0, cfg["vocab_size"], (PROMPT_LEN,), generator=gen).tolist() for _ in range(conc)
+        ]
         bench_runner(runner, prompts, 2)  # warm (compiles the prefill shapes)
         ours = bench_runner(runner, prompts, NEW_TOKENS)
         hf_new = 32 if quick else NEW_TOKENS
         hf_generate(hf, prompts[:1], 4)  # warm
-        t_hf = timed(lambda p=prompts, k=hf_new: hf_generate(hf, p, k))
+        t_hf = timed(functools.partial(hf_generate, hf, prompts, hf_new))
         hf_tok_s = conc * hf_new / t_hf
-        row = {"model": name, "concurrency": conc, "ours_tok_s": ours["tok_s"],
-               "ours_decode_tok_s": ours["decode_tok_s"], "generate_tok_s": hf_tok_s,
-               "speedup": ours["tok_s"] / hf_tok_s}
+        row = {
+            "model": name,
+            "concurrency": conc,
+            "ours_tok_s": ours["tok_s"],
+            "ours_decode_tok_s": ours["decode_tok_s"],
+            "generate_tok_s": hf_tok_s,
+            "speedup": ours["tok_s"] / hf_tok_s,
+        }
         if conc == 1:
             row["roofline_pct"] = 100 * ours["decode_tok_s"] / roof
         rows.append(row)
         log(json.dumps(row))
     results.setdefault("throughput", []).extend(rows)
-    results.setdefault("models", {})[name] = {"weight_bytes": wbytes, "roofline_tok_s": roof,
-                                              "bf16_agree_first": agree}
+    results.setdefault("models", {})[name] = {
+        "weight_bytes": wbytes,
+        "roofline_tok_s": roof,
+        "bf16_agree_first": agree,
+    }
     del runner
     if name.startswith("r1"):
         for quant in ("int8", "int4"):
@@ -260,17 +317,26 @@ def bench_shape(name: str, cfg: dict[str, Any], bw: float, results: dict[str, An
                 qb = weight_bytes(qr.model)
                 qrows = {}
                 for conc in (1, CONCURRENCY[-1]):
-                    prompts = [torch.randint(0, cfg["vocab_size"], (PROMPT_LEN,), generator=gen).tolist()
-                               for _ in range(conc)]
+                    prompts = [
+                        torch.randint(0, cfg["vocab_size"], (PROMPT_LEN,), generator=gen).tolist()
+                        for _ in range(conc)
+                    ]
                     bench_runner(qr, prompts, 2)
                     qrows[conc] = bench_runner(qr, prompts, NEW_TOKENS)
-                q = {"model": name, "quant": quant, "weight_bytes": qb, "saved_pct": 100 * (1 - qb / wbytes),
-                     "tok_s_1": qrows[1]["tok_s"], "decode_tok_s_1": qrows[1]["decode_tok_s"],
-                     "tok_s_64": qrows[CONCURRENCY[-1]]["tok_s"], "roofline_pct_1": 100 * qrows[1]["decode_tok_s"] / (bw / qb)}
+                q = {
+                    "model": name,
+                    "quant": quant,
+                    "weight_bytes": qb,
+                    "saved_pct": 100 * (1 - qb / wbytes),
+                    "tok_s_1": qrows[1]["tok_s"],
+                    "decode_tok_s_1": qrows[1]["decode_tok_s"],
+                    "tok_s_64": qrows[CONCURRENCY[-1]]["tok_s"],
+                    "roofline_pct_1": 100 * qrows[1]["decode_tok_s"] / (bw / qb),
+                }
                 log(json.dumps(q))
                 results.setdefault("quant", []).append(q)
                 del qr
-            except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            except Exception as exc:
                 log(f"{quant} failed: {exc!r}")
     del hf
     if DEVICE.type == "cuda":
@@ -289,8 +355,14 @@ def main() -> None:
         global CONCURRENCY, PROMPT_LEN, NEW_TOKENS
         CONCURRENCY, PROMPT_LEN, NEW_TOKENS = (1, 4), 16, 8
         for shape in SHAPES.values():
-            shape.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=512,
-                         num_attention_heads=4, num_key_value_heads=2 if shape["model_type"] == "qwen2" else 4)
+            shape.update(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                vocab_size=512,
+                num_attention_heads=4,
+                num_key_value_heads=2 if shape["model_type"] == "qwen2" else 4,
+            )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     global LOG_FILE
@@ -298,9 +370,13 @@ def main() -> None:
     import transformers
 
     results: dict[str, Any] = {
-        "gpu": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "argv": sys.argv}
+        "gpu": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "argv": sys.argv,
+    }
     log(json.dumps(results))
     try:
         if not a.skip_check:
@@ -315,11 +391,16 @@ def main() -> None:
     log("\n| model | conc | ours tok/s | ours decode tok/s | generate() tok/s | x generate | % roofline |")
     log("|---|---|---|---|---|---|---|")
     for r in results.get("throughput", []):
-        log(f"| {r['model']} | {r['concurrency']} | {r['ours_tok_s']:.0f} | {r['ours_decode_tok_s']:.0f} | "
-            f"{r['generate_tok_s']:.1f} | {r['speedup']:.1f} | {r.get('roofline_pct', float('nan')):.0f} |")
+        log(
+            f"| {r['model']} | {r['concurrency']} | {r['ours_tok_s']:.0f} | {r['ours_decode_tok_s']:.0f} | "
+            f"{r['generate_tok_s']:.1f} | {r['speedup']:.1f} | {r.get('roofline_pct', float('nan')):.0f} |"
+        )
     for q in results.get("quant", []):
-        log(f"| {q['model']} {q['quant']} | weights {q['weight_bytes'] / 1e9:.2f} GB (-{q['saved_pct']:.0f}%) | "
-            f"1: {q['tok_s_1']:.0f} tok/s ({q['roofline_pct_1']:.0f}% of its roofline) | 64: {q['tok_s_64']:.0f} |")
+        log(
+            f"| {q['model']} {q['quant']} | weights {q['weight_bytes'] / 1e9:.2f} GB "
+            f"(-{q['saved_pct']:.0f}%) | 1: {q['tok_s_1']:.0f} tok/s ({q['roofline_pct_1']:.0f}% of its "
+            f"roofline) | {CONCURRENCY[-1]}: {q['tok_s_64']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

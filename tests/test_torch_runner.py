@@ -30,20 +30,29 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def make_runner(path: Path, slots: int = 4, max_len: int = 160, **kw: Any) -> TorchRunner:
     model = load_model(path, torch.float32, torch.device("cpu"))
-    return TorchRunner(model, None, num_slots=slots, max_len=max_len, device=torch.device("cpu"),
-                       dtype=torch.float32, **kw)
+    return TorchRunner(
+        model, None, num_slots=slots, max_len=max_len, device=torch.device("cpu"), dtype=torch.float32, **kw
+    )
 
 
 def seq(prompt: list[int], n: int, **params: Any) -> Sequence:
-    return Sequence(f"r{len(prompt)}-{n}", list(prompt), SamplingParams(**{"temperature": 0.0, **params}), n,
-                    float("inf"))
+    return Sequence(
+        f"r{len(prompt)}-{n}", list(prompt), SamplingParams(**{"temperature": 0.0, **params}), n, float("inf")
+    )
 
 
 def reference(hf: Any, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
-    return list(out[0, len(prompt):].tolist())
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    return list(out[0, len(prompt) :].tolist())
 
 
 def prompts(lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
@@ -139,7 +148,11 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny: tuple[Path, Any]) -> 
     params = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 1234}
     alone = seq(ps[0], 10, **params)
     run_to_completion(make_runner(path), [alone])
-    crowd = [seq(ps[0], 10, **params), seq(ps[1], 10, temperature=0.7), seq(ps[2], 10, **{**params, "seed": 9})]
+    crowd = [
+        seq(ps[0], 10, **params),
+        seq(ps[1], 10, temperature=0.7),
+        seq(ps[2], 10, **{**params, "seed": 9}),
+    ]
     run_to_completion(make_runner(path), crowd)
     assert crowd[0].output_token_ids == alone.output_token_ids
     assert crowd[2].output_token_ids != alone.output_token_ids  # another seed draws other tokens
@@ -158,7 +171,10 @@ def test_repetition_penalty_changes_greedy_choice(tiny: tuple[Path, Any]) -> Non
     assert plain.output_token_ids != penal.output_token_ids
     # with a strong penalty the output repeats its own/prompt tokens less
     repeats = lambda out: sum(t in window or out[:i].count(t) > 0 for i, t in enumerate(out))  # noqa: E731
-    assert repeats(penal.output_token_ids) < repeats(plain.output_token_ids) or repeats(plain.output_token_ids) == 0
+    assert (
+        repeats(penal.output_token_ids) < repeats(plain.output_token_ids)
+        or repeats(plain.output_token_ids) == 0
+    )
 
 
 def test_logprobs_are_those_of_the_model(tiny: tuple[Path, Any]) -> None:
@@ -181,15 +197,23 @@ def test_score_gives_next_token_logprobs(tiny: tuple[Path, Any]) -> None:
     p = prompts((33,), seed=8)[0]
     got = make_runner(path).score(p)
     with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([p])).logits[0, :-1].float(), -1).gather(1, torch.tensor(p[1:])[:, None])
+        ref = torch.log_softmax(hf(torch.tensor([p])).logits[0, :-1].float(), -1).gather(
+            1, torch.tensor(p[1:])[:, None]
+        )
     torch.testing.assert_close(got, ref[:, 0], atol=1e-4, rtol=1e-4)
 
 
 def test_unsupported_and_broken_checkpoints(tmp_path: Path, tiny: tuple[Path, Any]) -> None:
     with pytest.raises(UnsupportedModelError, match="architecture"):
         ModelArgs.from_config({"architectures": ["GPT2LMHeadModel"]})
-    base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10}
+    base = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "vocab_size": 10,
+    }
     with pytest.raises(UnsupportedModelError, match="rope type 'yarn'"):
         ModelArgs.from_config({**base, "rope_scaling": {"type": "yarn", "factor": 2.0}})
     path, _ = tiny
@@ -203,7 +227,7 @@ def test_unsupported_and_broken_checkpoints(tmp_path: Path, tiny: tuple[Path, An
     save_file(state, str(broken / "model.safetensors"))
     with pytest.raises(CheckpointError, match="down_proj"):
         load_model(broken, torch.float32, torch.device("cpu"))
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
         load_model(tmp_path, torch.float32, torch.device("cpu"))
 
 
@@ -213,7 +237,9 @@ def test_cuda_graphs_match_generate(tmp_path: Path) -> None:
         pytest.skip("no CUDA device")
     path, hf = tiny_checkpoint(tmp_path, R1_32B_OLD, vocab_size=VOCAB)
     model = load_model(path, torch.float32, torch.device("cuda"))
-    runner = TorchRunner(model, None, num_slots=4, max_len=160, device=torch.device("cuda"), dtype=torch.float32)
+    runner = TorchRunner(
+        model, None, num_slots=4, max_len=160, device=torch.device("cuda"), dtype=torch.float32
+    )
     ps = prompts((1, 9, 40, 71), seed=1)
     seqs = [seq(p, 12) for p in ps]
     run_to_completion(runner, seqs, prefill_chunk=16)

@@ -17,13 +17,21 @@ from typing import Any
 import pytest
 import torch
 
-FIXTURES = Path(os.environ.get("DEEPSEEK_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-                               / "deepseek"))
+FIXTURES = Path(
+    os.environ.get(
+        "DEEPSEEK_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepseek"
+    )
+)
 CODER = FIXTURES / "deepseek-coder-6.7b-instruct"  # LlamaForCausalLM, rope_scaling linear x4
 R1_32B_OLD = FIXTURES / "deepseek-r1-distill-qwen-32b-jan2025-old-template"  # Qwen2ForCausalLM
 R1_15B_NEW = FIXTURES / "deepseek-r1-distill-qwen-1.5b"  # tokenizer_config only (newest template)
-SHRINK: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                          "num_attention_heads": 4, "max_position_embeddings": 512}
+SHRINK: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 512,
+}
 
 
 def need_fixtures() -> None:
@@ -31,8 +39,14 @@ def need_fixtures() -> None:
         pytest.skip(f"DeepSeek fixtures not found at {FIXTURES} (set DEEPSEEK_FIXTURES)")
 
 
-def tiny_checkpoint(dst: Path, source: Path, vocab_size: int | None = None, seed: int = 0,
-                    with_tokenizer: bool = False, **overrides: Any) -> tuple[Path, Any]:
+def tiny_checkpoint(
+    dst: Path,
+    source: Path,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    with_tokenizer: bool = False,
+    **overrides: Any,
+) -> tuple[Path, Any]:
     """Save a shrunk random model of `source/config.json` into `dst`; returns (dst, transformers model)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -9,8 +9,12 @@ from deepseek_serve.engine.runner import Runner, ScheduledSeq
 from deepseek_serve.engine.sequence import Sequence, SequenceStatus
 
 
-def run_to_completion(runner: Runner, seqs: list[Sequence], prefill_chunk: int = 512,
-                      on_step: Callable[[int], None] | None = None) -> int:
+def run_to_completion(
+    runner: Runner,
+    seqs: list[Sequence],
+    prefill_chunk: int = 512,
+    on_step: Callable[[int], None] | None = None,
+) -> int:
     """Allocate every sequence (all must fit at once), then step until each has `max_tokens` outputs.
 
     Each step packs every decoding sequence plus one prefill chunk per prefilling sequence.

@@ -46,8 +46,13 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> CausalLM
     return from_state_dict(ModelArgs.from_dir(path), state, dtype, device, str(path))
 
 
-def from_state_dict(args: ModelArgs, state: dict[str, Tensor], dtype: torch.dtype, device: torch.device,
-                    origin: str = "state dict") -> CausalLM:
+def from_state_dict(
+    args: ModelArgs,
+    state: dict[str, Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    origin: str = "state dict",
+) -> CausalLM:
     """Assign Hugging Face-named tensors to a meta-built model (no copy when dtype/device already match)."""
     with torch.device("meta"):
         model = CausalLM(args)
@@ -63,7 +68,8 @@ def from_state_dict(args: ModelArgs, state: dict[str, Tensor], dtype: torch.dtyp
     if missing or unexpected:
         raise CheckpointError(
             f"{origin}: weights do not match {args.architecture} (missing: {sorted(missing)[:5]}, "
-            f"unexpected: {sorted(unexpected)[:5]})")
+            f"unexpected: {sorted(unexpected)[:5]})"
+        )
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_word_embeddings:

@@ -46,17 +46,23 @@ class ModelArgs:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelArgs:
         archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-            str(cfg.get("model_type")), str(cfg.get("model_type")))
+        arch = (
+            archs[0]
+            if archs
+            else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+                str(cfg.get("model_type")), str(cfg.get("model_type"))
+            )
+        )
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {arch!r} is not supported by the torch runner (supported: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+                f"{', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)")
         if cfg.get("use_sliding_window"):
             raise UnsupportedModelError("sliding-window attention is not supported")
-        # NOTE: transformers < 5 writes `rope_scaling` + `rope_theta`; transformers 5 writes `rope_parameters`.
+        # NOTE: transformers < 5 writes `rope_scaling` + `rope_theta`; 5.x writes `rope_parameters`.
         rope = dict(cfg.get("rope_parameters") or {})
         scaling = cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -115,7 +121,9 @@ def rope_cache(args: ModelArgs, max_len: int, device: torch.device | str | None 
     """float32 [max_len, 2, D]: cos and sign-folded sin (-sin on the first half), so that
     rope(x) = x * cos + swap_halves(x) * sin (Hugging Face's rotate-half layout)."""
     half = args.head_dim // 2
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, half, dtype=torch.int64, device=device).float() / half))
+    inv_freq = 1.0 / (
+        args.rope_theta ** (torch.arange(0, half, dtype=torch.int64, device=device).float() / half)
+    )
     pos = torch.arange(max_len, dtype=torch.float32, device=device) / args.rope_linear_factor
     freqs = torch.outer(pos, inv_freq)  # [S, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]
@@ -166,7 +174,9 @@ def use_compiled_ops() -> None:
     CUDA only; numerics are those of the eager ops up to rounding order."""
     # NOTE: sizes 0/1 are specialized (decode vs prefill, one row vs many): a handful of compiles per op
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 1024
+    )
     for name in ("rms_norm", "add_rms_norm", "silu_mul", "apply_rope"):
         setattr(OPS, name, torch.compile(globals()[name], dynamic=True, fullgraph=True))
 
@@ -197,8 +207,12 @@ class KVCache(nn.Module):
     """Static KV buffers [layers, slots, Hk, max_len + 1, D]; the last position is a scratch column
     that padding rows write to and nothing reads."""
 
-    def __init__(self, args: ModelArgs, num_slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+    k: Tensor
+    v: Tensor
+
+    def __init__(
+        self, args: ModelArgs, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
         super().__init__()
         shape = (args.num_layers, num_slots, args.num_kv_heads, max_len + 1, args.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -218,7 +232,9 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         d = args.hidden_size
-        self.qkv_proj = nn.Linear(d, (args.num_heads + 2 * args.num_kv_heads) * args.head_dim, bias=args.qkv_bias)
+        self.qkv_proj = nn.Linear(
+            d, (args.num_heads + 2 * args.num_kv_heads) * args.head_dim, bias=args.qkv_bias
+        )
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, d, bias=args.o_bias)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, fb: ForwardBatch) -> Tensor:
@@ -265,8 +281,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: Tensor, residual: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache,
-                fb: ForwardBatch) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        x: Tensor,
+        residual: Tensor | None,
+        rope: tuple[Tensor, Tensor],
+        cache: KVCache,
+        fb: ForwardBatch,
+    ) -> tuple[Tensor, Tensor]:
         """(x, residual) -> (mlp output, residual before it); the caller adds the last pair."""
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
         if residual is None:
@@ -328,7 +350,9 @@ def fuse_hf_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
             out[f"{stem}.self_attn.qkv_proj.{kind}"] = torch.cat(parts, dim=0)
         elif ".mlp.gate_proj." in key:
             stem, kind = key.split(".mlp.gate_proj.")
-            out[f"{stem}.mlp.gate_up_proj.{kind}"] = torch.cat([value, state[f"{stem}.mlp.up_proj.{kind}"]], dim=0)
+            out[f"{stem}.mlp.gate_up_proj.{kind}"] = torch.cat(
+                [value, state[f"{stem}.mlp.up_proj.{kind}"]], dim=0
+            )
         elif not any(f".{p}." in key for p in ("k_proj", "v_proj", "up_proj")):
             out[key] = value
     return out

@@ -76,6 +76,9 @@ def int4_group_size(k: int, preferred: int = INT4_GROUP_SIZE) -> int:
 
 
 class Int8Linear(nn.Module):
+    weight: Tensor
+    scales: Tensor
+
     """Per-output-channel int8 weights, weight-only. CPU: aten's fused `_weight_int8pack_mm` with bf16
     activations (its float32 path is not vectorized); CUDA: a compiled dequantize-and-reduce kernel
     for decode-sized inputs, else dequantize then matmul."""
@@ -104,6 +107,9 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
+    weight: Tensor
+    scales_and_zeros: Tensor
+
     def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -128,7 +134,9 @@ class Int4Linear(nn.Module):
         if self.on_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.weight, self.group_size, self.scales_and_zeros
+            )
         y = y.view(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -159,7 +167,7 @@ def quantize_model(model: nn.Module, mode: QuantMode) -> None:
 def weight_bytes(model: nn.Module, include_embedding: bool = False) -> int:
     """Bytes of weights read per decode step (the embedding table excluded: it is read by row)."""
     total = 0
-    emb = model.model.embed_tokens.weight  # type: ignore[union-attr]
+    emb: Tensor = model.model.embed_tokens.weight  # type: ignore[union-attr, assignment]
     for t in list(model.parameters()) + list(model.buffers()):
         if t is emb and not include_embedding:
             continue

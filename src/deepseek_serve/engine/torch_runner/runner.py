@@ -54,7 +54,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """bool mask -> 0 / -inf in the model dtype, built once per forward (SDPA would convert per layer)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
 
 
 def _next_pow2(x: int) -> int:
@@ -73,9 +75,21 @@ class _Graph:
 class TorchRunner(Runner):
     name = "torch"
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, *, num_slots: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True, prefix_cache: bool = True,
-                 chat_template: str | None = None, seed: int = 0, compile_ops: bool = True) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer | None,
+        *,
+        num_slots: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        cuda_graphs: bool = True,
+        prefix_cache: bool = True,
+        chat_template: str | None = None,
+        seed: int = 0,
+        compile_ops: bool = True,
+    ) -> None:
         self.model = model
         self.args = model.args
         self.device = device
@@ -111,11 +125,26 @@ class TorchRunner(Runner):
         quantize_model(model, settings.quantization)
         trained = model.args.max_position_embeddings
         max_len = settings.max_model_len or min(trained, settings.context_length)
-        logger.info("torch runner: %s on %s (%s, quantization %s), %d slots x %d tokens",
-                    model.args.architecture, device, dtype, settings.quantization, settings.max_batch_size, max_len)
-        return cls(model, HFTokenizer(model_path), num_slots=settings.max_batch_size, max_len=max_len,
-                   device=device, dtype=dtype, cuda_graphs=settings.cuda_graphs,
-                   prefix_cache=settings.prefix_cache, chat_template=read_chat_template(Path(model_path)))
+        logger.info(
+            "torch runner: %s on %s (%s, quantization %s), %d slots x %d tokens",
+            model.args.architecture,
+            device,
+            dtype,
+            settings.quantization,
+            settings.max_batch_size,
+            max_len,
+        )
+        return cls(
+            model,
+            HFTokenizer(model_path),
+            num_slots=settings.max_batch_size,
+            max_len=max_len,
+            device=device,
+            dtype=dtype,
+            cuda_graphs=settings.cuda_graphs,
+            prefix_cache=settings.prefix_cache,
+            chat_template=read_chat_template(Path(model_path)),
+        )
 
     # --- Runner properties -------------------------------------------------------------------------
     @property
@@ -166,8 +195,12 @@ class TorchRunner(Runner):
         """inputs [3, n] (token, position, write position) -> logits [n, V]; row i is slot i."""
         n = inputs.shape[1]
         tok, pos, wpos = inputs[0], inputs[1], inputs[2]
-        mask = additive_mask((self._arange[:kv_len][None, :] <= pos[:, None]).view(n, 1, 1, kv_len), self.dtype)
-        fb = ForwardBatch(slots=None, positions=pos[:, None], write_pos=wpos[:, None], mask=mask, kv_len=kv_len)
+        mask = additive_mask(
+            (self._arange[:kv_len][None, :] <= pos[:, None]).view(n, 1, 1, kv_len), self.dtype
+        )
+        fb = ForwardBatch(
+            slots=None, positions=pos[:, None], write_pos=wpos[:, None], mask=mask, kv_len=kv_len
+        )
         return self.model(tok[:, None], self.cache, fb)[:, 0]
 
     def _graph(self, n: int, kv_len: int) -> _Graph:
@@ -255,7 +288,9 @@ class TorchRunner(Runner):
         tok = torch.tensor(ids, dtype=torch.int64).to(self.device)  # [B, T]
         pos = (torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(t)[None, :]).to(self.device)
         kv_len = max(starts) + t
-        mask = additive_mask((self._arange[:kv_len][None, None, :] <= pos[:, :, None]).unsqueeze(1), self.dtype)
+        mask = additive_mask(
+            (self._arange[:kv_len][None, None, :] <= pos[:, :, None]).unsqueeze(1), self.dtype
+        )
         slots = torch.tensor(slot_ids, dtype=torch.int64).to(self.device)
         fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, kv_len=kv_len)
         h = self.model.hidden_states(tok, self.cache, fb)
@@ -273,8 +308,11 @@ class TorchRunner(Runner):
             if decode:
                 logits, greedy = self._decode([batch[i] for i in decode])
                 picked = [i for i in decode if batch[i].sample]
-                if greedy is not None and len(decode) == len(batch) and all(
-                        self._plain_greedy(batch[i].seq) for i in picked):
+                if (
+                    greedy is not None
+                    and len(decode) == len(batch)
+                    and all(self._plain_greedy(batch[i].seq) for i in picked)
+                ):
                     # fast path: argmax computed inside the graph; one small device -> host copy
                     ids = greedy.tolist()
                     for e in batch:
@@ -307,8 +345,9 @@ class TorchRunner(Runner):
 
     def _plain_greedy(self, seq: Sequence) -> bool:
         p = seq.params
-        return (p.is_greedy and not p.logprobs and not p.has_penalties
-                and seq.num_output_tokens >= p.min_tokens)
+        return (
+            p.is_greedy and not p.logprobs and not p.has_penalties and seq.num_output_tokens >= p.min_tokens
+        )
 
     # --- sampling ----------------------------------------------------------------------------------
     def _sample_row(self, seq: Sequence) -> SampleRow:
@@ -340,7 +379,9 @@ class TorchRunner(Runner):
             top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
             if top_ids is not None and top_lp is not None and spec.params.top_logprobs:
                 k = spec.params.top_logprobs
-                top = tuple(self._top_entry(t, lp) for t, lp in zip(top_ids[j][:k], top_lp[j][:k], strict=True))
+                top = tuple(
+                    self._top_entry(t, lp) for t, lp in zip(top_ids[j][:k], top_lp[j][:k], strict=True)
+                )
             text, raw = self._piece(tok)
             results.append(SampleResult(tok, TokenLogprob(tok, text, chosen[j], raw, top)))
         return results
@@ -355,23 +396,33 @@ class TorchRunner(Runner):
 
     # --- scoring (perplexity, prompt logprobs) -----------------------------------------------------
     def score(self, token_ids: list[int]) -> Tensor:
-        """Log-probability of each token given the ones before it, float32 [len - 1]; uses a private
-        one-slot cache, so running sequences are untouched."""
+        """Log-probability of each token given the ones before it, float32 [len - 1]."""
+        logp = torch.log_softmax(self.full_logits(token_ids)[:-1], dim=-1)
+        return logp.gather(1, torch.tensor(token_ids[1:], device=logp.device)[:, None])[:, 0]
+
+    def full_logits(self, token_ids: list[int]) -> Tensor:
+        """Logits after every token, float32 [len, V]; uses a private one-slot cache, so running
+        sequences are untouched."""
         t = len(token_ids)
         cache = KVCache(self.args, 1, t, self.dtype, self.device)
-        with torch.inference_mode():
-            tok = torch.tensor([token_ids], dtype=torch.int64, device=self.device)
-            pos = self._arange[:t][None, :] if t <= self._max_len else torch.arange(t, device=self.device)[None, :]
-            if t > self._max_len:
-                self.model.setup_rope(t + 1, self.device)
-            mask = additive_mask((torch.arange(t, device=self.device)[None, :] <= pos[0][:, None]).view(1, 1, t, t),
-                                 self.dtype)
-            fb = ForwardBatch(slots=torch.zeros(1, dtype=torch.int64, device=self.device), positions=pos,
-                              write_pos=pos, mask=mask, kv_len=t)
-            logp = torch.log_softmax(self.model(tok, cache, fb)[0, :-1].float(), dim=-1)
+        if t > self._max_len:
+            self.model.setup_rope(t + 1, self.device)
+        try:
+            with torch.inference_mode():
+                tok = torch.tensor([token_ids], dtype=torch.int64, device=self.device)
+                pos = torch.arange(t, device=self.device)[None, :]
+                mask = additive_mask((pos[0][None, :] <= pos[0][:, None]).view(1, 1, t, t), self.dtype)
+                fb = ForwardBatch(
+                    slots=torch.zeros(1, dtype=torch.int64, device=self.device),
+                    positions=pos,
+                    write_pos=pos,
+                    mask=mask,
+                    kv_len=t,
+                )
+                return self.model(tok, cache, fb)[0].float()
+        finally:
             if t > self._max_len:
                 self.model.setup_rope(self._max_len + 1, self.device)
-            return logp.gather(1, tok[0, 1:, None])[:, 0]
 
     def close(self) -> None:
         self._graphs.clear()

@@ -51,8 +51,17 @@ def _apply_penalties(logits: Tensor, rows: list[SampleRow], idx: list[int]) -> N
     valid = hist >= 0
     counts = torch.zeros((len(idx), logits.shape[1]), dtype=torch.float32, device=device)
     counts.scatter_add_(1, hist.clamp(min=0), valid.float())  # [mp, V]
-    pr = torch.tensor([[rows[i].params.repetition_penalty, rows[i].params.presence_penalty,
-                        rows[i].params.frequency_penalty] for i in idx], dtype=torch.float32).to(device)
+    pr = torch.tensor(
+        [
+            [
+                rows[i].params.repetition_penalty,
+                rows[i].params.presence_penalty,
+                rows[i].params.frequency_penalty,
+            ]
+            for i in idx
+        ],
+        dtype=torch.float32,
+    ).to(device)
     sub = logits[idx]
     seen = counts > 0
     rep = pr[:, 0:1]
@@ -64,7 +73,7 @@ def _apply_penalties(logits: Tensor, rows: list[SampleRow], idx: list[int]) -> N
 def sample(logits: Tensor, rows: list[SampleRow], generator: torch.Generator | None = None) -> SampleOutput:
     """logits [m, V] (any float dtype) -> chosen tokens, on the logits' device. No host sync."""
     logits = logits.float()
-    m, vocab = logits.shape
+    vocab = logits.shape[1]
     device = logits.device
     want_lp = any(r.params.logprobs for r in rows)
     raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None

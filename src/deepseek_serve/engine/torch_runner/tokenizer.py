@@ -24,7 +24,11 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte <-> printable-unicode map, inverted (unicode char -> byte)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -37,7 +41,8 @@ def _byte_decoder() -> dict[str, int]:
 
 def _is_byte_level(backend_json: dict[str, Any]) -> bool:
     return "ByteLevel" in json.dumps(backend_json.get("decoder")) or "ByteLevel" in json.dumps(
-        backend_json.get("pre_tokenizer"))
+        backend_json.get("pre_tokenizer")
+    )
 
 
 class HFTokenizer(Tokenizer):
@@ -66,7 +71,9 @@ class HFTokenizer(Tokenizer):
             elif i in added:
                 table.append(b"" if added[i].special else added[i].content.encode("utf-8"))
             elif self.byte_level:
-                table.append(bytes(bd[c] for c in piece) if all(c in bd for c in piece) else piece.encode("utf-8"))
+                table.append(
+                    bytes(bd[c] for c in piece) if all(c in bd for c in piece) else piece.encode("utf-8")
+                )
             else:
                 m = _BYTE_PIECE.match(piece)
                 table.append(bytes([int(m.group(1), 16)]) if m else piece.replace("▁", " ").encode("utf-8"))
@@ -94,11 +101,11 @@ class HFTokenizer(Tokenizer):
 
     @property
     def bos_token(self) -> str | None:
-        return self.hf.bos_token  # type: ignore[no-any-return]
+        return self.hf.bos_token
 
     @property
     def eos_token(self) -> str | None:
-        return self.hf.eos_token  # type: ignore[no-any-return]
+        return self.hf.eos_token
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
