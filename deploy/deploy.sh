@@ -277,11 +277,15 @@ ensure_firewall() {
 # --- 6. systemd units ---------------------------------------------------------------------------
 # install_unit NAME: render deploy/systemd/NAME into $SYSTEMD_DIR when it differs; 0 = changed
 install_unit() {
-    local name="$1" rendered target="$SYSTEMD_DIR/$1"
-    local profiles=""
+    local rendered target="$SYSTEMD_DIR/$1"
+    local profiles="" template="$INSTALL_DIR/deploy/systemd/$1"
+    if [[ ! -f "$template" ]] && ((DRY_RUN)); then
+        changed "install $target (from the code still to be fetched)"
+        return 0
+    fi
     ((MONITORING)) && profiles="monitoring"
     rendered="$(sed -e "s#@INSTALL_DIR@#$INSTALL_DIR#g" -e "s#@BACKUP_DIR@#$BACKUP_DIR#g" \
-        -e "s#@COMPOSE_PROFILES@#$profiles#g" "$INSTALL_DIR/deploy/systemd/$name")"
+        -e "s#@COMPOSE_PROFILES@#$profiles#g" "$template")"
     if [[ -f "$target" ]] && [[ "$(cat "$target")" == "$rendered" ]]; then
         info "systemd: $target up to date"
         return 1

@@ -271,3 +271,42 @@ def test_shell_scripts_are_shellcheck_clean() -> None:
     res = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_repo_is_cloned_then_fast_forwarded(host: Host, tmp_path: Path) -> None:
+    origin = tmp_path / "origin"
+    shutil.copytree(host.app, origin)
+
+    def git(*args: str, cwd: Path = origin) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
+                              cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q", "-b", "main")
+    git("add", "-A")
+    git("commit", "-q", "-m", "v1")
+    target = host.root / "opt" / "deepseek-serve"
+    args = ("--repo", f"file://{origin}", "--ref", "main", "--no-firewall")
+
+    plan = host.deploy("--dry-run", *args)
+    assert plan.returncode == 0, plan.stderr
+    assert "would: clone" in plan.stderr and not target.exists()
+
+    first = host.deploy(*args)
+    assert first.returncode == 0, first.stderr
+    assert git("rev-parse", "HEAD", cwd=target) == git("rev-parse", "HEAD")
+    assert (target / ".env").exists() and not (host.app / ".env").exists()
+    unit = (host.root / "etc/systemd/system/deepseek-serve.service").read_text()
+    assert f"WorkingDirectory={target}\n" in unit
+
+    second = host.deploy(*args)
+    assert second.returncode == 0 and "changes made:            0" in second.stdout, second.stderr
+
+    (origin / "CHANGELOG").write_text("v2\n")
+    git("add", "CHANGELOG")
+    git("commit", "-q", "-m", "v2")
+    third = host.deploy(*args)
+    assert third.returncode == 0, third.stderr
+    assert git("rev-parse", "HEAD", cwd=target) == git("rev-parse", "HEAD")
+    assert (target / "CHANGELOG").exists() and "[CHANGE] code updated" in third.stderr
+    assert "changes made:            1" in third.stdout
