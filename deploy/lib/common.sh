@@ -35,5 +35,6 @@ utc_stamp() { date -u +%Y%m%dT%H%M%SZ; }
 # sha256_of FILE: the hex digest only
 sha256_of() { sha256sum -- "$1" | awk '{print $1}'; }
 
-# compose ARGS...: docker compose in $PROJECT_DIR (set by the caller)
-compose() { docker compose --project-directory "$PROJECT_DIR" -f "$PROJECT_DIR/compose.yaml" "$@"; }
+# compose ARGS...: docker compose run from $PROJECT_DIR (set by the caller), so that its .env is
+# read, including COMPOSE_FILE (e.g. compose.yaml:deploy/compose.gpu.yaml on a GPU host)
+compose() { (cd "$PROJECT_DIR" && docker compose "$@"); }
