@@ -8,7 +8,9 @@ healthchecks, secrets, settings defaults in step with Settings).
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -195,3 +197,34 @@ def test_redis_config_is_accepted_by_redis(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.skipif(shutil.which("mysql") is None, reason="needs the MariaDB client")
+def test_exporter_user_script_grants_only_what_the_exporter_reads() -> None:
+    """deploy/compose/mysql-exporter-user.sh against the real MariaDB, as the mysql image's entrypoint
+    runs it (root over the local socket), with a user name of our own."""
+    user, password = f"ds_exp_{secrets.token_hex(4)}", secrets.token_hex(16)
+    env = {**os.environ, "MYSQL_ROOT_PASSWORD": "", "MYSQL_EXPORTER_USER": user,
+           "MYSQL_EXPORTER_PASSWORD": password}
+
+    def as_exporter(sql: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["mysql", "-h", "127.0.0.1", "-u", user, "-N", "-B", "-e", sql],
+                              capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "MYSQL_PWD": password})
+
+    script = ROOT / "deploy/compose/mysql-exporter-user.sh"
+    try:
+        res = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30)
+        if res.returncode != 0 and "socket" in res.stderr.lower():
+            pytest.skip(f"no local MariaDB socket: {res.stderr.strip()}")
+        assert res.returncode == 0, res.stderr
+        # idempotent: the entrypoint runs it once, a rerun by hand must not fail
+        assert subprocess.run(["sh", str(script)], env=env, capture_output=True, timeout=30).returncode == 0
+        assert as_exporter("SHOW GLOBAL STATUS LIKE 'Uptime'").stdout.startswith("Uptime")
+        assert as_exporter("SELECT COUNT(*) FROM performance_schema.global_status").returncode == 0
+        assert as_exporter("SHOW PROCESSLIST").returncode == 0
+        denied = as_exporter("SELECT COUNT(*) FROM mysql.user")
+        assert denied.returncode != 0 and "denied" in denied.stderr
+    finally:
+        subprocess.run(["mysql", "-h", "127.0.0.1", "-u", "root", "-e", f"DROP USER IF EXISTS '{user}'@'%'"],
+                       capture_output=True, timeout=30)
