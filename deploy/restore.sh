@@ -179,4 +179,9 @@ if ((DO_REDIS)); then
     fi
 fi
 
+if [[ "$MODE" == compose ]] && ((DO_MYSQL || DO_REDIS)); then
+    # in-process caches (API keys) would otherwise serve pre-restore state for up to their TTL
+    info "restarting deepseek-app"
+    compose restart deepseek-app
+fi
 info "restore finished"
