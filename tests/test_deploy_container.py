@@ -114,7 +114,7 @@ def container(image: str) -> Iterator[tuple[str, int, str]]:
     finally:
         logs = _podman("logs", "--tail", "40", name, check=False)
         print(logs.stdout[-3000:], logs.stderr[-3000:])
-        _podman("rm", "-f", "-t", "0", name, check=False)
+        _podman("rm", "-f", "-v", "-t", "0", name, check=False)
         for v in volumes:
             _podman("volume", "rm", "-f", v, check=False)
 
@@ -256,7 +256,7 @@ def test_container_with_mysql_and_redis_as_in_compose(image: str, tmp_path: Path
     finally:
         logs = _podman("logs", "--tail", "20", name, check=False)
         print(logs.stdout[-2000:], logs.stderr[-2000:])
-        _podman("rm", "-f", "-t", "0", name, check=False)
+        _podman("rm", "-f", "-v", "-t", "0", name, check=False)
         redis_proc.terminate()
         redis_proc.wait(timeout=10)
         _mysql(f"DROP DATABASE IF EXISTS `{db}`; DROP USER IF EXISTS '{user}'@'localhost', '{user}'@'%';")
