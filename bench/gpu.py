@@ -191,12 +191,12 @@ def check_correctness(results: dict[str, Any]) -> None:
     q8 = Int8Linear(lin)
     ref8 = x.float() @ (q8.weight.float() * q8.scales.float()[:, None]).t()
     err8 = ((q8(x).float() - ref8).norm() / ref8.norm()).item()
-    codes, sz = quantize_int4(lin.weight.data, 128)
-    ref4 = x.float() @ dequantize_int4(codes, sz, 128).t()
     try:
         q4 = Int4Linear(lin)
+        codes, sz = quantize_int4(lin.weight.data, q4.group_size)
+        ref4 = x.float() @ dequantize_int4(codes, sz, q4.group_size).t()
         err4 = ((q4(x).float() - ref4).norm() / ref4.norm()).item()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
         err4 = float("nan")
         log(f"int4 on CUDA failed: {exc!r}")
     results.setdefault("correctness", {}).update(int8_rel_err=err8, int4_rel_err=err4)
@@ -270,6 +270,21 @@ def bench_shape(name: str, cfg: dict[str, Any], bw: float, results: dict[str, An
         f"roofline {roof:.0f} tok/s one stream; "
         f"{len(runner._graphs)} graphs captured in {t_capture:.1f} s; KV {runner.cache.nbytes / 1e9:.2f} GB"
     )
+    if DEVICE.type == "cuda":
+        # GPU time of one captured decode step (1 row), without the host's share of a step
+        g = runner._graph(1, runner._kv_bucket(PROMPT_LEN + NEW_TOKENS // 2))
+        for _ in range(5):
+            g.graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(100):
+            g.graph.replay()
+        end.record()
+        end.synchronize()
+        replay_ms = start.elapsed_time(end) / 100
+        results.setdefault("graph_replay_ms_1", {})[name] = replay_ms
+        log(f"one decode graph replay (1 row): {replay_ms:.3f} ms = {1e3 / replay_ms:.0f} tok/s "
+            f"({100 * 1e3 / replay_ms / roof:.0f}% of roofline)")
     gen = torch.Generator().manual_seed(0)
     rows = []
     # bf16 agreement with generate(): one prompt, greedy
@@ -348,6 +363,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--quick", action="store_true", help="generate() baseline with 32 new tokens")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and few tokens (CPU dry run)")
     a = ap.parse_args()
@@ -381,6 +397,8 @@ def main() -> None:
     try:
         if not a.skip_check:
             check_correctness(results)
+        if a.check_only:
+            return
         bw = copy_bandwidth()
         results["copy_bandwidth_GBps"] = bw / 1e9
         log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")

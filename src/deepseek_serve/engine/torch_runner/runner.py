@@ -134,7 +134,7 @@ class TorchRunner(Runner):
             settings.max_batch_size,
             max_len,
         )
-        return cls(
+        runner = cls(
             model,
             HFTokenizer(model_path),
             num_slots=settings.max_batch_size,
@@ -145,6 +145,8 @@ class TorchRunner(Runner):
             prefix_cache=settings.prefix_cache,
             chat_template=read_chat_template(Path(model_path)),
         )
+        runner.warmup()  # NOTE: capture every decode graph now, not during the first requests
+        return runner
 
     # --- Runner properties -------------------------------------------------------------------------
     @property
