@@ -139,6 +139,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + swapped * sin
 
 
+def rope_pack(qkv: Tensor, cos: Tensor, sin: Tensor, h: int, hk: int) -> tuple[Tensor, Tensor]:
+    """qkv [B, T, H + 2 Hk, D] -> (roped q [B, T, H, D], [roped k | v] [B, T, Hk, 2D])."""
+    qk = apply_rope(qkv[:, :, : h + hk], cos, sin)
+    return qk[:, :, :h], torch.cat([qk[:, :, h:], qkv[:, :, h + hk :]], dim=-1)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     # NOTE: float32 statistics, cast back, then the weight: transformers' LlamaRMSNorm exactly.
     h = x.float()
@@ -163,7 +169,7 @@ class _Ops:
     rms_norm = staticmethod(rms_norm)
     add_rms_norm = staticmethod(add_rms_norm)
     silu_mul = staticmethod(silu_mul)
-    apply_rope = staticmethod(apply_rope)
+    rope_pack = staticmethod(rope_pack)
 
 
 OPS = _Ops()
@@ -177,7 +183,7 @@ def use_compiled_ops() -> None:
     torch._dynamo.config.accumulated_recompile_limit = max(
         torch._dynamo.config.accumulated_recompile_limit, 1024
     )
-    for name in ("rms_norm", "add_rms_norm", "silu_mul", "apply_rope"):
+    for name in ("rms_norm", "add_rms_norm", "silu_mul", "rope_pack"):
         setattr(OPS, name, torch.compile(globals()[name], dynamic=True, fullgraph=True))
 
 
@@ -204,24 +210,23 @@ class ForwardBatch:
 
 
 class KVCache(nn.Module):
-    """Static KV buffers [layers, slots, Hk, max_len + 1, D]; the last position is a scratch column
-    that padding rows write to and nothing reads."""
+    """One static buffer [layers, slots, Hk, max_len + 1, 2 * D]: K in the first half of the last
+    dimension, V in the second, so one scatter per layer writes both. The last position is a scratch
+    column that padding rows write to and nothing reads."""
 
-    k: Tensor
-    v: Tensor
+    kv: Tensor
 
     def __init__(
         self, args: ModelArgs, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str
     ) -> None:
         super().__init__()
-        shape = (args.num_layers, num_slots, args.num_kv_heads, max_len + 1, args.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (args.num_layers, num_slots, args.num_kv_heads, max_len + 1, 2 * args.head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return self.kv.numel() * self.kv.element_size()
 
 
 class Attention(nn.Module):
@@ -242,16 +247,13 @@ class Attention(nn.Module):
         h, hk, hd = self.num_heads, self.num_kv_heads, self.head_dim
         g = h // hk
         qkv = self.qkv_proj(x).view(b, t, h + 2 * hk, hd)
-        qk = OPS.apply_rope(qkv[:, :, : h + hk], *rope)  # [B, T, H + Hk, D]
-        q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + hk :]
-        kc, vc = cache.k[self.layer_id], cache.v[self.layer_id]  # [slots, Hk, S_max+1, D]
+        q, kv = OPS.rope_pack(qkv, rope[0], rope[1], h, hk)  # [B, T, H, D], [B, T, Hk, 2D]
+        cache_l = cache.kv[self.layer_id]  # [slots, Hk, S_max+1, 2D]
         s = fb.kv_len
-        kc[fb.rows, :, fb.write_pos] = k
-        vc[fb.rows, :, fb.write_pos] = v
-        if fb.slots is None:  # decode over a slot range: row i is slot i
-            keys, values = kc[:b, :, :s], vc[:b, :, :s]  # [B, Hk, S, D] (views)
-        else:
-            keys, values = kc[fb.slots, :, :s], vc[fb.slots, :, :s]  # [B, Hk, S, D] (gather)
+        cache_l[fb.rows, :, fb.write_pos] = kv
+        # decode over a slot range: row i is slot i (a view); else gather the rows' slots
+        kvs = cache_l[:b, :, :s] if fb.slots is None else cache_l[fb.slots, :, :s]  # [B, Hk, S, 2D]
+        keys, values = kvs[..., :hd], kvs[..., hd:]
         # GQA without copying KV: fold the g query heads of a KV head into the query length.
         qg = q.reshape(b, t, hk, g, hd).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, hd)  # [B, Hk, g*T, D]
         mask = fb.mask if g == 1 or t == 1 else fb.mask.repeat(1, 1, g, 1)  # [B, 1, g*T or 1, S]
