@@ -6,6 +6,7 @@ folder is cached in pytest's cache directory (the first conversion takes minutes
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,15 @@ from deepseek_serve.engine.torch_runner.tokenizer import HFTokenizer
 from deepseek_serve.engine.types import SamplingParams
 from torch_fixtures import smollm2_checkpoint
 
-torch.set_num_threads(1)  # NOTE: the CI box is shared; more threads only contend
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """NOTE: the CI box is shared; more torch threads only contend. Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 PROMPTS = [
     "What is the capital of France?",

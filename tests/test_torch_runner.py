@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,15 @@ from deepseek_serve.engine.torch_runner.runner import TorchRunner
 from deepseek_serve.engine.types import SamplingParams
 from torch_fixtures import CODER, R1_32B_OLD, tiny_checkpoint
 
-torch.set_num_threads(1)  # NOTE: the CI box is shared; more threads only contend
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """NOTE: the CI box is shared; more torch threads only contend. Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 VOCAB = 512
 ARCHS = {"llama-coder": CODER, "qwen2-r1": R1_32B_OLD}

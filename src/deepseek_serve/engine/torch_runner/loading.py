@@ -75,20 +75,3 @@ def from_state_dict(
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval().requires_grad_(False)
-
-
-def random_model(args: ModelArgs, dtype: torch.dtype, device: torch.device, seed: int = 0) -> CausalLM:
-    """A model with random weights (std 0.02, norms at 1), built directly on `device`: for benchmarks."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.device("meta"):
-        model = CausalLM(args)
-    state: dict[str, Tensor] = {}
-    for name, p in model.state_dict().items():
-        if name.endswith("norm.weight") or "layernorm" in name:
-            state[name] = torch.ones(p.shape, dtype=dtype, device=device)
-        else:
-            state[name] = torch.randn(p.shape, dtype=dtype, device=device, generator=gen) * 0.02
-    model.load_state_dict(state, strict=False, assign=True)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval().requires_grad_(False)

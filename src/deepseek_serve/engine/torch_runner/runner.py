@@ -22,7 +22,7 @@ from torch import Tensor
 from deepseek_serve.engine.runner import Runner, SampleResult, ScheduledSeq, Tokenizer
 from deepseek_serve.engine.torch_runner.model import CausalLM, ForwardBatch, KVCache, use_compiled_ops
 from deepseek_serve.engine.torch_runner.quantize import use_compiled_int8
-from deepseek_serve.engine.torch_runner.sampler import SampleRow, sample
+from deepseek_serve.engine.torch_runner.sampler import SampleOutput, SampleRow, sample
 from deepseek_serve.engine.torch_runner.slots import SlotTable
 from deepseek_serve.engine.types import TokenLogprob
 
@@ -363,10 +363,7 @@ class TorchRunner(Runner):
             banned = tuple(dict.fromkeys(self._eos_ids + tuple(p.stop_token_ids)))
         return SampleRow(p, history, seq.num_tokens, banned)
 
-    def _results(self, out: object, specs: list[SampleRow]) -> list[SampleResult]:
-        from deepseek_serve.engine.torch_runner.sampler import SampleOutput
-
-        assert isinstance(out, SampleOutput)
+    def _results(self, out: SampleOutput, specs: list[SampleRow]) -> list[SampleResult]:
         tokens = out.tokens.tolist()  # the one device -> host sync of the step
         if out.logprobs is None:
             return [SampleResult(t) for t in tokens]
