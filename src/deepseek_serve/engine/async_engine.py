@@ -80,8 +80,11 @@ class RequestStream(AsyncIterator[StreamDelta]):
 class AsyncEngine:
     """Owns the scheduler core and its worker thread. Create with `from_settings`, then `start()`."""
 
-    def __init__(self, core: LLMEngine, model_info: ModelInfo, chat_template: ChatTemplate | None) -> None:
+    def __init__(self, core: LLMEngine, model_info: ModelInfo, chat_template: ChatTemplate | None,
+                 default_system_prompt: str | None = None) -> None:
         self._core = core
+        # NOTE: added when a conversation has no system message; None keeps the template's own default.
+        self._default_system = default_system_prompt
         self.model_info = model_info
         self._template = chat_template
         self._streams: dict[str, RequestStream] = {}
@@ -205,6 +208,8 @@ class AsyncEngine:
             from deepseek_serve.engine.errors import InvalidRequestError
 
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
+        if self._default_system is not None and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self._default_system}, *messages]
         return self._template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
 
     def stats(self) -> EngineStats:

@@ -93,4 +93,8 @@ def load_engine(settings: Settings) -> AsyncEngine:
     )
     logger.info("model %s loaded from %s with the %s runner in %.1fs", info.id, info.path, info.runner,
                 time.monotonic() - started)
-    return AsyncEngine(core, info, template)
+    # NOTE: the packaged SmolLM2-135M Q4_1 answers far worse under its template's built-in system
+    # prompt ("You are a helpful AI assistant named SmolLM...") than with an empty one (measured:
+    # repeated emoji instead of an answer); other models keep their template's default.
+    default_system = "" if model.source == "default" else None
+    return AsyncEngine(core, info, template, default_system_prompt=default_system)
