@@ -7,7 +7,7 @@ set -euo pipefail
 out=${1:?usage: bench/load_report.sh OUT_DIR [step...]}
 shift
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(baseline serve tuning overload wrk)
+[[ ${#steps[@]} -gt 0 ]] || steps=(baseline serve threads1 tuning overload wrk)
 repo=$(cd "$(dirname "$0")/.." && pwd)
 py="$repo/.venv/bin/python"
 mkdir -p "$out"
@@ -45,6 +45,9 @@ serve() {  # serve NAME [DS_X=Y...]: deepseek-serve with the given settings (Red
 }
 
 main8=(-c 8 -n 16 --max-tokens 128 --ignore-eos --warmup 1)
+# NOTE: the baseline has no response cache; runs compared with it turn ours off (the `short` workload
+# repeats prompts, which our cache would answer without the model).
+nocache=(DS_RESPONSE_CACHE=false)
 
 for step in "${steps[@]}"; do
   case $step in
@@ -55,24 +58,25 @@ for step in "${steps[@]}"; do
       bench baseline "${main8[@]}"
       stop ;;
     serve)
-      serve serve-default
+      serve serve-default "${nocache[@]}"
       bench serve-default "${main8[@]}"
       stop ;;
-    tuning)
-      serve tune-threads1 DS_N_THREADS=1
+    threads1)
+      serve tune-threads1 DS_N_THREADS=1 "${nocache[@]}"
       bench tune-threads1 "${main8[@]}"
-      stop
-      serve tune-batch4 DS_MAX_BATCH_SIZE=4
+      stop ;;
+    tuning)
+      serve tune-batch4 DS_MAX_BATCH_SIZE=4 "${nocache[@]}"
       bench tune-batch4 "${main8[@]}"
       stop
-      serve tune-batch16 DS_MAX_BATCH_SIZE=16
-      bench tune-batch16 -c 16 -n 32 --max-tokens 128 --ignore-eos --warmup 1
+      serve tune-batch16 DS_MAX_BATCH_SIZE=16 "${nocache[@]}"
+      bench tune-batch16 -c 16 -n 16 --max-tokens 128 --ignore-eos --warmup 1
       stop
       # prefix cache: multi-turn conversations sharing a long system prompt
-      serve tune-prefix-on
+      serve tune-prefix-on "${nocache[@]}"
       bench tune-prefix-on -w multi-turn -c 4 -n 16 --max-tokens 32 --warmup 1
       stop
-      serve tune-prefix-off DS_PREFIX_CACHE=false
+      serve tune-prefix-off "${nocache[@]}" DS_PREFIX_CACHE=false
       bench tune-prefix-off -w multi-turn -c 4 -n 16 --max-tokens 32 --warmup 1
       stop
       # response cache: the same deterministic request again and again
@@ -83,12 +87,12 @@ for step in "${steps[@]}"; do
       bench tune-rcache-off -w repeat -c 8 -n 32 --max-tokens 64 --warmup 1
       stop ;;
     overload)
-      # open loop at 4x the measured capacity (requests/s of serve-default at c=8); short queue
+      # open loop at 4x the measured capacity (requests/s of the tuned run, tune-threads1, at c=8)
       cap=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["phases"][0]["metrics"]["request_throughput"])' \
-        "$out/serve-default/results.json")
+        "$out/tune-threads1/results.json")
       rate=$("$py" -c "print(round(4 * $cap, 3))")
       for queue in 64 8; do
-        serve "overload-q$queue" DS_MAX_QUEUE_SIZE=$queue DS_REQUEST_TIMEOUT_S=120
+        serve "overload-q$queue" "${nocache[@]}" DS_N_THREADS=1 DS_MAX_QUEUE_SIZE=$queue DS_REQUEST_TIMEOUT_S=120
         bench "overload-q$queue" -r "$rate" -d 60 --max-tokens 128 --ignore-eos --warmup 1 --timeout 180
         stop
       done ;;
