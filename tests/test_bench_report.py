@@ -87,6 +87,8 @@ def test_compare_ratios_and_better_side() -> None:
     assert ttft.ratio == pytest.approx(0.2) and ttft.better == "B"
     same = by_key[("c=4", "error rate")]
     assert same.ratio == pytest.approx(1.0) and same.better == "="
+    tiny = compare_markdown(compare(document("baseline", 1.0), document("much faster", 200.0)))
+    assert "| c=4 | TTFT p99 (ms) | 677.2 | 3.386 | 0.005x | B |" in tiny
     reverse = {(r.phase, r.metric): r for r in compare(document("fast", 5.0), document("baseline", 1.0))}
     assert reverse[("c=1", "output tokens/s")].better == "A"
     md = compare_markdown(rows, "baseline", "fast")

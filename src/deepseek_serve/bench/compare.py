@@ -81,8 +81,13 @@ def _fmt(value: float | None) -> str:
 
 
 def format_rows(rows: list[CompareRow]) -> list[list[str]]:
-    return [[r.phase, r.metric, _fmt(r.a), _fmt(r.b), "-" if r.ratio is None else f"{r.ratio:.2f}x", r.better]
-            for r in rows]
+    return [[r.phase, r.metric, _fmt(r.a), _fmt(r.b), _ratio(r.ratio), r.better] for r in rows]
+
+
+def _ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"  # 0.0052x, not 0.01x
 
 
 COMPARE_HEADERS = ["phase", "metric", "A", "B", "B/A", "better"]
