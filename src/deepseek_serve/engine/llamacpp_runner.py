@@ -174,13 +174,13 @@ class LlamaCppRunner(Runner):
         self._prefix_cache = prefix_cache
         self._max_batch = max_batch_size
         # NOTE: extra sequence ids beyond the batch keep finished sequences' KV for prefix reuse.
-        n_slots = min(max_batch_size * 2 if prefix_cache else max_batch_size, 256)
+        n_slots = min(max_batch_size * 2 if prefix_cache else max_batch_size, 255)
         self._n_batch = prefill_chunk_tokens + max_batch_size
         threads = n_threads or physical_cores()
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = context_length
         cparams.n_batch = self._n_batch
-        cparams.n_ubatch = min(self._n_batch, 512)
+        cparams.n_ubatch = self._n_batch  # one ubatch per step
         cparams.n_seq_max = n_slots
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
