@@ -282,6 +282,7 @@ class _Run:
                         request_id=f"{self.plan.completion_id}-{index}",
                         prompt_token_ids=prompt.token_ids,
                         params=params,
+                        deadline_s=self.services.settings.request_timeout_s,
                     ))
                     splitter = (ReasoningSplitter(self.plan.reasoning_prefilled)
                                 if self.plan.split_reasoning else None)
