@@ -96,7 +96,8 @@ async def main() -> None:
         results[c] = statistics.median(rates)
     await engine.shutdown()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],  # noqa: ASYNC221
+                            capture_output=True, text=True).stdout.strip()
     print(f"\nmachine: {platform.processor() or platform.machine()}, {threads} threads; commit {commit}; "
           f"model {model_path.name}; {args.new_tokens} new tokens/stream, greedy; median of {args.repeats}\n")
     print("| run | concurrent streams | aggregate tok/s | vs create_completion | vs engine x1 |")

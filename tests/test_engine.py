@@ -6,11 +6,11 @@ import asyncio
 import itertools
 
 import pytest
+from tests.conftest import make_settings
 
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams, StreamDelta
-from tests.conftest import make_settings
 
 _ids = itertools.count()
 
@@ -28,7 +28,7 @@ async def run(engine: AsyncEngine, request: GenerationRequest) -> tuple[str, lis
 
 async def wait_idle(engine: AsyncEngine, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
-        while engine.stats().num_running or engine.stats().num_waiting:
+        while engine.stats().num_running or engine.stats().num_waiting:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
 

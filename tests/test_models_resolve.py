@@ -52,9 +52,9 @@ def test_bad_values_explain_themselves(tmp_path: Path) -> None:
         resolve_model("not a model id!", cache_dir=tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ModelResolutionError, match="neither config.json"):
+    with pytest.raises(ModelResolutionError, match=r"neither config\.json"):
         resolve_model(str(empty), cache_dir=tmp_path)
-    with pytest.raises(ModelResolutionError, match="file name"):
+    with pytest.raises(ModelResolutionError, match="a file name is expected"):
         parse_model_spec("org/name:")
 
 

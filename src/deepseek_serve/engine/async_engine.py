@@ -115,7 +115,7 @@ class AsyncEngine:
         """Stop accepting; let in-flight requests finish for up to `drain_timeout_s`; abort the rest."""
         self._accepting = False
         deadline = time.monotonic() + drain_timeout_s
-        while self._core.has_work() and time.monotonic() < deadline:
+        while self._core.has_work() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a thread
             await asyncio.sleep(0.05)
         for request_id in list(self._streams):
             self.abort(request_id)
@@ -182,7 +182,7 @@ class AsyncEngine:
             async with asyncio.timeout(timeout_s):
                 _, last = await self.complete(request)
             return last.finish_reason in ("length", "stop")
-        except Exception:  # noqa: BLE001 - a failed probe is the answer
+        except Exception:
             return False
 
     def tokenizer_bos_or_first(self) -> int:
@@ -226,7 +226,7 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self._core.step()
-            except Exception:  # noqa: BLE001 - the core isolates per-request failures; this is a last resort
+            except Exception:
                 logger.exception("engine step failed")
                 outputs = self._core.fail_all("internal engine error")
             if outputs:

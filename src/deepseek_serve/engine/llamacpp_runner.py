@@ -358,8 +358,8 @@ class LlamaCppRunner(Runner):
             if not item.sample:
                 results.append(None)
                 continue
-            slot = self._slots[item.seq.slot]  # type: ignore[index]
-            token = lc.llama_sampler_sample(slot.sampler, self._ctx, idx)
+            assert item.seq.slot is not None
+            token = lc.llama_sampler_sample(self._slots[item.seq.slot].sampler, self._ctx, idx)
             logprob = self._logprob(idx, token, item.seq.params.top_logprobs) if item.seq.params.logprobs else None
             results.append(SampleResult(token, logprob))
         return results

@@ -59,7 +59,7 @@ def parse_model_spec(value: str) -> ModelSpec:
     if not value:
         return ModelSpec("default")
     path = Path(value).expanduser()
-    if path.exists() or value.startswith(("/", "./", "../", "~")) or value.endswith(".gguf") and "/" not in value:
+    if path.exists() or value.startswith(("/", "./", "../", "~")) or (value.endswith(".gguf") and "/" not in value):
         return ModelSpec("local", path=path)
     repo, sep, filename = value.partition(":")
     if not _HUB_ID.match(repo):
@@ -139,6 +139,7 @@ def resolve_model(value: str, *, cache_dir: Path, source: str = "huggingface", r
                   download: bool = True, served_name: str = "") -> ResolvedModel:
     """Turn a DS_MODEL value into local weights, downloading when `download` is true."""
     spec = parse_model_spec(value)
+    fmt: ModelFormat
     if spec.kind == "default":
         path, fmt = default_model_path(), "gguf"
         origin = "default"
@@ -177,7 +178,7 @@ def _fetch_huggingface(spec: ModelSpec, cache_dir: Path, revision: str,
             names = hf.list_repo_files(repo, revision=rev)
             fmt, files = classify_repo_files(names)
         else:
-            fmt, files = "hf", list(CHECKPOINT_PATTERNS) + ["*.gguf"]
+            fmt, files = "hf", [*CHECKPOINT_PATTERNS, "*.gguf"]
         if fmt == "gguf":
             path = hf.hf_hub_download(repo, files[0], revision=rev, cache_dir=cache_dir,
                                       local_files_only=not download)
@@ -187,14 +188,14 @@ def _fetch_huggingface(spec: ModelSpec, cache_dir: Path, revision: str,
         return inspect_local(Path(folder))
     except ModelResolutionError:
         raise
-    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: one clear message
+    except Exception as exc:
         raise ModelResolutionError(f"could not fetch {repo} from Hugging Face: {exc}") from exc
 
 
 def _fetch_modelscope(spec: ModelSpec, cache_dir: Path, revision: str,
                       download: bool) -> tuple[Path, ModelFormat]:
     try:
-        from modelscope import snapshot_download  # type: ignore[import-not-found]
+        from modelscope import snapshot_download
     except ImportError as exc:
         raise ModelResolutionError("DS_MODEL_SOURCE=modelscope needs `pip install deepseek-serve[modelscope]`") \
             from exc
@@ -206,12 +207,12 @@ def _fetch_modelscope(spec: ModelSpec, cache_dir: Path, revision: str,
     if spec.filename:
         kwargs["allow_patterns"] = [spec.filename]
     else:
-        kwargs["allow_patterns"] = list(CHECKPOINT_PATTERNS) + ["*.gguf"]
+        kwargs["allow_patterns"] = [*CHECKPOINT_PATTERNS, "*.gguf"]
     if not download:
         kwargs["local_files_only"] = True
     try:
         folder = Path(snapshot_download(repo, **kwargs))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ModelResolutionError(f"could not fetch {repo} from ModelScope: {exc}") from exc
     if spec.filename:
         return folder / spec.filename, "gguf"
