@@ -139,7 +139,7 @@ class LLMEngine:
             return outputs
         try:
             results = self.runner.step(batch)
-        except Exception as exc:  # noqa: BLE001 - isolate: fail this batch, keep the engine alive
+        except Exception as exc:  # isolate: fail this batch, keep the engine alive
             logger.exception("forward step failed for %d sequences", len(batch))
             for item in batch:
                 self._finish(item.seq, "error", outputs, error=f"forward step failed: {exc}")
@@ -237,7 +237,7 @@ class LLMEngine:
         for seq in list(self.scheduler.running) + self.scheduler.remove_waiting(lambda s: True):
             try:
                 self._finish(seq, "error", outputs, error=message)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("could not finish %s", seq.request_id)
         return outputs
 
