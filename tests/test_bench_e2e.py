@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -147,6 +148,8 @@ async def test_overload_is_answered_429_not_5xx(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,
+                    reason="the baseline server needs the torch extra: pip install -e '.[dev,torch]'")
 async def test_baseline_server_chunk_counting_and_openai_client(tmp_path: Path) -> None:
     import openai
 
