@@ -3,9 +3,8 @@
 Both sides run 8 concurrent greedy streams of 128 new tokens (ignore_eos) over fixed prompts; then
 requests/s of /health/live with 32 concurrent keep-alive connections. Prints a table and the ratio.
 
-    .venv/bin/python -m bench.http [--streams 8] [--tokens 128] [--rounds 2]
+    .venv/bin/python bench/http_throughput.py [--streams 8] [--tokens 128] [--rounds 2]
 
-(Run as a module: `python bench/http.py` would put bench/ first on sys.path, shadowing the stdlib `http`.)
 """
 
 from __future__ import annotations
