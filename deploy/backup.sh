@@ -54,6 +54,7 @@ DO_MYSQL=1
 DO_REDIS=1
 
 while (($#)); do
+    # shellcheck disable=SC2034 # PROJECT_DIR is read by lib/common.sh
     case "$1" in
         --mode) MODE="${2:?--mode needs a value}"; shift 2 ;;
         --dest) DEST="${2:?--dest needs a value}"; shift 2 ;;

@@ -315,6 +315,7 @@ ensure_units() {
 
 # --- 7. build, start, wait ----------------------------------------------------------------------
 start_stack() {
+    # shellcheck disable=SC2034 # read by lib/common.sh
     PROJECT_DIR="$INSTALL_DIR"
     local -a profile=()
     ((MONITORING)) && profile=(--profile monitoring)

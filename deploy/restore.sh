@@ -53,6 +53,7 @@ ASSUME_YES=0
 ARCHIVE=""
 
 while (($#)); do
+    # shellcheck disable=SC2034 # PROJECT_DIR is read by lib/common.sh
     case "$1" in
         --mode) MODE="${2:?--mode needs a value}"; shift 2 ;;
         --project-dir) PROJECT_DIR="${2:?}"; shift 2 ;;
