@@ -6,9 +6,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,15 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
+from serve_process import ServeProcess, free_port
+
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "deploy" / "monitoring"
 APT_HINT = "apt-get install -y prometheus prometheus-alertmanager"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require_tool(name: str) -> str:
@@ -36,53 +30,13 @@ def require_tool(name: str) -> str:
 
 
 # --- the app, run by `deepseek-serve serve` ----------------------------------------------------------------
-class AppServer:
-    """`deepseek-serve serve` with the real default model in a subprocess on a free loopback port."""
+class AppServer(ServeProcess):
+    """The real server for the monitoring tests, with Redis and the response cache off."""
 
     def __init__(self, data_dir: Path, workers: int = 1, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = data_dir
-        self.stderr_path = data_dir / "server.stderr"
-        self.workers = workers
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("DS_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        self.env.update({"DS_DATA_DIR": str(data_dir), "DS_MAX_BATCH_SIZE": "4", "DS_CONTEXT_LENGTH": "2048",
-                         "DS_N_THREADS": "1", "DS_REDIS_URL": "", "DS_RESPONSE_CACHE": "false"})
-        self.env.update(env)
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(data_dir, args=("--workers", str(workers)),
+                         **{"DS_REDIS_URL": "", "DS_RESPONSE_CACHE": "false", **env})
 
-    def __enter__(self) -> AppServer:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        stderr = self.stderr_path.open("wb")
-        command = [sys.executable, "-m", "deepseek_serve", "serve", "--host", "127.0.0.1", "--port",
-                   str(self.port), "--workers", str(self.workers)]
-        self.proc = subprocess.Popen(command, env=self.env, cwd=self.data_dir, stdout=subprocess.DEVNULL,
-                                     stderr=stderr, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.stderr()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.__exit__()
-        raise RuntimeError(f"server not ready in 120s:\n{self.stderr()[-3000:]}")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
 
 # --- a real Prometheus --------------------------------------------------------------------------------
