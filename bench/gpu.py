@@ -176,12 +176,18 @@ def check_correctness(results: dict[str, Any]) -> None:
         runner = our_runner(hf, cfg, torch.float32, slots=8, max_len=512)
         seqs = make_seqs(prompts, 24)
         run_to_completion(runner, seqs, prefill_chunk=48)
-        ok = 0
-        for p, s in zip(prompts, seqs, strict=True):
-            ref = hf_generate(hf, [p], 24)[0]
-            ok += ref == s.output_token_ids
+        refs = [hf_generate(hf, [p], 24)[0] for p in prompts]
+        ok = sum(ref == s.output_token_ids for ref, s in zip(refs, seqs, strict=True))
+        # one sequence alone in slot 0: the 1-row decode graph
+        solo = make_seqs(prompts[2:3], 24)
+        run_to_completion(runner, solo, prefill_chunk=48)
+        ok_solo = refs[2] == solo[0].output_token_ids
         results.setdefault("correctness", {})[f"{name}-tiny-fp32"] = f"{ok}/{len(prompts)}"
-        log(f"correctness {name} tiny fp32 (graphs, batched, lengths {lens}): {ok}/{len(prompts)} equal")
+        results["correctness"][f"{name}-tiny-fp32-solo"] = ok_solo
+        log(
+            f"correctness {name} tiny fp32 (graphs, batched, lengths {lens}): {ok}/{len(prompts)} equal; "
+            f"alone: {'equal' if ok_solo else 'DIFFERENT'}"
+        )
         del hf, runner
     # quantized linears vs their dequantized weights
     gen = torch.Generator(device=DEVICE).manual_seed(3)
@@ -258,7 +264,9 @@ def bench_runner(runner: TorchRunner, prompts: list[list[int]], new_tokens: int)
     }
 
 
-def bench_shape(name: str, cfg: dict[str, Any], bw: float, results: dict[str, Any], quick: bool) -> None:
+def bench_shape(
+    name: str, cfg: dict[str, Any], bw: float, results: dict[str, Any], quick: bool, quant: bool = True
+) -> None:
     hf = hf_model(cfg, torch.bfloat16, seed=0)
     max_len = PROMPT_LEN + NEW_TOKENS
     runner = our_runner(hf, cfg, torch.bfloat16, slots=max(CONCURRENCY), max_len=max_len)
@@ -324,10 +332,12 @@ def bench_shape(name: str, cfg: dict[str, Any], bw: float, results: dict[str, An
         "bf16_agree_first": agree,
     }
     del runner
-    if name.startswith("r1"):
-        for quant in ("int8", "int4"):
+    if quant and name.startswith("r1"):
+        for quant_mode in ("int8", "int4"):
             try:
-                qr = our_runner(hf, cfg, torch.bfloat16, slots=max(CONCURRENCY), max_len=max_len, quant=quant)
+                qr = our_runner(
+                    hf, cfg, torch.bfloat16, slots=max(CONCURRENCY), max_len=max_len, quant=quant_mode
+                )
                 qr.warmup()
                 qb = weight_bytes(qr.model)
                 qrows = {}
@@ -340,7 +350,7 @@ def bench_shape(name: str, cfg: dict[str, Any], bw: float, results: dict[str, An
                     qrows[conc] = bench_runner(qr, prompts, NEW_TOKENS)
                 q = {
                     "model": name,
-                    "quant": quant,
+                    "quant": quant_mode,
                     "weight_bytes": qb,
                     "saved_pct": 100 * (1 - qb / wbytes),
                     "tok_s_1": qrows[1]["tok_s"],
@@ -352,13 +362,117 @@ def bench_shape(name: str, cfg: dict[str, Any], bw: float, results: dict[str, An
                 results.setdefault("quant", []).append(q)
                 del qr
             except Exception as exc:
-                log(f"{quant} failed: {exc!r}")
+                log(f"{quant_mode} failed: {exc!r}")
     del hf
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
 
 
+# --- 5. decode-step variants (profiling aid) -----------------------------------------------------
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "eager-ops": None,  # the layers run eagerly (small compiled elementwise ops) inside the graph
+    "compiled": dict(gemv_reductions=True, attention="sdpa"),
+    "compiled-cublas": dict(gemv_reductions=False, attention="sdpa"),
+    "compiled-red-attn": dict(gemv_reductions=True, attention="reductions"),
+}
+
+
+def replay_ms(g: Any, reps: int = 50, rounds: int = 5) -> float:
+    for _ in range(5):
+        g.graph.replay()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            g.graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def profile_step(runner: TorchRunner, n: int, kv_len: int) -> tuple[str, float, int]:
+    """Kernel table of eager calls of one decode step; (table, device µs per step, kernels per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = torch.zeros((3, n), dtype=torch.int64, device=DEVICE)
+    inputs[0].random_(0, runner.args.vocab_size)
+    inputs[1].fill_(kv_len // 2)
+    inputs[2].fill_(kv_len // 2)
+    steps = 3
+    with torch.inference_mode():
+        runner._decode_forward(inputs, kv_len)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                runner._decode_forward(inputs, kv_len)
+            sync()
+    avgs = prof.key_averages()
+
+    def dev(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    kernels = [e for e in avgs if dev(e) > 0]
+    total = sum(dev(e) for e in kernels) / steps
+    count = sum(e.count for e in kernels) // steps
+    rows = sorted(kernels, key=dev, reverse=True)[:40]
+    lines = [f"{dev(e) / steps:9.1f} us/step {e.count // steps:5d}x  {e.key[:150]}" for e in rows]
+    return "\n".join(lines), total, count
+
+
+def decode_variants(name: str, cfg: dict[str, Any], names: list[str], results: dict[str, Any], out: Path) -> None:
+    """Per decode-step variant: compile + capture time, 1-row and 64-row graph replay, greedy tokens
+    against the first variant, and an eager kernel profile of the 1-row step (appended to profiles.txt)."""
+    from deepseek_serve.engine.torch_runner.model import DecodeStep
+
+    hf = hf_model(cfg, torch.bfloat16, seed=0)
+    max_len = PROMPT_LEN + NEW_TOKENS
+    kv = 256
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, cfg["vocab_size"], (PROMPT_LEN,), generator=gen).tolist()
+    first: list[int] | None = None
+    for vname in names:
+        opts = VARIANTS[vname]
+        row: dict[str, Any] = {"model": name, "variant": vname}
+        try:
+            torch._dynamo.reset()
+            runner = our_runner(hf, cfg, torch.bfloat16, slots=max(CONCURRENCY), max_len=max_len)
+            runner.decode_step = None if opts is None else DecodeStep(runner.model, **opts)
+            with torch.inference_mode():
+                row["capture_1_s"] = timed(lambda: runner._graph(1, kv))
+                row["capture_64_s"] = timed(lambda: runner._graph(max(CONCURRENCY), kv))
+            for n in (1, max(CONCURRENCY)):
+                g = runner._graph(n, kv)
+                g.inputs[0].random_(0, cfg["vocab_size"])
+                g.inputs[1].fill_(kv // 2)
+                g.inputs[2].fill_(kv // 2)
+                row[f"replay_ms_{n}"] = replay_ms(g)
+            roof = results["copy_bandwidth_GBps"] * 1e9 / weight_bytes(runner.model)
+            row["replay_roofline_pct_1"] = 100 * 1e3 / row["replay_ms_1"] / roof
+            seqs = make_seqs([prompt], 48)
+            run_to_completion(runner, seqs, prefill_chunk=PROMPT_LEN)
+            toks = seqs[0].output_token_ids
+            first = toks if first is None else first
+            row["agree_first"] = next((i for i, (a, b) in enumerate(zip(first, toks)) if a != b), len(toks))
+            table, dev_us, nk = profile_step(runner, 1, kv)
+            row["profile_device_us_1"] = dev_us
+            row["profile_kernels_1"] = nk
+            with (out / "profiles.txt").open("a") as f:
+                f.write(f"\n=== {name} {vname}: {dev_us:.0f} us of kernels, {nk} kernels per 1-row step ===\n")
+                f.write(table + "\n")
+            del runner
+        except Exception as exc:  # a failing variant must not hide the others
+            row["error"] = repr(exc)[:2000]
+        log(json.dumps(row))
+        results.setdefault("variants", []).append(row)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        torch.cuda.empty_cache()
+    del hf
+
+
 def main() -> None:
+    global CONCURRENCY, PROMPT_LEN, NEW_TOKENS, LOG_FILE
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--quick", action="store_true", help="generate() baseline with 32 new tokens")
@@ -366,9 +480,16 @@ def main() -> None:
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and few tokens (CPU dry run)")
+    ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    ap.add_argument("--no-quant", action="store_true", help="skip the int8 / int4 runs")
+    ap.add_argument(
+        "--variants",
+        default="",
+        help=f"decode-step variants to compare instead of the benchmark (of {', '.join(VARIANTS)})",
+    )
     a = ap.parse_args()
+    CONCURRENCY = tuple(int(c) for c in a.concurrency.split(","))
     if a.smoke:
-        global CONCURRENCY, PROMPT_LEN, NEW_TOKENS
         CONCURRENCY, PROMPT_LEN, NEW_TOKENS = (1, 4), 16, 8
         for shape in SHAPES.values():
             shape.update(
@@ -381,7 +502,6 @@ def main() -> None:
             )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    global LOG_FILE
     LOG_FILE = out / "log.txt"
     import transformers
 
@@ -403,7 +523,10 @@ def main() -> None:
         results["copy_bandwidth_GBps"] = bw / 1e9
         log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
         for name in a.shapes.split(","):
-            bench_shape(name, SHAPES[name], bw, results, a.quick)
+            if a.variants:
+                decode_variants(name, SHAPES[name], a.variants.split(","), results, out)
+            else:
+                bench_shape(name, SHAPES[name], bw, results, a.quick, quant=not a.no_quant)
     finally:
         (out / "results.json").write_text(json.dumps(results, indent=2))
     log("\n| model | conc | ours tok/s | ours decode tok/s | generate() tok/s | x generate | % roofline |")

@@ -7,6 +7,7 @@ B = batch rows, T = new tokens per row, H = query heads, Hk = KV heads, D = head
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,26 +164,66 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def attend_sdpa(q: Tensor, kvs: Tensor, mask: Tensor, hk: int) -> Tensor:
+    """q [B, T, H, D], kvs [B, Hk, S, 2D] (K | V), additive or bool mask [B, 1, T, S] -> [B, T, H * D]."""
+    b, t, h, hd = q.shape
+    g = h // hk
+    keys, values = kvs[..., :hd], kvs[..., hd:]
+    # GQA without copying KV: fold the g query heads of a KV head into the query length.
+    qg = q.reshape(b, t, hk, g, hd).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, hd)  # [B, Hk, g*T, D]
+    m = mask if g == 1 or t == 1 else mask.repeat(1, 1, g, 1)  # [B, 1, g*T or 1, S]
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=m)  # [B, Hk, g*T, D]
+    return out.view(b, hk, g, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+
+
+def attend_reductions(q: Tensor, kvs: Tensor, mask: Tensor, hk: int) -> Tensor:
+    """`attend_sdpa` for T == 1 and an additive mask, written as broadcast products and sums: meant to
+    be traced by torch.compile, which turns it into a few fused reduction kernels (eager, it would
+    materialize [B, Hk, g, S, D])."""
+    b, _, h, hd = q.shape
+    g = h // hk
+    qf = q.reshape(b, hk, g, 1, hd).float()
+    keys = kvs[..., :hd].unsqueeze(2).float()  # [B, Hk, 1, S, D]
+    values = kvs[..., hd:].unsqueeze(2).float()
+    scores = (qf * keys).sum(-1) * hd**-0.5 + mask.reshape(b, 1, 1, -1).float()  # [B, Hk, g, S]
+    p = torch.softmax(scores, dim=-1)
+    out = (p.unsqueeze(-1) * values).sum(-2)  # [B, Hk, g, D]
+    return out.to(q.dtype).reshape(b, 1, h * hd)
+
+
 class _Ops:
-    """The elementwise pieces; `use_compiled_ops()` swaps in torch.compile'd (fused) versions."""
+    """The elementwise pieces and the attention; `use_compiled_ops()` swaps torch.compile'd (fused)
+    versions into `OPS`. `EAGER_OPS` always holds the plain functions (what a whole-step compile traces)."""
 
     rms_norm = staticmethod(rms_norm)
     add_rms_norm = staticmethod(add_rms_norm)
     silu_mul = staticmethod(silu_mul)
     rope_pack = staticmethod(rope_pack)
+    attend = staticmethod(attend_sdpa)
+
+
+class _ReductionAttentionOps(_Ops):
+    attend = staticmethod(attend_reductions)
 
 
 OPS = _Ops()
+EAGER_OPS = _Ops()
+REDUCTION_ATTENTION_OPS = _ReductionAttentionOps()
+
+
+def _raise_recompile_limits() -> None:
+    # NOTE: sizes 0/1 are specialized (decode vs prefill, one row vs many) and each model shape compiles
+    # its own code: a handful of compiles per function
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 1024
+    )
 
 
 def use_compiled_ops() -> None:
     """Fuse the elementwise ops with torch.compile (dynamic shapes: one compile serves every batch).
     CUDA only; numerics are those of the eager ops up to rounding order."""
-    # NOTE: sizes 0/1 are specialized (decode vs prefill, one row vs many): a handful of compiles per op
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 1024
-    )
+    _raise_recompile_limits()
     for name in ("rms_norm", "add_rms_norm", "silu_mul", "rope_pack"):
         setattr(OPS, name, torch.compile(globals()[name], dynamic=True, fullgraph=True))
 
@@ -192,14 +233,14 @@ class ForwardBatch:
     """Where each row's new tokens go in the cache and what they may attend to.
 
     Rows map to cache slots through `slots`. `write_pos` is the cache position of each new token
-    (a scratch position for padding rows); `mask` [B, 1, T, S] is True where a query may attend.
+    (a scratch position for padding rows); `mask` [B, 1, T, S] is True where a query may attend, and
+    its last dimension S is the number of cache positions read.
     """
 
     slots: Tensor | None  # [B] int64; None = rows are slots 0..B-1 (decode over a slot range)
     positions: Tensor  # [B, T] int64 rope positions
     write_pos: Tensor  # [B, T] int64 cache positions
     mask: Tensor  # [B, 1, T, S] additive (0 / -inf) or bool
-    kv_len: int  # S: cache positions read
     rows: Tensor | None = None  # [B, T] int64 cache slot of each new token (built once per forward)
 
     def __post_init__(self) -> None:
@@ -232,9 +273,8 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     """q, k and v projections are fused into `qkv_proj` ([H + 2 Hk] * D outputs) at load time."""
 
-    def __init__(self, args: ModelArgs, layer_id: int) -> None:
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.layer_id = layer_id
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         d = args.hidden_size
         self.qkv_proj = nn.Linear(
@@ -242,24 +282,19 @@ class Attention(nn.Module):
         )
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, d, bias=args.o_bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, fb: ForwardBatch) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], cache_l: Tensor, fb: ForwardBatch, ops: _Ops = OPS
+    ) -> Tensor:
+        """`cache_l` [slots, Hk, S_max + 1, 2D] is this layer's part of `KVCache.kv`."""
         b, t, _ = x.shape
         h, hk, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        g = h // hk
         qkv = self.qkv_proj(x).view(b, t, h + 2 * hk, hd)
-        q, kv = OPS.rope_pack(qkv, rope[0], rope[1], h, hk)  # [B, T, H, D], [B, T, Hk, 2D]
-        cache_l = cache.kv[self.layer_id]  # [slots, Hk, S_max+1, 2D]
-        s = fb.kv_len
+        q, kv = ops.rope_pack(qkv, rope[0], rope[1], h, hk)  # [B, T, H, D], [B, T, Hk, 2D]
+        s = fb.mask.shape[-1]
         cache_l[fb.rows, :, fb.write_pos] = kv
         # decode over a slot range: row i is slot i (a view); else gather the rows' slots
         kvs = cache_l[:b, :, :s] if fb.slots is None else cache_l[fb.slots, :, :s]  # [B, Hk, S, 2D]
-        keys, values = kvs[..., :hd], kvs[..., hd:]
-        # GQA without copying KV: fold the g query heads of a KV head into the query length.
-        qg = q.reshape(b, t, hk, g, hd).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, hd)  # [B, Hk, g*T, D]
-        mask = fb.mask if g == 1 or t == 1 else fb.mask.repeat(1, 1, g, 1)  # [B, 1, g*T or 1, S]
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)  # [B, Hk, g*T, D]
-        out = out.view(b, hk, g, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, h * hd)
-        return self.o_proj(out)
+        return self.o_proj(ops.attend(q, kvs, fb.mask, hk))
 
 
 class MLP(nn.Module):
@@ -271,14 +306,14 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(d, 2 * i, bias=args.mlp_bias)
         self.down_proj = nn.Linear(i, d, bias=args.mlp_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(OPS.silu_mul(self.gate_up_proj(x)))
+    def forward(self, x: Tensor, ops: _Ops = OPS) -> Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int) -> None:
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.self_attn = Attention(args, layer_id)
+        self.self_attn = Attention(args)
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -288,25 +323,26 @@ class DecoderLayer(nn.Module):
         x: Tensor,
         residual: Tensor | None,
         rope: tuple[Tensor, Tensor],
-        cache: KVCache,
+        cache_l: Tensor,
         fb: ForwardBatch,
+        ops: _Ops = OPS,
     ) -> tuple[Tensor, Tensor]:
         """(x, residual) -> (mlp output, residual before it); the caller adds the last pair."""
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
         if residual is None:
-            h, residual = n1(x), x
+            h, residual = ops.rms_norm(x, n1.weight, n1.eps), x
         else:
-            h, residual = OPS.add_rms_norm(x, residual, n1.weight, n1.eps)
-        a = self.self_attn(h, rope, cache, fb)
-        h, residual = OPS.add_rms_norm(a, residual, n2.weight, n2.eps)
-        return self.mlp(h), residual
+            h, residual = ops.add_rms_norm(x, residual, n1.weight, n1.eps)
+        a = self.self_attn(h, rope, cache_l, fb, ops)
+        h, residual = ops.add_rms_norm(a, residual, n2.weight, n2.eps)
+        return self.mlp(h, ops), residual
 
 
 class Backbone(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
@@ -331,8 +367,8 @@ class CausalLM(nn.Module):
         cs = self.rope[fb.positions].to(x.dtype)  # [B, T, 2, D]
         rope = (cs[:, :, 0:1], cs[:, :, 1:2])  # cos, sin: [B, T, 1, D]
         residual: Tensor | None = None
-        for layer in self.model.layers:
-            x, residual = layer(x, residual, rope, cache, fb)
+        for layer, cache_l in zip(self.model.layers, cache.kv, strict=True):
+            x, residual = layer(x, residual, rope, cache_l, fb)
         assert residual is not None
         h, _ = OPS.add_rms_norm(x, residual, self.model.norm.weight, self.model.norm.eps)
         return h
@@ -340,6 +376,89 @@ class CausalLM(nn.Module):
     def forward(self, tokens: Tensor, cache: KVCache, fb: ForwardBatch) -> Tensor:
         """Logits of every position, [B, T, V]."""
         return self.lm_head(self.hidden_states(tokens, cache, fb))
+
+
+def _decode_layer(
+    layer: DecoderLayer,
+    x: Tensor,
+    residual: Tensor,
+    rope: tuple[Tensor, Tensor],
+    cache_l: Tensor,
+    fb: ForwardBatch,
+    ops: _Ops,
+) -> tuple[Tensor, Tensor]:
+    return layer(x, residual, rope, cache_l, fb, ops)  # type: ignore[no-any-return]
+
+
+def _decode_head(model: CausalLM, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    norm = model.model.norm
+    h, _ = add_rms_norm(x, residual, norm.weight, norm.eps)
+    logits = model.lm_head(h[:, 0])
+    return logits, logits.argmax(dim=-1)
+
+
+_COMPILED: dict[tuple[str, bool], Callable[..., Any]] = {}
+
+
+def _compiled(fn: Callable[..., Any], gemv_reductions: bool) -> Callable[..., Any]:
+    """One torch.compile wrapper per function and options, shared by every model: Dynamo keys its
+    cache on the code, and guards on shapes and dtypes tell models apart."""
+    key = (fn.__name__, gemv_reductions)
+    if key not in _COMPILED:
+        # NOTE: dynamic=False turns automatic dynamic shapes off (a second model's hidden size must not
+        # make the first one's kernels generic); the dimensions that do vary are marked dynamic.
+        _COMPILED[key] = torch.compile(
+            fn, dynamic=False, fullgraph=True, options={"coordinate_descent_tuning": gemv_reductions}
+        )
+    return _COMPILED[key]
+
+
+def _rows_dynamic(*tensors: Tensor) -> None:
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+class DecodeStep:
+    """One token per row over slots 0..B-1 -> (logits [B, V], their argmax [B]), every decoder layer
+    and the head through torch.compile (CUDA, meant to be captured in a CUDA graph).
+
+    Inductor fuses the norms, bias, RoPE, the KV cache write and the attention's reshapes into a few
+    kernels per layer. With `gemv_reductions`, one-row matmuls become Triton reductions tuned by
+    coordinate descent (Inductor's decomposition of M = 1 matmuls, gpt-fast's setting); with more
+    rows they stay cuBLAS GEMMs. `attention`: "sdpa" or "reductions" (`attend_reductions`).
+    Compiles per model shape: one for 1 row, one for any other row count; the KV length is dynamic.
+    """
+
+    def __init__(self, model: CausalLM, gemv_reductions: bool = True, attention: str = "sdpa") -> None:
+        if attention not in ("sdpa", "reductions"):
+            raise ValueError(f"unknown decode attention {attention!r} (sdpa, reductions)")
+        _raise_recompile_limits()
+        self.model = model
+        self.ops = EAGER_OPS if attention == "sdpa" else REDUCTION_ATTENTION_OPS
+        self._layer = _compiled(_decode_layer, gemv_reductions)
+        self._head = _compiled(_decode_head, gemv_reductions)
+
+    def __call__(self, tokens: Tensor, cache: KVCache, fb: ForwardBatch) -> tuple[Tensor, Tensor]:
+        """tokens [B, 1]; `fb` over the slot range (slots None)."""
+        m = self.model
+        assert m.rope is not None and fb.slots is None and fb.rows is not None
+        x = m.model.embed_tokens(tokens)
+        cs = m.rope[fb.positions].to(x.dtype)  # [B, 1, 2, D]
+        rope = (cs[:, :, 0:1], cs[:, :, 1:2])
+        # NOTE: layer 0 adds a zero residual (exact), so that one compiled layer serves all of them
+        residual = torch.zeros_like(x)
+        torch._dynamo.maybe_mark_dynamic(fb.mask, 3)
+        many = tokens.shape[0] > 1
+        if many:
+            _rows_dynamic(rope[0], rope[1], fb.rows, fb.write_pos, fb.mask)
+        for layer, cache_l in zip(m.model.layers, cache.kv, strict=True):
+            if many:
+                _rows_dynamic(x, residual)
+            x, residual = self._layer(layer, x, residual, rope, cache_l, fb, self.ops)
+        if many:
+            _rows_dynamic(x, residual)
+        logits, greedy = self._head(m, x, residual)
+        return logits, greedy
 
 
 def fuse_hf_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -20,8 +20,14 @@ import torch
 from torch import Tensor
 
 from deepseek_serve.engine.runner import Runner, SampleResult, ScheduledSeq, Tokenizer
-from deepseek_serve.engine.torch_runner.model import CausalLM, ForwardBatch, KVCache, use_compiled_ops
-from deepseek_serve.engine.torch_runner.quantize import use_compiled_int8
+from deepseek_serve.engine.torch_runner.model import (
+    CausalLM,
+    DecodeStep,
+    ForwardBatch,
+    KVCache,
+    use_compiled_ops,
+)
+from deepseek_serve.engine.torch_runner.quantize import Int4Linear, Int8Linear, use_compiled_int8
 from deepseek_serve.engine.torch_runner.sampler import SampleOutput, SampleRow, sample
 from deepseek_serve.engine.torch_runner.slots import SlotTable
 from deepseek_serve.engine.types import TokenLogprob
@@ -89,6 +95,7 @@ class TorchRunner(Runner):
         chat_template: str | None = None,
         seed: int = 0,
         compile_ops: bool = True,
+        compile_decode: bool = True,
     ) -> None:
         self.model = model
         self.args = model.args
@@ -105,6 +112,13 @@ class TorchRunner(Runner):
         if compile_ops and device.type == "cuda":
             use_compiled_ops()
             use_compiled_int8()
+        quantized = any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+        # the whole decode step compiled (CUDA graphs only: compiling per shape pays off once captured)
+        self.decode_step: DecodeStep | None = (
+            DecodeStep(model)
+            if compile_ops and compile_decode and self._use_graphs and not quantized
+            else None
+        )
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
         self._generator = torch.Generator(device=device).manual_seed(seed)
@@ -193,17 +207,19 @@ class TorchRunner(Runner):
         seq.slot = None
 
     # --- forward -----------------------------------------------------------------------------------
-    def _decode_forward(self, inputs: Tensor, kv_len: int) -> Tensor:
-        """inputs [3, n] (token, position, write position) -> logits [n, V]; row i is slot i."""
+    def _decode_forward(self, inputs: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """inputs [3, n] (token, position, write position) -> (logits [n, V], argmax [n]); row i is
+        slot i."""
         n = inputs.shape[1]
         tok, pos, wpos = inputs[0], inputs[1], inputs[2]
         mask = additive_mask(
             (self._arange[:kv_len][None, :] <= pos[:, None]).view(n, 1, 1, kv_len), self.dtype
         )
-        fb = ForwardBatch(
-            slots=None, positions=pos[:, None], write_pos=wpos[:, None], mask=mask, kv_len=kv_len
-        )
-        return self.model(tok[:, None], self.cache, fb)[:, 0]
+        fb = ForwardBatch(slots=None, positions=pos[:, None], write_pos=wpos[:, None], mask=mask)
+        if self.decode_step is not None:
+            return self.decode_step(tok[:, None], self.cache, fb)
+        logits = self.model(tok[:, None], self.cache, fb)[:, 0]
+        return logits, logits.argmax(dim=-1)
 
     def _graph(self, n: int, kv_len: int) -> _Graph:
         key = (n, kv_len)
@@ -220,8 +236,7 @@ class TorchRunner(Runner):
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_forward(inputs, kv_len)
-            greedy = logits.argmax(dim=-1)
+            logits, greedy = self._decode_forward(inputs, kv_len)
         g = _Graph(graph, inputs, torch.empty((3, n), dtype=torch.int64).pin_memory(), logits, greedy)
         self._graphs[key] = g
         return g
@@ -240,7 +255,7 @@ class TorchRunner(Runner):
             tok[s], pos[s], wpos[s] = e.seq.token_at(p), p, p
         if not self._use_graphs:
             host = torch.tensor([tok, pos, wpos], dtype=torch.int64)
-            return self._decode_forward(host.to(self.device), kv_len), None
+            return self._decode_forward(host.to(self.device), kv_len)[0], None
         g = self._graph(n, kv_len)
         g.host.copy_(torch.tensor([tok, pos, wpos], dtype=torch.int64))
         g.inputs.copy_(g.host, non_blocking=True)
@@ -294,7 +309,7 @@ class TorchRunner(Runner):
             (self._arange[:kv_len][None, None, :] <= pos[:, :, None]).unsqueeze(1), self.dtype
         )
         slots = torch.tensor(slot_ids, dtype=torch.int64).to(self.device)
-        fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, kv_len=kv_len)
+        fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask)
         h = self.model.hidden_states(tok, self.cache, fb)
         return self.model.lm_head(h[:, -1])
 
@@ -416,7 +431,6 @@ class TorchRunner(Runner):
                     positions=pos,
                     write_pos=pos,
                     mask=mask,
-                    kv_len=t,
                 )
                 return self.model(tok, cache, fb)[0].float()
         finally:
