@@ -439,34 +439,36 @@ def decode_variants(name: str, cfg: dict[str, Any], names: list[str], results: d
             torch._dynamo.reset()
             runner = our_runner(hf, cfg, torch.bfloat16, slots=max(CONCURRENCY), max_len=max_len)
             runner.decode_step = None if opts is None else DecodeStep(runner.model, **opts)
+            # NOTE: graph inputs are inference tensors: fill them under inference_mode too
             with torch.inference_mode():
-                row["capture_1_s"] = timed(lambda: runner._graph(1, kv))
-                row["capture_64_s"] = timed(lambda: runner._graph(max(CONCURRENCY), kv))
-            for n in (1, max(CONCURRENCY)):
-                g = runner._graph(n, kv)
-                g.inputs[0].random_(0, cfg["vocab_size"])
-                g.inputs[1].fill_(kv // 2)
-                g.inputs[2].fill_(kv // 2)
-                row[f"replay_ms_{n}"] = replay_ms(g)
+                for n in (1, max(CONCURRENCY)):
+                    row[f"capture_{n}_s"] = timed(functools.partial(runner._graph, n, kv))
+                    g = runner._graph(n, kv)
+                    g.inputs[0].random_(0, cfg["vocab_size"])
+                    g.inputs[1].fill_(kv // 2)
+                    g.inputs[2].fill_(kv // 2)
+                    row[f"replay_ms_{n}"] = replay_ms(g)
             roof = results["copy_bandwidth_GBps"] * 1e9 / weight_bytes(runner.model)
             row["replay_roofline_pct_1"] = 100 * 1e3 / row["replay_ms_1"] / roof
             seqs = make_seqs([prompt], 48)
             run_to_completion(runner, seqs, prefill_chunk=PROMPT_LEN)
             toks = seqs[0].output_token_ids
             first = toks if first is None else first
-            row["agree_first"] = next((i for i, (a, b) in enumerate(zip(first, toks)) if a != b), len(toks))
+            row["agree_first"] = next(
+                (i for i, (a, b) in enumerate(zip(first, toks, strict=True)) if a != b), len(toks)
+            )
             table, dev_us, nk = profile_step(runner, 1, kv)
             row["profile_device_us_1"] = dev_us
             row["profile_kernels_1"] = nk
             with (out / "profiles.txt").open("a") as f:
                 f.write(f"\n=== {name} {vname}: {dev_us:.0f} us of kernels, {nk} kernels per 1-row step ===\n")
                 f.write(table + "\n")
-            del runner
         except Exception as exc:  # a failing variant must not hide the others
             row["error"] = repr(exc)[:2000]
         log(json.dumps(row))
         results.setdefault("variants", []).append(row)
         (out / "results.json").write_text(json.dumps(results, indent=2))
+        runner = None  # free this variant's graphs and KV cache before the next one
         torch.cuda.empty_cache()
     del hf
 

@@ -387,7 +387,7 @@ def _decode_layer(
     fb: ForwardBatch,
     ops: _Ops,
 ) -> tuple[Tensor, Tensor]:
-    return layer(x, residual, rope, cache_l, fb, ops)  # type: ignore[no-any-return]
+    return layer(x, residual, rope, cache_l, fb, ops)
 
 
 def _decode_head(model: CausalLM, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
