@@ -13,8 +13,14 @@ from deepseek_serve.engine.runner import ScheduledSeq
 from deepseek_serve.engine.sequence import Sequence
 from deepseek_serve.engine.torch_runner.drive import run_to_completion
 from deepseek_serve.engine.torch_runner.loading import CheckpointError, load_model
-from deepseek_serve.engine.torch_runner.model import ModelArgs, UnsupportedModelError
-from deepseek_serve.engine.torch_runner.runner import TorchRunner
+from deepseek_serve.engine.torch_runner.model import (
+    DecodeStep,
+    ForwardBatch,
+    KVCache,
+    ModelArgs,
+    UnsupportedModelError,
+)
+from deepseek_serve.engine.torch_runner.runner import TorchRunner, additive_mask
 from deepseek_serve.engine.types import SamplingParams
 from torch_fixtures import CODER, R1_32B_OLD, tiny_checkpoint
 
@@ -240,6 +246,36 @@ def test_unsupported_and_broken_checkpoints(tmp_path: Path, tiny: tuple[Path, An
         load_model(tmp_path, torch.float32, torch.device("cpu"))
 
 
+def test_traced_decode_step_matches_eager_and_compiles_once_per_row_class(tiny: tuple[Path, Any]) -> None:
+    """The compiled decode step (traced whole here with aot_eager, CPU): same logits, argmax and cache
+    writes as the eager model; one graph per function for 1 row and one for more rows, at any KV length."""
+    from torch._dynamo.utils import counters
+
+    model = load_model(tiny[0], torch.float32, torch.device("cpu"))
+    args = model.args
+    model.setup_rope(129, "cpu")
+    torch._dynamo.reset()
+    steps = [DecodeStep(model, backend="aot_eager", attention=a) for a in ("sdpa", "reductions")]
+    before = counters["stats"]["unique_graphs"]
+    for n, kv_len in ((1, 32), (1, 64), (2, 32), (4, 64)):
+        pos = torch.arange(n) + 5 * n
+        tok = torch.randint(0, VOCAB, (n, 1), generator=torch.Generator().manual_seed(n))
+        mask = additive_mask((torch.arange(kv_len)[None, :] <= pos[:, None]).view(n, 1, 1, kv_len), torch.float32)
+        fb = ForwardBatch(slots=None, positions=pos[:, None], write_pos=pos[:, None], mask=mask)
+        caches = [KVCache(args, 4, 128, torch.float32, "cpu") for _ in range(3)]
+        for c in caches:
+            c.kv.normal_(generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            ref = model(tok, caches[0], fb)[:, 0]
+            for step, cache in zip(steps, caches[1:], strict=True):
+                logits, greedy = step(tok, cache, fb)
+                torch.testing.assert_close(logits, ref)
+                assert torch.equal(greedy, ref.argmax(dim=-1))
+                torch.testing.assert_close(cache.kv, caches[0].kv)
+    # layer and head for 1 row and for many rows; the layer again for the other attention
+    assert counters["stats"]["unique_graphs"] - before == 6
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_match_generate(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
@@ -252,5 +288,14 @@ def test_cuda_graphs_match_generate(tmp_path: Path) -> None:
     ps = prompts((1, 9, 40, 71), seed=1)
     seqs = [seq(p, 12) for p in ps]
     run_to_completion(runner, seqs, prefill_chunk=16)
-    for p, s in zip(ps, seqs, strict=True):
-        assert s.output_token_ids == reference(hf, p, 12)
+    refs = [reference(hf, p, 12) for p in ps]
+    for s, ref in zip(seqs, refs, strict=True):
+        assert s.output_token_ids == ref
+    # one sequence in slot 0 of a fresh runner: the compiled 1-row decode graph
+    solo_runner = TorchRunner(
+        model, None, num_slots=4, max_len=160, device=torch.device("cuda"), dtype=torch.float32
+    )
+    assert solo_runner.decode_step is not None
+    solo = seq(ps[2], 12)
+    run_to_completion(solo_runner, [solo], prefill_chunk=16)
+    assert solo.output_token_ids == refs[2]

@@ -397,19 +397,20 @@ def _decode_head(model: CausalLM, x: Tensor, residual: Tensor) -> tuple[Tensor, 
     return logits, logits.argmax(dim=-1)
 
 
-_COMPILED: dict[tuple[str, bool], Callable[..., Any]] = {}
+_COMPILED: dict[tuple[str, bool, str], Callable[..., Any]] = {}
 
 
-def _compiled(fn: Callable[..., Any], gemv_reductions: bool) -> Callable[..., Any]:
+def _compiled(fn: Callable[..., Any], gemv_reductions: bool, backend: str) -> Callable[..., Any]:
     """One torch.compile wrapper per function and options, shared by every model: Dynamo keys its
     cache on the code, and guards on shapes and dtypes tell models apart."""
-    key = (fn.__name__, gemv_reductions)
+    key = (fn.__name__, gemv_reductions, backend)
     if key not in _COMPILED:
+        options: dict[str, str | int | bool | Callable[..., Any]] | None = (
+            {"coordinate_descent_tuning": gemv_reductions} if backend == "inductor" else None
+        )
         # NOTE: dynamic=False turns automatic dynamic shapes off (a second model's hidden size must not
         # make the first one's kernels generic); the dimensions that do vary are marked dynamic.
-        _COMPILED[key] = torch.compile(
-            fn, dynamic=False, fullgraph=True, options={"coordinate_descent_tuning": gemv_reductions}
-        )
+        _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, backend=backend, options=options)
     return _COMPILED[key]
 
 
@@ -427,16 +428,23 @@ class DecodeStep:
     coordinate descent (Inductor's decomposition of M = 1 matmuls, gpt-fast's setting); with more
     rows they stay cuBLAS GEMMs. `attention`: "sdpa" or "reductions" (`attend_reductions`).
     Compiles per model shape: one for 1 row, one for any other row count; the KV length is dynamic.
+    `backend`: torch.compile's (tests trace on CPU with "aot_eager").
     """
 
-    def __init__(self, model: CausalLM, gemv_reductions: bool = True, attention: str = "sdpa") -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        gemv_reductions: bool = True,
+        attention: str = "sdpa",
+        backend: str = "inductor",
+    ) -> None:
         if attention not in ("sdpa", "reductions"):
             raise ValueError(f"unknown decode attention {attention!r} (sdpa, reductions)")
         _raise_recompile_limits()
         self.model = model
         self.ops = EAGER_OPS if attention == "sdpa" else REDUCTION_ATTENTION_OPS
-        self._layer = _compiled(_decode_layer, gemv_reductions)
-        self._head = _compiled(_decode_head, gemv_reductions)
+        self._layer = _compiled(_decode_layer, gemv_reductions, backend)
+        self._head = _compiled(_decode_head, gemv_reductions, backend)
 
     def __call__(self, tokens: Tensor, cache: KVCache, fb: ForwardBatch) -> tuple[Tensor, Tensor]:
         """tokens [B, 1]; `fb` over the slot range (slots None)."""
