@@ -1,7 +1,8 @@
 """The app factory. `create_app(settings)` returns a FastAPI app whose lifespan owns the engine.
 
-Request path: middleware (request id, body limit, CORS) -> `api/routes/<resource>.py` (routers
-listed in `api/routes/__init__.py`) -> `api/deps.py` -> `api/generation.py` -> `AsyncEngine`.
+Request path: middleware (metrics, request id, CORS, body limit, unhandled errors) ->
+`api/routes/<resource>.py` (routers listed in `api/routes/__init__.py`) -> `api/deps.py` ->
+`api/generation.py` -> `AsyncEngine`.
 
 Other layers plug in at two places: `build_services` (fill a `Services` slot) and the router list.
 No module-level state: everything a request needs hangs off `app.state.services`.
@@ -21,6 +22,7 @@ from deepseek_serve.api.errors import install_error_handlers
 from deepseek_serve.api.middleware import (
     BodySizeLimitMiddleware,
     RequestIdMiddleware,
+    UnhandledErrorMiddleware,
     install_log_record_factory,
 )
 from deepseek_serve.api.services import Services
@@ -112,7 +114,10 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     install_error_handlers(app)
     for router in api_routers:
         app.include_router(router)
-    # NOTE: add_middleware prepends: the last added is the outermost.
+    # NOTE: add_middleware prepends: the last added is the outermost. Outside in: metrics, request id,
+    # CORS, body limit, unhandled errors; so a 413 or a 500 still gets the request id and CORS headers.
+    app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -122,7 +127,6 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
             expose_headers=["x-request-id", "x-cache", "retry-after"],
             allow_credentials="*" not in settings.cors_origins,
         )
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HTTPMetricsMiddleware)
     return app

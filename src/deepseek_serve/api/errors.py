@@ -163,6 +163,13 @@ _HTTP_TYPES = {
 }
 
 
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    """The generic 500 for an exception no handler knows; the traceback goes to the log only."""
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(ApiError(500, "The server had an error while processing your request. Sorry "
+                                        "about that!", "server_error", None, "internal_error"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on `app`. Every error response goes through `error_response`."""
 
@@ -200,13 +207,10 @@ def install_error_handlers(app: FastAPI) -> None:
                            None, None, dict(exc.headers or {}))
         return error_response(err)
 
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(ApiError(500, "The server had an error while processing your request. Sorry "
-                                            "about that!", "server_error", None, "internal_error"))
-
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(EngineError, engine_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected)
+    # NOTE: Starlette hands this one to its outermost ServerErrorMiddleware, outside our middleware; the
+    # app's innermost `UnhandledErrorMiddleware` answers first, so a 500 keeps its request id and CORS.
+    app.add_exception_handler(Exception, unexpected_error)

@@ -4,6 +4,8 @@
   sets `request_id_var` so every log line of the request carries it (`install_log_record_factory`).
 - `BodySizeLimitMiddleware`: refuses bodies over `max_body_bytes` with 413, by `Content-Length`
   up front or by counting streamed chunks.
+- `UnhandledErrorMiddleware` (innermost): answers an exception no handler knows with the generic 500
+  while the request id and CORS are still around it (Starlette's own catch-all is outside them all).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deepseek_serve.api.errors import error_body
+from deepseek_serve.api.errors import error_body, unexpected_error
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -135,3 +138,35 @@ class BodySizeLimitMiddleware:
         except BodyTooLarge:
             if not started:
                 await self._reject(send)
+
+
+class UnhandledErrorMiddleware:
+    """An exception that escaped every handler becomes the generic 500 here, inside the request-id and
+    CORS middleware, so the log line carries the request id and the response its `x-request-id` and CORS
+    headers. HTTP errors pass on (the body-size middleware answers its own); once the response has
+    started nothing can be sent, so the exception goes on up."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except StarletteHTTPException:
+            raise
+        except Exception as exc:
+            if started:
+                raise
+            response = await unexpected_error(Request(scope), exc)
+            await response(scope, receive, send)
