@@ -142,6 +142,9 @@ class _Choice:
     def absorb(self, delta: StreamDelta) -> None:
         if delta.token_ids:
             self.arrivals.append(time.monotonic())
+            # NOTE: a running count, so a stream cut before its last delta (client gone, drain timeout) still
+            # accounts for the tokens it got; the last delta's usage replaces it.
+            self.completion_tokens += len(delta.token_ids)
         if delta.text:
             self.text_parts.append(delta.text)
         if delta.logprobs:
