@@ -272,3 +272,34 @@ async def test_bad_request_does_not_stop_others(engine: AsyncEngine) -> None:
 async def test_probe_generates_one_token(engine: AsyncEngine) -> None:
     assert await engine.probe()
     assert engine.stats().steps_total > 0
+
+
+async def test_prefix_cache_keeps_a_bounded_lru_and_clears_on_request() -> None:
+    # NOTE: idle entries are bounded because their KV cells widen the span every decode step attends over.
+    eng = AsyncEngine.from_settings(make_settings(max_batch_size=2, context_length=2048, prefix_cache_tokens=120))
+    await eng.start()
+    try:
+        def req(text: str) -> GenerationRequest:
+            return chat_request(eng, text, temperature=0.0, max_tokens=32, ignore_eos=True)
+
+        topics = ["Name a red fruit.", "Name a blue bird.", "Name a green vegetable."]
+        for topic in topics:
+            await run(eng, req(topic))
+            await wait_idle(eng)
+            assert 0 < eng.stats().kv_cached_tokens <= 120
+        # each entry holds ~50 tokens: the newest two fit the budget, the oldest was evicted (its prompt
+        # now finds only the chat template's opening, shared with the other entries)
+        _, newest = await run(eng, req(topics[2]))
+        usage = newest[-1].usage
+        assert usage is not None and usage.cached_tokens == usage.prompt_tokens - 1
+        _, oldest = await run(eng, req(topics[0]))
+        usage = oldest[-1].usage
+        assert usage is not None and usage.cached_tokens < usage.prompt_tokens - 5
+
+        await wait_idle(eng)
+        await eng.clear_prefix_cache()
+        assert eng.stats().kv_cached_tokens == 0
+        _, after = await run(eng, req(topics[0]))
+        assert after[-1].usage is not None and after[-1].usage.cached_tokens == 0
+    finally:
+        await eng.shutdown()

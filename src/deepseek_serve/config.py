@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(512, ge=16, le=65_536, description="prompt tokens per forward step")
     n_threads: int = Field(0, ge=0, le=1024, description="CPU threads for llama.cpp; 0 = physical cores")
     prefix_cache: bool = True
+    prefix_cache_tokens: int = Field(4096, ge=0, description="KV cells finished requests may keep for prefix "
+                                     "reuse (llama.cpp runner); idle cells slow every decode step a little")
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queue time included")
     default_max_tokens: int = Field(1024, ge=1)
     cuda_graphs: bool = True

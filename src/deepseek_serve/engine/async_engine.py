@@ -170,6 +170,12 @@ class AsyncEngine:
         self._core.abort(request_id)
         self._wake.set()
 
+    async def clear_prefix_cache(self) -> None:
+        """Drop the KV that finished requests keep for prefix reuse (benchmarks use it between runs)."""
+        done = self._core.request_prefix_cache_clear()
+        self._wake.set()
+        await asyncio.to_thread(done.wait, 10.0)
+
     async def probe(self, timeout_s: float = 10.0) -> bool:
         """Generate one token end to end; True when the engine answered in time."""
         request = GenerationRequest(

@@ -6,6 +6,13 @@ slot keeps its KV as a prefix-cache entry until the slot or its cells are needed
 request reuses the idle slot with the longest common token prefix (`seq_rm` of the tail), or
 shares a running sequence's prefix (`seq_cp`, which only tags the same cells with a second id).
 
+Idle entries are not free: llama.cpp attends over the whole occupied span of the unified cache
+(`n_kv`, up to the highest used cell) and skips foreign cells only one by one, and for spans of
+512+ cells it splits that span across threads, so cells of idle entries slow every decode step
+(measured with this package's default model: 15 idle entries of 160 tokens cost a lone stream 10%).
+So an entry whose tokens are a prefix of a newer idle entry (the previous turn of the same
+conversation) is dropped at once, and idle entries keep at most `prefix_cache_tokens` cells (LRU).
+
 Sampling runs in llama.cpp's native sampler chains (one chain per sequence, own seed), so the
 per-token Python work is filling the batch and one call per sequence.
 """
@@ -161,7 +168,7 @@ class LlamaCppRunner(Runner):
 
     def __init__(self, model_path: Path, *, context_length: int = 8192, max_batch_size: int = 8,
                  max_model_len: int = 0, n_threads: int = 0, prefill_chunk_tokens: int = 512,
-                 prefix_cache: bool = True, flash_attn: bool = True) -> None:
+                 prefix_cache: bool = True, prefix_cache_tokens: int = 4096, flash_attn: bool = True) -> None:
         _init_backend()
         mparams = lc.llama_model_default_params()
         mparams.use_mmap = True
@@ -172,6 +179,7 @@ class LlamaCppRunner(Runner):
         self._n_vocab = self._tokenizer.vocab_size
         self.n_ctx_train = lc.llama_model_n_ctx_train(self._model)
         self._prefix_cache = prefix_cache
+        self._prefix_cache_tokens = prefix_cache_tokens
         self._max_batch = max_batch_size
         # NOTE: extra sequence ids beyond the batch keep finished sequences' KV for prefix reuse.
         n_slots = min(max_batch_size * 2 if prefix_cache else max_batch_size, 255)
@@ -229,6 +237,10 @@ class LlamaCppRunner(Runner):
     @property
     def kv_used_tokens(self) -> int:
         return self._reserved
+
+    @property
+    def kv_cached_tokens(self) -> int:
+        return self._cached_tokens()
 
     @property
     def chat_template(self) -> str | None:
@@ -399,9 +411,33 @@ class LlamaCppRunner(Runner):
         seq.slot = None
         if self._prefix_cache:
             slot.tokens = seq.all_token_ids[: seq.num_computed_tokens]
+            self._trim_prefix_cache(slot)
         else:
             slot.tokens = [0]  # force a clear
             self._clear(slot)
+
+    def _trim_prefix_cache(self, newest: _Slot) -> None:
+        """Drop idle entries that `newest` makes redundant, then the least recently used beyond the budget."""
+        n = len(newest.tokens)
+        for s in self._slots:
+            if s is not newest and s.is_idle and s.tokens and len(s.tokens) <= n \
+                    and newest.tokens[: len(s.tokens)] == s.tokens:
+                self._clear(s)
+        idle = sorted((s for s in self._slots if s.is_idle and s.tokens), key=lambda s: s.last_used)
+        cached = sum(len(s.tokens) for s in idle)
+        for s in idle:
+            if cached <= self._prefix_cache_tokens:
+                break
+            cached -= len(s.tokens)
+            self._clear(s)
+
+    def clear_prefix_cache(self) -> int:
+        dropped = 0
+        for s in self._slots:
+            if s.is_idle and s.tokens:
+                dropped += len(s.tokens)
+                self._clear(s)
+        return dropped
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):

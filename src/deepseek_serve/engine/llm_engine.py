@@ -70,6 +70,7 @@ class LLMEngine:
         self._states: dict[str, _SeqState] = {}
         self._abort_lock = threading.Lock()
         self._aborted: set[str] = set()
+        self._cache_clears: list[threading.Event] = []
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._counters = _Counters()
 
@@ -122,8 +123,15 @@ class LLMEngine:
         with self._abort_lock:
             self._aborted.add(request_id)
 
+    def request_prefix_cache_clear(self) -> threading.Event:
+        """Ask the engine thread to drop idle prefix-cache entries; the event is set once done."""
+        done = threading.Event()
+        with self._abort_lock:
+            self._cache_clears.append(done)
+        return done
+
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborted)
+        return self.scheduler.has_work() or bool(self._aborted) or bool(self._cache_clears)
 
     # --- the loop (engine thread) ------------------------------------------------------------------------
     def step(self) -> list[Output]:
@@ -156,6 +164,12 @@ class LLMEngine:
         """Apply aborts and deadlines to waiting and running sequences."""
         with self._abort_lock:
             aborted, self._aborted = self._aborted, set()
+            clears, self._cache_clears = self._cache_clears, []
+        if clears:
+            dropped = self.runner.clear_prefix_cache()
+            logger.info("prefix cache cleared: %d cached tokens dropped", dropped)
+            for done in clears:
+                done.set()
         now = time.monotonic()
 
         def expired(s: Sequence) -> bool:
@@ -258,6 +272,7 @@ class LLMEngine:
             prefix_cache_queries_tokens_total=c.prefix_queries,
             prefix_cache_hits_tokens_total=c.prefix_hits,
             is_running=is_running,
+            kv_cached_tokens=self.runner.kv_cached_tokens,
         )
 
     def close(self) -> None:

@@ -46,6 +46,7 @@ def build_runner(settings: Settings, model: ResolvedModel) -> Runner:
             n_threads=settings.n_threads,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
             prefix_cache=settings.prefix_cache,
+            prefix_cache_tokens=settings.prefix_cache_tokens,
         )
     try:
         from deepseek_serve.engine.torch_runner import TorchRunner

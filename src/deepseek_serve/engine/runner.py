@@ -98,6 +98,11 @@ class Runner(abc.ABC):
         """Tokens held by running sequences (reserved, not only written)."""
 
     @property
+    def kv_cached_tokens(self) -> int:
+        """Tokens idle prefix-cache entries hold (evictable at any time)."""
+        return 0
+
+    @property
     @abc.abstractmethod
     def chat_template(self) -> str | None:
         """The model's own Jinja chat template, if it has one."""
@@ -124,6 +129,10 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s slot at once. Its KV may stay as a prefix-cache entry, evictable any time."""
+
+    def clear_prefix_cache(self) -> int:
+        """Drop every idle prefix-cache entry; returns the cached tokens dropped (0 without a cache)."""
+        return 0
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release native resources."""

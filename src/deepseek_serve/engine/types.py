@@ -180,6 +180,7 @@ class EngineStats:
     prefix_cache_queries_tokens_total: int
     prefix_cache_hits_tokens_total: int
     is_running: bool
+    kv_cached_tokens: int = 0  # KV cells idle prefix-cache entries hold (evictable)
 
     @property
     def kv_usage_ratio(self) -> float:

@@ -57,6 +57,7 @@ async def readiness(request: Request, engine: EngineDep) -> Response:
         "max_batch_size": stats.max_batch_size,
         "max_queue_size": stats.max_queue_size,
         "kv_used_tokens": stats.kv_used_tokens,
+        "kv_cached_tokens": stats.kv_cached_tokens,
         "kv_capacity_tokens": stats.kv_capacity_tokens,
         "steps_total": stats.steps_total,
         "seconds_since_last_step": (round(now - stats.last_step_monotonic, 3)
