@@ -3,7 +3,8 @@ llama-cpp-python `Llama.create_completion` on the same model and threads.
 
     .venv/bin/python bench/engine.py [--model PATH] [--threads N] [--new-tokens 128] [--repeats 5]
 
-Every stream generates exactly --new-tokens tokens (greedy, EOS ignored) from fixed prompts.
+Every stream generates exactly --new-tokens tokens (greedy, EOS ignored) from fixed prompts; every run
+starts cold (the whole prompt is computed, nothing is reused from an earlier run) on both sides.
 Prints a Markdown table with tokens/s and ratios; each row is the median of --repeats rounds, and every
 round measures every configuration (interleaved). create_completion runs twice: with llama-cpp-python's
 defaults (the baseline; flash attention off) and with flash attention on (the engine's default), so the
@@ -78,6 +79,7 @@ def _plain_rate(prompt: str, new_tokens: int, flash_attn: bool) -> tuple[float, 
     """Plain `Llama.create_completion` tokens/s for one prompt (greedy)."""
     llm = _plain[flash_attn]
     text = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    llm.reset()  # type: ignore[attr-defined]  # no prompt reuse from the previous call: prefill it all
     start = time.perf_counter()
     out = llm.create_completion(text, max_tokens=new_tokens, temperature=0.0)  # type: ignore[attr-defined]
     elapsed = time.perf_counter() - start
@@ -122,6 +124,9 @@ async def main() -> None:
         base.append(plain_rate(prompt, flash_attn=False))
         base_fa.append(plain_rate(prompt, flash_attn=True))
         for c in levels:
+            # NOTE: every run starts cold, as the baseline does: no prompt reuse from an earlier run, and
+            # no idle prefix-cache cells left by it (they would widen the KV span each step scans).
+            await engine.clear_prefix_cache()
             runs[c].append((await engine_run(engine, c, args.new_tokens))[0])
         print(f"round {r + 1}: create_completion {base[-1]:.1f}, with flash_attn {base_fa[-1]:.1f}, engine "
               + ", ".join(f"x{c} {runs[c][-1]:.1f}" for c in levels), flush=True)
