@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The load tests of docs/performance.md ("Load test: baseline vs deepseek-serve", "Tuning").
-#   bench/load_report.sh OUT_DIR [baseline|serve|tuning|overload|wrk]...   (default: all of them)
+#   bench/load_report.sh OUT_DIR [baseline|serve|threads1|tuning|overload|wrk|llamacpp]...
+#   (default: all but llamacpp). `llamacpp` runs llama.cpp's own C++ server (path in $LLAMA_SERVER; build
+#   it from the llama-cpp-python sdist's vendor/llama.cpp with `cmake --build build --target llama-server`)
+#   and deepseek-serve with the same threads and 8 slots, each at 1 and 8 concurrent streams.
 # Each step starts its server on a free port, runs `deepseek-serve bench` against it, stops it.
 # Results: OUT_DIR/<run>/{results.json,report.md,*.png}. Fixed seed 0; 8 streams x 128 tokens.
 set -euo pipefail
@@ -96,6 +99,22 @@ for step in "${steps[@]}"; do
         bench "overload-q$queue" -r "$rate" -d 60 --max-tokens 128 --ignore-eos --warmup 1 --timeout 180
         stop
       done ;;
+    llamacpp)
+      : "${LLAMA_SERVER:?set LLAMA_SERVER to a llama-server binary}"
+      model=$("$py" -c 'from deepseek_serve.models.resolve import default_model_path; print(default_model_path())')
+      threads=$("$py" -c 'from deepseek_serve.engine.llamacpp_runner import physical_cores; print(physical_cores())')
+      # NOTE: the same model file, threads, 8 slots and 8192 KV cells (llama-server splits them per slot);
+      # its flash attention is "auto" as ours, continuous batching on, no prompt cache reuse across slots.
+      port=$(free_port)
+      start llama-server /health "$LLAMA_SERVER" -m "$model" -t "$threads" -tb "$threads" -np 8 -c 8192 \
+        --host 127.0.0.1 --port "$port" --no-webui
+      bench llama-server-c1 -c 1 -n 4 --max-tokens 128 --ignore-eos --warmup 1
+      bench llama-server-c8 "${main8[@]}"
+      stop
+      serve serve-c1 "${nocache[@]}"
+      bench serve-c1 -c 1 -n 4 --max-tokens 128 --ignore-eos --warmup 1
+      bench serve-c8 "${main8[@]}"
+      stop ;;
     wrk)
       serve wrk
       "$repo/bench/wrk/run.sh" "http://127.0.0.1:$port" 10s 32 2 | tee "$out/wrk.log"
