@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import numpy as np
 import pytest
 from tests.conftest import make_settings
 
@@ -72,17 +73,17 @@ async def test_greedy_is_deterministic_and_coherent(engine: AsyncEngine) -> None
 
 def assert_same_sample_or_boundary_flip(reference: list[StreamDelta], other: list[StreamDelta]) -> None:
     """Seeded sampling: the same tokens, except that llama.cpp's last-bit differences between batch
-    compositions (see NEAR_TIE) may move a token across the seeded draw's boundary. Accepted only late (a
-    sampler that ignored the seed or shared its random stream would differ from the first tokens) and
-    where both picks were plausible and the two runs' distributions agree."""
+    compositions (see NEAR_TIE; 0.06 nats on the very first token seen) can move a token across the seeded
+    draw's boundary, after which the texts part. Accepted only where both runs' distributions agree and
+    both picks were plausible. (Per-request random streams are checked exactly in the sampler test below.)"""
     ref = [lp for d in reference for lp in (d.logprobs or ())]
     oth = [lp for d in other for lp in (d.logprobs or ())]
     assert ref and oth, "requests must ask for logprobs"
     for i, (a, b) in enumerate(zip(ref, oth, strict=False)):
+        assert abs(a.logprob - next((lp for t, lp, _ in b.top if t == a.token), a.logprob)) < NEAR_TIE, \
+            f"position {i}: the two runs' distributions differ"
         if a.token_id == b.token_id:
-            assert abs(a.logprob - b.logprob) < NEAR_TIE, f"position {i}: {a.logprob} vs {b.logprob}"
             continue
-        assert i >= 8, f"seeded outputs differ already at token {i}"
         alternatives = {text: lp for text, lp, _ in a.top}
         assert b.token in alternatives, f"position {i}: {b.token!r} was not a plausible pick {a.top}"
         return
@@ -103,6 +104,48 @@ async def test_seed_reproducible_alone_and_batched(engine: AsyncEngine) -> None:
     assert_same_sample_or_boundary_flip(alone_deltas, batched_deltas)
     other_seed, _ = await run(engine, req(99))
     assert other_seed != alone
+
+
+def test_each_request_samples_from_its_own_seeded_stream() -> None:
+    """Exact check of what batching must not change: a request's draws depend on its seed only, not on
+    other requests sampling in between (fixed logits, so no numerics are involved)."""
+    import ctypes
+
+    import llama_cpp as lc
+
+    from deepseek_serve.engine.llamacpp_runner import LlamaCppRunner
+
+    logits = np.random.default_rng(0).normal(0.0, 1.0, 64)
+
+    def draw(chain: lc.llama_sampler_p) -> int:
+        data = (lc.llama_token_data * len(logits))(*(lc.llama_token_data(i, float(v), 0.0)
+                                                      for i, v in enumerate(logits)))
+        arr = lc.llama_token_data_array(data, len(logits), -1, False)
+        lc.llama_sampler_apply(chain, ctypes.byref(arr))
+        token = int(data[arr.selected].id)
+        lc.llama_sampler_accept(chain, token)
+        return token
+
+    def chain(seed: int | None) -> lc.llama_sampler_p:
+        # NOTE: the runner's own chain builder; it needs no model state.
+        return LlamaCppRunner._make_sampler(_SamplerHost, SamplingParams(temperature=1.0, top_p=0.95, seed=seed))
+
+    alone = chain(7)
+    solo = [draw(alone) for _ in range(40)]
+    mine, other, unseeded = chain(7), chain(8), chain(None)
+    interleaved = []
+    for _ in range(40):
+        draw(other)
+        interleaved.append(draw(mine))
+        draw(unseeded)
+    for c in (alone, mine, other, unseeded):
+        lc.llama_sampler_free(c)
+    assert interleaved == solo
+    assert len(set(solo)) > 5  # really sampling, not a constant
+
+
+class _SamplerHost:
+    _n_vocab = 64
 
 
 async def test_stop_string_ends_generation_and_is_not_emitted(engine: AsyncEngine) -> None:
