@@ -113,7 +113,7 @@ def test_each_request_samples_from_its_own_seeded_stream() -> None:
 
     import llama_cpp as lc
 
-    from deepseek_serve.engine.llamacpp_runner import LlamaCppRunner
+    from deepseek_serve.engine.llamacpp_runner import make_sampler_chain
 
     logits = np.random.default_rng(0).normal(0.0, 1.0, 64)
 
@@ -127,8 +127,7 @@ def test_each_request_samples_from_its_own_seeded_stream() -> None:
         return token
 
     def chain(seed: int | None) -> lc.llama_sampler_p:
-        # NOTE: the runner's own chain builder; it needs no model state.
-        return LlamaCppRunner._make_sampler(_SamplerHost, SamplingParams(temperature=1.0, top_p=0.95, seed=seed))
+        return make_sampler_chain(SamplingParams(temperature=1.0, top_p=0.95, seed=seed), len(logits))
 
     alone = chain(7)
     solo = [draw(alone) for _ in range(40)]
@@ -142,10 +141,6 @@ def test_each_request_samples_from_its_own_seeded_stream() -> None:
         lc.llama_sampler_free(c)
     assert interleaved == solo
     assert len(set(solo)) > 5  # really sampling, not a constant
-
-
-class _SamplerHost:
-    _n_vocab = 64
 
 
 async def test_stop_string_ends_generation_and_is_not_emitted(engine: AsyncEngine) -> None:

@@ -142,6 +142,27 @@ class LlamaCppTokenizer(Tokenizer):
         return self._piece(token_id, special=True).decode("utf-8", "replace")
 
 
+def make_sampler_chain(p: SamplingParams, n_vocab: int) -> lc.llama_sampler_p:
+    """A native sampler chain with its own random stream (seeded when `p.seed` is set)."""
+    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    if p.has_penalties:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
+            n_vocab, p.penalty_last_n, p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
+    if p.is_greedy:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        return chain
+    if p.top_k > 0:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(p.top_k))
+    if p.top_p < 1.0:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(p.top_p, 1))
+    if p.min_p > 0.0:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(p.min_p, 1))
+    lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(p.temperature))
+    seed = lc.LLAMA_DEFAULT_SEED if p.seed is None else p.seed % 0xFFFFFFFF
+    lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+    return chain
+
+
 @dataclass(eq=False)
 class _Slot:
     index: int
@@ -279,7 +300,7 @@ class LlamaCppRunner(Runner):
             lc.llama_memory_seq_rm(self._mem, slot.index, cached, -1)
         slot.tokens = []
         slot.seq = seq
-        slot.sampler = self._make_sampler(seq.params)
+        slot.sampler = make_sampler_chain(seq.params, self._n_vocab)
         seq.slot = slot.index
         seq.num_computed_tokens = cached
         seq.num_cached_tokens = cached
@@ -311,25 +332,6 @@ class LlamaCppRunner(Runner):
         if slot.tokens or slot.seq is not None:
             lc.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
         slot.tokens = []
-
-    def _make_sampler(self, p: SamplingParams) -> lc.llama_sampler_p:
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if p.has_penalties:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
-                self._n_vocab, p.penalty_last_n, p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
-        if p.is_greedy:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-            return chain
-        if p.top_k > 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(p.top_k))
-        if p.top_p < 1.0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(p.top_p, 1))
-        if p.min_p > 0.0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(p.min_p, 1))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(p.temperature))
-        seed = lc.LLAMA_DEFAULT_SEED if p.seed is None else p.seed % 0xFFFFFFFF
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
-        return chain
 
     # --- forward ------------------------------------------------------------------------------------
     def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
