@@ -74,19 +74,20 @@ async def test_greedy_is_deterministic_and_coherent(engine: AsyncEngine) -> None
 def assert_same_sample_or_boundary_flip(reference: list[StreamDelta], other: list[StreamDelta]) -> None:
     """Seeded sampling: the same tokens, except that llama.cpp's last-bit differences between batch
     compositions (see NEAR_TIE; 0.06 nats on the very first token seen) can move a token across the seeded
-    draw's boundary, after which the texts part. Accepted only where both runs' distributions agree and
-    both picks were plausible. (Per-request random streams are checked exactly in the sampler test below.)"""
+    draw's boundary (to its neighbour in the sampler's order, which may be any tail token), after which the
+    texts part. So: identical up to the first difference, and up to and at it both runs saw the same
+    distribution. The per-request random streams themselves are checked exactly by the fixed-logits test."""
     ref = [lp for d in reference for lp in (d.logprobs or ())]
     oth = [lp for d in other for lp in (d.logprobs or ())]
     assert ref and oth, "requests must ask for logprobs"
     for i, (a, b) in enumerate(zip(ref, oth, strict=False)):
-        assert abs(a.logprob - next((lp for t, lp, _ in b.top if t == a.token), a.logprob)) < NEAR_TIE, \
-            f"position {i}: the two runs' distributions differ"
-        if a.token_id == b.token_id:
-            continue
-        alternatives = {text: lp for text, lp, _ in a.top}
-        assert b.token in alternatives, f"position {i}: {b.token!r} was not a plausible pick {a.top}"
-        return
+        theirs = {text: lp for text, lp, _ in b.top}
+        shared = [(lp, theirs[text]) for text, lp, _ in a.top if text in theirs]
+        assert len(shared) >= 3, f"position {i}: different top tokens {a.top} vs {b.top}"
+        for mine, other_lp in shared:
+            assert abs(mine - other_lp) < NEAR_TIE, f"position {i}: distributions differ {a.top} vs {b.top}"
+        if a.token_id != b.token_id:
+            return
     assert len(ref) == len(oth)
 
 
