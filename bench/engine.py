@@ -23,6 +23,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from deepseek_serve.cli._common import run_loop
 from deepseek_serve.config import load_settings
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.llamacpp_runner import physical_cores
@@ -151,4 +152,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # NOTE: on uvloop, as under `deepseek-serve serve` (see cli/_common.run_loop for why it matters).
+    run_loop(main())

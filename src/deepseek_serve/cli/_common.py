@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NoReturn
+import asyncio
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -11,6 +13,7 @@ if TYPE_CHECKING:
     from deepseek_serve.config import Settings
 
 err_console = Console(stderr=True)
+T = TypeVar("T")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -26,3 +29,17 @@ def settings_from_cli(**overrides: object) -> Settings:
         return load_settings(**{k: v for k, v in overrides.items() if v is not None})
     except SettingsError as exc:
         fail(str(exc))
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on uvloop when installed (as `serve` does), else on asyncio's default loop.
+
+    NOTE: the engine thread wakes the loop once per token; asyncio's own `call_soon_threadsafe`
+    releases the GIL in its socket write and then waits ~0.1 ms for the woken loop to hand it back,
+    uvloop's wake-up does not (measured: 0.15 vs 0.05 ms per step of the engine thread).
+    """
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is installed with uvicorn[standard] on Linux/macOS
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from deepseek_serve.cli._common import err_console, fail, settings_from_cli
+from deepseek_serve.cli._common import err_console, fail, run_loop, settings_from_cli
 
 if TYPE_CHECKING:
     from deepseek_serve.engine.async_engine import AsyncEngine
@@ -87,7 +87,7 @@ def generate(
             await engine.shutdown()
 
     try:
-        asyncio.run(run())
+        run_loop(run())
     except EngineError as exc:
         fail(str(exc))
 
@@ -135,7 +135,7 @@ def chat(
             await engine.shutdown()
 
     try:
-        asyncio.run(run())
+        run_loop(run())
     except KeyboardInterrupt:
         pass
 
