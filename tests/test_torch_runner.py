@@ -21,6 +21,7 @@ from deepseek_serve.engine.torch_runner.model import (
     UnsupportedModelError,
 )
 from deepseek_serve.engine.torch_runner.runner import TorchRunner, additive_mask
+from deepseek_serve.engine.torch_runner.slots import KVCopy, SlotTable
 from deepseek_serve.engine.types import SamplingParams
 from torch_fixtures import CODER, R1_32B_OLD, tiny_checkpoint
 
@@ -129,6 +130,48 @@ def test_prefix_cache_reuses_idle_slot(tiny: tuple[Path, Any]) -> None:
     other = seq(prompts((12,), seed=3)[0], 4)
     run_to_completion(runner, [other])
     assert other.num_cached_tokens == 0
+
+
+def test_slot_table_keeps_running_sequences_in_the_lowest_slots() -> None:
+    # NOTE: a decode step covers slots 0..n-1, so a lone stream must sit in slot 0 (one row).
+    table = SlotTable(num_slots=4, max_len=100)
+    a_ids, b_ids = list(range(1, 21)), list(range(50, 60))
+    a = table.allocate(a_ids, 30)
+    assert (a.slot, a.num_cached_tokens, a.copies) == (0, 0, ())
+    table.release(0, a_ids)
+    # an unrelated prompt takes slot 0; a's entry is parked in the highest free slot, not lost
+    b = table.allocate(b_ids, 30)
+    assert (b.slot, b.num_cached_tokens) == (0, 0)
+    assert b.copies == (KVCopy(0, 3, 20),)
+    table.release(0, b_ids)
+    # a's continuation: slot 0 again; b's entry is parked, a's prefix copied in from slot 3
+    c = table.allocate([*a_ids, 99], 30)
+    assert (c.slot, c.num_cached_tokens) == (0, 20)
+    assert c.copies == (KVCopy(0, 2, 10), KVCopy(3, 0, 20))
+    # the best prefix already in the lowest slot is reused in place
+    table.release(0, [*a_ids, 99])
+    d = table.allocate([*a_ids, 99, 98], 30)
+    assert (d.slot, d.num_cached_tokens, d.copies) == (0, 21, ())
+    # no free slot left to park in: the entry in the target slot is evicted
+    for ids in ([7, 8], [9, 10], [11, 12]):
+        table.release(table.allocate(ids, 10).slot, ids)
+    assert table.allocate([5, 6], 10).copies == ()
+
+
+def test_prefix_copied_from_a_parked_entry_gives_the_same_tokens(tiny: tuple[Path, Any]) -> None:
+    path, hf = tiny
+    runner = make_runner(path, slots=4)
+    base, other = prompts((30, 12), seed=5)
+    first = seq(base, 6)
+    run_to_completion(runner, [first])
+    unrelated = seq(other, 4)
+    run_to_completion(runner, [unrelated])  # runs in slot 0; `first`'s KV is parked in slot 3
+    assert unrelated.output_token_ids == reference(hf, other, 4)
+    follow = base + first.output_token_ids[:3]
+    again = seq(follow, 6)
+    run_to_completion(runner, [again])
+    assert again.num_cached_tokens == len(follow) - 1
+    assert again.output_token_ids == reference(hf, follow, 6)
 
 
 def test_capacity_and_free(tiny: tuple[Path, Any]) -> None:

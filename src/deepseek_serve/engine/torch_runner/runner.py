@@ -195,6 +195,9 @@ class TorchRunner(Runner):
 
     def allocate(self, seq: Sequence) -> int:
         grant = self.slots.allocate(seq.prompt_token_ids, seq.max_total_tokens)
+        kv = self.cache.kv  # [layers, slots, Hk, max_len + 1, 2 D]
+        for c in grant.copies:
+            kv[:, c.dst, :, : c.num_tokens].copy_(kv[:, c.src, :, : c.num_tokens])
         seq.slot = grant.slot
         seq.num_computed_tokens = grant.num_cached_tokens
         seq.num_cached_tokens = grant.num_cached_tokens

@@ -2,7 +2,13 @@
 
 A slot holds up to `max_len` tokens of one sequence. When a sequence is freed its slot becomes
 *idle*: its KV stays, keyed by the token ids it holds, until the slot is needed again. A new
-sequence whose prompt shares a prefix with an idle slot takes that slot and recomputes only the rest.
+sequence whose prompt shares a prefix with an idle slot reuses that KV and recomputes only the rest.
+
+Running sequences are kept in the lowest slots, because a decode step covers slots 0..n-1 (n = the
+highest running slot + 1, bucketed): a lone stream in slot 5 would pay for 6 rows. So a new sequence
+always takes the lowest slot not running; an idle entry there is first parked in the highest free
+slot (or evicted when none is free), and a reusable prefix held elsewhere is copied in. The copies
+are returned with the grant for the runner to perform (a few MB of KV: microseconds on a GPU).
 """
 
 from __future__ import annotations
@@ -13,9 +19,17 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class KVCopy:
+    src: int
+    dst: int
+    num_tokens: int  # positions [0, num_tokens) of slot `src` go to slot `dst`
+
+
+@dataclass(frozen=True)
 class SlotGrant:
     slot: int
-    num_cached_tokens: int  # prompt tokens whose KV is already in the slot
+    num_cached_tokens: int  # prompt tokens whose KV is in the slot once `copies` are done
+    copies: tuple[KVCopy, ...] = ()  # to perform in order before the sequence runs
 
 
 def common_prefix_len(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
@@ -47,8 +61,8 @@ class SlotTable:
         return num_tokens <= self.max_len and (bool(self._free) or bool(self._idle))
 
     def allocate(self, prompt: list[int], num_tokens: int) -> SlotGrant:
-        """Reserve a slot for a sequence of up to `num_tokens`; reuse the idle slot sharing the
-        longest prefix with `prompt` (always leaving >= 1 prompt token to compute)."""
+        """Reserve the lowest slot not running for a sequence of up to `num_tokens`, reusing the idle
+        entry sharing the longest prefix with `prompt` (always leaving >= 1 prompt token to compute)."""
         if not self.can_allocate(num_tokens):
             raise RuntimeError("no KV slot available: call can_allocate first")
         best_slot, best_len = -1, 0
@@ -56,15 +70,28 @@ class SlotTable:
             n = min(common_prefix_len(ids, prompt), len(prompt) - 1)
             if n > best_len:
                 best_slot, best_len = slot, n
-        if best_slot >= 0:
-            del self._idle[best_slot]
-            slot = best_slot
-        elif self._free:
-            slot = heapq.heappop(self._free)
+        target = min([*self._free[:1], *self._idle])  # the heap's first entry is its lowest slot
+        copies: list[KVCopy] = []
+        if target in self._idle and target != best_slot:
+            ids = self._idle[target]
+            if self._free:  # park the entry in the highest free slot
+                park = max(self._free)
+                self._free.remove(park)
+                heapq.heapify(self._free)
+                copies.append(KVCopy(target, park, len(ids)))
+                self._idle = OrderedDict((park if s == target else s, v) for s, v in self._idle.items())
+            else:
+                del self._idle[target]
+        if target in self._idle:  # it holds the best prefix: reuse it in place
+            del self._idle[target]
         else:
-            slot, _ = self._idle.popitem(last=False)  # evict the least recently used entry
-        self._reserved[slot] = num_tokens
-        return SlotGrant(slot, best_len)
+            if self._free and self._free[0] == target:
+                heapq.heappop(self._free)
+            if best_slot >= 0:
+                copies.append(KVCopy(best_slot, target, best_len))
+                self._idle.move_to_end(best_slot)
+        self._reserved[target] = num_tokens
+        return SlotGrant(target, best_len, tuple(copies))
 
     def release(self, slot: int, cached: list[int]) -> None:
         """Give `slot` back; `cached` are the token ids whose KV it holds (kept as a prefix entry)."""
