@@ -87,6 +87,20 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"Request body too large: the limit is {limit} bytes.")
 
 
+class _StartTracker:
+    """Wraps an ASGI `send`; `started` turns true once the response has begun (after which an error
+    can no longer be answered with a response of its own)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
 class BodySizeLimitMiddleware:
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
@@ -116,7 +130,6 @@ class BodySizeLimitMiddleware:
                     await self._reject(send)
                     return
         received = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -127,16 +140,11 @@ class BodySizeLimitMiddleware:
                     raise BodyTooLarge(self.max_body_bytes)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = _StartTracker(send)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, tracked)
         except BodyTooLarge:
-            if not started:
+            if not tracked.started:
                 await self._reject(send)
 
 
@@ -153,20 +161,13 @@ class UnhandledErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = _StartTracker(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except StarletteHTTPException:
             raise
         except Exception as exc:
-            if started:
+            if tracked.started:
                 raise
             response = await unexpected_error(Request(scope), exc)
             await response(scope, receive, send)
