@@ -122,9 +122,7 @@ def rope_cache(args: ModelArgs, max_len: int, device: torch.device | str | None 
     """float32 [max_len, 2, D]: cos and sign-folded sin (-sin on the first half), so that
     rope(x) = x * cos + swap_halves(x) * sin (Hugging Face's rotate-half layout)."""
     half = args.head_dim // 2
-    inv_freq = 1.0 / (
-        args.rope_theta ** (torch.arange(0, half, dtype=torch.int64, device=device).float() / half)
-    )
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, half, dtype=torch.int64, device=device).float() / half))
     pos = torch.arange(max_len, dtype=torch.float32, device=device) / args.rope_linear_factor
     freqs = torch.outer(pos, inv_freq)  # [S, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]
@@ -191,6 +189,13 @@ def attend_reductions(q: Tensor, kvs: Tensor, mask: Tensor, hk: int) -> Tensor:
     return out.to(q.dtype).reshape(b, 1, h * hd)
 
 
+def attend_triton(q: Tensor, kvs: Tensor, lengths: Tensor) -> Tensor:
+    """`attend_sdpa` for T == 1 through the split-KV Triton kernels (CUDA; the custom op is
+    registered by importing `decode_attention`): reads each row's `lengths` positions, not the
+    whole bucket."""
+    return torch.ops.deepseek_serve.decode_attention(q, kvs, lengths)
+
+
 class _Ops:
     """The elementwise pieces and the attention; `use_compiled_ops()` swaps torch.compile'd (fused)
     versions into `OPS`. `EAGER_OPS` always holds the plain functions (what a whole-step compile traces)."""
@@ -199,25 +204,39 @@ class _Ops:
     add_rms_norm = staticmethod(add_rms_norm)
     silu_mul = staticmethod(silu_mul)
     rope_pack = staticmethod(rope_pack)
-    attend = staticmethod(attend_sdpa)
+
+    @staticmethod
+    def attend(q: Tensor, kvs: Tensor, fb: ForwardBatch, hk: int) -> Tensor:
+        return attend_sdpa(q, kvs, fb.mask, hk)
 
 
 class _ReductionAttentionOps(_Ops):
-    attend = staticmethod(attend_reductions)
+    @staticmethod
+    def attend(q: Tensor, kvs: Tensor, fb: ForwardBatch, hk: int) -> Tensor:
+        return attend_reductions(q, kvs, fb.mask, hk)
+
+
+class _TritonAttentionOps(_Ops):
+    @staticmethod
+    def attend(q: Tensor, kvs: Tensor, fb: ForwardBatch, hk: int) -> Tensor:
+        assert fb.lengths is not None
+        return attend_triton(q, kvs, fb.lengths)
 
 
 OPS = _Ops()
 EAGER_OPS = _Ops()
-REDUCTION_ATTENTION_OPS = _ReductionAttentionOps()
+DECODE_ATTENTION_OPS: dict[str, _Ops] = {
+    "sdpa": EAGER_OPS,
+    "reductions": _ReductionAttentionOps(),
+    "triton": _TritonAttentionOps(),
+}
 
 
 def _raise_recompile_limits() -> None:
     # NOTE: sizes 0/1 are specialized (decode vs prefill, one row vs many) and each model shape compiles
     # its own code: a handful of compiles per function
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 1024
-    )
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
 
 
 def use_compiled_ops() -> None:
@@ -242,6 +261,7 @@ class ForwardBatch:
     write_pos: Tensor  # [B, T] int64 cache positions
     mask: Tensor  # [B, 1, T, S] additive (0 / -inf) or bool
     rows: Tensor | None = None  # [B, T] int64 cache slot of each new token (built once per forward)
+    lengths: Tensor | None = None  # [B] int64 positions attended (decode with the Triton attention)
 
     def __post_init__(self) -> None:
         if self.rows is None:
@@ -277,9 +297,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         d = args.hidden_size
-        self.qkv_proj = nn.Linear(
-            d, (args.num_heads + 2 * args.num_kv_heads) * args.head_dim, bias=args.qkv_bias
-        )
+        self.qkv_proj = nn.Linear(d, (args.num_heads + 2 * args.num_kv_heads) * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, d, bias=args.o_bias)
 
     def forward(
@@ -294,7 +312,7 @@ class Attention(nn.Module):
         cache_l[fb.rows, :, fb.write_pos] = kv
         # decode over a slot range: row i is slot i (a view); else gather the rows' slots
         kvs = cache_l[:b, :, :s] if fb.slots is None else cache_l[fb.slots, :, :s]  # [B, Hk, S, 2D]
-        return self.o_proj(ops.attend(q, kvs, fb.mask, hk))
+        return self.o_proj(ops.attend(q, kvs, fb, hk))
 
 
 class MLP(nn.Module):
@@ -390,10 +408,14 @@ def _decode_layer(
     return layer(x, residual, rope, cache_l, fb, ops)
 
 
-def _decode_head(model: CausalLM, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+def _decode_logits(model: CausalLM, x: Tensor, residual: Tensor) -> Tensor:
     norm = model.model.norm
     h, _ = add_rms_norm(x, residual, norm.weight, norm.eps)
-    logits = model.lm_head(h[:, 0])
+    return model.lm_head(h[:, 0])
+
+
+def _decode_head(model: CausalLM, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    logits = _decode_logits(model, x, residual)
     return logits, logits.argmax(dim=-1)
 
 
@@ -435,16 +457,25 @@ class DecodeStep:
         self,
         model: CausalLM,
         gemv_reductions: bool = True,
-        attention: str = "sdpa",
+        attention: str = "auto",
         backend: str = "inductor",
+        eager_argmax: bool = True,
     ) -> None:
-        if attention not in ("sdpa", "reductions"):
-            raise ValueError(f"unknown decode attention {attention!r} (sdpa, reductions)")
+        if attention != "auto" and attention not in DECODE_ATTENTION_OPS:
+            names = ", ".join(["auto", *DECODE_ATTENTION_OPS])
+            raise ValueError(f"unknown decode attention {attention!r} ({names})")
         _raise_recompile_limits()
+        # NOTE: "auto": the Triton kernels for one row (2.1 -> 1.5 ms per 1.5B-shape token on an H200),
+        # SDPA for more rows (at 64 rows the Triton kernels, one program per query head, were slower)
+        self.ops_one = DECODE_ATTENTION_OPS["triton" if attention == "auto" else attention]
+        self.ops_many = DECODE_ATTENTION_OPS["sdpa" if attention == "auto" else attention]
+        if isinstance(self.ops_one, _TritonAttentionOps):
+            import deepseek_serve.engine.torch_runner.decode_attention  # noqa: F401  (registers the op)
         self.model = model
-        self.ops = EAGER_OPS if attention == "sdpa" else REDUCTION_ATTENTION_OPS
+        self.eager_argmax = eager_argmax
         self._layer = _compiled(_decode_layer, gemv_reductions, backend)
         self._head = _compiled(_decode_head, gemv_reductions, backend)
+        self._logits = _compiled(_decode_logits, gemv_reductions, backend)
 
     def __call__(self, tokens: Tensor, cache: KVCache, fb: ForwardBatch) -> tuple[Tensor, Tensor]:
         """tokens [B, 1]; `fb` over the slot range (slots None)."""
@@ -457,16 +488,23 @@ class DecodeStep:
         residual = torch.zeros_like(x)
         torch._dynamo.maybe_mark_dynamic(fb.mask, 3)
         many = tokens.shape[0] > 1
+        ops = self.ops_many if many else self.ops_one
+        if isinstance(ops, _TritonAttentionOps):
+            fb.lengths = fb.positions[:, 0] + 1
         if many:
             _rows_dynamic(rope[0], rope[1], fb.rows, fb.write_pos, fb.mask)
+            if fb.lengths is not None:
+                _rows_dynamic(fb.lengths)
         for layer, cache_l in zip(m.model.layers, cache.kv, strict=True):
             if many:
                 _rows_dynamic(x, residual)
-            x, residual = self._layer(layer, x, residual, rope, cache_l, fb, self.ops)
+            x, residual = self._layer(layer, x, residual, rope, cache_l, fb, ops)
         if many:
             _rows_dynamic(x, residual)
-        logits, greedy = self._head(m, x, residual)
-        return logits, greedy
+        if self.eager_argmax:
+            logits = self._logits(m, x, residual)
+            return logits, logits.argmax(dim=-1)
+        return self._head(m, x, residual)
 
 
 def fuse_hf_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -479,9 +517,7 @@ def fuse_hf_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
             out[f"{stem}.self_attn.qkv_proj.{kind}"] = torch.cat(parts, dim=0)
         elif ".mlp.gate_proj." in key:
             stem, kind = key.split(".mlp.gate_proj.")
-            out[f"{stem}.mlp.gate_up_proj.{kind}"] = torch.cat(
-                [value, state[f"{stem}.mlp.up_proj.{kind}"]], dim=0
-            )
+            out[f"{stem}.mlp.gate_up_proj.{kind}"] = torch.cat([value, state[f"{stem}.mlp.up_proj.{kind}"]], dim=0)
         elif not any(f".{p}." in key for p in ("k_proj", "v_proj", "up_proj")):
             out[key] = value
     return out
