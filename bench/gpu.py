@@ -79,9 +79,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         attention_bias=False,
     ),
 }
-TINY = dict(
-    hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=1024, max_position_embeddings=1024
-)
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=1024, max_position_embeddings=1024)
 CONCURRENCY: tuple[int, ...] = (1, 8, 32, 64)
 PROMPT_LEN, NEW_TOKENS = 128, 256
 
@@ -135,9 +133,7 @@ def our_runner(
         # NOTE: quantizing swaps modules in place; work on private copies of the shared tensors
         model = from_state_dict(args, {k: v.clone() for k, v in hf.state_dict().items()}, dtype, DEVICE)
         quantize_model(model, quant)  # type: ignore[arg-type]
-    return TorchRunner(
-        model, None, num_slots=slots, max_len=max_len, device=DEVICE, dtype=dtype, cuda_graphs=graphs
-    )
+    return TorchRunner(model, None, num_slots=slots, max_len=max_len, device=DEVICE, dtype=dtype, cuda_graphs=graphs)
 
 
 def make_seqs(prompts: list[list[int]], new_tokens: int) -> list[Sequence]:
@@ -292,8 +288,10 @@ def bench_shape(
         end.synchronize()
         replay_ms = start.elapsed_time(end) / 100
         results.setdefault("graph_replay_ms_1", {})[name] = replay_ms
-        log(f"one decode graph replay (1 row): {replay_ms:.3f} ms = {1e3 / replay_ms:.0f} tok/s "
-            f"({100 * 1e3 / replay_ms / roof:.0f}% of roofline)")
+        log(
+            f"one decode graph replay (1 row): {replay_ms:.3f} ms = {1e3 / replay_ms:.0f} tok/s "
+            f"({100 * 1e3 / replay_ms / roof:.0f}% of roofline)"
+        )
     gen = torch.Generator().manual_seed(0)
     rows = []
     # bf16 agreement with generate(): one prompt, greedy
@@ -305,9 +303,7 @@ def bench_shape(
     agree = next((i for i, (a, b) in enumerate(zip(ref, s0[0].output_token_ids, strict=True)) if a != b), k)
     log(f"bf16 greedy agreement with generate(): first {agree}/{k} tokens equal")
     for conc in CONCURRENCY:
-        prompts = [
-            torch.randint(0, cfg["vocab_size"], (PROMPT_LEN,), generator=gen).tolist() for _ in range(conc)
-        ]
+        prompts = [torch.randint(0, cfg["vocab_size"], (PROMPT_LEN,), generator=gen).tolist() for _ in range(conc)]
         bench_runner(runner, prompts, 2)  # warm (compiles the prefill shapes)
         ours = bench_runner(runner, prompts, NEW_TOKENS)
         hf_new = 32 if quick else NEW_TOKENS
@@ -336,16 +332,13 @@ def bench_shape(
     if quant and name.startswith("r1"):
         for quant_mode in ("int8", "int4"):
             try:
-                qr = our_runner(
-                    hf, cfg, torch.bfloat16, slots=max(CONCURRENCY), max_len=max_len, quant=quant_mode
-                )
+                qr = our_runner(hf, cfg, torch.bfloat16, slots=max(CONCURRENCY), max_len=max_len, quant=quant_mode)
                 qr.warmup()
                 qb = weight_bytes(qr.model)
                 qrows = {}
                 for conc in (1, CONCURRENCY[-1]):
                     prompts = [
-                        torch.randint(0, cfg["vocab_size"], (PROMPT_LEN,), generator=gen).tolist()
-                        for _ in range(conc)
+                        torch.randint(0, cfg["vocab_size"], (PROMPT_LEN,), generator=gen).tolist() for _ in range(conc)
                     ]
                     bench_runner(qr, prompts, 2)
                     qrows[conc] = bench_runner(qr, prompts, NEW_TOKENS)
@@ -372,9 +365,14 @@ def bench_shape(
 # --- 5. decode-step variants (profiling aid) -----------------------------------------------------
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "eager-ops": None,  # the layers run eagerly (small compiled elementwise ops) inside the graph
-    "compiled": dict(gemv_reductions=True, attention="sdpa"),
-    "compiled-cublas": dict(gemv_reductions=False, attention="sdpa"),
-    "compiled-red-attn": dict(gemv_reductions=True, attention="reductions"),
+    "compiled": dict(gemv_reductions=True, attention="sdpa", eager_argmax=False),
+    "default": {},  # DecodeStep's defaults
+    "compiled-cublas": dict(gemv_reductions=False, attention="sdpa", eager_argmax=False),
+    "compiled-red-attn": dict(gemv_reductions=True, attention="reductions", eager_argmax=False),
+    "compiled-triton-attn": dict(gemv_reductions=True, attention="triton", eager_argmax=False),
+    "compiled-triton-attn-eager-argmax": dict(gemv_reductions=True, attention="triton", eager_argmax=True),
+    "cublas-triton-attn": dict(gemv_reductions=False, attention="triton", eager_argmax=False),
+    "cublas-triton-attn-eager-argmax": dict(gemv_reductions=False, attention="triton", eager_argmax=True),
 }
 
 
@@ -451,6 +449,7 @@ def decode_variants(name: str, cfg: dict[str, Any], names: list[str], results: d
                     row[f"replay_ms_{n}"] = replay_ms(g)
             roof = results["copy_bandwidth_GBps"] * 1e9 / weight_bytes(runner.model)
             row["replay_roofline_pct_1"] = 100 * 1e3 / row["replay_ms_1"] / roof
+            runner.warmup()  # every graph captured before the timed runs
             seqs = make_seqs([prompt], 48)
             run_to_completion(runner, seqs, prefill_chunk=PROMPT_LEN)
             toks = seqs[0].output_token_ids
@@ -458,6 +457,12 @@ def decode_variants(name: str, cfg: dict[str, Any], names: list[str], results: d
             row["agree_first"] = next(
                 (i for i, (a, b) in enumerate(zip(first, toks, strict=True)) if a != b), len(toks)
             )
+            # end to end, one stream (a new prompt: slot 0's prefix is the run above)
+            p1 = torch.randint(0, cfg["vocab_size"], (PROMPT_LEN,), generator=gen).tolist()
+            bench_runner(runner, [p1], 2)
+            e2e = bench_runner(runner, [p1[::-1]], NEW_TOKENS)
+            row["decode_tok_s_1"] = e2e["decode_tok_s"]
+            row["roofline_pct_1"] = 100 * e2e["decode_tok_s"] / roof
             table, dev_us, nk = profile_step(runner, 1, kv)
             row["profile_device_us_1"] = dev_us
             row["profile_kernels_1"] = nk
