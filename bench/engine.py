@@ -47,9 +47,12 @@ async def engine_run(engine: AsyncEngine, concurrency: int, new_tokens: int) -> 
 
     async def one(i: int) -> int:
         prompt = engine.render_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
-        req = GenerationRequest(request_id=f"bench-{concurrency}-{i}-{time.monotonic_ns()}", prompt=prompt,
-                                add_special_tokens=False,
-                                params=SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))
+        req = GenerationRequest(
+            request_id=f"bench-{concurrency}-{i}-{time.monotonic_ns()}",
+            prompt=prompt,
+            add_special_tokens=False,
+            params=SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True),
+        )
         _, last = await engine.complete(req)
         assert last.usage is not None
         return last.usage.completion_tokens
@@ -72,8 +75,15 @@ def _plain_init(model: str, threads: int) -> None:
     from llama_cpp import Llama
 
     for flash_attn in (False, True):  # llama-cpp-python's default (off), and the engine's default (on)
-        _plain[flash_attn] = Llama(model_path=model, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
-                                   verbose=False, seed=0, flash_attn=flash_attn)
+        _plain[flash_attn] = Llama(
+            model_path=model,
+            n_ctx=2048,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+            seed=0,
+            flash_attn=flash_attn,
+        )
 
 
 def _plain_rate(prompt: str, new_tokens: int, flash_attn: bool) -> tuple[float, int]:
@@ -98,13 +108,18 @@ async def main() -> None:
     args = ap.parse_args()
     threads = args.threads or physical_cores()
     levels = [int(c) for c in args.concurrency.split(",")]
-    settings = load_settings(_env_file=None, model=args.model, n_threads=threads, max_batch_size=max(levels),
-                             context_length=8192)
+    settings = load_settings(
+        _env_file=None, model=args.model, n_threads=threads, max_batch_size=max(levels), context_length=8192
+    )
     model_path = Path(args.model) if args.model else default_model_path()
 
     # NOTE: create_completion stops at EOS; rates are per generated token either way.
-    plain = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                initializer=_plain_init, initargs=(str(model_path), threads))
+    plain = ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_plain_init,
+        initargs=(str(model_path), threads),
+    )
 
     def plain_rate(prompt: str, flash_attn: bool) -> float:
         rate, n = plain.submit(_plain_rate, prompt, args.new_tokens, flash_attn).result()
@@ -129,26 +144,37 @@ async def main() -> None:
             # no idle prefix-cache cells left by it (they would widen the KV span each step scans).
             await engine.clear_prefix_cache()
             runs[c].append((await engine_run(engine, c, args.new_tokens))[0])
-        print(f"round {r + 1}: create_completion {base[-1]:.1f}, with flash_attn {base_fa[-1]:.1f}, engine "
-              + ", ".join(f"x{c} {runs[c][-1]:.1f}" for c in levels), flush=True)
+        print(
+            f"round {r + 1}: create_completion {base[-1]:.1f}, with flash_attn {base_fa[-1]:.1f}, engine "
+            + ", ".join(f"x{c} {runs[c][-1]:.1f}" for c in levels),
+            flush=True,
+        )
     await engine.shutdown()
     plain.shutdown()
     base_rate, base_fa_rate = statistics.median(base), statistics.median(base_fa)
     results = {c: statistics.median(v) for c, v in runs.items()}
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],  # noqa: ASYNC221
-                            capture_output=True, text=True).stdout.strip()
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {threads} threads; commit {commit}; "
-          f"model {model_path.name}; {args.new_tokens} new tokens/stream, greedy; median of {args.repeats}\n")
+    commit = subprocess.run(  # noqa: ASYNC221
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {threads} threads; commit {commit}; "
+        f"model {model_path.name}; {args.new_tokens} new tokens/stream, greedy; median of {args.repeats}\n"
+    )
     print("| run | concurrent streams | aggregate tok/s | vs create_completion | vs engine x1 |")
     print("|---|---:|---:|---:|---:|")
     print(f"| llama-cpp-python create_completion (defaults) | 1 | {base_rate:.1f} | 1.00x | - |")
-    print(f"| llama-cpp-python create_completion, flash_attn=True | 1 | {base_fa_rate:.1f} | "
-          f"{base_fa_rate / base_rate:.2f}x | - |")
+    print(
+        f"| llama-cpp-python create_completion, flash_attn=True | 1 | {base_fa_rate:.1f} | "
+        f"{base_fa_rate / base_rate:.2f}x | - |"
+    )
     one = results.get(1, 0.0)
     for c, rate in results.items():
-        print(f"| deepseek-serve engine | {c} | {rate:.1f} | {rate / base_rate:.2f}x | "
-              f"{rate / one if one else 0:.2f}x |")
+        print(
+            f"| deepseek-serve engine | {c} | {rate:.1f} | {rate / base_rate:.2f}x | {rate / one if one else 0:.2f}x |"
+        )
 
 
 if __name__ == "__main__":
