@@ -116,6 +116,7 @@ def test_prefix_cache_reuses_idle_slot(tiny: tuple[Path, Any]) -> None:
     first = seq(base, 6)
     run_to_completion(runner, [first])
     assert runner.kv_used_tokens == 0
+    assert runner.kv_cached_tokens == 30 + 6 - 1  # the last sampled token was never fed
     # same prompt + its continuation: everything but the last prompt token comes from the cache
     follow = base + first.output_token_ids[:3] + [7, 8]
     second = seq(follow, 6)
@@ -130,6 +131,14 @@ def test_prefix_cache_reuses_idle_slot(tiny: tuple[Path, Any]) -> None:
     other = seq(prompts((12,), seed=3)[0], 4)
     run_to_completion(runner, [other])
     assert other.num_cached_tokens == 0
+    # clearing drops every idle entry and frees their slots
+    cached = runner.kv_cached_tokens
+    assert cached == (30 + 6 - 1) + (12 + 4 - 1)
+    assert runner.clear_prefix_cache() == cached
+    assert runner.kv_cached_tokens == 0 and runner.clear_prefix_cache() == 0
+    cold = seq(base, 6)
+    run_to_completion(runner, [cold])
+    assert cold.num_cached_tokens == 0 and cold.output_token_ids == first.output_token_ids
 
 
 def test_slot_table_keeps_running_sequences_in_the_lowest_slots() -> None:

@@ -186,6 +186,14 @@ class TorchRunner(Runner):
         return self.slots.reserved_tokens
 
     @property
+    def kv_cached_tokens(self) -> int:
+        return self.slots.cached_tokens
+
+    def clear_prefix_cache(self) -> int:
+        # NOTE: the KV stays in the buffer: a freed slot is overwritten by its next sequence
+        return self.slots.clear_idle()
+
+    @property
     def chat_template(self) -> str | None:
         return self._chat_template
 

@@ -57,6 +57,19 @@ class SlotTable:
     def reserved_tokens(self) -> int:
         return sum(self._reserved.values())
 
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens the idle prefix entries hold."""
+        return sum(len(ids) for ids in self._idle.values())
+
+    def clear_idle(self) -> int:
+        """Free every idle prefix entry; returns the tokens they held."""
+        dropped = self.cached_tokens
+        for slot in self._idle:
+            heapq.heappush(self._free, slot)
+        self._idle.clear()
+        return dropped
+
     def can_allocate(self, num_tokens: int) -> bool:
         return num_tokens <= self.max_len and (bool(self._free) or bool(self._idle))
 
