@@ -94,6 +94,11 @@ async def test_cors_configured_origin(engine: AsyncEngine, tmp_path: Path) -> No
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
         exposed = {h.strip() for h in ok.headers["access-control-expose-headers"].split(",")}
         assert "x-request-id" in exposed
+        # every header the rate limiter sets is readable by the page
+        from deepseek_serve.api.services import RateLimitDecision
+
+        full = RateLimitDecision(True, 1, 1, 1.0, 1, 1, 1.0).headers()
+        assert set(full) <= exposed and len(full) == 6
         other = await client.post("/v1/chat/completions", json=_chat(model), headers={"Origin": OTHER})
         assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
         no_origin = await client.get("/v1/models")

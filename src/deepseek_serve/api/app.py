@@ -25,7 +25,7 @@ from deepseek_serve.api.middleware import (
     UnhandledErrorMiddleware,
     install_log_record_factory,
 )
-from deepseek_serve.api.services import Services
+from deepseek_serve.api.services import RATE_LIMIT_HEADERS, Services
 from deepseek_serve.config import Settings, load_settings
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.observability.metrics import PrometheusMetrics
@@ -124,7 +124,8 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["*"],
-            expose_headers=["x-request-id", "x-cache", "retry-after"],
+            # what a browser client may read: request id, cache hit, and the rate-limit state
+            expose_headers=["x-request-id", "x-cache", "retry-after", *RATE_LIMIT_HEADERS],
             allow_credentials="*" not in settings.cors_origins,
         )
     app.add_middleware(RequestIdMiddleware)

@@ -104,6 +104,11 @@ class RateLimitDecision:
         return out
 
 
+RATE_LIMIT_HEADERS = tuple(
+    f"x-ratelimit-{kind}-{unit}" for unit in ("requests", "tokens") for kind in ("limit", "remaining", "reset")
+)
+
+
 class RateLimiter(Protocol):
     async def admit(self, principal: Principal, reserve_tokens: int) -> RateLimitDecision:
         """Count one request and reserve `reserve_tokens` (prompt + max_tokens) atomically."""
