@@ -287,6 +287,10 @@ def test_drain_timeout_cuts_the_rest_and_cut_streams_count_their_tokens(tmp_path
     for entry in finished:
         tokens = re.search(r"(\d+) completion tokens", str(entry["message"]))
         assert tokens is not None and int(tokens.group(1)) > 0
+    # the cut is one warning carrying the request's id, not Uvicorn's ASGI traceback at ERROR
+    assert not [e for e in lines if "Exception in ASGI application" in str(e["message"])]
+    cut = [e for e in lines if "drain timeout ended it" in str(e["message"])]
+    assert len(cut) == 1 and cut[0]["level"] == "warning" and cut[0]["request_id"] not in ("", "-", None), cut
 
 
 # --- a real server: two workers ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import re
@@ -22,6 +23,10 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deepseek_serve.api.errors import error_body, unexpected_error
+
+_log = logging.getLogger("deepseek_serve.api")
+# Uvicorn's message when it cancels the requests still running at the end of its graceful shutdown
+_SHUTDOWN_CANCEL = "timeout graceful shutdown exceeded"
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -164,6 +169,13 @@ class UnhandledErrorMiddleware:
         tracked = _StartTracker(send)
         try:
             await self.app(scope, receive, tracked)
+        except asyncio.CancelledError as exc:
+            # NOTE: when the graceful-shutdown wait (DS_DRAIN_TIMEOUT_S) runs out, Uvicorn cancels the
+            # requests still running and would log each as "Exception in ASGI application" with a
+            # traceback at ERROR. The cut stream has been accounted already; one warning says why it ended.
+            if _SHUTDOWN_CANCEL not in str(exc):
+                raise
+            _log.warning("request cut: the drain timeout ended it during shutdown")
         except StarletteHTTPException:
             raise
         except Exception as exc:
