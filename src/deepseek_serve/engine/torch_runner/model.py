@@ -448,7 +448,9 @@ class DecodeStep:
     Inductor fuses the norms, bias, RoPE, the KV cache write and the attention's reshapes into a few
     kernels per layer. With `gemv_reductions`, one-row matmuls become Triton reductions tuned by
     coordinate descent (Inductor's decomposition of M = 1 matmuls, gpt-fast's setting); with more
-    rows they stay cuBLAS GEMMs. `attention`: "sdpa" or "reductions" (`attend_reductions`).
+    rows they stay cuBLAS GEMMs. `attention`: "auto" (the split-KV Triton kernels of
+    `decode_attention` for one row, SDPA for more), "sdpa", "triton" or "reductions"
+    (`attend_reductions`). `eager_argmax`: the argmax after the compiled head, in ATen.
     Compiles per model shape: one for 1 row, one for any other row count; the KV length is dynamic.
     `backend`: torch.compile's (tests trace on CPU with "aot_eager").
     """
