@@ -21,6 +21,7 @@ from deepseek_serve.api.schemas import (
     CompletionLogprobs,
     UsageInfo,
 )
+from deepseek_serve.api.sse import DONE, sse_event
 
 
 def hit_usage(usage: dict[str, Any] | None) -> UsageInfo:
@@ -75,9 +76,9 @@ def replay_sse(body: dict[str, Any], include_usage: bool) -> list[bytes]:
             ChatCompletionChunk(**common, choices=[], usage=usage) if chat
             else Completion(**common, choices=[], usage=usage))
         events.append(_event(chunk))
-    events.append(b"data: [DONE]\n\n")
+    events.append(DONE)
     return events
 
 
 def _event(payload: ChatCompletionChunk | Completion) -> bytes:
-    return b"data: " + payload.model_dump_json().encode() + b"\n\n"
+    return sse_event(payload.model_dump_json().encode())

@@ -58,6 +58,7 @@ from deepseek_serve.api.schemas import (
     UsageInfo,
 )
 from deepseek_serve.api.services import Principal, RateLimitDecision, Services, UsageEvent
+from deepseek_serve.api.sse import DONE, sse_event
 from deepseek_serve.engine.async_engine import RequestStream
 from deepseek_serve.engine.errors import DeadlineExceededError, EngineError, QueueFullError
 from deepseek_serve.engine.types import (
@@ -75,7 +76,6 @@ Endpoint = Literal["chat.completions", "completions"]
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _KEEPALIVE = b": keep-alive\n\n"
-_DONE = b"data: [DONE]\n\n"
 
 
 @dataclass(frozen=True)
@@ -577,7 +577,7 @@ def _render_body(run: _Run) -> bytes:
 
 # --- SSE --------------------------------------------------------------------------------------------
 def _event(payload: Any) -> bytes:
-    return b"data: " + payload.model_dump_json().encode() + b"\n\n"
+    return sse_event(payload.model_dump_json().encode())
 
 
 async def _pump(choice: _Choice, queue: asyncio.Queue[tuple[_Choice, StreamDelta | BaseException]]) -> None:
@@ -646,7 +646,7 @@ async def _sse(run: _Run, keepalive_s: float) -> AsyncIterator[bytes]:
                 else:
                     yield _event(Completion(id=plan.completion_id, created=plan.created, model=plan.model,
                                             choices=[], usage=usage))
-        yield _DONE
+        yield DONE
     finally:
         for task in pumps:
             task.cancel()
@@ -667,7 +667,7 @@ def _error_event(run: _Run, delta: StreamDelta) -> bytes:
         logger.error("generation failed mid-stream: %s", delta.error)
         err = ApiError(500, "The server had an error while generating the response.", "server_error", None,
                        "internal_error")
-    return b"data: " + orjson.dumps(err.body()) + b"\n\n"
+    return sse_event(orjson.dumps(err.body()))
 
 
 def _chat_chunk(run: _Run, choice: _Choice, delta: StreamDelta) -> bytes | None:

@@ -1,0 +1,18 @@
+"""Server-sent-events framing shared by the streaming endpoints and the response-cache replay."""
+
+from __future__ import annotations
+
+# NOTE: JSON allows U+0085, U+2028 and U+2029 raw inside strings, but readers that split a stream with
+# str.splitlines semantics (httpx's iter_lines, for one) cut an event there; escaped, the JSON is the
+# same. These UTF-8 byte sequences can only occur inside JSON strings.
+_RAW_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(json_bytes: bytes) -> bytes:
+    """One `data:` event carrying a JSON document."""
+    for raw, escaped in _RAW_LINE_BREAKS:
+        if raw in json_bytes:
+            json_bytes = json_bytes.replace(raw, escaped)
+    return b"data: " + json_bytes + b"\n\n"
