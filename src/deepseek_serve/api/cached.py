@@ -21,7 +21,7 @@ from deepseek_serve.api.schemas import (
     CompletionLogprobs,
     UsageInfo,
 )
-from deepseek_serve.api.sse import DONE, sse_event
+from deepseek_serve.api.sse import DONE, model_event
 
 
 def hit_usage(usage: dict[str, Any] | None) -> UsageInfo:
@@ -62,12 +62,12 @@ def replay_sse(body: dict[str, Any], include_usage: bool) -> list[bytes]:
             deltas.append((ChatDelta(content=message.get("content") or ""), logprobs, None))
             deltas.append((ChatDelta(), None, finish))
             for delta, lp, reason in deltas:
-                events.append(_event(ChatCompletionChunk(**common, choices=[
+                events.append(model_event(ChatCompletionChunk(**common, choices=[
                     ChatChunkChoice(index=index, delta=delta, logprobs=lp, finish_reason=reason)])))
         else:
             logprobs_c = (CompletionLogprobs.model_validate(choice["logprobs"]) if choice.get("logprobs")
                           else None)
-            events.append(_event(Completion(**common, choices=[
+            events.append(model_event(Completion(**common, choices=[
                 CompletionChoice(index=index, text=choice.get("text") or "", logprobs=logprobs_c,
                                  finish_reason=finish)])))
     if include_usage:
@@ -75,10 +75,6 @@ def replay_sse(body: dict[str, Any], include_usage: bool) -> list[bytes]:
         chunk: ChatCompletionChunk | Completion = (
             ChatCompletionChunk(**common, choices=[], usage=usage) if chat
             else Completion(**common, choices=[], usage=usage))
-        events.append(_event(chunk))
+        events.append(model_event(chunk))
     events.append(DONE)
     return events
-
-
-def _event(payload: ChatCompletionChunk | Completion) -> bytes:
-    return sse_event(payload.model_dump_json().encode())

@@ -58,7 +58,7 @@ from deepseek_serve.api.schemas import (
     UsageInfo,
 )
 from deepseek_serve.api.services import Principal, RateLimitDecision, Services, UsageEvent
-from deepseek_serve.api.sse import DONE, sse_event
+from deepseek_serve.api.sse import DONE, model_event, sse_event
 from deepseek_serve.engine.async_engine import RequestStream
 from deepseek_serve.engine.errors import DeadlineExceededError, EngineError, QueueFullError
 from deepseek_serve.engine.types import (
@@ -576,10 +576,6 @@ def _render_body(run: _Run) -> bytes:
 
 
 # --- SSE --------------------------------------------------------------------------------------------
-def _event(payload: Any) -> bytes:
-    return sse_event(payload.model_dump_json().encode())
-
-
 async def _pump(choice: _Choice, queue: asyncio.Queue[tuple[_Choice, StreamDelta | BaseException]]) -> None:
     try:
         async for delta in choice.stream:
@@ -599,11 +595,11 @@ async def _sse(run: _Run, keepalive_s: float) -> AsyncIterator[bytes]:
     try:
         for c in run.choices:
             if chat:
-                yield _event(ChatCompletionChunk(
+                yield model_event(ChatCompletionChunk(
                     id=plan.completion_id, created=plan.created, model=plan.model,
                     choices=[ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))]))
             elif plan.echo:
-                yield _event(Completion(id=plan.completion_id, created=plan.created, model=plan.model,
+                yield model_event(Completion(id=plan.completion_id, created=plan.created, model=plan.model,
                                         choices=[CompletionChoice(index=c.index, finish_reason=None,
                                                                   text=plan.prompts[c.prompt_index].text)]))
         scheduled = False
@@ -641,10 +637,10 @@ async def _sse(run: _Run, keepalive_s: float) -> AsyncIterator[bytes]:
             if plan.include_usage:
                 usage = _usage(plan, run.choices, run.outcome.reasoning_tokens)
                 if chat:
-                    yield _event(ChatCompletionChunk(id=plan.completion_id, created=plan.created,
+                    yield model_event(ChatCompletionChunk(id=plan.completion_id, created=plan.created,
                                                      model=plan.model, choices=[], usage=usage))
                 else:
-                    yield _event(Completion(id=plan.completion_id, created=plan.created, model=plan.model,
+                    yield model_event(Completion(id=plan.completion_id, created=plan.created, model=plan.model,
                                             choices=[], usage=usage))
         yield DONE
     finally:
@@ -692,7 +688,7 @@ def _chat_chunk(run: _Run, choice: _Choice, delta: StreamDelta) -> bytes | None:
             finish_reason=delta.finish_reason if delta.finished else None,
         )],
     )
-    return _event(body)
+    return model_event(body)
 
 
 def _completion_chunk(run: _Run, choice: _Choice, delta: StreamDelta) -> bytes | None:
@@ -709,7 +705,7 @@ def _completion_chunk(run: _Run, choice: _Choice, delta: StreamDelta) -> bytes |
         choices=[CompletionChoice(index=choice.index, text=delta.text, logprobs=logprobs,
                                   finish_reason=delta.finish_reason if delta.finished else None)],
     )
-    return _event(body)
+    return model_event(body)
 
 
 # --- route helpers ----------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 # NOTE: JSON allows U+0085, U+2028 and U+2029 raw inside strings, but readers that split a stream with
 # str.splitlines semantics (httpx's iter_lines, for one) cut an event there; escaped, the JSON is the
 # same. These UTF-8 byte sequences can only occur inside JSON strings.
@@ -16,3 +18,8 @@ def sse_event(json_bytes: bytes) -> bytes:
         if raw in json_bytes:
             json_bytes = json_bytes.replace(raw, escaped)
     return b"data: " + json_bytes + b"\n\n"
+
+
+def model_event(payload: BaseModel) -> bytes:
+    """One `data:` event carrying a response model (a chunk, or the usage-only completion)."""
+    return sse_event(payload.model_dump_json().encode())
