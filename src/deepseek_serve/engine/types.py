@@ -27,6 +27,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
@@ -71,7 +72,7 @@ class SamplingParams:
             raise bad("top_logprobs", f"{self.top_logprobs} is not between 0 and 20")
         if self.top_logprobs and not self.logprobs:
             raise bad("top_logprobs", "requires logprobs to be true")
-        if len(self.stop) > 16:
+        if len(self.stop) > 16:  # the API's limit (DS_MAX_STOP_SEQUENCES) is at most this
             raise bad("stop", "at most 16 stop sequences are allowed")
         if any(not s for s in self.stop):
             raise bad("stop", "stop sequences must be non-empty strings")
@@ -79,6 +80,11 @@ class SamplingParams:
             raise bad("seed", "out of range")
         if self.min_tokens < 0:
             raise bad("min_tokens", "must not be negative")
+        if self.top_k > 2**31 - 1:
+            raise bad("top_k", "out of range")
+        for token, bias in self.logit_bias:
+            if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
+                raise bad("logit_bias", f"the bias of token {token} ({bias}) is not between -100 and 100")
 
 
 @dataclass(frozen=True)

@@ -324,10 +324,36 @@ class TorchRunner(Runner):
         h = self.model.hidden_states(tok, self.cache, fb)
         return self.model.lm_head(h[:, -1])
 
+    def _refuse(self, e: ScheduledSeq) -> str | None:
+        """Why this entry cannot go to the model (None when it can). An embedding index outside the
+        vocabulary is a device-side assert on CUDA, which leaves the CUDA context unusable."""
+        seq, start, k = e.seq, e.seq.num_computed_tokens, e.num_new_tokens
+        if seq.slot is None:
+            return "the sequence holds no slot"
+        if k < 1 or start + k > min(seq.num_tokens, seq.max_total_tokens, self._max_len):
+            return f"{k} new tokens at position {start} do not fit the sequence's reservation"
+        vocab = self.model.args.vocab_size
+        tokens = seq.all_token_ids[start:start + k]
+        if min(tokens) < 0 or max(tokens) >= vocab:
+            return f"a token id outside the vocabulary [0, {vocab})"
+        return None
+
     def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
-        for e in batch:
-            assert e.seq.slot is not None and e.num_new_tokens >= 1
-            assert e.seq.num_computed_tokens + e.num_new_tokens <= min(e.seq.num_tokens, self._max_len)
+        results: list[SampleResult | None] = [None] * len(batch)
+        good: list[int] = []
+        for i, e in enumerate(batch):
+            refused = self._refuse(e)
+            if refused is None:
+                good.append(i)
+            else:
+                results[i] = SampleResult.failed(refused)
+        if good:
+            done = self._step([batch[i] for i in good])
+            for i, result in zip(good, done, strict=True):
+                results[i] = result
+        return results
+
+    def _step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
         order: list[int] = []  # batch index of each sampled logits row
         parts: list[Tensor] = []
         results: list[SampleResult | None] = [None] * len(batch)
@@ -366,9 +392,25 @@ class TorchRunner(Runner):
                 e.seq.num_computed_tokens += e.num_new_tokens
             if order:
                 specs = [self._sample_row(batch[i].seq) for i in order]
-                out = sample(torch.cat(parts), specs, self._generator)
-                for i, res in zip(order, self._results(out, specs), strict=True):
+                for i, res in zip(order, self._sample_rows(torch.cat(parts), specs), strict=True):
                     results[i] = res
+        return results
+
+    def _sample_rows(self, logits: Tensor, specs: list[SampleRow]) -> list[SampleResult]:
+        """Sample every row at once; when that raises, row by row, so only the rows that fail fail."""
+        try:
+            return self._results(sample(logits, specs, self._generator), specs)
+        except Exception:
+            if len(specs) == 1:
+                logger.exception("sampling failed")
+                return [SampleResult.failed("sampling failed")]
+        results: list[SampleResult] = []
+        for j, spec in enumerate(specs):
+            try:
+                results.extend(self._results(sample(logits[j : j + 1], [spec], self._generator), [spec]))
+            except Exception as exc:
+                logger.exception("sampling failed for one row")
+                results.append(SampleResult.failed(f"sampling failed: {exc}"))
         return results
 
     def _plain_greedy(self, seq: Sequence) -> bool:
