@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "console"
     log_prompts: bool = Field(False, description="include prompt text in logs")
 
+    # --- request limits (checked before any templating, tokenizing or engine work) -----------------
+    max_messages: int = Field(1024, ge=1, le=1_000_000, description="chat messages per request "
+                                                                   "(stored history included)")
+    max_choices: int = Field(64, ge=1, le=4096, description="choices per request: n x number of prompts")
+    max_stop_sequences: int = Field(16, ge=1, le=16, description="stop strings per request")
+    max_stop_chars: int = Field(256, ge=1, le=65_536, description="characters of one stop string")
+
     # --- auth and persistence --------------------------------------------------------------------
     auth: Literal["auto", "on", "off"] = Field("auto", description="auto = on unless bound to loopback")
     admin_key: str = Field("", description="bootstrap admin API key (sk-...), stored hashed at start")
