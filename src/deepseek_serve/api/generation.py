@@ -792,8 +792,8 @@ def sampling_params(body: Any, max_tokens: int | None, logprobs: bool, top_logpr
     )
 
 
-# Inputs up to this many characters are rendered and tokenized on the event loop: below it a worker
-# thread costs more than it saves (bench/loop_stall.py measures both).
+# Inputs under this many characters are rendered and tokenized on the event loop (at most a few ms
+# there); larger ones in a worker thread. bench/loop_stall.py --inline-check times both ways.
 INLINE_CHARS = 16_384
 
 
