@@ -60,12 +60,7 @@ from deepseek_serve.api.schemas import (
 from deepseek_serve.api.services import Principal, RateLimitDecision, Services, UsageEvent
 from deepseek_serve.api.sse import DONE, model_event, sse_event
 from deepseek_serve.engine.async_engine import RequestStream
-from deepseek_serve.engine.errors import (
-    ContextLengthError,
-    DeadlineExceededError,
-    EngineError,
-    QueueFullError,
-)
+from deepseek_serve.engine.errors import ContextLengthError, DeadlineExceededError, EngineError, QueueFullError
 from deepseek_serve.engine.types import (
     GenerationRequest,
     RequestTimings,
@@ -427,6 +422,8 @@ async def run_plan(request: Request, services: Services, principal: Principal, p
     try:
         await run.submit()
     except EngineError as exc:
+        if isinstance(exc, ContextLengthError) and plan.endpoint == "completions" and exc.param == "messages":
+            exc.param = "prompt"
         err = from_engine_error(exc)
         err.headers = {**run.headers, **err.headers}  # x-ratelimit-* on errors after admission too
         raise err from exc
@@ -738,19 +735,16 @@ def check_body(services: Services, body: Any, num_prompts: int = 1, num_messages
 
 
 def check_plan(services: Services, plan: Plan) -> None:
-    """What only the engine knows (vocabulary, context), checked before the rate limiter or the
-    response cache spend anything on a request the engine would refuse."""
+    """What only the engine knows (sampling values, token ids, top_k and logit_bias within the
+    vocabulary), checked before the rate limiter or the response cache see the request. Prompt +
+    max_tokens against the context is checked by `add_request`, after admission, so that refusal
+    carries the rate-limit headers; the schema bounds max_tokens, so the reservation stays finite."""
     choices = plan.n * len(plan.prompts)
     if choices > services.settings.max_choices:
         raise _invalid("n", f"n x prompts = {choices} choices; at most {services.settings.max_choices} "
                             "are allowed")
     for prompt in plan.prompts:
-        try:
-            services.engine.check_request(plan.params, prompt.token_ids)
-        except ContextLengthError as exc:
-            if plan.endpoint == "completions" and exc.param == "messages":
-                exc.param = "prompt"
-            raise
+        services.engine.check_request(plan.params, prompt.token_ids, context=False)
 
 
 def _logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:

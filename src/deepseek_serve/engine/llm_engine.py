@@ -104,9 +104,10 @@ class LLMEngine:
             raise InvalidRequestError(f"Invalid value for '{param}': token id {bad} is outside the vocabulary "
                                       f"[0, {vocab})", param=param)
 
-    def check_request(self, params: SamplingParams, ids: list[int]) -> int:
+    def check_request(self, params: SamplingParams, ids: list[int], context: bool = True) -> int:
         """Everything that only the model knows (vocabulary, context); returns the completion budget.
-        Raises InvalidRequestError / ContextLengthError naming the field. Any thread."""
+        Raises InvalidRequestError / ContextLengthError naming the field. `context=False` leaves out
+        prompt + max_tokens against the context (the budget is then not meaningful). Any thread."""
         params.validate()
         vocab = self.tokenizer.vocab_size
         if params.top_k > vocab:
@@ -117,6 +118,9 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         max_len = self.runner.max_model_len
+        if not context:
+            self.check_token_ids(ids)
+            return params.max_tokens or 1
         if len(ids) >= max_len:  # before the per-id check below, which would walk all of a huge list
             raise ContextLengthError(len(ids), params.max_tokens or 1, max_len)
         self.check_token_ids(ids)
