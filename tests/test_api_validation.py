@@ -367,3 +367,29 @@ async def test_admin_ranges_that_are_fine(admin: httpx.AsyncClient) -> None:
     assert_400(await admin.delete("/admin/keys/12345678901234567890", headers=ADMIN), "key_id")
     missing = await admin.delete("/admin/keys/9223372036854775807", headers=ADMIN)
     assert missing.status_code == 404, missing.text
+
+
+# --- the CLI twins of the admin API -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["keys", "create", "--expires-in", "99999999d"],
+        ["keys", "create", "--rpm", str(2**31)],
+        ["keys", "create", "--name", "x" * 129],
+        ["keys", "create", "--name", "a\udc80b"],  # what Python makes of a non-UTF-8 argv byte
+        ["keys", "revoke", "12345678901234567890"],
+        ["keys", "revoke", "0"],
+        ["usage", "summary", "--since", "99999999d"],
+        ["usage", "summary", "--since", "0001-01-01T00:00:00+01:00"],
+        ["usage", "summary", "--key-id", "12345678901234567890"],
+    ],
+)
+def test_cli_refuses_out_of_range(tmp_path: Any, args: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from deepseek_serve.cli import app
+
+    env = {"DS_DATA_DIR": str(tmp_path), "DS_DATABASE_URL": "", "COLUMNS": "200"}
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
