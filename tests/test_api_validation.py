@@ -393,3 +393,10 @@ def test_cli_refuses_out_of_range(tmp_path: Any, args: list[str]) -> None:
     result = CliRunner().invoke(app, args, env=env)
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+
+
+async def test_message_count_of_items_that_are_not_objects(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+    """The counter reads only lists of objects; other items are counted after parsing, before validation."""
+    body = orjson.dumps({"model": engine.model_info.id, "messages": ["hi"] * 60_000})
+    resp = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert "60000" in assert_400(resp, "messages")["message"]
