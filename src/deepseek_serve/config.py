@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "console"
     log_prompts: bool = Field(False, description="include prompt text in logs")
+    http_keepalive_timeout_s: float = Field(15.0, gt=0, le=3600, description="an open connection with no "
+                                            "request under way (before the first, between two) is closed after this")
+    http_header_timeout_s: float = Field(10.0, gt=0, le=600, description="request line + headers must arrive "
+                                         "within this of their first byte (else 408, connection closed)")
+    http_body_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request body must arrive within this "
+                                       "of the end of its headers (else 408, connection closed)")
+    http_max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024,
+                                       description="request line + headers; larger = 431, connection closed")
 
     # --- request limits (checked before any templating, tokenizing or engine work) -----------------
     max_messages: int = Field(1024, ge=1, le=1_000_000, description="chat messages per request "
@@ -99,6 +107,10 @@ class Settings(BaseSettings):
     db_auto_migrate: bool | None = Field(None, description="upgrade schema at start; default on for SQLite")
     store_content: bool = Field(False, description="store prompt/completion text in usage records")
     key_cache_ttl_s: float = Field(30.0, ge=0)
+    auth_failures_per_min: int = Field(20, ge=0, le=100_000, description="failed authentications one client "
+                                       "address may make per minute (per process); beyond: 429; 0 = no limit")
+    max_concurrent_per_key: int = Field(32, ge=0, le=100_000, description="requests one API key may have in "
+                                        "flight per server process; beyond: 429; 0 = no limit")
     usage_flush_interval_s: float = Field(1.0, gt=0)
     usage_batch_size: int = Field(200, ge=1)
     usage_spool_path: Path | None = Field(None, description="empty = <data_dir>/usage-spool.jsonl")
@@ -115,6 +127,8 @@ class Settings(BaseSettings):
     default_rpm: int = Field(0, ge=0, description="requests per minute per key; 0 = unlimited")
     default_tpm: int = Field(0, ge=0, description="tokens per minute per key; 0 = unlimited")
     response_cache: bool = True
+    response_cache_scope: Literal["key", "global"] = Field("key", description="key = an answer is served only "
+                                                           "to the API key that asked; global = to every key")
     response_cache_ttl_s: int = Field(3600, ge=1)
     response_cache_max_bytes: int = Field(256 * 1024, ge=1024)
     session_ttl_s: int = Field(3600, ge=60)
