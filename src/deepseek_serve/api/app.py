@@ -26,6 +26,7 @@ from deepseek_serve.api.middleware import (
     UnhandledErrorMiddleware,
     install_log_record_factory,
 )
+from deepseek_serve.api.openapi import install_openapi
 from deepseek_serve.api.services import RATE_LIMIT_HEADERS, Services
 from deepseek_serve.config import Settings, load_settings
 from deepseek_serve.engine.async_engine import AsyncEngine
@@ -116,6 +117,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     install_error_handlers(app)
     for router in api_routers:
         app.include_router(router)
+    install_openapi(app)
     # NOTE: add_middleware prepends: the last added is the outermost. Outside in: metrics, request id,
     # CORS, access (key, before the body), body limit, unhandled errors; so a 401, 413 or 500 still gets
     # the request id and CORS headers.

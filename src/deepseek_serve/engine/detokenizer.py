@@ -28,23 +28,31 @@ class IncrementalDetokenizer:
         if not self._stop:
             return text, False
         buf = self._held + text
-        hit = -1
-        for s in self._stop:
-            i = buf.find(s)
-            if i != -1 and (hit == -1 or i < hit):
-                hit = i
-        if hit != -1:
+        hit = self._first_stop(buf)
+        if hit is not None:
             self._held = ""
             return buf[:hit], True
         keep = self._longest_stop_prefix_suffix(buf)
-        self._held = buf[len(buf) - keep:] if keep else ""
+        self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False
 
     def flush(self) -> str:
-        """Everything still held (generation ended without a stop string)."""
+        """Everything still held (generation ended without a stop string). Bytes of an unfinished
+        character become U+FFFD; a stop string that this completes is still cut."""
         out = self._held + self._decoder.decode(b"", final=True)
         self._held = ""
-        return out
+        hit = self._first_stop(out) if self._stop else None
+        return out if hit is None else out[:hit]
+
+    def _first_stop(self, buf: str) -> int | None:
+        """Where the stop string starts that `buf` completes first, character by character (of those
+        ending at the same character, the longest), so the cut does not depend on token boundaries."""
+        best: tuple[int, int] | None = None  # (end, start)
+        for s in self._stop:
+            i = buf.find(s)
+            if i != -1 and (best is None or (i + len(s), i) < best):
+                best = (i + len(s), i)
+        return None if best is None else best[1]
 
     def _longest_stop_prefix_suffix(self, buf: str) -> int:
         best = 0
