@@ -14,6 +14,8 @@ class IncrementalDetokenizer:
       so no delta ever carries a broken UTF-8 sequence.
     - Text that could be the start of a stop string is held back until it is known not to be one;
       a stop string found ends generation and is not emitted.
+    - When generation ends inside a character (max_tokens, a stop, an abort), `flush` drops the
+      incomplete bytes instead of emitting U+FFFD for them.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
@@ -41,9 +43,11 @@ class IncrementalDetokenizer:
         return buf[: len(buf) - keep], False
 
     def flush(self) -> str:
-        """Everything still held (generation ended without a stop string)."""
-        out = self._held + self._decoder.decode(b"", final=True)
+        """Everything still held (generation ended without a stop string), minus the bytes of a
+        character the last token left incomplete."""
+        out = self._held
         self._held = ""
+        self._decoder.reset()
         return out
 
     def _longest_stop_prefix_suffix(self, buf: str) -> int:
