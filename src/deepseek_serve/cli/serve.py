@@ -17,7 +17,7 @@ from typing import Annotated, Any, cast
 
 import typer
 
-from deepseek_serve.cli._common import settings_from_cli
+from deepseek_serve.cli._common import pull_pack_first, settings_from_cli
 
 APP_FACTORY = "deepseek_serve.api.app:create_app_from_env"
 
@@ -40,6 +40,7 @@ def serve(
 
     overrides = {"host": host, "port": port, "workers": workers, "model": model, "log_level": log_level}
     settings = settings_from_cli(**overrides)
+    pull_pack_first(settings)
     # NOTE: workers re-read the environment, so flags travel as DS_* variables.
     for name, value in overrides.items():
         if value is not None:
