@@ -79,9 +79,7 @@ class PrefixRouter:
         self._prefixes: OrderedDict[bytes, tuple[str, ...]] = OrderedDict()
         self._conversations: OrderedDict[str, str] = OrderedDict()
 
-    def choose(
-        self, prompt: str, conversation_id: str | None, candidates: Sequence[Candidate]
-    ) -> str:
+    def choose(self, prompt: str, conversation_id: str | None, candidates: Sequence[Candidate]) -> str:
         """The name of the candidate that should serve ``prompt``.
 
         Raises ValueError when ``candidates`` is empty or names one upstream twice.
