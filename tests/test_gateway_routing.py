@@ -157,3 +157,18 @@ def test_bad_input_is_refused() -> None:
     for kwargs in ({"busy_margin": -1.0}, {"busy_margin": math.nan}, {"prefix_chars": 10}, {"max_entries": 0}):
         with pytest.raises(ValueError):
             PrefixRouter(**kwargs)  # type: ignore[arg-type]
+
+
+def test_equal_loads_go_to_the_upstream_holding_fewer_prefixes() -> None:
+    router = PrefixRouter(busy_margin=1.0, seed=0)
+    router.observe(SYSTEM + "user: second", None, "b")
+    for i in range(3):
+        router.observe(f"conversation {i} " * 40, None, "a")
+    router.observe(SYSTEM + "user: first", None, "a")
+    # two candidates, equal load, no shared prefix: the one holding less, whichever is drawn first
+    for i in range(10):
+        assert router.choose(f"unrelated {i} " * 40, None, loads(a=0.25, b=0.25)) == "b"
+    # both hold the system prompt, a most recently: the one holding less wins the tie
+    assert router.choose(SYSTEM + "user: third", None, loads(a=0.25, b=0.25, c=0.25)) == "b"
+    # load still comes first
+    assert router.choose(SYSTEM + "user: third", None, loads(a=0.0, b=0.25, c=0.25)) == "a"

@@ -3,7 +3,12 @@
 A request goes back to an upstream that recently served the same conversation, or a prompt
 sharing a long prefix with this one (its prefix cache likely still holds those tokens), unless
 that upstream is clearly busier than the least-loaded candidate. Otherwise it goes to the
-less loaded of two candidates picked at random ("power of two choices").
+less loaded of two candidates picked at random ("power of two choices"). Equal loads are broken
+by how many remembered prefixes each upstream holds, so new conversations spread over the pool's
+prefix caches instead of piling onto the upstream that served a shared system prompt last.
+
+``prompt`` is the text the upstream will process, in order (for chat: each message's role and
+content, concatenated), so that a follow-up turn's prompt starts with the earlier turn's.
 
 Prefixes are remembered as chained hashes of the prompt's first ``prefix_chars`` characters,
 one per ``BLOCK_CHARS`` block (and one for the whole prompt when shorter): finding the longest
@@ -16,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,11 +83,15 @@ class PrefixRouter:
         # chained prefix hash -> upstream names, most recent last
         self._prefixes: OrderedDict[bytes, tuple[str, ...]] = OrderedDict()
         self._conversations: OrderedDict[str, str] = OrderedDict()
+        # upstream name -> remembered prefixes it holds: its share of cached prompts, the tie-breaker
+        self._held: Counter[str] = Counter()
 
     def choose(self, prompt: str, conversation_id: str | None, candidates: Sequence[Candidate]) -> str:
         """The name of the candidate that should serve ``prompt``.
 
-        Raises ValueError when ``candidates`` is empty or names one upstream twice.
+        ``busy_margin`` is in load units: an upstream whose load exceeds the least-loaded
+        candidate's by more than that is clearly busier. Raises ValueError when ``candidates``
+        is empty or names one upstream twice.
         """
         loads = {c.name: c.load for c in candidates}
         if not loads:
@@ -113,11 +122,17 @@ class PrefixRouter:
             if len(self._conversations) > self.max_entries:
                 self._conversations.popitem(last=False)
         for key in self._hashes(prompt):
-            owners = tuple(n for n in self._prefixes.get(key, ()) if n != name)
-            self._prefixes[key] = (*owners[-(OWNERS_PER_PREFIX - 1) :], name)
+            owners = self._prefixes.get(key, ())
+            if name not in owners:
+                self._held[name] += 1
+                if len(owners) == OWNERS_PER_PREFIX:
+                    self._held[owners[0]] -= 1
+                    owners = owners[1:]
+            self._prefixes[key] = (*(n for n in owners if n != name), name)
             self._prefixes.move_to_end(key)
         while len(self._prefixes) > self.max_entries:
-            self._prefixes.popitem(last=False)
+            _, evicted = self._prefixes.popitem(last=False)
+            self._held.subtract(evicted)
 
     def drop(self, name: str) -> None:
         """Forget everything routed to ``name`` (removed or ejected upstream)."""
@@ -129,6 +144,7 @@ class PrefixRouter:
                 self._prefixes[key] = owners
             else:
                 del self._prefixes[key]
+        self._held.pop(name, None)
 
     def _hashes(self, prompt: str) -> list[bytes]:
         """Chained hashes of the prompt's prefix at each block boundary, shortest first."""
@@ -153,7 +169,7 @@ class PrefixRouter:
             owners = [n for n in self._prefixes.get(hashes[index], ()) if n in loads]
             if owners:
                 self._prefixes.move_to_end(hashes[index])
-                return min(reversed(owners), key=lambda n: loads[n])
+                return min(reversed(owners), key=lambda n: (loads[n], self._held[n]))
         return None
 
     def _two_choices(self, candidates: Sequence[Candidate]) -> str:
@@ -161,4 +177,4 @@ class PrefixRouter:
             return candidates[0].name
         first, second = self._rng.sample(range(len(candidates)), 2)
         a, b = candidates[first], candidates[second]
-        return a.name if a.load <= b.load else b.name
+        return a.name if (a.load, self._held[a.name]) <= (b.load, self._held[b.name]) else b.name
