@@ -45,6 +45,7 @@ import heapq
 import math
 import platform
 import random
+import statistics
 import subprocess
 import sys
 from collections import OrderedDict, deque
@@ -100,6 +101,7 @@ class Request:
     prefill_left: int = 0
     decode_left: int = 0
     first_token: float = math.nan
+    finished: float = math.nan
 
 
 @dataclass
@@ -220,6 +222,8 @@ class Result:
     ttft_p90: float
     ttft_p99: float
     hit_rate: float
+    lifetime_s: float  # mean time from a conversation's first request to its last answer
+    footprint: float  # mean prompt + answer tokens a finished request leaves in the cache
 
 
 def simulate(
@@ -307,6 +311,7 @@ def simulate(
             if req.decode_left > 0:
                 still.append(req)
                 continue
+            req.finished = now
             engine.finish(req)
             done.append(req)
             conv = req.conversation
@@ -320,6 +325,11 @@ def simulate(
         start_step(engine, now)
 
     measured = [r for r in done if warmup <= r.arrival < duration]
+    ends: dict[int, float] = {}
+    for r in done:
+        if r.turn == len(r.conversation.turns) - 1:
+            ends[r.conversation.index] = r.finished - r.conversation.start_s
+    lifetimes = [t for i, t in ends.items() if warmup <= trace.conversations[i].start_s < duration]
     ttfts = sorted(r.first_token - r.arrival for r in measured)
     prompt = sum(r.prompt_tokens for r in measured)
     window = duration - warmup
@@ -333,6 +343,10 @@ def simulate(
         ttft_p90=_percentile(ttfts, 90),
         ttft_p99=_percentile(ttfts, 99),
         hit_rate=sum(r.reused for r in measured) / prompt if prompt else math.nan,
+        lifetime_s=statistics.fmean(lifetimes) if lifetimes else math.nan,
+        footprint=statistics.fmean(r.prompt_tokens + r.conversation.turns[r.turn].answer for r in measured)
+        if measured
+        else math.nan,
     )
 
 
@@ -415,6 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     single = next(r for r in results if r.engines == 1)
     rr = {r.engines: r for r in results if r.policy == "rr"}
+    active = args.rate * single.lifetime_s
+    print(
+        f"# one engine: {active:.1f} active conversations (rate x mean lifetime {single.lifetime_s:.0f} s), "
+        f"{single.footprint:,.0f} tokens per cached turn: all of them ~{active * single.footprint:,.0f} tokens"
+    )
     print()
     print(
         "| engines | policy | requests | req/s | out tok/s | TTFT p50 | TTFT p90 | TTFT p99 "
