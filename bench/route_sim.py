@@ -114,6 +114,7 @@ class Engine:
     # conversation index -> (cached tokens, system prompt), LRU order
     idle: OrderedDict[int, tuple[int, int]] = field(default_factory=OrderedDict)
     idle_tokens: int = 0
+    busy_s: float = 0.0
     system_refs: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -222,6 +223,7 @@ class Result:
     ttft_p90: float
     ttft_p99: float
     hit_rate: float
+    busy: float  # fraction of the time engines were stepping
     lifetime_s: float  # mean time from a conversation's first request to its last answer
     footprint: float  # mean prompt + answer tokens a finished request leaves in the cache
 
@@ -272,6 +274,7 @@ def simulate(
             return
         engine.busy = True
         dt, chunks = engine.plan_step()
+        engine.busy_s += dt
         step_chunks[engine.index] = chunks
         push(now + dt, STEP, engine)
 
@@ -343,6 +346,7 @@ def simulate(
         ttft_p90=_percentile(ttfts, 90),
         ttft_p99=_percentile(ttfts, 99),
         hit_rate=sum(r.reused for r in measured) / prompt if prompt else math.nan,
+        busy=sum(e.busy_s for e in engines) / (num_engines * now),
         lifetime_s=statistics.fmean(lifetimes) if lifetimes else math.nan,
         footprint=statistics.fmean(r.prompt_tokens + r.conversation.turns[r.turn].answer for r in measured)
         if measured
@@ -437,17 +441,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(
         "| engines | policy | requests | req/s | out tok/s | TTFT p50 | TTFT p90 | TTFT p99 "
-        "| prefix-hit | hit vs 1 engine | p99 vs rr |"
+        "| engines busy | prefix-hit | hit vs 1 engine | p99 vs rr |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         base = rr.get(r.engines)
         vs_rr = f"{r.ttft_p99 / base.ttft_p99:.2f}x" if base and r.engines > 1 else "-"
         policy = "(any)" if r.engines == 1 else r.policy
         print(
             f"| {r.engines} | {policy} | {r.requests} | {r.req_s:.2f} | {r.out_tok_s:,.0f} | {_ms(r.ttft_p50)} "
-            f"| {_ms(r.ttft_p90)} | {_ms(r.ttft_p99)} | {r.hit_rate:.3f} | {r.hit_rate / single.hit_rate:.2f}x "
-            f"| {vs_rr} |"
+            f"| {_ms(r.ttft_p90)} | {_ms(r.ttft_p99)} | {r.busy:.0%} | {r.hit_rate:.3f} "
+            f"| {r.hit_rate / single.hit_rate:.2f}x | {vs_rr} |"
         )
     return 0
 
