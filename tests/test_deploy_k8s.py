@@ -28,7 +28,7 @@ from deepseek_serve.observability.metrics import engine_state
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
-PRODUCTION = ("cpu", "gpu")  # overlays whose engine pools must autoscale
+PRODUCTION = ("cpu", "gpu", "hybrid")  # overlays whose pools of our engine must autoscale
 # oldest Kubernetes release still supported upstream when this was written, and the newest schema shipped
 KUBE_VERSIONS = ("1.31.0", kubernetes_validate.latest_version())
 CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
@@ -99,6 +99,10 @@ def _one(docs: list[Doc], kind: str, name: str) -> Doc:
     return found[0]
 
 
+def _ours(workload: Doc) -> bool:
+    return all(c["image"].startswith("deepseek-serve:") for c in workload["spec"]["template"]["spec"]["containers"])
+
+
 def _component(doc: Doc) -> str:
     return str(doc["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component", ""))
 
@@ -117,7 +121,7 @@ def _env(container: Doc) -> dict[str, Doc]:
 
 
 def test_every_overlay_is_here() -> None:
-    assert set(OVERLAYS) >= {"cpu", "gpu", "dev"}
+    assert set(OVERLAYS) >= {"cpu", "gpu", "dev", "hybrid"}
 
 
 def test_rendering_without_the_secrets_file_fails(tmp_path: Path) -> None:
@@ -193,10 +197,13 @@ def test_roles_probes_and_disruption_budgets(rendered: dict[str, list[Doc]], ove
         assert any(_matches(b["spec"]["selector"]["matchLabels"], labels) for b in budgets), workload["metadata"]
     for engine in engines:
         container = engine["spec"]["template"]["spec"]["containers"][0]
-        assert container["args"][:3] == ["serve", "--role", "engine"]
-        # ready = model loaded and accepting work; liveness only says the process answers
-        assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
-        assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
+        if _ours(engine):
+            assert container["args"][:3] == ["serve", "--role", "engine"]
+            # ready = model loaded and accepting work; liveness only says the process answers
+            assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+            assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
+        else:
+            assert container["readinessProbe"]["httpGet"]["path"]
         service = _one(docs, "Service", engine["spec"]["serviceName"])
         assert service["spec"]["clusterIP"] == "None"
         assert service["spec"].get("publishNotReadyAddresses", False) is False
@@ -216,9 +223,17 @@ def test_gateway_upstreams_name_every_engine_pool(rendered: dict[str, list[Doc]]
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == str(path.parent))
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     upstreams = yaml.safe_load(_one(docs, "ConfigMap", volume["configMap"]["name"])["data"][path.name])
-    urls = {u["url"] for u in upstreams["upstreams"]}
-    pools = {d["spec"]["serviceName"] for d in _of(docs, "StatefulSet") if _component(d) == "engine"}
-    assert urls == {f"dns+http://{pool}:8000" for pool in pools}
+    by_url = {u["url"]: u for u in upstreams["upstreams"]}
+    engines = [d for d in _of(docs, "StatefulSet") if _component(d) == "engine"]
+    assert set(by_url) == {f"dns+http://{d['spec']['serviceName']}:8000" for d in engines}
+    for engine in engines:
+        entry = by_url[f"dns+http://{engine['spec']['serviceName']}:8000"]
+        # ours report their load; any other OpenAI-compatible server is kind openai with a capacity
+        assert entry["kind"] == ("deepseek" if _ours(engine) else "openai")
+        if not _ours(engine):
+            args = engine["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert f"--max-num-seqs={entry['capacity']}" in args
+            assert f"--served-model-name={entry['model']}" in args
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -235,8 +250,14 @@ def test_credentials_come_only_from_the_secret(rendered: dict[str, list[Doc]], o
                     assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["data"], name
                     assert "value" not in entry, name
             if _component(workload) == "engine":
-                # engines hold no database, Redis or admin credentials
-                assert set(_env(container)) & SECRET_KEYS == {"DS_ENGINE_SECRET", "DS_METRICS_TOKEN"}
+                # engines hold no database, Redis or admin credentials, whatever their variables are called
+                keys = {
+                    e["valueFrom"]["secretKeyRef"]["key"]
+                    for e in _env(container).values()
+                    if "secretKeyRef" in e.get("valueFrom", {})
+                }
+                assert "DS_ENGINE_SECRET" in keys and keys <= {"DS_ENGINE_SECRET", "DS_METRICS_TOKEN"}
+                assert not container.get("envFrom") or all("configMapRef" in f for f in container["envFrom"])
             if _component(workload) == "gateway":
                 assert {"DS_DATABASE_URL", "DS_REDIS_URL", "DS_ADMIN_KEY", "DS_ENGINE_SECRET"} <= set(_env(container))
 
@@ -329,7 +350,7 @@ def test_engine_autoscaling_on_requests_in_the_engines(rendered: dict[str, list[
     (rule,) = adapter["rules"]["custom"]
     for overlay in PRODUCTION:
         docs = rendered[overlay]
-        for engine in (d for d in _of(docs, "StatefulSet") if _component(d) == "engine"):
+        for engine in (d for d in _of(docs, "StatefulSet") if _component(d) == "engine" and _ours(d)):
             name = engine["metadata"]["name"]
             pool = engine["spec"]["template"]["metadata"]["labels"]["deepseek-serve/pool"]
             target = {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name}
