@@ -7,6 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ def sim() -> ModuleType:
     return module
 
 
-def run(sim: ModuleType, engines: int, policy: str, *, cache_tokens: int = 32768, seed: int = 0) -> object:
+def run(sim: ModuleType, engines: int, policy: str, *, cache_tokens: int = 32768, seed: int = 0) -> Any:
     costs = sim.Costs(3.51, 4.47, 2.45, 0.38, 8, 512, cache_tokens)
     trace = sim.make_trace(seed, engines, 0.08, 240.0, 8, 20.0)
     return sim.simulate(
