@@ -374,3 +374,31 @@ def test_engine_autoscaling_on_requests_in_the_engines(rendered: dict[str, list[
                 assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
                 for exported_name in ("llm_requests_running", "llm_requests_waiting"):
                     assert exported_name in rule["metricsQuery"]
+
+
+def _settings_of(docs: list[Doc], container: Doc) -> dict[str, str]:
+    """The DS_* values a container starts with: its ConfigMaps in order (later wins), then env."""
+    out: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        out.update(_one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    out.update({k: e["value"] for k, e in _env(container).items() if "value" in e})
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_one_model_under_one_name(rendered: dict[str, list[Doc]], overlay: str) -> None:
+    docs = rendered[overlay]
+    gateway_pod = _one(docs, "Deployment", "gateway")["spec"]["template"]["spec"]
+    gateway = _settings_of(docs, gateway_pod["containers"][0])
+    # the gateway tokenizes with llama.cpp's vocab_only: the packaged model or a GGUF
+    assert gateway["DS_MODEL"] == "" or "gguf" in gateway["DS_MODEL"].lower()
+    assert {"/models", "/data", "/tmp"} <= {m["mountPath"] for m in gateway_pod["containers"][0]["volumeMounts"]}
+    for engine in (d for d in _of(docs, "StatefulSet") if _component(d) == "engine"):
+        container = engine["spec"]["template"]["spec"]["containers"][0]
+        if _ours(engine):
+            mine = _settings_of(docs, container)
+            assert mine["DS_SERVED_MODEL_NAME"] == gateway["DS_SERVED_MODEL_NAME"], engine["metadata"]["name"]
+            if mine["DS_MODEL"] != gateway["DS_MODEL"]:  # another format of the model: named explicitly
+                assert gateway["DS_SERVED_MODEL_NAME"], engine["metadata"]["name"]
+        else:
+            assert f"--served-model-name={gateway['DS_SERVED_MODEL_NAME']}" in container["args"]
