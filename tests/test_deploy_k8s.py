@@ -402,3 +402,11 @@ def test_one_model_under_one_name(rendered: dict[str, list[Doc]], overlay: str) 
                 assert gateway["DS_SERVED_MODEL_NAME"], engine["metadata"]["name"]
         else:
             assert f"--served-model-name={gateway['DS_SERVED_MODEL_NAME']}" in container["args"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_upstreams_files_parse_as_the_gateway_reads_them(overlay: str) -> None:
+    upstreams = pytest.importorskip("deepseek_serve.gateway.upstreams", reason="the gateway role is not in this tree")
+    path = K8S / "overlays" / overlay / "upstreams.yaml"
+    specs = upstreams.parse_yaml(path.read_text(), str(path))
+    assert specs and all(upstreams.is_discovered(spec) for spec in specs)
