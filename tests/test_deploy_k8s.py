@@ -410,3 +410,20 @@ def test_upstreams_files_parse_as_the_gateway_reads_them(overlay: str) -> None:
     path = K8S / "overlays" / overlay / "upstreams.yaml"
     specs = upstreams.parse_yaml(path.read_text(), str(path))
     assert specs and all(upstreams.is_discovered(spec) for spec in specs)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_disruption_budgets_let_a_node_drain(rendered: dict[str, list[Doc]], overlay: str) -> None:
+    docs = rendered[overlay]
+    for budget in _of(docs, "PodDisruptionBudget"):
+        selector = budget["spec"]["selector"]["matchLabels"]
+        replicas = [
+            d["spec"]["replicas"]
+            for d in docs
+            if d["kind"] in WORKLOADS and _matches(selector, d["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(replicas) == 1, budget["metadata"]["name"]
+        if "minAvailable" in budget["spec"]:
+            assert budget["spec"]["minAvailable"] < replicas[0], budget["metadata"]["name"]
+        else:
+            assert budget["spec"]["maxUnavailable"] >= 1
