@@ -32,7 +32,8 @@ from deepseek_serve.storage.keys import generate_secret
 from serve_process import REPO, ServeProcess, free_port
 from storage_support import MARIADB_HOST, MARIADB_PORT, mariadb_exec
 
-pytestmark = pytest.mark.slow
+# NOTE: the first test's setup may build llama-server (minutes, once; .ci/run builds it beforehand).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 SECRET = "engine-secret-" + uuid.uuid4().hex
 ENGINE_ENV = {
