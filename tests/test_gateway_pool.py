@@ -305,6 +305,41 @@ def test_a_conversation_keeps_hitting_one_upstream(cluster: Cluster) -> None:
     assert len({h[0] for h in hits}) == 1, hits
 
 
+def test_a_client_that_goes_away_cancels_the_upstream_request(cluster: Cluster) -> None:
+    auth = {"Authorization": f"Bearer {cluster.admin_key}"}
+    model = cluster.client().models.list().data[0].id
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+        "max_tokens": 600,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+    def engines_running() -> int:
+        reports = [
+            httpx.get(f"{e.url}/internal/load", headers={"Authorization": f"Bearer {SECRET}"}, timeout=10)
+            for e in cluster.engines.values()
+        ]
+        return sum(r.json()["running"] for r in reports)
+
+    def gateway_inflight() -> int:
+        return sum(u["inflight"] for u in cluster.upstreams().values())
+
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("POST", f"{cluster.gateways[0].url}/v1/chat/completions", json=body, headers=auth) as response,
+    ):
+        for line in response.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                assert gateway_inflight() == 1  # the first token arrived: the request runs upstream
+                break  # leaving the line iterator closes the connection
+    deadline = time.monotonic() + 5
+    while (gateway_inflight(), engines_running()) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (gateway_inflight(), engines_running()) == (0, 0)
+
+
 @dataclass
 class _Load:
     results: list[tuple[bool, bool, str]] = field(default_factory=list)  # (ok, started, error)

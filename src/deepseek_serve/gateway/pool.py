@@ -184,8 +184,11 @@ class UpstreamPool:
                 self.release(up)
                 raise
         if busy:
-            raise QueueFullError(0, retry_after_s=1.0)
-        raise EngineStoppedError(f"no upstream could take the request ({last})")
+            waiting = sum(int(u.report.get("waiting", 0) or 0) for n, u in self.upstreams.items() if n in tried)
+            raise QueueFullError(waiting, retry_after_s=1.0)
+        # NOTE: the client sees no upstream names or addresses; the log has them.
+        logger.error("no upstream could take the request (tried %s; last: %s)", sorted(tried) or "none", last)
+        raise EngineStoppedError("No upstream server is available to take the request.")
 
     def release(self, up: Upstream) -> None:
         up.inflight = max(up.inflight - 1, 0)
