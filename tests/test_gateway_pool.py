@@ -340,6 +340,30 @@ def test_a_client_that_goes_away_cancels_the_upstream_request(cluster: Cluster) 
     assert (gateway_inflight(), engines_running()) == (0, 0)
 
 
+def test_an_edited_upstreams_file_applies_without_a_restart(cluster: Cluster) -> None:
+    path = cluster.tmp / "upstreams.yaml"
+    original = path.read_text()
+
+    def wait_for(names: set[str]) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = [{n: u["state"] for n, u in cluster.upstreams(g).items()} for g in range(2)]
+            if all(set(s) == names and set(s.values()) == {"healthy"} for s in states):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"upstreams never became {names}: {states}")
+
+    try:
+        path.write_text("\n".join(line for line in original.splitlines() if "name: llama" not in line) + "\n")
+        wait_for({"engine-a", "engine-b"})
+        path.write_text("upstreams: [this is not")  # a broken edit is ignored: the last good list stays
+        time.sleep(1.5)
+        assert set(cluster.upstreams()) == {"engine-a", "engine-b"}
+    finally:
+        path.write_text(original)
+    wait_for({"engine-a", "engine-b", "llama"})
+
+
 @dataclass
 class _Load:
     results: list[tuple[bool, bool, str]] = field(default_factory=list)  # (ok, started, error)
