@@ -1,7 +1,7 @@
 """What the gateway costs: one engine called directly vs the same engine through a gateway, side by side.
 
     .venv/bin/python bench/gateway_overhead.py [--ttft-requests 60] [--rounds 4] [--requests 16]
-                                               [--concurrency 4] [--max-tokens 64]
+                                               [--concurrency 4] [--max-tokens 64] [--threads 1]
 
 Targets (gateway overhead): tokens/s through the gateway >= 0.95x direct; added TTFT p50 < 5 ms.
 
@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="the engine's DS_N_THREADS (1: steady on a busy host)")
     args = parser.parse_args()
     secret = uuid.uuid4().hex
     engine_port, gateway_port = free_port(), free_port()
@@ -206,6 +207,7 @@ def main() -> None:
                 "DS_PREFIX_CACHE": "false",
                 "DS_MAX_BATCH_SIZE": "8",
                 "DS_CONTEXT_LENGTH": "2048",
+                "DS_N_THREADS": str(args.threads),
             },
         )
         gateway = None

@@ -180,6 +180,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "DS_RESPONSE_CACHE": "false",
             "DS_CONTEXT_LENGTH": "1024",
             "DS_GATEWAY_HEALTH_INTERVAL_S": "0.5",
+            "DS_GATEWAY_HEADER_TIMEOUT_S": "2",
             "DS_GATEWAY_EJECT_S": "2",
         }
         gateways = []
@@ -362,6 +363,28 @@ def test_an_edited_upstreams_file_applies_without_a_restart(cluster: Cluster) ->
     finally:
         path.write_text(original)
     wait_for({"engine-a", "engine-b", "llama"})
+
+
+def test_a_frozen_engine_is_skipped_then_ejected_and_readmitted_when_it_thaws(cluster: Cluster) -> None:
+    frozen = cluster.engines["engine-b"]
+    assert frozen.proc is not None
+    client = cluster.client()
+    os.killpg(frozen.proc.pid, signal.SIGSTOP)  # accepts connections (kernel backlog), answers nothing
+    try:
+        started = time.monotonic()
+        answers = [_chat(client, f"Name a fruit ({i}).", max_tokens=4).choices[0].message.content for i in range(6)]
+        assert all(answers)
+        assert time.monotonic() - started < 60
+        deadline = time.monotonic() + 15
+        while cluster.upstreams()["engine-b"]["state"] != "ejected" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cluster.upstreams()["engine-b"]["state"] == "ejected"
+    finally:
+        os.killpg(frozen.proc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 15
+    while cluster.upstreams()["engine-b"]["state"] != "healthy" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cluster.upstreams()["engine-b"]["state"] == "healthy"
 
 
 @dataclass

@@ -122,6 +122,8 @@ class Settings(BaseSettings):
                                            "(reloaded on change)")
     gateway_health_interval_s: float = Field(1.0, gt=0, le=60, description="active health check / load report period")
     gateway_connect_timeout_s: float = Field(2.0, gt=0, le=60)
+    gateway_header_timeout_s: float = Field(10.0, gt=0, le=600, description="seconds for an upstream to answer a "
+                                            "request with its response headers; a hung one is skipped")
     gateway_eject_failures: int = Field(3, ge=1, le=100, description="errors in a row that eject an upstream")
     gateway_eject_s: float = Field(5.0, gt=0, le=3600, description="an ejected upstream's breaker stays open "
                                                                   "this long before a health check may readmit it")

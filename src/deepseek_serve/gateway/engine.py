@@ -76,12 +76,12 @@ class GatewayEngine(AsyncEngine):
         self._streams: dict[str, RequestStream] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
         self._accepting = False
-        self._started_at = 0.0
         self.pool = UpstreamPool(
             UpstreamSource(settings.upstreams),
             secret=settings.engine_secret,
             health_interval_s=settings.gateway_health_interval_s,
             connect_timeout_s=settings.gateway_connect_timeout_s,
+            header_timeout_s=settings.gateway_header_timeout_s,
             eject_failures=settings.gateway_eject_failures,
             eject_s=settings.gateway_eject_s,
             busy_margin=settings.gateway_busy_margin,
@@ -98,7 +98,6 @@ class GatewayEngine(AsyncEngine):
             return
         await self.pool.start()
         self._accepting = True
-        self._started_at = time.monotonic()
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         self._accepting = False

@@ -50,6 +50,7 @@ class UpstreamPool:
         secret: str,
         health_interval_s: float,
         connect_timeout_s: float,
+        header_timeout_s: float,
         eject_failures: int,
         eject_s: float,
         busy_margin: float,
@@ -58,6 +59,7 @@ class UpstreamPool:
         self.secret = secret
         self.health_interval_s = health_interval_s
         self.connect_timeout_s = connect_timeout_s
+        self.header_timeout_s = header_timeout_s
         self.eject_failures = eject_failures
         self.eject_s = eject_s
         self.router = PrefixRouter(busy_margin=busy_margin)
@@ -205,7 +207,10 @@ class UpstreamPool:
             "POST", up.spec.url + "/v1/completions", content=orjson.dumps(payload), headers=headers
         )
         try:
-            response = await up.client.send(request, stream=True)
+            async with asyncio.timeout(self.header_timeout_s):
+                response = await up.client.send(request, stream=True)
+        except TimeoutError:
+            raise UpstreamFailure(f"no response headers within {self.header_timeout_s:g}s") from None
         except httpx.ConnectError as exc:
             raise UpstreamFailure(f"connection failed ({exc})", hard=True) from None
         except httpx.HTTPError as exc:
