@@ -15,6 +15,7 @@ from deepseek_serve.gateway.upstreams import (
     UpstreamConfigError,
     UpstreamSource,
     UpstreamSpec,
+    auth_headers,
     expand,
     parse_urls,
     parse_yaml,
@@ -117,6 +118,8 @@ def test_gateway_role_needs_upstreams_and_engine_role_a_secret_off_loopback() ->
     with pytest.raises(SettingsError, match="DS_ENGINE_SECRET"):
         load_settings(_env_file=None, role="engine", host="0.0.0.0")
     assert load_settings(_env_file=None, role="engine").role == "engine"  # loopback: secret optional
+    with pytest.raises(SettingsError, match="one engine per process"):
+        load_settings(_env_file=None, role="engine", workers=2)
     with pytest.raises(SettingsError, match="DS_ROLE"):
         load_settings(_env_file=None, role="router")
 
@@ -155,3 +158,14 @@ async def test_dns_entries_expand_to_one_upstream_per_address() -> None:
     resolved = {s.url: s.name for s in expanded[:-1]}
     assert resolved.get("http://127.0.0.1:8123/base") == "localhost:8123/base/127.0.0.1"
     assert await expand(parse_urls("dns+http://no-such-host.invalid:1")) == []  # nothing up: no upstream
+
+
+async def test_the_engine_secret_goes_to_our_engines_never_to_other_servers() -> None:
+    async with httpx.AsyncClient() as client:
+        ours = Upstream(spec=UpstreamSpec(name="a", url="http://a:1"), client=client, kind="deepseek")
+        unknown = Upstream(spec=UpstreamSpec(name="b", url="http://b:1"), client=client, kind="auto")
+        vllm = Upstream(spec=UpstreamSpec(name="c", url="http://c:1"), client=client, kind="openai")
+        keyed = Upstream(spec=UpstreamSpec(name="d", url="http://d:1", api_key="sk-own"), client=client, kind="openai")
+        assert auth_headers(ours, "s3cret") == auth_headers(unknown, "s3cret") == {"Authorization": "Bearer s3cret"}
+        assert auth_headers(vllm, "s3cret") == {}
+        assert auth_headers(keyed, "s3cret") == {"Authorization": "Bearer sk-own"}

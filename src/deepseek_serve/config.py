@@ -150,6 +150,8 @@ class Settings(BaseSettings):
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds context_length ({self.context_length})")
         if self.role == "gateway" and not self.upstreams:
             raise ValueError("role 'gateway' needs DS_UPSTREAMS (base URLs or a YAML file)")
+        if self.role == "engine" and self.workers > 1:
+            raise ValueError("role 'engine' runs one engine per process (DS_WORKERS=1); add engines as upstreams")
         if self.role == "engine" and not self.engine_secret and not self.binds_loopback_only:
             raise ValueError("role 'engine' on a non-loopback address needs DS_ENGINE_SECRET")
         return self

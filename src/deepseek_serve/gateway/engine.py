@@ -13,7 +13,8 @@ the stream ends with finish reason "error". Closing the `RequestStream` (client 
 pump, which closes the upstream connection, which aborts the request there.
 
 Upstream chunks carry text, not token ids: each text chunk counts as one token (`token_ids` holds a
-placeholder) until the final usage chunk gives the exact completion count.
+placeholder) until the final usage chunk gives the exact completion count. Logprobs come back in
+the completions API's form (tokens as text, at most 5 alternatives per token).
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ class UpstreamPool:
         headers = {
             "Content-Type": "application/json",
             "Accept": "text/event-stream",
-            **auth_headers(up.spec, self.secret),
+            **auth_headers(up, self.secret),
         }
         request = up.client.build_request(
             "POST", up.spec.url + "/v1/completions", content=orjson.dumps(payload), headers=headers

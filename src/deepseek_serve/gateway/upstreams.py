@@ -12,7 +12,7 @@ upstreams:
     model: smollm2-135m-instruct     # the name this upstream serves the model under; default: the gateway's id
     kind: auto                       # deepseek (load report) | openai (any OpenAI-compatible server) | auto
     capacity: 8                      # openai kind: concurrent requests at full load (deepseek engines report it)
-    api_key: ...                     # bearer token sent; default DS_ENGINE_SECRET
+    api_key: ...                     # bearer token sent; default DS_ENGINE_SECRET (not to kind openai)
 ```
 
 Each upstream has a breaker: closed (takes requests) -> open (ejected) after
@@ -279,15 +279,17 @@ class Upstream:
         }
 
 
-def auth_headers(spec: UpstreamSpec, secret: str) -> dict[str, str]:
-    token = spec.api_key or secret
+def auth_headers(up: Upstream, secret: str) -> dict[str, str]:
+    """The upstream's own `api_key`, else DS_ENGINE_SECRET, which goes only to our engines (and to
+    `auto` upstreams until a probe shows they are not ours), never to other servers."""
+    token = up.spec.api_key or (secret if up.kind != "openai" else "")
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 async def check(up: Upstream, secret: str, timeout_s: float) -> tuple[bool, bool, str]:
     """One active health check: (passed, hard failure, reason). Fills the load report on success.
     `auto` upstreams are probed for our load report first and fall back to `/health`."""
-    headers = auth_headers(up.spec, secret)
+    headers = auth_headers(up, secret)
     try:
         if up.kind in ("auto", "deepseek"):
             response = await up.client.get(up.spec.url + LOAD_PATH, headers=headers, timeout=timeout_s)
