@@ -135,7 +135,27 @@ class Settings(BaseSettings):
     response_cache_max_bytes: int = Field(256 * 1024, ge=1024)
     session_ttl_s: int = Field(3600, ge=60)
 
-    @field_validator("model", "served_model_name", "chat_template", "admin_key", "database_url", "redis_url")
+    # --- scale-out: engine and gateway roles -----------------------------------------------------
+    role: Literal["all", "engine", "gateway"] = Field(
+        "all", description="all = API and engine in one process; engine = internal API + load report; "
+                           "gateway = API over upstreams")
+    engine_secret: str = Field("", description="shared secret: an engine requires it as bearer token, "
+                                               "a gateway sends it to its upstreams")
+    upstreams: str = Field("", description="gateway: comma-separated base URLs, or the path of a YAML file "
+                                           "(reloaded on change)")
+    gateway_health_interval_s: float = Field(1.0, gt=0, le=60, description="active health check / load report period")
+    gateway_connect_timeout_s: float = Field(2.0, gt=0, le=60)
+    gateway_header_timeout_s: float = Field(10.0, gt=0, le=600, description="seconds for an upstream to answer a "
+                                            "request with its response headers; a hung one is skipped")
+    gateway_eject_failures: int = Field(3, ge=1, le=100, description="errors in a row that eject an upstream")
+    gateway_eject_s: float = Field(5.0, gt=0, le=3600, description="an ejected upstream's breaker stays open "
+                                                                  "this long before a health check may readmit it")
+    gateway_retries: int = Field(2, ge=0, le=10, description="other upstreams tried for a request with no token yet")
+    gateway_busy_margin: float = Field(0.5, ge=0, description="routing: a warm upstream keeps its traffic unless its "
+                                                              "load exceeds the least loaded one's by this much")
+
+    @field_validator("model", "served_model_name", "chat_template", "admin_key", "database_url", "redis_url",
+                     "engine_secret", "upstreams")
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
@@ -159,6 +179,12 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.max_model_len and self.max_model_len > self.context_length:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds context_length ({self.context_length})")
+        if self.role == "gateway" and not self.upstreams:
+            raise ValueError("role 'gateway' needs DS_UPSTREAMS (base URLs or a YAML file)")
+        if self.role == "engine" and self.workers > 1:
+            raise ValueError("role 'engine' runs one engine per process (DS_WORKERS=1); add engines as upstreams")
+        if self.role == "engine" and not self.engine_secret and not self.binds_loopback_only:
+            raise ValueError("role 'engine' on a non-loopback address needs DS_ENGINE_SECRET")
         return self
 
     # --- derived values --------------------------------------------------------------------------

@@ -292,9 +292,11 @@ class _Run:
                         params = replace(params, seed=params.seed + index)  # distinct reproducible choices
                     stream = await engine.add_request(GenerationRequest(
                         request_id=f"{self.plan.completion_id}-{index}",
+                        prompt=prompt.text,
                         prompt_token_ids=prompt.token_ids,
                         params=params,
                         deadline_s=self.services.settings.request_timeout_s,
+                        affinity=self.plan.conversation_id,
                     ))
                     splitter = (ReasoningSplitter(self.plan.reasoning_prefilled)
                                 if self.plan.split_reasoning else None)

@@ -126,7 +126,8 @@ class SamplingDefaults:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One unit of work: a prompt (text or token ids) and how to continue it.
+    """One unit of work: a prompt (text or token ids) and how to continue it. With both, the token
+    ids are the prompt and the text only describes it (a gateway routes on it).
 
     `deadline_s` is relative to submission; None takes the engine's default request timeout.
     """
@@ -137,6 +138,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     deadline_s: float | None = None
     add_special_tokens: bool = True
+    affinity: str | None = None  # a routing hint (conversation id) for a gateway; the engine ignores it
 
 
 @dataclass(frozen=True)
