@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queue time included")
     default_max_tokens: int = Field(1024, ge=1)
     cuda_graphs: bool = True
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="torch runner: fraction of the "
+                                          "device memory free at start (RAM on CPU) for weights, KV and activations")
 
     # --- HTTP server -----------------------------------------------------------------------------
     host: str = "127.0.0.1"
