@@ -64,6 +64,7 @@ from deepseek_serve.engine.errors import ContextLengthError, DeadlineExceededErr
 from deepseek_serve.engine.types import (
     GenerationRequest,
     RequestTimings,
+    SamplingDefaults,
     SamplingParams,
     StreamDelta,
     TokenLogprob,
@@ -213,8 +214,11 @@ def _usage(plan: Plan, choices: list[_Choice], reasoning_tokens: int) -> UsageIn
     return UsageInfo.build(prompt, completion, min(cached, prompt), reasoning_tokens)
 
 
-def _cache_key(plan: Plan) -> str:
+def _cache_key(plan: Plan, owner: str | None) -> str:
+    """The response-cache key of a plan; `owner` (the API key id under `DS_RESPONSE_CACHE_SCOPE=key`)
+    is part of it, so one key's answers are never served to another."""
     material = {
+        "owner": owner,
         "endpoint": plan.endpoint,
         "model": plan.model,
         "prompts": [p.token_ids for p in plan.prompts],
@@ -283,9 +287,11 @@ class _Run:
                         params = replace(params, seed=params.seed + index)  # distinct reproducible choices
                     stream = await engine.add_request(GenerationRequest(
                         request_id=f"{self.plan.completion_id}-{index}",
+                        prompt=prompt.text,
                         prompt_token_ids=prompt.token_ids,
                         params=params,
                         deadline_s=self.services.settings.request_timeout_s,
+                        affinity=self.plan.conversation_id,
                     ))
                     splitter = (ReasoningSplitter(self.plan.reasoning_prefilled)
                                 if self.plan.split_reasoning else None)
@@ -406,13 +412,14 @@ async def run_plan(request: Request, services: Services, principal: Principal, p
     cache_key: str | None = None
     if (cache is not None and services.settings.response_cache and plan.use_cache
             and plan.params.is_deterministic):
-        cache_key = _cache_key(plan)
+        owner = principal.key_id if services.settings.response_cache_scope == "key" else None
+        cache_key = _cache_key(plan, owner)
         hit = _cache_hit(plan, await _cache_get(cache, cache_key))
         if services.metrics is not None:
             services.metrics.response_cache(hit is not None)
         if hit is not None:
             _account_cached(run, hit)
-            await run.finish()
+            await run.finish()  # usage record, limiter settle and the conversation turn, as for a miss
             headers = {**run.headers, "x-cache": "hit"}
             if plan.stream:
                 events = cached.replay_sse(hit, plan.include_usage)
@@ -485,12 +492,28 @@ async def _replay(events: list[bytes]) -> AsyncIterator[bytes]:
 
 
 def _account_cached(run: _Run, body: dict[str, Any]) -> None:
+    """Fill the outcome of a hit the way a finished miss fills it: token counts for usage and the
+    limiter, the first choice's text as the answer stored in the conversation."""
     usage = body.get("usage") or {}
     out = run.outcome
     out.finish_reason = "cache_hit"
     out.prompt_tokens = int(usage.get("prompt_tokens", 0))
     out.completion_tokens = int(usage.get("completion_tokens", 0))
     out.cached_tokens = out.prompt_tokens
+    details = usage.get("completion_tokens_details") or {}
+    out.reasoning_tokens = int(details.get("reasoning_tokens", 0))
+    choices = body.get("choices") or [{}]
+    first = choices[0] if isinstance(choices[0], dict) else {}
+    if run.plan.endpoint == "chat.completions":
+        message = first.get("message") or {}
+        content = message.get("content") or ""
+        out.answer = {"role": "assistant", "content": content,
+                      "reasoning_content": message.get("reasoning_content") or None}
+    else:
+        content = first.get("text") or ""
+        out.answer = {"role": "assistant", "content": content}
+    out.completion_text = content
+    out.completed = True
 
 
 # --- JSON body --------------------------------------------------------------------------------------
@@ -760,22 +783,22 @@ def _logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
 
 
 def sampling_params(body: Any, max_tokens: int | None, logprobs: bool, top_logprobs: int,
-                    default_temperature: float = 1.0) -> SamplingParams:
-    """Map the OpenAI body fields (plus extensions) to `SamplingParams`."""
+                    defaults: SamplingDefaults | None = None) -> SamplingParams:
+    """Map the OpenAI body fields (plus extensions) to `SamplingParams`; what the body leaves open
+    takes the model's recommended sampling (`defaults`)."""
     stop: tuple[str, ...] = ()
     if isinstance(body.stop, str):
         stop = (body.stop,)
     elif body.stop:
         stop = tuple(body.stop)
+    picked = (defaults or SamplingDefaults()).fill(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty)
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=default_temperature if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0,
+        **picked,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         seed=body.seed,
         stop=stop,
         ignore_eos=bool(body.ignore_eos),

@@ -53,7 +53,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "Invalid value for 'top_logprobs': requires 'logprobs' to be true.",
                        "invalid_request_error", "top_logprobs", "invalid_value")
-    params = sampling_params(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0)
+    params = sampling_params(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0, info.sampling)
     plan = Plan(
         endpoint="chat.completions",
         completion_id=new_completion_id("chatcmpl"),

@@ -72,7 +72,7 @@ async def create_completion(body: CompletionRequest, request: Request, services:
             prompts.append(PromptInput(tuple(item), services.engine.detokenize(item)))
     max_tokens = _DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     logprobs = body.logprobs is not None
-    params = sampling_params(body, max_tokens, logprobs, body.logprobs or 0)
+    params = sampling_params(body, max_tokens, logprobs, body.logprobs or 0, services.engine.model_info.sampling)
     plan = Plan(
         endpoint="completions",
         completion_id=new_completion_id("cmpl"),
