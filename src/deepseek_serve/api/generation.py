@@ -805,7 +805,7 @@ def sampling_params(body: Any, max_tokens: int | None, logprobs: bool, top_logpr
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         min_tokens=body.min_tokens or 0,
-        logit_bias=_logit_bias(body.logit_bias),
+        logit_bias=_logit_bias(getattr(body, "logit_bias", None)),
     )
 
 
