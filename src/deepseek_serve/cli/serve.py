@@ -17,7 +17,7 @@ from typing import Annotated, Any, cast
 
 import typer
 
-from deepseek_serve.cli._common import settings_from_cli
+from deepseek_serve.cli._common import pull_pack_first, settings_from_cli
 
 APP_FACTORY = "deepseek_serve.api.app:create_app_from_env"
 
@@ -31,15 +31,20 @@ def serve(
                                                                     "(DS_MODEL)")] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="debug|info|warning|error "
                                                                       "(DS_LOG_LEVEL)")] = None,
+    role: Annotated[str | None, typer.Option("--role", help="all (API + engine) | engine (internal API, load "
+                                                            "report) | gateway (API over DS_UPSTREAMS) "
+                                                            "(DS_ROLE)")] = None,
 ) -> None:
-    """Serve the OpenAI-compatible HTTP API."""
+    """Serve the OpenAI-compatible HTTP API (or one role of a scaled-out deployment: --role)."""
     import uvicorn
 
     from deepseek_serve.api.http_protocol import protocol_factory
     from deepseek_serve.observability.logs import uvicorn_log_config
 
-    overrides = {"host": host, "port": port, "workers": workers, "model": model, "log_level": log_level}
+    overrides = {"host": host, "port": port, "workers": workers, "model": model, "log_level": log_level,
+                 "role": role}
     settings = settings_from_cli(**overrides)
+    pull_pack_first(settings)
     # NOTE: workers re-read the environment, so flags travel as DS_* variables.
     for name, value in overrides.items():
         if value is not None:

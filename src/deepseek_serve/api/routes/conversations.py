@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deepseek_serve.api.deps import InferenceDep, ServicesDep
 from deepseek_serve.api.errors import ApiError, NotFoundError, RateLimitError
-from deepseek_serve.api.schemas import ChatMessage
+from deepseek_serve.api.schemas import ChatMessage, Text
 from deepseek_serve.api.services import Principal, Services
 from deepseek_serve.storage.conversations import ConversationNotFound, ConversationRepository
 from deepseek_serve.storage.runtime import Storage
@@ -88,7 +88,7 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 class CreateConversationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    title: str | None = Field(None, max_length=255)
+    title: Text | None = Field(None, max_length=255)
     messages: list[ChatMessage] = Field(default_factory=list, max_length=1000,
                                         description="seed messages, e.g. a system prompt")
 
