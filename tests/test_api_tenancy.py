@@ -227,7 +227,12 @@ def test_failed_authentications_are_throttled_per_address_and_logged_without_the
     assert 1 <= retry_after <= 60 // FAILURES_PER_MIN + 1
     status, _, _ = raw_request(server, head, bystander)
     assert status == 200  # another address is not affected
+    forged = (
+        f"GET /v1/models%0AFORGED-LINE HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tried[0]}\r\nConnection: close\r\n"
+    )
+    assert raw_request(server, forged, "203.0.113.9")[0] == 401
     log = server.stderr()
+    assert "\\nFORGED-LINE" in log and not [line for line in log.splitlines() if line.startswith("FORGED-LINE")]
     assert log.count("authentication failed (invalid_api_key) from 203.0.113.7") == FAILURES_PER_MIN
     for secret in tried:
         assert secret not in log and secret[-4:] + " " not in log

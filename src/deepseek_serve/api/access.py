@@ -213,8 +213,9 @@ class AccessMiddleware:
             if self.throttle is not None:
                 self.throttle.record_failure(address)
             self._count_rejection(services)
+            # the path is percent-decoded client input: repr() escapes control characters, and it is bounded
             logger.warning(
-                "authentication failed (%s) from %s: %s %s", err.code, address, scope["method"], scope["path"]
+                "authentication failed (%s) from %s: %s %r", err.code, address, scope["method"], scope["path"][:200]
             )
             await self._refuse(scope, receive, send, err)
             return
