@@ -89,6 +89,8 @@ class Settings(BaseSettings):
                                        "of the end of its headers (else 408, connection closed)")
     http_max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024,
                                        description="request line + headers; larger = 431, connection closed")
+    http_send_timeout_s: float = Field(60.0, gt=0, le=3600, description="a response the client does not read "
+                                       "(send buffer full) for this long: the connection is dropped")
 
     # --- request limits (checked before any templating, tokenizing or engine work) -----------------
     max_messages: int = Field(1024, ge=1, le=1_000_000, description="chat messages per request "
