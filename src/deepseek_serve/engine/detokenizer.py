@@ -14,6 +14,8 @@ class IncrementalDetokenizer:
       so no delta ever carries a broken UTF-8 sequence.
     - Text that could be the start of a stop string is held back until it is known not to be one;
       a stop string found ends generation and is not emitted.
+    - When generation ends inside a character (max_tokens, a stop, an abort), `flush` drops the
+      incomplete bytes instead of emitting U+FFFD for them.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
@@ -37,12 +39,12 @@ class IncrementalDetokenizer:
         return buf[: len(buf) - keep], False
 
     def flush(self) -> str:
-        """Everything still held (generation ended without a stop string). Bytes of an unfinished
-        character become U+FFFD; a stop string that this completes is still cut."""
-        out = self._held + self._decoder.decode(b"", final=True)
+        """Everything still held (generation ended without a stop string), minus the bytes of a
+        character the last token left incomplete (held text never contains a whole stop string)."""
+        out = self._held
         self._held = ""
-        hit = self._first_stop(out) if self._stop else None
-        return out if hit is None else out[:hit]
+        self._decoder.reset()
+        return out
 
     def _first_stop(self, buf: str) -> int | None:
         """Where the stop string starts that `buf` completes first, character by character (of those

@@ -1,0 +1,1 @@
+"""The gateway role: routes requests over upstream engines (routing, upstreams, proxy)."""
