@@ -151,6 +151,7 @@ def run_schemathesis(server: FuzzServer, key: str, report_dir: Path, seed: int) 
         text=True,
         timeout=900,
         env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"},
+        cwd=report_dir.parent,  # schemathesis keeps a .schemathesis/ cache in its working directory
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"schemathesis found failures (exit {result.returncode}):\n{output[-20000:]}"
