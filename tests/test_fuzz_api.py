@@ -6,7 +6,7 @@ The checks: no 5xx; every response documented (status, content type, headers) an
 schema-violating input refused; a request without the key refused (401/403); a created resource
 readable and a deleted one gone; undocumented methods refused.
 
-The server is a real `deepseek-serve serve` process on MariaDB and Redis with the default SmolLM2
+The server is a real `deepseek-serve serve` process on MariaDB and Redis with the SmolLM2 test
 model. Generation is what makes a fuzz run slow, so this server caps it: a sequence is at most
 `DS_MAX_MODEL_LEN=96` tokens (prompt + completion; longer asks are refused with a 400, which the fuzzer
 also exercises) and a request without `max_tokens` gets 8. Two runs take about 2 minutes on 2 shared
