@@ -119,6 +119,8 @@ class Settings(BaseSettings):
                                         "flight per server process; beyond: 429; 0 = no limit")
     usage_flush_interval_s: float = Field(1.0, gt=0)
     usage_batch_size: int = Field(200, ge=1)
+    usage_sync_timeout_s: float = Field(5.0, ge=0, le=60, description="a response waits up to this for its usage "
+                                        "record to reach the database or the spool; 0 = no wait")
     usage_spool_path: Path | None = Field(None, description="empty = <data_dir>/usage-spool.jsonl")
     retention_days: int = Field(90, ge=1)
     purge_daily: bool = False

@@ -382,6 +382,10 @@ class _Run:
                 completion_text=out.completion_text if store else None,
                 created_at=time.time(),
             ))
+            if services.settings.usage_sync_timeout_s > 0:
+                # the client's success (its last byte) comes after the record is durable
+                with anyio.CancelScope(shield=True):
+                    await services.usage.persisted(services.settings.usage_sync_timeout_s)
         if services.metrics is not None and self.choices:
             if out.finish_reason == "timeout":
                 services.metrics.rejected("timeout")
@@ -667,6 +671,7 @@ async def _sse(run: _Run, keepalive_s: float) -> AsyncIterator[bytes]:
                 else:
                     yield model_event(Completion(id=plan.completion_id, created=plan.created, model=plan.model,
                                             choices=[], usage=usage))
+            await run.finish()  # accounting (the usage record durable) before the client sees [DONE]
         yield DONE
     finally:
         for task in pumps:
