@@ -102,7 +102,7 @@ async def test_model_identity_and_sampling_defaults(qwen: AsyncEngine) -> None:
 @pytest.mark.parametrize(
     ("prompt", "expected"),
     [
-        ("你好，请介绍一下北京", ("北京", "首都")),
+        ("你好，请介绍一下北京", ("北京", "中国")),
         ("What is the capital of France? Answer in one sentence.", ("Paris",)),
         ("用一句话解释什么是二分查找。", ("查找",)),
         ("Write a Python function that returns the square of a number.", ("def square",)),
@@ -259,7 +259,7 @@ TORCH_NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def torch_one_thread() -> Iterator[None]:
+def torch_threads() -> Iterator[None]:
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -290,15 +290,12 @@ def _torch_chat_ids(tok: Any, text: str) -> list[int]:
     )
 
 
-def test_torch_runner_matches_transformers_and_int8(qwen_hf: Path, torch_one_thread: None) -> None:
+@pytest.fixture(scope="module")
+def torch_reference(qwen_hf: Path, torch_threads: None) -> tuple[Any, list[list[int]], list[list[int]]]:
+    """(tokenizer, prompt ids, transformers' greedy continuation of each prompt, generated alone)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from deepseek_serve.engine.sequence import Sequence
-    from deepseek_serve.engine.torch_runner.drive import run_to_completion
-    from deepseek_serve.engine.torch_runner.loading import load_model
-    from deepseek_serve.engine.torch_runner.quantize import quantize_model
-    from deepseek_serve.engine.torch_runner.runner import TorchRunner
     from deepseek_serve.engine.torch_runner.tokenizer import HFTokenizer
 
     tok = HFTokenizer(qwen_hf)
@@ -316,10 +313,31 @@ def test_torch_runner_matches_transformers_and_int8(qwen_hf: Path, torch_one_thr
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             )
             reference.append(out[0, len(ids) :].tolist())
-    del hf
     assert "北京" in tok.decode(reference[0]) and "Paris" in tok.decode(reference[1])
+    return tok, prompts, reference
 
-    def greedy(runner: TorchRunner, batch: list[list[int]]) -> list[list[int]]:
+
+def _torch_runner(folder: Path, tok: Any, slots: int, quant: str) -> Any:
+    import torch
+
+    from deepseek_serve.engine.torch_runner.loading import load_model
+    from deepseek_serve.engine.torch_runner.quantize import quantize_model
+    from deepseek_serve.engine.torch_runner.runner import TorchRunner
+
+    model = load_model(folder, torch.float32, torch.device("cpu"))
+    if quant != "none":
+        quantize_model(model, quant)  # type: ignore[arg-type]
+    return TorchRunner(model, tok, num_slots=slots, max_len=256, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_torch_fp32_greedy_equals_transformers(qwen_hf: Path, torch_reference: tuple[Any, Any, Any]) -> None:
+    from deepseek_serve.engine.sequence import Sequence
+    from deepseek_serve.engine.torch_runner.drive import run_to_completion
+
+    tok, prompts, reference = torch_reference
+    runner = _torch_runner(qwen_hf, tok, len(prompts), "none")
+
+    def greedy(batch: list[list[int]]) -> list[list[int]]:
         seqs = [
             Sequence(f"s{i}", ids, SamplingParams(temperature=0.0), TORCH_NEW_TOKENS, float("inf"))
             for i, ids in enumerate(batch)
@@ -327,31 +345,22 @@ def test_torch_runner_matches_transformers_and_int8(qwen_hf: Path, torch_one_thr
         run_to_completion(runner, seqs)
         return [s.output_token_ids for s in seqs]
 
-    def make_runner(quant: str) -> TorchRunner:
-        model = load_model(qwen_hf, torch.float32, torch.device("cpu"))
-        if quant != "none":
-            quantize_model(model, quant)  # type: ignore[arg-type]
-        return TorchRunner(
-            model, tok, num_slots=len(prompts), max_len=256, device=torch.device("cpu"), dtype=torch.float32
-        )
+    assert [greedy([ids])[0] for ids in prompts] == reference  # alone
+    assert greedy(prompts) == reference  # all five in one batch
 
-    runner = make_runner("none")
-    alone = [greedy(runner, [ids])[0] for ids in prompts]
-    batched = greedy(runner, prompts)
-    assert alone == reference
-    assert batched == reference
-    del runner
 
-    # int8: the fraction of positions where int8's greedy pick, teacher-forced on the fp32
-    # continuation, equals fp32's (measured on this machine: see INT8_AGREEMENT)
-    q8 = make_runner("int8")
+# int8 (per-channel weights, bf16 activations): the fraction of positions where its greedy pick,
+# teacher-forced on the fp32 greedy continuation, equals fp32's (79 of the 80 when measured)
+INT8_AGREEMENT = 0.95
+
+
+def test_torch_int8_agreement(qwen_hf: Path, torch_reference: tuple[Any, Any, Any]) -> None:
+    tok, prompts, reference = torch_reference
+    q8 = _torch_runner(qwen_hf, tok, 1, "int8")
     same = 0
     for ids, ref in zip(prompts, reference, strict=True):
         picks = q8.full_logits(ids + ref).argmax(-1)[len(ids) - 1 : -1].tolist()
         same += sum(a == b for a, b in zip(picks, ref, strict=True))
     agreement = same / (len(prompts) * TORCH_NEW_TOKENS)
-    print(f"int8 teacher-forced agreement with fp32 greedy: {agreement:.3f}")
+    print(f"int8 teacher-forced agreement with fp32 greedy: {agreement:.3f} ({same}/{len(prompts) * TORCH_NEW_TOKENS})")
     assert agreement >= INT8_AGREEMENT
-
-
-INT8_AGREEMENT = 0.90
