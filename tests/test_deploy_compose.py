@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
 CORE = {"deepseek-app", "mysql", "redis"}
 MONITORING = {"prometheus", "alertmanager", "grafana", "mysqld-exporter", "redis-exporter", "node-exporter"}
+SCALE = {"gateway", "engine"}  # profile `scale`: checked in tests/test_gateway_compose.py
 SECRETS = {"MYSQL_ROOT_PASSWORD", "MYSQL_PASSWORD", "MYSQL_EXPORTER_PASSWORD", "REDIS_PASSWORD",
            "GRAFANA_ADMIN_PASSWORD", "DS_ADMIN_KEY"}
 VAR = re.compile(r"\$\{([A-Z0-9_]+)(?:(:?[-?])([^}]*))?\}")
@@ -64,7 +65,7 @@ def test_schema_catches_a_broken_file(schema: dict[str, Any], compose: dict[str,
 
 def test_services_and_profiles(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == CORE | MONITORING
+    assert set(services) == CORE | MONITORING | SCALE
     for name in CORE:
         assert "profiles" not in services[name], name
     for name in MONITORING:
@@ -91,7 +92,7 @@ def test_networks_and_published_ports(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert compose["networks"]["backend"]["internal"] is True
     publishing = {name for name, svc in services.items() if svc.get("ports")}
-    assert publishing == {"deepseek-app", "grafana"}
+    assert publishing == {"deepseek-app", "grafana", "gateway"}
     for name in ("mysql", "redis", "prometheus", "mysqld-exporter", "redis-exporter", "node-exporter"):
         assert services[name]["networks"] == ["backend"], name
     assert set(services["deepseek-app"]["networks"]) == {"frontend", "backend"}

@@ -209,6 +209,38 @@ def test_step_advances_computed_tokens_and_samples_only_when_asked(tiny: tuple[P
     assert res is not None and 0 <= res.token_id < VOCAB and s.num_computed_tokens == 20
 
 
+def test_bad_entries_fail_alone(tiny: tuple[Path, Any]) -> None:
+    """Input the model must not see (ids outside the vocabulary) and a row whose sampling raises fail
+    their own entry only; the others of the same step go on and sample what they sample alone."""
+    path, _ = tiny
+    prompt = prompts((10,), seed=8)[0]
+    alone = seq(prompt, 4, temperature=1.0, seed=3)
+    runner = make_runner(path)
+    runner.allocate(alone)
+    (expected,) = runner.step([ScheduledSeq(alone, 10, True)])
+    assert expected is not None and expected.error is None
+
+    runner = make_runner(path)
+    good = seq(prompt, 4, temperature=1.0, seed=3)
+    bad_ids = seq([1, 2, VOCAB + 5], 4)
+    bad_bias = seq(prompt, 4, temperature=1.0, logit_bias=((VOCAB * 3, 5.0),))  # past SamplingParams.validate
+    for s in (good, bad_ids, bad_bias):
+        runner.allocate(s)
+    res = runner.step([ScheduledSeq(good, 10, True), ScheduledSeq(bad_ids, 3, True), ScheduledSeq(bad_bias, 10, True)])
+    assert res[0] is not None and res[0].error is None and res[0].token_id == expected.token_id
+    assert res[1] is not None and res[1].error is not None and "vocabulary" in res[1].error
+    assert bad_ids.num_computed_tokens == 0
+    assert res[2] is not None and res[2].error is not None and "logit_bias" in res[2].error
+
+
+def test_logit_bias_forces_a_token(tiny: tuple[Path, Any]) -> None:
+    path, _ = tiny
+    p = prompts((12,), seed=9)[0]
+    forced = [seq(p, 5, logit_bias=((7, 100.0),)), seq(p, 5, temperature=1.0, seed=1, logit_bias=((7, 100.0),))]
+    run_to_completion(make_runner(path), forced)
+    assert all(s.output_token_ids == [7] * 5 for s in forced)
+
+
 def test_seeded_sampling_is_independent_of_the_batch(tiny: tuple[Path, Any]) -> None:
     path, _ = tiny
     ps = prompts((11, 17, 25), seed=5)

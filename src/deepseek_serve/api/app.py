@@ -1,6 +1,6 @@
 """The app factory. `create_app(settings)` returns a FastAPI app whose lifespan owns the engine.
 
-Request path: middleware (metrics, request id, CORS, body limit, unhandled errors) ->
+Request path: middleware (metrics, request id, CORS, access, body limit, unhandled errors) ->
 `api/routes/<resource>.py` (routers listed in `api/routes/__init__.py`) -> `api/deps.py` ->
 `api/generation.py` -> `AsyncEngine`.
 
@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from deepseek_serve.api.access import AccessMiddleware
 from deepseek_serve.api.errors import install_error_handlers
 from deepseek_serve.api.middleware import (
     BodySizeLimitMiddleware,
@@ -25,6 +26,8 @@ from deepseek_serve.api.middleware import (
     UnhandledErrorMiddleware,
     install_log_record_factory,
 )
+from deepseek_serve.api.openapi import install_openapi
+from deepseek_serve.api.roles import EngineSecretMiddleware, load_router
 from deepseek_serve.api.services import RATE_LIMIT_HEADERS, Services
 from deepseek_serve.config import Settings, load_settings
 from deepseek_serve.engine.async_engine import AsyncEngine
@@ -39,6 +42,12 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     left None switches the feature off. Resources to close at shutdown go into `services.extras`
     (anything with `aclose()` or `close()`)."""
     services = Services(settings=settings, engine=engine)
+    if settings.role == "engine":  # behind a gateway: no keys, limits, usage, cache or conversations
+        metrics = PrometheusMetrics()
+        metrics.attach(engine, services)
+        services.metrics = metrics
+        services.extras["metrics"] = metrics
+        return services
     # --- storage (persistence issue): services.auth, services.usage, services.conversations ---------
     from deepseek_serve.api.auth import ApiKeyAuthenticator
     from deepseek_serve.api.routes.conversations import StoredConversations
@@ -47,7 +56,8 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     storage = Storage(settings)
     await storage.start()  # migrates when DS_DB_AUTO_MIGRATE, upserts DS_ADMIN_KEY, replays the spool
     services.extras["storage"] = storage  # closed last: flushes queued usage (or spools it)
-    services.auth = ApiKeyAuthenticator(storage.key_lookup) if settings.auth_enabled else None
+    # NOTE: built even when auth is off for /v1: with DS_AUTH=auto on loopback /admin still needs a key.
+    services.auth = ApiKeyAuthenticator(storage.key_lookup)
     services.usage = storage.writer
     services.conversations = StoredConversations(storage.conversations)
     # --- cache (Redis issue): services.limiter, services.response_cache, services.sessions ----------
@@ -93,7 +103,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owns_engine = engine is None
-        active = AsyncEngine.from_settings(settings) if engine is None else engine
+        active = _build_engine(settings) if engine is None else engine
         await active.start()
         services = await build_services(settings, active)
         app.state.services = services
@@ -112,12 +122,17 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in api_routers:
+    for router in routers_for(settings.role, api_routers):
         app.include_router(router)
+    install_openapi(app)
     # NOTE: add_middleware prepends: the last added is the outermost. Outside in: metrics, request id,
-    # CORS, body limit, unhandled errors; so a 413 or a 500 still gets the request id and CORS headers.
+    # CORS, access (key, before the body), body limit, unhandled errors; so a 401, 413 or 500 still gets
+    # the request id and CORS headers.
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AccessMiddleware, settings=settings)
+    if settings.role == "engine" and settings.engine_secret:
+        app.add_middleware(EngineSecretMiddleware, secret=settings.engine_secret)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -131,6 +146,28 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HTTPMetricsMiddleware)
     return app
+
+
+def _build_engine(settings: Settings) -> AsyncEngine:
+    if settings.role == "gateway":
+        from deepseek_serve.gateway.engine import GatewayEngine
+
+        return GatewayEngine.from_settings(settings)
+    return AsyncEngine.from_settings(settings)
+
+
+def routers_for(role: str, routers: list[APIRouter]) -> list[APIRouter]:
+    """The routers a role serves (see api/roles.py)."""
+    if role == "engine":
+        from deepseek_serve.api.routes import chat, completions, health, metrics, models
+
+        keep = {id(r) for r in (health.router, models.router, chat.router, completions.router, metrics.router)}
+        return [r for r in routers if id(r) in keep] + [load_router]
+    if role == "gateway":
+        from deepseek_serve.gateway.routes import router as upstreams_router
+
+        return [*routers, upstreams_router]
+    return list(routers)
 
 
 def create_app_from_env() -> FastAPI:
