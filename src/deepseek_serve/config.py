@@ -157,7 +157,7 @@ class Settings(BaseSettings):
     gateway_eject_s: float = Field(5.0, gt=0, le=3600, description="an ejected upstream's breaker stays open "
                                                                   "this long before a health check may readmit it")
     gateway_retries: int = Field(2, ge=0, le=10, description="other upstreams tried for a request with no token yet")
-    gateway_busy_margin: float = Field(0.5, ge=0, description="routing: a warm upstream keeps its traffic unless its "
+    gateway_busy_margin: float = Field(0.75, ge=0, description="routing: a warm upstream keeps its traffic unless its "
                                                               "load exceeds the least loaded one's by this much")
 
     @field_validator("model", "served_model_name", "chat_template", "admin_key", "database_url", "redis_url",
