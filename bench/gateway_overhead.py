@@ -8,13 +8,15 @@ Targets (gateway overhead): tokens/s through the gateway >= 0.95x direct; added 
 Two real processes: `deepseek-serve serve --role engine` (the packaged SmolLM2 model unless DS_MODEL
 is set) and `serve --role gateway` with that engine as its only upstream (SQLite usage records,
 in-process limits, response cache off, auth off on loopback). Every request is
-`POST /v1/chat/completions`, streamed, temperature 0, one of 8 fixed prompts; the engine is called
-with its shared secret, the gateway without a key. The warm-up sends every prompt through both, so
-the engine's prefix cache holds them all: each request then recomputes one prompt token, and the
-TTFT is one forward step plus the HTTP path, which keeps the gateway's share visible on a busy host.
+`POST /v1/chat/completions`, streamed, temperature 0, with fixed prompts; the engine is called
+with its shared secret, the gateway without a key.
 
 1. TTFT: one request at a time, alternating direct, gateway, direct, ... (so machine noise hits
-   both alike); `max_tokens=4`; time to the first content chunk. Reports medians, their difference
+   both alike); `max_tokens=4`; time to the first content chunk. Every request sends the same
+   prompt, so the engine's prefix cache holds it (the engine keeps one idle entry for prompts that
+   share a prefix: cycling prompts would hand the cache to whichever target came second): each
+   request recomputes one prompt token, and the TTFT is one forward step plus the HTTP path, which
+   keeps the gateway's share visible on a busy host. Reports medians, their difference
    and the median of the paired differences (request i through the gateway minus request i direct)
    with a 95% bootstrap interval (fixed seed).
 2. Throughput: `--rounds` rounds, each running `--requests` requests at `--concurrency` against
@@ -142,13 +144,13 @@ async def throughput(
 async def run(args: argparse.Namespace, direct: Target, gateway: Target) -> None:
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as client:
         model = (await client.get(f"{gateway.url}/v1/models")).json()["data"][0]["id"]
-        for target in (direct, gateway):  # warm-up: connections, template, the prefix cache
+        for target in (direct, gateway):  # warm-up: connections, template, first allocations
             for prompt in PROMPTS:
                 await one(client, target, model, prompt, 4, False)
         ttfts: dict[str, list[float]] = {"direct": [], "gateway": []}
-        for i in range(args.ttft_requests):
+        for _ in range(args.ttft_requests):
             for target in (direct, gateway):
-                ttft, _ = await one(client, target, model, PROMPTS[i % len(PROMPTS)], 4, False)
+                ttft, _ = await one(client, target, model, PROMPTS[0], 4, False)
                 ttfts[target.name].append(ttft)
         rates: dict[str, list[float]] = {"direct": [], "gateway": []}
         for r in range(args.rounds):
@@ -164,7 +166,7 @@ async def run(args: argparse.Namespace, direct: Target, gateway: Target) -> None
     print(
         f"model {model}; {platform.node()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
-    print(f"TTFT: {args.ttft_requests} requests per target, one at a time, alternating; max_tokens=4")
+    print(f"TTFT: {args.ttft_requests} requests per target, one at a time, alternating, one prompt; max_tokens=4")
     print(
         f"throughput: {args.rounds} rounds x {args.requests} requests at concurrency {args.concurrency}, "
         f"max_tokens={args.max_tokens} (ignore_eos)"
