@@ -89,6 +89,28 @@ class Target:
     headers: dict[str, str]
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (clock-tick resolution: sum many requests)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds the gateway and the engine spend while requests of one target run."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.spent: dict[tuple[str, str], float] = {}
+
+    def begin(self) -> dict[str, float]:
+        return {name: cpu_s(pid) for name, pid in self.pids.items()}
+
+    def end(self, target: str, start: dict[str, float]) -> None:
+        for name, pid in self.pids.items():
+            key = (target, name)
+            self.spent[key] = self.spent.get(key, 0.0) + cpu_s(pid) - start[name]
+
+
 async def one(
     client: httpx.AsyncClient, target: Target, model: str, prompt: str, max_tokens: int, ignore_eos: bool
 ) -> tuple[float, int]:
@@ -123,7 +145,8 @@ async def one(
 
 async def throughput(
     client: httpx.AsyncClient, target: Target, model: str, requests: int, concurrency: int, max_tokens: int
-) -> float:
+) -> tuple[float, int]:
+    """(tokens/s, tokens) of one round."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(i)
@@ -138,10 +161,12 @@ async def throughput(
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return total / (time.perf_counter() - started)
+    return total / (time.perf_counter() - started), total
 
 
-async def run(args: argparse.Namespace, direct: Target, gateway: Target) -> None:
+async def run(args: argparse.Namespace, direct: Target, gateway: Target, pids: dict[str, int]) -> None:
+    ttft_cpu, tok_cpu = CpuMeter(pids), CpuMeter(pids)
+    tokens = {"direct": 0, "gateway": 0}
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as client:
         model = (await client.get(f"{gateway.url}/v1/models")).json()["data"][0]["id"]
         for target in (direct, gateway):  # warm-up: connections, template, first allocations
@@ -150,15 +175,19 @@ async def run(args: argparse.Namespace, direct: Target, gateway: Target) -> None
         ttfts: dict[str, list[float]] = {"direct": [], "gateway": []}
         for _ in range(args.ttft_requests):
             for target in (direct, gateway):
+                start = ttft_cpu.begin()
                 ttft, _ = await one(client, target, model, PROMPTS[0], 4, False)
+                ttft_cpu.end(target.name, start)
                 ttfts[target.name].append(ttft)
         rates: dict[str, list[float]] = {"direct": [], "gateway": []}
         for r in range(args.rounds):
             order = (direct, gateway) if r % 2 == 0 else (gateway, direct)
             for target in order:
-                rates[target.name].append(
-                    await throughput(client, target, model, args.requests, args.concurrency, args.max_tokens)
-                )
+                start = tok_cpu.begin()
+                rate, n = await throughput(client, target, model, args.requests, args.concurrency, args.max_tokens)
+                tok_cpu.end(target.name, start)
+                rates[target.name].append(rate)
+                tokens[target.name] += n
     d, g = ttfts["direct"], ttfts["gateway"]
     paired = [b - a for a, b in zip(d, g, strict=True)]
     td, tg = sum(rates["direct"]), sum(rates["gateway"])
@@ -188,6 +217,14 @@ async def run(args: argparse.Namespace, direct: Target, gateway: Target) -> None
     for r in range(args.rounds):
         a, b = rates["direct"][r], rates["gateway"][r]
         print(f"| tokens/s round {r + 1} | {a:.1f} | {b:.1f} | {b / a:.3f}x |")
+    n = args.ttft_requests
+    for proc in ("engine", "gateway"):
+        a, b = ttft_cpu.spent[("direct", proc)] / n, ttft_cpu.spent[("gateway", proc)] / n
+        print(f"| {proc} process CPU per TTFT request (ms) | {a * 1e3:.2f} | {b * 1e3:.2f} | {(b - a) * 1e3:+.2f} ms |")
+    for proc in ("engine", "gateway"):
+        a = tok_cpu.spent[("direct", proc)] / max(tokens["direct"], 1)
+        b = tok_cpu.spent[("gateway", proc)] / max(tokens["gateway"], 1)
+        print(f"| {proc} process CPU per token (us) | {a * 1e6:.0f} | {b * 1e6:.0f} | {(b - a) * 1e6:+.0f} us |")
 
 
 def bootstrap_median(values: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -245,6 +282,7 @@ def main() -> None:
                     args,
                     Target("direct", f"http://127.0.0.1:{engine_port}", {"Authorization": f"Bearer {secret}"}),
                     Target("gateway", f"http://127.0.0.1:{gateway_port}", {}),
+                    {"engine": engine.pid, "gateway": gateway.pid},
                 )
             )
         finally:
