@@ -209,7 +209,9 @@ class GatewayEngine(AsyncEngine):
         try:
             async for data in _sse_data(response):
                 if data == b"[DONE]":
-                    break
+                    # NOTE: no break: reading on to the end of the body lets the connection go back to
+                    # the pool (a response closed early closes its connection: a new one per request).
+                    continue
                 try:
                     event = orjson.loads(data)
                 except orjson.JSONDecodeError:

@@ -208,7 +208,12 @@ class UpstreamPool:
         )
         try:
             async with asyncio.timeout(self.header_timeout_s):
-                response = await up.client.send(request, stream=True)
+                try:
+                    response = await up.client.send(request, stream=True)
+                except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                    # NOTE: a pooled keep-alive connection the server closed as we reused it: the
+                    # request never reached the application; once more, on a fresh connection.
+                    response = await up.client.send(request, stream=True)
         except TimeoutError:
             raise UpstreamFailure(f"no response headers within {self.header_timeout_s:g}s") from None
         except httpx.ConnectError as exc:
