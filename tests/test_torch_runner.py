@@ -19,6 +19,8 @@ from deepseek_serve.engine.torch_runner.model import (
     KVCache,
     ModelArgs,
     UnsupportedModelError,
+    attend_causal,
+    attend_sdpa,
 )
 from deepseek_serve.engine.torch_runner.runner import TorchRunner, additive_mask
 from deepseek_serve.engine.torch_runner.slots import KVCopy, SlotTable
@@ -346,3 +348,15 @@ def test_cuda_graphs_match_generate(tmp_path: Path) -> None:
     solo = seq(ps[2], 12)
     run_to_completion(solo_runner, [solo], prefill_chunk=16)
     assert solo.output_token_ids == refs[2]
+
+
+@pytest.mark.parametrize(("h", "hk", "t", "s"), [(12, 2, 7, 40), (4, 4, 5, 5), (6, 2, 1, 9), (8, 2, 33, 33)])
+def test_causal_tail_attention_matches_the_mask(h: int, hk: int, t: int, s: int) -> None:
+    """One sequence's prefill chunk through SDPA's bottom-right causal mask (flash / efficient kernels)
+    equals the explicit `key <= position` mask over the folded GQA heads."""
+    g = torch.Generator().manual_seed(h * 100 + t)
+    q = torch.randn(1, t, h, 16, generator=g)
+    kvs = torch.randn(1, hk, s + 3, 32, generator=g)[:, :, :s]  # a view of a longer cache, as in the runner
+    pos = torch.arange(s - t, s)
+    mask = additive_mask((torch.arange(s)[None, :] <= pos[:, None]).view(1, 1, t, s), torch.float32)
+    torch.testing.assert_close(attend_causal(q, kvs, hk), attend_sdpa(q, kvs, mask, hk), atol=1e-5, rtol=1e-5)
