@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int4-triton-g128": dict(quant="int4", group=128, kernel="triton"),
     "int4-triton-g32": dict(quant="int4", group=32, kernel="triton"),
     "int4-tinygemm-g128": dict(quant="int4", group=128, kernel="tinygemm"),
+    "int4-tinygemm-g32": dict(quant="int4", group=32, kernel="tinygemm"),
 }
 
 

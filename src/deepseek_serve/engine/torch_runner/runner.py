@@ -137,7 +137,7 @@ class TorchRunner(Runner):
         dtype = resolve_dtype(settings.dtype, device)
         free = free_memory(device)  # before the weights: the budget is a share of what is free now
         model = load_model(Path(model_path), dtype, device)
-        quantize_model(model, settings.quantization)
+        quantize_model(model, settings.quantization, settings.int4_group_size)
         trained = model.args.max_position_embeddings
         max_len = settings.max_model_len or min(trained, settings.context_length)
         plan = plan_memory(
