@@ -140,7 +140,7 @@ def bench_variant(vname: str, hf: torch.nn.Module, bw: float, results: dict[str,
     opts = VARIANTS[vname]
     quantize.INT8_ONE_ROW = opts.get("int8_one_row", "inductor")
     quantize.INT4_KERNEL = opts.get("kernel", "triton")
-    quantize.INT4_GROUP_SIZE = opts.get("group", quantize.INT4_GROUP_SIZE)
+    quantize.INT4_GROUP_SIZE = opts.get("group", 32)
     torch._dynamo.reset()
     row: dict[str, Any] = {"variant": vname}
     t0 = time.perf_counter()

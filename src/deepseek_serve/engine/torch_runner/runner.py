@@ -151,6 +151,7 @@ class TorchRunner(Runner):
             requested_slots=settings.max_batch_size,
             chunk_tokens=settings.prefill_chunk_tokens,
             kv_bucket=KV_LEN_BUCKET,
+            cuda_graphs=settings.cuda_graphs and device.type == "cuda",
         )
         if plan.num_slots < settings.max_batch_size:
             logger.warning(
