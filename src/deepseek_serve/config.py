@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "int8", "int4"] = "none"
+    int4_group_size: Literal[32, 64, 128] = 32
     context_length: int = Field(4096, ge=64, le=1_048_576, description="total KV tokens shared by all sequences")
     max_model_len: int = Field(0, ge=0, description="max tokens (prompt + completion) of one sequence; "
                                                     "0 = the model's trained context, capped by context_length")
