@@ -33,12 +33,14 @@ import orjson
 from deepseek_serve.engine.async_engine import AsyncEngine, RequestStream
 from deepseek_serve.engine.chat_template import ChatTemplate
 from deepseek_serve.engine.errors import ContextLengthError, EngineStoppedError, InvalidRequestError
+from deepseek_serve.engine.llm_engine import check_request, check_token_ids
 from deepseek_serve.engine.runner import Tokenizer
 from deepseek_serve.engine.types import (
     EngineStats,
     GenerationRequest,
     ModelInfo,
     RequestTimings,
+    SamplingParams,
     StreamDelta,
     TokenLogprob,
     Usage,
@@ -253,7 +255,19 @@ class GatewayEngine(AsyncEngine):
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(token_ids))
+        ids = list(token_ids)
+        check_token_ids(ids, self._tokenizer.vocab_size)
+        return self._tokenizer.decode(ids)
+
+    def check_request(self, params: SamplingParams, prompt_token_ids: Sequence[int], context: bool = True) -> int:
+        return check_request(
+            params,
+            list(prompt_token_ids),
+            vocab_size=self._tokenizer.vocab_size,
+            max_model_len=self.model_info.max_model_len,
+            default_max_tokens=self._settings.default_max_tokens,
+            context=context,
+        )
 
     def tokenizer_bos_or_first(self) -> int:
         ids = self._tokenizer.encode("Hi", add_special_tokens=True)
@@ -375,6 +389,8 @@ def _completion_body(model: str, ids: list[int], max_tokens: int, request: Gener
         body["min_tokens"] = p.min_tokens
     if p.logprobs:
         body["logprobs"] = min(p.top_logprobs, 5)  # the completions API's limit
+    if p.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
     return body
 
 
