@@ -32,7 +32,7 @@ import orjson
 
 from deepseek_serve.engine.async_engine import AsyncEngine, RequestStream
 from deepseek_serve.engine.chat_template import ChatTemplate
-from deepseek_serve.engine.errors import ContextLengthError, EngineStoppedError, InvalidRequestError
+from deepseek_serve.engine.errors import EngineStoppedError, InvalidRequestError
 from deepseek_serve.engine.llm_engine import check_request, check_token_ids
 from deepseek_serve.engine.runner import Tokenizer
 from deepseek_serve.engine.types import (
@@ -120,29 +120,13 @@ class GatewayEngine(AsyncEngine):
         was full), EngineStopped (none available)."""
         if not self._accepting:
             raise EngineStoppedError("the gateway is not accepting requests (starting or shutting down)")
-        params = request.params
-        params.validate()
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
-            vocab = self._tokenizer.vocab_size
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
         elif request.prompt is not None:
             ids = self.tokenize(request.prompt, request.add_special_tokens)
         else:
             raise InvalidRequestError("either prompt or prompt_token_ids is required", param="prompt")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        max_len = self.model_info.max_model_len
-        if params.max_tokens is not None:
-            max_tokens = params.max_tokens
-            if len(ids) + max_tokens > max_len:
-                raise ContextLengthError(len(ids), max_tokens, max_len)
-        else:
-            if len(ids) >= max_len:
-                raise ContextLengthError(len(ids), 1, max_len)
-            max_tokens = min(self._settings.default_max_tokens, max_len - len(ids))
+        max_tokens = self.check_request(request.params, ids)
         body = _completion_body(self.model_info.id, ids, max_tokens, request)
         timeout = request.deadline_s if request.deadline_s is not None else self._settings.request_timeout_s
         job = _Job(request, body, request.prompt or "", ids, time.monotonic(), timeout)
