@@ -45,6 +45,7 @@ import heapq
 import math
 import platform
 import random
+import statistics
 import subprocess
 import sys
 from collections import OrderedDict, deque
@@ -100,6 +101,7 @@ class Request:
     prefill_left: int = 0
     decode_left: int = 0
     first_token: float = math.nan
+    finished: float = math.nan
 
 
 @dataclass
@@ -112,6 +114,7 @@ class Engine:
     # conversation index -> (cached tokens, system prompt), LRU order
     idle: OrderedDict[int, tuple[int, int]] = field(default_factory=OrderedDict)
     idle_tokens: int = 0
+    busy_s: float = 0.0
     system_refs: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -220,6 +223,9 @@ class Result:
     ttft_p90: float
     ttft_p99: float
     hit_rate: float
+    busy: float  # fraction of the time engines were stepping
+    lifetime_s: float  # mean time from a conversation's first request to its last answer
+    footprint: float  # mean prompt + answer tokens a finished request leaves in the cache
 
 
 def simulate(
@@ -268,6 +274,7 @@ def simulate(
             return
         engine.busy = True
         dt, chunks = engine.plan_step()
+        engine.busy_s += dt
         step_chunks[engine.index] = chunks
         push(now + dt, STEP, engine)
 
@@ -307,6 +314,7 @@ def simulate(
             if req.decode_left > 0:
                 still.append(req)
                 continue
+            req.finished = now
             engine.finish(req)
             done.append(req)
             conv = req.conversation
@@ -320,6 +328,11 @@ def simulate(
         start_step(engine, now)
 
     measured = [r for r in done if warmup <= r.arrival < duration]
+    ends: dict[int, float] = {}
+    for r in done:
+        if r.turn == len(r.conversation.turns) - 1:
+            ends[r.conversation.index] = r.finished - r.conversation.start_s
+    lifetimes = [t for i, t in ends.items() if warmup <= trace.conversations[i].start_s < duration]
     ttfts = sorted(r.first_token - r.arrival for r in measured)
     prompt = sum(r.prompt_tokens for r in measured)
     window = duration - warmup
@@ -333,6 +346,11 @@ def simulate(
         ttft_p90=_percentile(ttfts, 90),
         ttft_p99=_percentile(ttfts, 99),
         hit_rate=sum(r.reused for r in measured) / prompt if prompt else math.nan,
+        busy=sum(e.busy_s for e in engines) / (num_engines * now),
+        lifetime_s=statistics.fmean(lifetimes) if lifetimes else math.nan,
+        footprint=statistics.fmean(r.prompt_tokens + r.conversation.turns[r.turn].answer for r in measured)
+        if measured
+        else math.nan,
     )
 
 
@@ -382,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seq-ms", type=float, default=4.47, help="decode step, per running sequence")
     parser.add_argument("--prefill-ms", type=float, default=2.45, help="per computed prompt token")
     parser.add_argument("--span-ms", type=float, default=0.38, help="per decode step and 1,000 occupied KV cells")
-    parser.add_argument("--busy-margin", type=float, default=0.5, help="PrefixRouter busy_margin")
+    parser.add_argument("--busy-margin", type=float, default=0.75, help="PrefixRouter busy_margin")
     parser.add_argument(
         "--conversation-ids",
         action="store_true",
@@ -415,20 +433,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     single = next(r for r in results if r.engines == 1)
     rr = {r.engines: r for r in results if r.policy == "rr"}
+    active = args.rate * single.lifetime_s
+    print(
+        f"# one engine: {active:.1f} active conversations (rate x mean lifetime {single.lifetime_s:.0f} s), "
+        f"{single.footprint:,.0f} tokens per cached turn: all of them ~{active * single.footprint:,.0f} tokens"
+    )
     print()
     print(
         "| engines | policy | requests | req/s | out tok/s | TTFT p50 | TTFT p90 | TTFT p99 "
-        "| prefix-hit | hit vs 1 engine | p99 vs rr |"
+        "| engines busy | prefix-hit | hit vs 1 engine | p99 vs rr |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         base = rr.get(r.engines)
         vs_rr = f"{r.ttft_p99 / base.ttft_p99:.2f}x" if base and r.engines > 1 else "-"
         policy = "(any)" if r.engines == 1 else r.policy
         print(
             f"| {r.engines} | {policy} | {r.requests} | {r.req_s:.2f} | {r.out_tok_s:,.0f} | {_ms(r.ttft_p50)} "
-            f"| {_ms(r.ttft_p90)} | {_ms(r.ttft_p99)} | {r.hit_rate:.3f} | {r.hit_rate / single.hit_rate:.2f}x "
-            f"| {vs_rr} |"
+            f"| {_ms(r.ttft_p90)} | {_ms(r.ttft_p99)} | {r.busy:.0%} | {r.hit_rate:.3f} "
+            f"| {r.hit_rate / single.hit_rate:.2f}x | {vs_rr} |"
         )
     return 0
 

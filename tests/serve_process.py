@@ -45,7 +45,7 @@ class ServeProcess:
         paths = (str(REPO / "src"), os.environ.get("PYTHONPATH", ""))
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         self.env.update({"DS_DATA_DIR": str(data_dir), "DS_MAX_BATCH_SIZE": "4", "DS_CONTEXT_LENGTH": "2048",
-                         "DS_N_THREADS": "1"})
+                         "DS_N_THREADS": "1", "DS_MODEL": "smollm2-135m-instruct"})
         self.env.update(env)
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -29,7 +29,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         full = {k: v for k, v in os.environ.items() if not k.startswith("DS_")}
         full.update({"DS_DATA_DIR": str(tmp), "DS_RESPONSE_CACHE": "false", "DS_REDIS_URL": "",
-                     "DS_LOG_LEVEL": "warning", **env})
+                     "DS_LOG_LEVEL": "warning", "DS_MODEL": "smollm2-135m-instruct", **env})
         command = [sys.executable, "-m", "deepseek_serve", "serve", "--port", str(self.port)]
         self.proc = subprocess.Popen(command, env=full, cwd=tmp, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)

@@ -107,6 +107,7 @@ def container(image: str) -> Iterator[tuple[str, int, str]]:
         "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
         "-e", f"DS_PORT={port}", "-e", f"DS_ADMIN_KEY={admin_key}",
         "-e", f"DS_DRAIN_TIMEOUT_S={DRAIN_TIMEOUT_S}", "-e", "DS_N_THREADS=2", "-e", "DS_CONTEXT_LENGTH=2048",
+        "-e", "DS_MODEL=smollm2-135m-instruct",
         image,
     )
     try:
@@ -217,7 +218,7 @@ def test_container_with_mysql_and_redis_as_in_compose(image: str, tmp_path: Path
             "-e", f"DS_DATABASE_URL=mysql+asyncmy://{user}:{db_password}@127.0.0.1:3306/{db}?charset=utf8mb4",
             "-e", "DS_DB_AUTO_MIGRATE=true",
             "-e", f"DS_REDIS_URL=redis://:{redis_password}@127.0.0.1:{redis_port}/0",
-            "-e", f"DS_REDIS_KEY_PREFIX=dstest{tag}:",
+            "-e", f"DS_REDIS_KEY_PREFIX=dstest{tag}:", "-e", "DS_MODEL=smollm2-135m-instruct",
             image,
         )
         _wait_ready(name, port)

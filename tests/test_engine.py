@@ -176,6 +176,20 @@ async def test_chinese_streams_whole_characters(engine: AsyncEngine) -> None:
     assert all("\ufffd" not in o for o in out)
 
 
+async def test_flush_drops_an_incomplete_character(engine: AsyncEngine) -> None:
+    """Generation that ends inside a character (max_tokens, stop, abort) emits no U+FFFD for its bytes."""
+    from deepseek_serve.engine.detokenizer import IncrementalDetokenizer
+
+    tok = engine._core.tokenizer
+    ids = tok.encode("好😀", add_special_tokens=False)
+    for n in range(1, len(ids)):
+        raw = b"".join(tok.token_bytes(t) for t in ids[:n])
+        detok = IncrementalDetokenizer(tok, stop=("xyz",) if n % 2 else ())
+        text = "".join(detok.push(t)[0] for t in ids[:n]) + detok.flush()
+        assert text == raw.decode("utf-8", errors="ignore") and "\ufffd" not in text
+        assert detok.flush() == ""  # and the decoder starts clean
+
+
 def _valid_utf8(b: bytes) -> bool:
     try:
         b.decode("utf-8")

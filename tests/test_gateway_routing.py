@@ -156,7 +156,7 @@ def test_bad_input_is_refused() -> None:
     assert Candidate("a", math.inf).load == math.inf
     for kwargs in ({"busy_margin": -1.0}, {"busy_margin": math.nan}, {"prefix_chars": 10}, {"max_entries": 0}):
         with pytest.raises(ValueError):
-            PrefixRouter(**kwargs)  # type: ignore[arg-type]
+            PrefixRouter(**kwargs)
 
 
 def test_equal_loads_go_to_the_upstream_holding_fewer_prefixes() -> None:

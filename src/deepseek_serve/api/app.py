@@ -1,6 +1,6 @@
 """The app factory. `create_app(settings)` returns a FastAPI app whose lifespan owns the engine.
 
-Request path: middleware (metrics, request id, CORS, body limit, unhandled errors) ->
+Request path: middleware (metrics, request id, CORS, access, body limit, unhandled errors) ->
 `api/routes/<resource>.py` (routers listed in `api/routes/__init__.py`) -> `api/deps.py` ->
 `api/generation.py` -> `AsyncEngine`.
 
@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from deepseek_serve.api.access import AccessMiddleware
 from deepseek_serve.api.errors import install_error_handlers
 from deepseek_serve.api.middleware import (
     BodySizeLimitMiddleware,
@@ -25,6 +26,7 @@ from deepseek_serve.api.middleware import (
     UnhandledErrorMiddleware,
     install_log_record_factory,
 )
+from deepseek_serve.api.openapi import install_openapi
 from deepseek_serve.api.roles import EngineSecretMiddleware, load_router
 from deepseek_serve.api.services import RATE_LIMIT_HEADERS, Services
 from deepseek_serve.config import Settings, load_settings
@@ -54,7 +56,8 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     storage = Storage(settings)
     await storage.start()  # migrates when DS_DB_AUTO_MIGRATE, upserts DS_ADMIN_KEY, replays the spool
     services.extras["storage"] = storage  # closed last: flushes queued usage (or spools it)
-    services.auth = ApiKeyAuthenticator(storage.key_lookup) if settings.auth_enabled else None
+    # NOTE: built even when auth is off for /v1: with DS_AUTH=auto on loopback /admin still needs a key.
+    services.auth = ApiKeyAuthenticator(storage.key_lookup)
     services.usage = storage.writer
     services.conversations = StoredConversations(storage.conversations)
     # --- cache (Redis issue): services.limiter, services.response_cache, services.sessions ----------
@@ -127,10 +130,13 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     install_error_handlers(app)
     for router in routers_for(settings.role, api_routers):
         app.include_router(router)
+    install_openapi(app)
     # NOTE: add_middleware prepends: the last added is the outermost. Outside in: metrics, request id,
-    # CORS, body limit, unhandled errors; so a 413 or a 500 still gets the request id and CORS headers.
+    # CORS, access (key, before the body), body limit, unhandled errors; so a 401, 413 or 500 still gets
+    # the request id and CORS headers.
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AccessMiddleware, settings=settings)
     if settings.role == "engine" and settings.engine_secret:
         app.add_middleware(EngineSecretMiddleware, secret=settings.engine_secret)
     if settings.cors_origins:

@@ -30,10 +30,14 @@ def get_engine(services: ServicesDep) -> AsyncEngine:
 EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
 
 
-async def get_principal(services: ServicesDep,
+async def get_principal(request: Request, services: ServicesDep,
                         authorization: Annotated[str | None, Header()] = None) -> Principal:
-    """The caller: `services.auth.authenticate(header)` when auth is on, else the anonymous principal
-    (all scopes). Raises AuthError (401) through the authenticator."""
+    """The caller: the principal `api/access.py:AccessMiddleware` authenticated from the headers,
+    else `services.auth.authenticate(header)` when auth is on, else the anonymous principal (all
+    scopes). Raises AuthError (401) through the authenticator."""
+    checked: Principal | None = request.scope.get("state", {}).get("principal")
+    if checked is not None:
+        return checked
     if services.auth is not None and services.settings.auth_enabled:
         try:
             principal = await services.auth.authenticate(authorization)

@@ -134,6 +134,10 @@ def from_validation_error(exc: RequestValidationError) -> ApiError:
     if not errors:
         return ApiError(400, "Invalid request body.", "invalid_request_error")
     first = errors[0]
+    if str(first.get("type", "")).endswith("_type"):
+        # a union reports every member's error: a failed check on the member that matched the shape
+        # (e.g. a text part's `text` inside `content`) says more than "Input should be a valid string"
+        first = next((e for e in errors if e.get("type") == "value_error"), first)
     if first.get("type") == "json_invalid":
         return ApiError(400, "We could not parse the JSON body of your request. (HINT: This likely means "
                              "you aren't using your HTTP library correctly. The API expects a JSON payload.)",
@@ -190,6 +194,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        carried = getattr(exc, "api_error", None)  # api/body.py: a refusal raised while parsing the body
+        if isinstance(carried, ApiError):
+            return error_response(carried)
         status = exc.status_code
         if status == 404:
             err = ApiError(404, f"Unknown request URL: {request.method} {request.url.path}. Please check "

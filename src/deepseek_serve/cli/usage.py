@@ -12,6 +12,7 @@ from rich.table import Table
 
 from deepseek_serve.cli._common import fail, settings_from_cli
 from deepseek_serve.cli.db import DatabaseUrlOpt, run_db
+from deepseek_serve.cli.keys import MAX_KEY_ID
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,23 +24,18 @@ console = Console()
 
 
 def _since(value: str) -> datetime:
-    from deepseek_serve.storage.models import utcnow
-    from deepseek_serve.storage.retention import parse_duration
+    from deepseek_serve.storage.retention import parse_since
 
     try:
-        return utcnow() - parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"invalid --since {value!r}: use a duration like 7d or a date like 2026-01-31")
+        return parse_since(value)
+    except ValueError as exc:
+        fail(f"invalid --since: {exc}")
 
 
 @usage_app.command("summary")
 def summary(
     group_by: Annotated[str, typer.Option(help="comma list of day, model, key, endpoint")] = "day,model,key",
-    key_id: Annotated[int | None, typer.Option(help="only this key")] = None,
+    key_id: Annotated[int | None, typer.Option(min=1, max=MAX_KEY_ID, help="only this key")] = None,
     since: Annotated[str | None, typer.Option(help="7d, 12h or an ISO date (UTC)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     database_url: DatabaseUrlOpt = None,

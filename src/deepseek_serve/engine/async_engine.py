@@ -200,7 +200,16 @@ class AsyncEngine:
         return self._core.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self._core.tokenizer.decode(list(token_ids))
+        """Text of token ids; InvalidRequestError (param `prompt`) for an id outside the vocabulary."""
+        ids = list(token_ids)
+        self._core.check_token_ids(ids)
+        return self._core.tokenizer.decode(ids)
+
+    def check_request(self, params: SamplingParams, prompt_token_ids: Sequence[int], context: bool = True) -> int:
+        """The checks `add_request` makes (sampling values, token ids, vocabulary-bound fields and, with
+        `context`, prompt + max_tokens within the context), without enqueuing; returns the completion
+        budget. Routes call it before the rate limiter or the response cache see the request."""
+        return self._core.check_request(params, list(prompt_token_ids), context)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     **extra: Any) -> str:

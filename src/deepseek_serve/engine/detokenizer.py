@@ -14,6 +14,8 @@ class IncrementalDetokenizer:
       so no delta ever carries a broken UTF-8 sequence.
     - Text that could be the start of a stop string is held back until it is known not to be one;
       a stop string found ends generation and is not emitted.
+    - When generation ends inside a character (max_tokens, a stop, an abort), `flush` drops the
+      incomplete bytes instead of emitting U+FFFD for them.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
@@ -28,23 +30,31 @@ class IncrementalDetokenizer:
         if not self._stop:
             return text, False
         buf = self._held + text
-        hit = -1
-        for s in self._stop:
-            i = buf.find(s)
-            if i != -1 and (hit == -1 or i < hit):
-                hit = i
-        if hit != -1:
+        hit = self._first_stop(buf)
+        if hit is not None:
             self._held = ""
             return buf[:hit], True
         keep = self._longest_stop_prefix_suffix(buf)
-        self._held = buf[len(buf) - keep:] if keep else ""
+        self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False
 
     def flush(self) -> str:
-        """Everything still held (generation ended without a stop string)."""
-        out = self._held + self._decoder.decode(b"", final=True)
+        """Everything still held (generation ended without a stop string), minus the bytes of a
+        character the last token left incomplete (held text never contains a whole stop string)."""
+        out = self._held
         self._held = ""
+        self._decoder.reset()
         return out
+
+    def _first_stop(self, buf: str) -> int | None:
+        """Where the stop string starts that `buf` completes first, character by character (of those
+        ending at the same character, the longest), so the cut does not depend on token boundaries."""
+        best: tuple[int, int] | None = None  # (end, start)
+        for s in self._stop:
+            i = buf.find(s)
+            if i != -1 and (best is None or (i + len(s), i) < best):
+                best = (i + len(s), i)
+        return None if best is None else best[1]
 
     def _longest_stop_prefix_suffix(self, buf: str) -> int:
         best = 0

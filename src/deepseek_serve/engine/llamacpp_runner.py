@@ -109,7 +109,7 @@ class LlamaCppTokenizer(Tokenizer):
         return self._special_text(self._eos_id)
 
     def _special_text(self, token: int) -> str | None:
-        if token < 0:
+        if not 0 <= token < self._n_vocab:
             return None
         return self._piece(token, special=True).decode("utf-8", "replace")
 
@@ -131,7 +131,13 @@ class LlamaCppTokenizer(Tokenizer):
             n = lc.llama_tokenize(self._vocab, data, len(data), out, -n, add_special_tokens, True)
         return list(out[:n])
 
+    def _check(self, token_id: int) -> None:
+        # NOTE: llama.cpp throws std::out_of_range for an id outside the vocabulary, which aborts the process.
+        if not 0 <= token_id < self._n_vocab:
+            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self._n_vocab})")
+
     def token_bytes(self, token_id: int) -> bytes:
+        self._check(token_id)
         b = self._bytes[token_id]
         if b is None:
             b = self._piece(token_id, special=False)
@@ -139,12 +145,22 @@ class LlamaCppTokenizer(Tokenizer):
         return b
 
     def token_text(self, token_id: int) -> str:
+        self._check(token_id)
         return self._piece(token_id, special=True).decode("utf-8", "replace")
 
 
 def make_sampler_chain(p: SamplingParams, n_vocab: int) -> lc.llama_sampler_p:
     """A native sampler chain with its own random stream (seeded when `p.seed` is set)."""
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    if p.logit_bias:
+        biases = (lc.llama_logit_bias * len(p.logit_bias))()
+        for i, (token, bias) in enumerate(p.logit_bias):
+            if not 0 <= token < n_vocab:
+                lc.llama_sampler_free(chain)
+                raise ValueError(f"logit_bias token id {token} is outside the vocabulary [0, {n_vocab})")
+            biases[i].token = token  # type: ignore[assignment]  # ctypes converts the int
+            biases[i].bias = bias
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), biases))
     if p.has_penalties:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
             n_vocab, p.penalty_last_n, p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
@@ -152,7 +168,7 @@ def make_sampler_chain(p: SamplingParams, n_vocab: int) -> lc.llama_sampler_p:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
         return chain
     if p.top_k > 0:
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(p.top_k))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(min(p.top_k, n_vocab)))
     if p.top_p < 1.0:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(p.top_p, 1))
     if p.min_p > 0.0:
@@ -281,6 +297,7 @@ class LlamaCppRunner(Runner):
         return has_slot and self._reserved + seq.max_total_tokens <= self._n_ctx
 
     def allocate(self, seq: Sequence) -> int:
+        sampler = make_sampler_chain(seq.params, self._n_vocab)  # first: it may refuse the params
         prompt = seq.prompt_token_ids
         slot, reuse, source = self._pick_slot(prompt)
         # make room: idle entries are evicted (least recently used first) until the reservation fits
@@ -300,7 +317,7 @@ class LlamaCppRunner(Runner):
             lc.llama_memory_seq_rm(self._mem, slot.index, cached, -1)
         slot.tokens = []
         slot.seq = seq
-        slot.sampler = make_sampler_chain(seq.params, self._n_vocab)
+        slot.sampler = sampler
         seq.slot = slot.index
         seq.num_computed_tokens = cached
         seq.num_cached_tokens = cached
@@ -334,12 +351,33 @@ class LlamaCppRunner(Runner):
         slot.tokens = []
 
     # --- forward ------------------------------------------------------------------------------------
+    def _refuse(self, item: ScheduledSeq, n: int) -> str | None:
+        """Why this entry cannot go to llama_decode (None when it can). Bad token ids or positions would
+        make llama.cpp throw or assert, which aborts the whole process."""
+        seq, start, k = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+        if k < 1 or start + k > min(seq.num_tokens, seq.max_total_tokens, self._n_ctx):
+            return f"{k} new tokens at position {start} do not fit the sequence's reservation"
+        if n + k > self._n_batch:
+            return f"{k} new tokens do not fit the batch of {self._n_batch}"
+        if k == 1:
+            token = seq.token_at(start)
+            ok = 0 <= token < self._n_vocab
+        else:
+            chunk = np.asarray(seq.all_token_ids[start:start + k])
+            ok = bool(chunk.min() >= 0 and chunk.max() < self._n_vocab)
+        return None if ok else f"a token id outside the vocabulary [0, {self._n_vocab})"
+
     def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
         n = 0
-        out_index: list[int] = []
-        for item in batch:
+        results: list[SampleResult | None] = [None] * len(batch)
+        fed: list[tuple[int, int]] = []  # (batch index, logits row) of each entry in the llama batch
+        for i, item in enumerate(batch):
             seq = item.seq
             assert seq.slot is not None, "step() on an unallocated sequence"
+            refused = self._refuse(item, n)
+            if refused is not None:
+                results[i] = SampleResult.failed(refused)
+                continue
             start = seq.num_computed_tokens
             k = item.num_new_tokens
             if start + k <= seq.num_prompt_tokens:
@@ -349,13 +387,14 @@ class LlamaCppRunner(Runner):
             self._b_pos[n:n + k] = np.arange(start, start + k)
             self._b_logits[n:n + k] = 0
             slot = seq.slot
-            for i in range(n, n + k):
-                self._b_seq[i][0] = slot
+            for j in range(n, n + k):
+                self._b_seq[j][0] = slot
             n += k
             if item.sample:
                 self._b_logits[n - 1] = 1
-            out_index.append(n - 1)
-        assert n <= self._n_batch, f"batch of {n} tokens exceeds n_batch {self._n_batch}"
+            fed.append((i, n - 1))
+        if not fed:
+            return results
         self._batch.n_tokens = n
         rc = lc.llama_decode(self._ctx, self._batch)
         if rc == 1:
@@ -366,24 +405,35 @@ class LlamaCppRunner(Runner):
             rc = lc.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
-        results: list[SampleResult | None] = []
-        for item, idx in zip(batch, out_index, strict=True):
+        for i, idx in fed:
+            item = batch[i]
             item.seq.num_computed_tokens += item.num_new_tokens
             if not item.sample:
-                results.append(None)
                 continue
-            assert item.seq.slot is not None
-            params = item.seq.params
-            if params.is_greedy and not params.has_penalties:
-                # NOTE: argmax straight over the logits row: ~8 us instead of ~90 us for the native greedy
-                # sampler, which first copies the whole vocabulary into a candidates array (same first-max pick).
-                row = lc.llama_get_logits_ith(self._ctx, idx)
-                token = int(np.ctypeslib.as_array(row, shape=(self._n_vocab,)).argmax())
-            else:
-                token = lc.llama_sampler_sample(self._slots[item.seq.slot].sampler, self._ctx, idx)
-            logprob = self._logprob(idx, token, params.top_logprobs) if params.logprobs else None
-            results.append(SampleResult(token, logprob))
+            try:
+                results[i] = self._sample(item.seq, idx)
+            except Exception as exc:  # this sequence alone: its sampler or logprobs failed
+                logger.exception("sampling failed for %s", item.seq.request_id)
+                results[i] = SampleResult.failed(f"sampling failed: {exc}")
         return results
+
+    def _sample(self, seq: Sequence, idx: int) -> SampleResult:
+        assert seq.slot is not None
+        params = seq.params
+        if params.is_greedy and not params.has_penalties and not params.logit_bias:
+            # NOTE: argmax straight over the logits row: ~8 us instead of ~90 us for the native greedy
+            # sampler, which first copies the whole vocabulary into a candidates array (same first-max pick).
+            row = lc.llama_get_logits_ith(self._ctx, idx)
+            token = int(np.ctypeslib.as_array(row, shape=(self._n_vocab,)).argmax())
+        else:
+            sampler = self._slots[seq.slot].sampler
+            if sampler is None:
+                raise RuntimeError("the sequence has no sampler")
+            token = lc.llama_sampler_sample(sampler, self._ctx, idx)
+        if not 0 <= token < self._n_vocab:
+            raise RuntimeError(f"the sampler returned token id {token}")
+        logprob = self._logprob(idx, token, params.top_logprobs) if params.logprobs else None
+        return SampleResult(token, logprob)
 
     def _logprob(self, idx: int, token: int, top_n: int) -> TokenLogprob:
         ptr = lc.llama_get_logits_ith(self._ctx, idx)
@@ -392,7 +442,8 @@ class LlamaCppRunner(Runner):
         lse = m + math.log(np.exp(logits - m).sum())
         tok = self._tokenizer
         top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
-        if top_n:
+        top_n = min(top_n, self._n_vocab - 1)
+        if top_n > 0:
             ids = np.argpartition(-logits, top_n)[:top_n]
             ids = ids[np.argsort(-logits[ids])]
             top = tuple((tok.token_text(int(t)), float(logits[t] - lse), tuple(tok.token_bytes(int(t))))

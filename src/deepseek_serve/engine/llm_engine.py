@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from deepseek_serve.engine.detokenizer import IncrementalDetokenizer
@@ -21,6 +22,7 @@ from deepseek_serve.engine.types import (
     FinishReason,
     GenerationRequest,
     RequestTimings,
+    SamplingParams,
     StreamDelta,
     TokenLogprob,
     Usage,
@@ -78,28 +80,13 @@ class LLMEngine:
     def make_sequence(self, request: GenerationRequest) -> Sequence:
         """Tokenize and validate; raises InvalidRequestError / ContextLengthError before any work."""
         params = request.params
-        params.validate()
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
-            vocab = self.tokenizer.vocab_size
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
         elif request.prompt is not None:
             ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
         else:
             raise InvalidRequestError("either prompt or prompt_token_ids is required", param="prompt")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        max_len = self.runner.max_model_len
-        if params.max_tokens is not None:
-            max_tokens = params.max_tokens
-            if len(ids) + max_tokens > max_len:
-                raise ContextLengthError(len(ids), max_tokens, max_len)
-        else:
-            if len(ids) >= max_len:
-                raise ContextLengthError(len(ids), 1, max_len)
-            max_tokens = min(self.config.default_max_tokens, max_len - len(ids))
+        max_tokens = self.check_request(params, ids)
         timeout = request.deadline_s if request.deadline_s is not None else self.config.request_timeout_s
         return Sequence(
             request_id=request.request_id,
@@ -108,6 +95,47 @@ class LLMEngine:
             max_tokens=max_tokens,
             deadline=time.monotonic() + timeout,
         )
+
+    def check_token_ids(self, ids: Iterable[int], param: str = "prompt") -> None:
+        """Raise InvalidRequestError unless every id is a token of the vocabulary."""
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
+        if bad is not None:
+            raise InvalidRequestError(f"Invalid value for '{param}': token id {bad} is outside the vocabulary "
+                                      f"[0, {vocab})", param=param)
+
+    def check_request(self, params: SamplingParams, ids: list[int], context: bool = True) -> int:
+        """Everything that only the model knows (vocabulary, context); returns the completion budget.
+        Raises InvalidRequestError / ContextLengthError naming the field. `context=False` leaves out
+        prompt + max_tokens against the context (the budget is then not meaningful). Any thread."""
+        params.validate()
+        vocab = self.tokenizer.vocab_size
+        if params.top_k > vocab:
+            raise InvalidRequestError(f"Invalid value for 'top_k': {params.top_k} is greater than the vocabulary "
+                                      f"size ({vocab})", param="top_k")
+        self.check_token_ids((t for t, _ in params.logit_bias), "logit_bias")
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        max_len = self.runner.max_model_len
+        if not context:
+            self.check_token_ids(ids)
+            return params.max_tokens or 1
+        if len(ids) >= max_len:  # before the per-id check below, which would walk all of a huge list
+            raise ContextLengthError(len(ids), params.max_tokens or 1, max_len)
+        self.check_token_ids(ids)
+        if params.max_tokens is not None:
+            max_tokens = params.max_tokens
+            if len(ids) + max_tokens > max_len:
+                error = ContextLengthError(len(ids), max_tokens, max_len)
+                if max_tokens >= max_len:  # no prompt could fit: the completion budget is what is wrong
+                    error.param = "max_tokens"
+                raise error
+        else:
+            if len(ids) >= max_len:
+                raise ContextLengthError(len(ids), 1, max_len)
+            max_tokens = min(self.config.default_max_tokens, max_len - len(ids))
+        return max_tokens
 
     def add_sequence(self, seq: Sequence) -> None:
         """Enqueue; raises QueueFullError."""
@@ -138,6 +166,9 @@ class LLMEngine:
         outputs: list[Output] = []
         self._reap(outputs)
         for seq in self.scheduler.admit():
+            if seq.error is not None:
+                self._finish(seq, "error", outputs, error=seq.error)
+                continue
             self._counters.prompt_tokens += seq.num_prompt_tokens
             self._counters.prefix_queries += seq.num_prompt_tokens
             self._counters.prefix_hits += seq.num_cached_tokens
@@ -156,7 +187,12 @@ class LLMEngine:
         self._counters.steps += 1
         self._counters.last_step = now
         for item, result in zip(batch, results, strict=True):
-            if result is not None:
+            if result is None:
+                continue
+            if result.error is not None:  # this sequence alone failed inside the runner
+                logger.error("request %s failed in the runner: %s", item.seq.request_id, result.error)
+                self._finish(item.seq, "error", outputs, error=result.error)
+            else:
                 self._on_token(item.seq, result, now, outputs)
         return outputs
 

@@ -11,7 +11,8 @@ from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.chat_template import ChatTemplate
 from deepseek_serve.engine.llm_engine import EngineConfig, LLMEngine
 from deepseek_serve.engine.runner import Runner
-from deepseek_serve.engine.types import ModelInfo
+from deepseek_serve.engine.sampling_defaults import FALLBACK, from_generation_config, from_gguf_metadata
+from deepseek_serve.engine.types import ModelInfo, SamplingDefaults
 from deepseek_serve.models.resolve import ResolvedModel, resolve_model
 
 if TYPE_CHECKING:
@@ -64,10 +65,18 @@ def load_template(settings: Settings, runner: Runner) -> ChatTemplate | None:
     return ChatTemplate(source, bos_token=tok.bos_token, eos_token=tok.eos_token)
 
 
+def read_sampling_defaults(model: ResolvedModel, runner: Runner) -> SamplingDefaults:
+    if model.format == "hf":
+        return from_generation_config(model.path)
+    metadata = getattr(runner, "metadata", None)
+    return from_gguf_metadata(metadata) if callable(metadata) else FALLBACK
+
+
 def load_engine(settings: Settings) -> AsyncEngine:
     started = time.monotonic()
     model = resolve_model(settings.model, cache_dir=settings.models_dir, source=settings.model_source,
-                          revision=settings.model_revision, served_name=settings.served_model_name)
+                          revision=settings.model_revision, served_name=settings.served_model_name,
+                          index_url=settings.pack_index_url)
     runner = build_runner(settings, model)
     template = load_template(settings, runner)
     core = LLMEngine(runner, EngineConfig(
@@ -91,11 +100,8 @@ def load_engine(settings: Settings) -> AsyncEngine:
         is_reasoning=bool(template and template.is_reasoning),
         template_prefills_think=bool(template and template.prefills_think),
         created=int(time.time()),
+        sampling=read_sampling_defaults(model, runner),
     )
     logger.info("model %s loaded from %s with the %s runner in %.1fs", info.id, info.path, info.runner,
                 time.monotonic() - started)
-    # NOTE: the packaged SmolLM2-135M Q4_1 answers far worse under its template's built-in system
-    # prompt ("You are a helpful AI assistant named SmolLM...") than with an empty one (measured:
-    # repeated emoji instead of an answer); other models keep their template's default.
-    default_system = "" if model.source == "default" else None
-    return AsyncEngine(core, info, template, default_system_prompt=default_system)
+    return AsyncEngine(core, info, template, default_system_prompt=model.default_system_prompt)

@@ -32,8 +32,16 @@ class ScheduledSeq:
 
 @dataclass(frozen=True)
 class SampleResult:
+    """The token sampled for one entry, or `error`: this entry alone failed (its input could not be
+    handed to the native library, or its sampling raised) and the engine ends its request."""
+
     token_id: int
     logprob: TokenLogprob | None = None
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, error: str) -> SampleResult:
+        return cls(-1, None, error)
 
 
 class Tokenizer(abc.ABC):
@@ -123,7 +131,10 @@ class Runner(abc.ABC):
     def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
         """One forward pass over the batch; one result per entry (None where `sample` is False).
 
-        The runner advances `seq.num_computed_tokens` by `num_new_tokens` for every entry.
+        The runner advances `seq.num_computed_tokens` by `num_new_tokens` for every entry that did not
+        fail. An entry whose input the runner refuses (token ids outside the vocabulary, positions
+        beyond its reservation) or whose sampling raises gets `SampleResult.failed(...)`, whether it
+        samples or not, and the others go on; an exception means the whole step failed.
         """
 
     @abc.abstractmethod

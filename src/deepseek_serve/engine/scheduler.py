@@ -8,6 +8,7 @@ stalls the others for more than one chunk.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -15,6 +16,8 @@ from collections import deque
 from deepseek_serve.engine.errors import QueueFullError
 from deepseek_serve.engine.runner import Runner, ScheduledSeq
 from deepseek_serve.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -62,7 +65,8 @@ class Scheduler:
         return removed
 
     def admit(self) -> list[Sequence]:
-        """Move waiting sequences into the batch while slots and KV allow (FCFS, no overtaking)."""
+        """Move waiting sequences into the batch while slots and KV allow (FCFS, no overtaking).
+        A sequence the runner fails to allocate comes back FINISHED with `error` set, not running."""
         admitted: list[Sequence] = []
         now = time.monotonic()
         while len(self.running) < self.max_batch_size:
@@ -73,7 +77,14 @@ class Scheduler:
                 if not self.runner.can_allocate(seq):
                     break
                 self.waiting.popleft()
-            self.runner.allocate(seq)
+            try:
+                self.runner.allocate(seq)
+            except Exception as exc:  # this request alone (e.g. its sampler could not be built)
+                logger.exception("could not allocate %s", seq.request_id)
+                seq.status = SequenceStatus.FINISHED
+                seq.error = f"allocation failed: {exc}"
+                admitted.append(seq)
+                continue
             seq.status = SequenceStatus.RUNNING
             seq.first_scheduled_time = now
             self.running.append(seq)

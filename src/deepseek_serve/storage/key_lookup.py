@@ -7,6 +7,10 @@ the cached `expires_at`, so it is exact. While the database is unreachable, entr
 are still served (a stale answer beats refusing every caller); a key never seen before raises
 `KeyStoreUnavailable`. `last_used_at` is collected here and written by `flush_touches()` off the
 request path, at most once per `touch_interval_s` per key.
+
+Stored keys and unknown secrets are cached apart, each LRU-bounded: a flood of made-up keys only
+pushes out other made-up keys, never a valid key's entry (which would send every request of that
+key to the database).
 """
 
 from __future__ import annotations
@@ -49,12 +53,14 @@ class _Entry:
 
 class KeyLookup:
     def __init__(self, repo: KeyRepository, *, ttl_s: float = 30.0, touch_interval_s: float = 60.0,
-                 max_entries: int = 10_000) -> None:
+                 max_entries: int = 10_000, max_unknown: int = 10_000) -> None:
         self._repo = repo
         self._ttl_s = ttl_s
         self._touch_interval_s = touch_interval_s
         self._max_entries = max_entries
-        self._cache: OrderedDict[str, _Entry] = OrderedDict()  # key hash -> entry, LRU order
+        self._max_unknown = max_unknown
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()  # key hash -> stored key, LRU order
+        self._unknown: OrderedDict[str, _Entry] = OrderedDict()  # key hash -> negative entry, LRU order
         self._touched: dict[int, float] = {}  # key id -> monotonic time of the last queued touch
         self._pending_touch: dict[int, datetime] = {}
 
@@ -63,7 +69,7 @@ class KeyLookup:
         if not secret.startswith(KEY_PREFIX) or len(secret) > 256:
             return KeyCheck(KeyStatus.INVALID)
         key_hash = hash_secret(secret)
-        entry = self._cache.get(key_hash)
+        entry = self._cache.get(key_hash) or self._unknown.get(key_hash)
         now = time.monotonic()
         if entry is None or now - entry.fetched_at >= self._ttl_s:
             try:
@@ -76,7 +82,7 @@ class KeyLookup:
                 entry = _Entry(found[0] if found else None, found[1] if found else None, now)
                 self._remember(key_hash, entry)
         else:
-            self._cache.move_to_end(key_hash)
+            (self._cache if entry.key is not None else self._unknown).move_to_end(key_hash)
         assert entry is not None
         if entry.key is None or entry.stored_hash is None or not hashes_match(entry.stored_hash, secret):
             return KeyCheck(KeyStatus.INVALID)
@@ -91,15 +97,25 @@ class KeyLookup:
         return KeyCheck(KeyStatus.OK, key)
 
     def _remember(self, key_hash: str, entry: _Entry) -> None:
-        self._cache[key_hash] = entry
-        self._cache.move_to_end(key_hash)
-        while len(self._cache) > self._max_entries:
-            self._cache.popitem(last=False)
+        if entry.key is not None:
+            table, other, bound = self._cache, self._unknown, self._max_entries
+        else:
+            table, other, bound = self._unknown, self._cache, self._max_unknown
+        other.pop(key_hash, None)
+        table[key_hash] = entry
+        table.move_to_end(key_hash)
+        while len(table) > bound:
+            table.popitem(last=False)
+
+    def cached_counts(self) -> tuple[int, int]:
+        """(stored keys, unknown secrets) held in the cache."""
+        return len(self._cache), len(self._unknown)
 
     def invalidate(self, key_id: int | None = None) -> None:
         """Forget cached entries: all of them, or those of one key (after a revoke in this process)."""
         if key_id is None:
             self._cache.clear()
+            self._unknown.clear()
             return
         for h in [h for h, e in self._cache.items() if e.key is not None and e.key.id == key_id]:
             del self._cache[h]

@@ -7,7 +7,7 @@ GET /admin/usage?group_by=day,model&key_id=&since=&until=.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from deepseek_serve.api.deps import AdminDep
 from deepseek_serve.api.errors import ApiError, NotFoundError
 from deepseek_serve.api.routes.conversations import StorageDep
-from deepseek_serve.storage.models import ALL_SCOPES, SCOPE_INFERENCE, utcnow
+from deepseek_serve.api.schemas import INT32_MAX, Text
+from deepseek_serve.storage import retention
+from deepseek_serve.storage.models import ALL_SCOPES, SCOPE_INFERENCE
 from deepseek_serve.storage.retention import parse_duration
 from deepseek_serve.storage.usage import GROUP_BY_FIELDS
 
@@ -31,37 +33,32 @@ def bad_param(param: str, message: str) -> ApiError:
 def parse_since(value: str, param: str) -> datetime:
     """A duration back from now (`7d`, `12h`) or an ISO date/datetime (UTC)."""
     try:
-        return utcnow() - parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise bad_param(param, "use a duration like 7d or an ISO date such as 2026-01-31") from None
-    if parsed.tzinfo is not None:
-        parsed = (parsed - (parsed.utcoffset() or timedelta())).replace(tzinfo=None)
-    return parsed
+        return retention.parse_since(value)
+    except ValueError as exc:
+        raise bad_param(param, str(exc)) from None
+
+
+MAX_KEY_ID = 2**63 - 1  # BIGINT
 
 
 def parse_key_id(value: str, param: str = "key_id") -> int:
-    try:
-        key_id = int(value)
-    except ValueError:
-        raise bad_param(param, f"'{value}' is not a key id (an integer, see GET /admin/keys)") from None
-    if key_id < 1:
-        raise bad_param(param, f"'{value}' is not a key id")
-    return key_id
+    value = value.strip()
+    if not value.isascii() or not value.isdigit() or len(value) > 19 or not 1 <= int(value) <= MAX_KEY_ID:
+        raise bad_param(param, f"'{value[:40]}' is not a key id (a positive integer, see GET /admin/keys)")
+    return int(value)
 
 
 class CreateKeyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=128)
-    scopes: list[str] = Field(default_factory=lambda: [SCOPE_INFERENCE], min_length=1,
-                              description=f"any of {list(ALL_SCOPES)}")
-    rpm_limit: int | None = Field(None, ge=0, description="requests per minute; null = server default")
-    tpm_limit: int | None = Field(None, ge=0, description="tokens per minute; null = server default")
-    expires_in: str | None = Field(None, description="lifetime such as 30d or 12h; null = never expires")
+    name: Text = Field(min_length=1, max_length=128)
+    scopes: list[Annotated[Text, Field(max_length=32)]] = Field(
+        default_factory=lambda: [SCOPE_INFERENCE], min_length=1, max_length=len(ALL_SCOPES),
+        description=f"any of {list(ALL_SCOPES)}")
+    rpm_limit: int | None = Field(None, ge=0, le=INT32_MAX, description="requests per minute; null = server default")
+    tpm_limit: int | None = Field(None, ge=0, le=INT32_MAX, description="tokens per minute; null = server default")
+    expires_in: Text | None = Field(None, max_length=32, description="lifetime such as 30d or 12h (at most 100 "
+                                                                     "years); null = never expires")
 
 
 @router.post("/keys", status_code=201)

@@ -7,13 +7,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from deepseek_serve.api.body import LimitedBodyRoute
 from deepseek_serve.api.deps import InferenceDep, ServicesDep
 from deepseek_serve.api.errors import ApiError
 from deepseek_serve.api.generation import (
     Plan,
     PromptInput,
+    check_body,
     check_model,
     new_completion_id,
+    render_chat,
     run_plan,
     sampling_params,
     tokenize,
@@ -21,7 +24,7 @@ from deepseek_serve.api.generation import (
 from deepseek_serve.api.reasoning import prepare_messages
 from deepseek_serve.api.schemas import ChatCompletion, ChatCompletionRequest
 
-router = APIRouter(prefix="/v1", tags=["chat"])
+router = APIRouter(prefix="/v1", tags=["chat"], route_class=LimitedBodyRoute)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion,
@@ -31,6 +34,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     """OpenAI chat completions (JSON or SSE with `stream: true`), with DeepSeek's `reasoning_content`
     and usage fields. `conversation_id` (extension) prepends the stored history of that conversation."""
     model = check_model(services, body.model)
+    check_body(services, body, num_messages=len(body.messages))
     engine = services.engine
     info = engine.model_info
     new_messages = prepare_messages(body.messages)
@@ -41,14 +45,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                            "conversation_id", "unsupported_parameter")
         history = await services.conversations.history(principal, body.conversation_id)
         history = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in history]
-    prompt_text = engine.render_chat(history + new_messages, add_generation_prompt=True)
+        check_body(services, body, num_messages=len(history) + len(new_messages))
+    prompt_text = await render_chat(services, history + new_messages)
     # NOTE: the template writes BOS itself when the model wants one.
     token_ids = await tokenize(services, prompt_text, add_special_tokens=False)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "Invalid value for 'top_logprobs': requires 'logprobs' to be true.",
                        "invalid_request_error", "top_logprobs", "invalid_value")
-    params = sampling_params(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0)
+    params = sampling_params(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0, info.sampling)
     plan = Plan(
         endpoint="chat.completions",
         completion_id=new_completion_id("chatcmpl"),

@@ -5,11 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from deepseek_serve.api.body import LimitedBodyRoute
 from deepseek_serve.api.deps import InferenceDep, ServicesDep
 from deepseek_serve.api.errors import ApiError
 from deepseek_serve.api.generation import (
     Plan,
     PromptInput,
+    check_body,
     check_model,
     new_completion_id,
     run_plan,
@@ -17,8 +19,9 @@ from deepseek_serve.api.generation import (
     tokenize,
 )
 from deepseek_serve.api.schemas import Completion, CompletionRequest
+from deepseek_serve.engine.errors import ContextLengthError
 
-router = APIRouter(prefix="/v1", tags=["completions"])
+router = APIRouter(prefix="/v1", tags=["completions"], route_class=LimitedBodyRoute)
 
 _MAX_PROMPTS = 64
 _DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
@@ -53,6 +56,8 @@ async def create_completion(body: CompletionRequest, request: Request, services:
     if len(items) > _MAX_PROMPTS:
         raise ApiError(400, f"Invalid value for 'prompt': at most {_MAX_PROMPTS} prompts per request.",
                        "invalid_request_error", "prompt", "invalid_value")
+    check_body(services, body, num_prompts=len(items))
+    max_len = services.engine.model_info.max_model_len
     for item in items:
         if isinstance(item, str):
             prompts.append(PromptInput(await tokenize(services, item, add_special_tokens=True), item))
@@ -60,10 +65,14 @@ async def create_completion(body: CompletionRequest, request: Request, services:
             if not item:
                 raise ApiError(400, "Invalid value for 'prompt': a token list is empty.",
                                "invalid_request_error", "prompt", "invalid_value")
+            if len(item) >= max_len:  # before detokenizing, which walks the whole list
+                error = ContextLengthError(len(item), body.max_tokens or 1, max_len)
+                error.param = "prompt"
+                raise error
             prompts.append(PromptInput(tuple(item), services.engine.detokenize(item)))
     max_tokens = _DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     logprobs = body.logprobs is not None
-    params = sampling_params(body, max_tokens, logprobs, body.logprobs or 0)
+    params = sampling_params(body, max_tokens, logprobs, body.logprobs or 0, services.engine.model_info.sampling)
     plan = Plan(
         endpoint="completions",
         completion_id=new_completion_id("cmpl"),

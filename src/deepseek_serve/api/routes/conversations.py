@@ -1,7 +1,9 @@
 """Server-side conversations: POST/GET /v1/conversations, GET .../{id}/messages, DELETE .../{id}.
 
 A key sees only its own conversations; another key's conversation answers 404, exactly like a
-missing one. `StoredConversations` is the `ConversationStore` the chat route uses for
+missing one. Creating and deleting one count against the key's rate limits like a completion does
+(one request; a seeded conversation also its text as tokens, estimated at 4 bytes a token since
+nothing is tokenized). `StoredConversations` is the `ConversationStore` the chat route uses for
 `conversation_id`: it reads the history to prepend and appends each finished turn.
 """
 
@@ -9,13 +11,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from deepseek_serve.api.deps import InferenceDep, ServicesDep
-from deepseek_serve.api.errors import ApiError, NotFoundError
-from deepseek_serve.api.schemas import ChatMessage
-from deepseek_serve.api.services import Principal
+from deepseek_serve.api.errors import ApiError, NotFoundError, RateLimitError
+from deepseek_serve.api.schemas import ChatMessage, Text
+from deepseek_serve.api.services import Principal, Services
 from deepseek_serve.storage.conversations import ConversationNotFound, ConversationRepository
 from deepseek_serve.storage.runtime import Storage
 
@@ -57,6 +59,21 @@ class StoredConversations:
             raise not_found(conversation_id) from None
 
 
+async def count_write(services: Services, principal: Principal, response: Response, tokens: int = 0) -> None:
+    """Admit one conversation write through the rate limiter (429 when refused); the x-ratelimit-*
+    headers go on `response`."""
+    limiter = services.limiter
+    if limiter is None:
+        return
+    decision = await limiter.admit(principal, tokens)
+    if not decision.allowed:
+        if services.metrics is not None:
+            services.metrics.rejected("rate_limited")
+        raise RateLimitError("Rate limit reached for requests or tokens. Retry after the indicated time.",
+                             decision.retry_after_s, headers=decision.headers())
+    response.headers.update(decision.headers())
+
+
 def get_storage(services: ServicesDep) -> Storage:
     storage = services.extras.get("storage")
     if not isinstance(storage, Storage):
@@ -71,16 +88,18 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 class CreateConversationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    title: str | None = Field(None, max_length=255)
+    title: Text | None = Field(None, max_length=255)
     messages: list[ChatMessage] = Field(default_factory=list, max_length=1000,
                                         description="seed messages, e.g. a system prompt")
 
 
 @router.post("/conversations")
-async def create_conversation(body: CreateConversationRequest, storage: StorageDep,
-                              principal: InferenceDep) -> dict[str, Any]:
+async def create_conversation(body: CreateConversationRequest, storage: StorageDep, services: ServicesDep,
+                              principal: InferenceDep, response: Response) -> dict[str, Any]:
     """A new conversation owned by the caller, optionally seeded with messages."""
     seed = [{"role": m.role, "content": m.text()} for m in body.messages]
+    await count_write(services, principal, response,
+                      sum(len(m["content"].encode()) for m in seed) // 4 + len(seed))
     conv = await storage.conversations.create(owner_of(principal), body.title, seed)
     return conv.to_dict()
 
@@ -114,9 +133,10 @@ async def list_messages(conversation_id: str, storage: StorageDep, principal: In
 
 
 @router.delete("/conversations/{conversation_id}")
-async def delete_conversation(conversation_id: str, storage: StorageDep, principal: InferenceDep
-                              ) -> dict[str, Any]:
+async def delete_conversation(conversation_id: str, storage: StorageDep, services: ServicesDep,
+                              principal: InferenceDep, response: Response) -> dict[str, Any]:
     """Delete one of the caller's conversations with its messages; 404 for any other id."""
+    await count_write(services, principal, response)
     try:
         await storage.conversations.delete(owner_of(principal), conversation_id)
     except ConversationNotFound:

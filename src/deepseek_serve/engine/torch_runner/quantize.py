@@ -1,14 +1,22 @@
 """Weight-only quantization as a module swap (gpt-fast habit): `quantize_model(model, mode)` replaces
-every `nn.Linear` of the decoder layers (and the LM head for int8) with a quantized twin in place.
+every `nn.Linear` of the decoder layers with a quantized twin in place, and the LM head with an int8 one.
 
-- int8: per-output-channel symmetric scales, weight-only (see `Int8Linear` for the kernels).
-- int4: group-wise asymmetric (min/max, 16 levels, groups of 32 along K); aten's tinygemm kernels
-  (`_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on CPU).
+- int8: per-output-channel symmetric scales (see `Int8Linear` for the kernels).
+- int4: group-wise asymmetric (min/max, 16 levels, groups along K). CUDA: aten's tinygemm
+  `_weight_int4pack_mm` (bfloat16; the fastest for a few rows, slow for many) or the Triton kernel of
+  `quant_kernels`; CPU: `_weight_int4pack_mm_for_cpu`.
+
+CUDA kernels by rows M (the batch's tokens), measured on an H200 (docs/performance.md): one int8 row
+inside a compiled decode step is left to Inductor, whose coordinate-descent-tuned reduction fuses the
+int8 -> bf16 cast (faster there than the Triton kernel); up to TRITON_MAX_ROWS the Triton weight-only
+matmuls (weights read once, dequantized in registers, K split over programs when M is small); above
+it (prefill) the weights are dequantized and cuBLAS multiplies. int4 defaults to tinygemm (INT4_KERNEL):
+the fastest one-row kernel measured, though 3x slower than bf16 at 64 rows, where the Triton `w4_mm`
+is 1.4x slower; one packing serves all row counts, so the kernel is chosen per model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -16,20 +24,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 QuantMode = Literal["none", "int8", "int4"]
+Int4Kernel = Literal["triton", "tinygemm"]
 INT4_INNER_K_TILES = 8
-SMALL_M = 4  # rows up to which CUDA int8 uses the fused dequantize-and-reduce kernel
-_int8_small_m: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+TRITON_MAX_ROWS = 128
+INT8_ONE_ROW: Literal["inductor", "triton"] = "inductor"  # one row inside torch.compile
+INT4_KERNEL: Int4Kernel = "tinygemm"  # CUDA default (bfloat16; other dtypes use the Triton kernel)
+_kernels: bool | None = None
 
 
-def _int8_mm_reduce(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
-    """[M, K] x int8 [N, K] -> [M, N]: one reduction over K, int8 read once (fused when compiled)."""
-    return ((x.float().unsqueeze(1) * w.float()).sum(-1) * scales.float()).to(x.dtype)
-
-
-def use_compiled_int8() -> None:
-    """Decode-sized CUDA int8 matmuls through a torch.compile'd dequantize-and-reduce kernel."""
-    global _int8_small_m
-    _int8_small_m = torch.compile(_int8_mm_reduce, dynamic=True, fullgraph=True)
+def triton_kernels() -> bool:
+    """Whether `quant_kernels` (Triton) is importable; importing it registers the custom ops."""
+    global _kernels
+    if _kernels is None:
+        try:
+            import deepseek_serve.engine.torch_runner.quant_kernels  # noqa: F401
+        except ImportError:
+            _kernels = False
+        else:
+            _kernels = True
+    return _kernels
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,6 +68,21 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return codes, sz
 
 
+def pack_int4(codes: Tensor, group_size: int) -> Tensor:
+    """codes int [N, K] in 0..15 -> uint8 [N, K / 2], the layout of `quant_kernels.w4_mm`: byte j of
+    each group holds code j (low nibble) and code j + group/2 (high nibble)."""
+    n, k = codes.shape
+    g = codes.reshape(n, k // group_size, 2, group_size // 2).to(torch.uint8)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: Tensor, group_size: int) -> Tensor:
+    """Inverse of `pack_int4`: int32 codes [N, K]."""
+    n, half_k = packed.shape
+    p = packed.reshape(n, half_k * 2 // group_size, 1, group_size // 2)
+    return torch.cat([p & 0xF, p >> 4], dim=2).reshape(n, half_k * 2).to(torch.int32)
+
+
 def dequantize_int4(codes: Tensor, sz: Tensor, group_size: int) -> Tensor:
     """Inverse of `quantize_int4`, float32 [N, K]."""
     n, k = codes.shape
@@ -76,12 +104,11 @@ def int4_group_size(k: int, preferred: int = INT4_GROUP_SIZE) -> int:
 
 
 class Int8Linear(nn.Module):
+    """Per-output-channel int8 weights, weight-only. CPU: aten's fused `_weight_int8pack_mm` with bf16
+    activations (its float32 path is not vectorized); CUDA: see the module docstring."""
+
     weight: Tensor
     scales: Tensor
-
-    """Per-output-channel int8 weights, weight-only. CPU: aten's fused `_weight_int8pack_mm` with bf16
-    activations (its float32 path is not vectorized); CUDA: a compiled dequantize-and-reduce kernel
-    for decode-sized inputs, else dequantize then matmul."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -94,33 +121,46 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        m = x2.shape[0]
         if self._cpu:
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).to(x.dtype)
-            y = y.view(*x.shape[:-1], self.out_features)
-        elif _int8_small_m is not None and x.numel() // self.in_features <= SMALL_M:
-            y = _int8_small_m(x.reshape(-1, self.in_features), self.weight, self.scales)
-            y = y.view(*x.shape[:-1], self.out_features)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+        elif m == 1 and INT8_ONE_ROW == "inductor" and torch.compiler.is_compiling():
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
+        elif m <= TRITON_MAX_ROWS and triton_kernels():
+            y = torch.ops.deepseek_serve.w8_mm(x2, self.weight, self.scales)
         else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
+        y = y.view(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
 
 class Int4Linear(nn.Module):
+    """Group-wise int4 weights. `kernel`: "triton" (`pack_int4` layout, `quant_kernels.w4_mm`; CUDA,
+    or Triton's interpreter), "tinygemm" (aten's CUDA kernel, bfloat16 only), "cpu" (aten's CPU
+    kernel); None = INT4_KERNEL on CUDA, "cpu" on CPU."""
+
     weight: Tensor
     scales_and_zeros: Tensor
 
-    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> None:
+    def __init__(self, linear: nn.Linear, group_size: int = 0, kernel: Int4Kernel | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.group_size = int4_group_size(self.in_features, group_size)
+        self.group_size = int4_group_size(self.in_features, group_size or INT4_GROUP_SIZE)
         w = linear.weight.data
         self.dtype = w.dtype
         self.on_cuda = w.device.type == "cuda"
-        codes, sz = quantize_int4(w, self.group_size)
-        if self.on_cuda:
+        self.kernel: str = kernel or (INT4_KERNEL if self.on_cuda else "cpu")
+        if self.kernel == "tinygemm" and w.dtype != torch.bfloat16:
+            self.kernel = "triton"  # tinygemm takes bfloat16 only
+        if self.kernel == "triton" and not triton_kernels():
             if w.dtype != torch.bfloat16:
-                raise ValueError("int4 on CUDA needs bfloat16 weights (DS_DTYPE=bfloat16 or auto)")
+                raise ValueError("int4 on CUDA needs bfloat16 weights or Triton (DS_DTYPE=bfloat16 or auto)")
+            self.kernel = "tinygemm"
+        codes, sz = quantize_int4(w, self.group_size)
+        if self.kernel == "triton":
+            packed = pack_int4(codes, self.group_size)
+        elif self.kernel == "tinygemm":
             packed_u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)  # [N, K/2]
             packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, INT4_INNER_K_TILES)
         else:
@@ -129,39 +169,51 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", sz.to(w.dtype))
         self.bias = linear.bias
 
+    def dequantized(self, dtype: torch.dtype) -> Tensor:
+        """The weights as [N, K] in `dtype` (Triton layout only)."""
+        codes = unpack_int4(self.weight, self.group_size)
+        return dequantize_int4(codes, self.scales_and_zeros.float(), self.group_size).to(dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.on_cuda:
+        if self.kernel == "triton":
+            if x2.shape[0] <= TRITON_MAX_ROWS:
+                y = torch.ops.deepseek_serve.w4_mm(x2, self.weight, self.scales_and_zeros, self.group_size)
+            else:
+                y = F.linear(x2, self.dequantized(x.dtype))
+        elif self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, self.weight, self.group_size, self.scales_and_zeros
-            )
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
         y = y.view(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
 
-def _swap(parent: nn.Module, mode: QuantMode) -> None:
+def _swap(parent: nn.Module, mode: QuantMode, group_size: int, kernel: Int4Kernel | None) -> None:
     for name, child in parent.named_children():
         if isinstance(child, nn.Linear):
-            setattr(parent, name, Int8Linear(child) if mode == "int8" else Int4Linear(child))
+            q = Int8Linear(child) if mode == "int8" else Int4Linear(child, group_size, kernel)
+            setattr(parent, name, q)
         else:
-            _swap(child, mode)
+            _swap(child, mode, group_size, kernel)
 
 
-def quantize_model(model: nn.Module, mode: QuantMode) -> None:
-    """Swap the linear layers of `model.model.layers` (and `lm_head` for int8) for quantized ones.
+def quantize_model(
+    model: nn.Module, mode: QuantMode, group_size: int = 0, int4_kernel: Int4Kernel | None = None
+) -> None:
+    """Swap the linear layers of `model.model.layers` for quantized ones and the LM head for int8
+    (under int4 too: a 4-bit head costs more accuracy than its bytes are worth).
 
-    The embedding table and norms stay in the model dtype. For a tied LM head, int8 quantizes a copy
-    of the embedding (the embedding itself is read by row and stays unquantized).
+    The embedding table and norms stay in the model dtype. For a tied LM head, the head quantizes a
+    copy of the embedding (the embedding itself is read by row and stays unquantized).
+    `group_size`: int4 group along K (0 = INT4_GROUP_SIZE).
     """
     if mode == "none":
         return
     if mode not in ("int8", "int4"):
         raise ValueError(f"unknown quantization {mode!r} (none, int8, int4)")
-    _swap(model.model.layers, mode)  # type: ignore[union-attr, arg-type]
-    if mode == "int8":
-        model.lm_head = Int8Linear(model.lm_head)  # type: ignore[arg-type]
+    _swap(model.model.layers, mode, group_size, int4_kernel)  # type: ignore[union-attr, arg-type]
+    model.lm_head = Int8Linear(model.lm_head)  # type: ignore[arg-type]
 
 
 def weight_bytes(model: nn.Module, include_embedding: bool = False) -> int:

@@ -20,6 +20,13 @@ import torch
 from torch import Tensor
 
 from deepseek_serve.engine.runner import Runner, SampleResult, ScheduledSeq, Tokenizer
+from deepseek_serve.engine.torch_runner.memory import (
+    GiB,
+    free_memory,
+    model_bytes,
+    plan_memory,
+    rows_buckets,
+)
 from deepseek_serve.engine.torch_runner.model import (
     CausalLM,
     DecodeStep,
@@ -27,10 +34,9 @@ from deepseek_serve.engine.torch_runner.model import (
     KVCache,
     use_compiled_ops,
 )
-from deepseek_serve.engine.torch_runner.quantize import Int4Linear, Int8Linear, use_compiled_int8
 from deepseek_serve.engine.torch_runner.sampler import SampleOutput, SampleRow, sample
 from deepseek_serve.engine.torch_runner.slots import SlotTable
-from deepseek_serve.engine.types import TokenLogprob
+from deepseek_serve.engine.types import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from deepseek_serve.config import Settings
@@ -60,9 +66,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """bool mask -> 0 / -inf in the model dtype, built once per forward (SDPA would convert per layer)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-        ~allowed, float("-inf")
-    )
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def _next_pow2(x: int) -> int:
@@ -111,13 +115,9 @@ class TorchRunner(Runner):
         self._use_graphs = cuda_graphs and device.type == "cuda"
         if compile_ops and device.type == "cuda":
             use_compiled_ops()
-            use_compiled_int8()
-        quantized = any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
         # the whole decode step compiled (CUDA graphs only: compiling per shape pays off once captured)
         self.decode_step: DecodeStep | None = (
-            DecodeStep(model)
-            if compile_ops and compile_decode and self._use_graphs and not quantized
-            else None
+            DecodeStep(model) if compile_ops and compile_decode and self._use_graphs else None
         )
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
@@ -135,23 +135,46 @@ class TorchRunner(Runner):
 
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
+        free = free_memory(device)  # before the weights: the budget is a share of what is free now
         model = load_model(Path(model_path), dtype, device)
-        quantize_model(model, settings.quantization)
+        quantize_model(model, settings.quantization, settings.int4_group_size)
         trained = model.args.max_position_embeddings
         max_len = settings.max_model_len or min(trained, settings.context_length)
+        plan = plan_memory(
+            model.args,
+            dtype,
+            device=str(device),
+            free_bytes=free,
+            utilization=settings.gpu_memory_utilization,
+            weight_bytes=model_bytes(model),
+            max_len=max_len,
+            requested_slots=settings.max_batch_size,
+            chunk_tokens=settings.prefill_chunk_tokens,
+            kv_bucket=KV_LEN_BUCKET,
+            cuda_graphs=settings.cuda_graphs and device.type == "cuda",
+        )
+        if plan.num_slots < settings.max_batch_size:
+            logger.warning(
+                "torch runner: DS_MAX_BATCH_SIZE=%d sequences of %d tokens need %.2f GiB of KV cache; "
+                "the memory budget holds %d (raise DS_GPU_MEMORY_UTILIZATION, lower DS_MAX_MODEL_LEN or "
+                "quantize for more)",
+                settings.max_batch_size,
+                max_len,
+                settings.max_batch_size * plan.kv_bytes_per_slot / GiB,
+                plan.num_slots,
+            )
         logger.info(
-            "torch runner: %s on %s (%s, quantization %s), %d slots x %d tokens",
+            "torch runner: %s on %s (%s, quantization %s), %s",
             model.args.architecture,
             device,
             dtype,
             settings.quantization,
-            settings.max_batch_size,
-            max_len,
+            plan.describe(),
         )
         runner = cls(
             model,
             HFTokenizer(model_path),
-            num_slots=settings.max_batch_size,
+            num_slots=plan.num_slots,
             max_len=max_len,
             device=device,
             dtype=dtype,
@@ -159,7 +182,7 @@ class TorchRunner(Runner):
             prefix_cache=settings.prefix_cache,
             chat_template=read_chat_template(Path(model_path)),
         )
-        runner.warmup()  # NOTE: capture every decode graph now, not during the first requests
+        runner.warmup(settings.prefill_chunk_tokens)
         return runner
 
     # --- Runner properties -------------------------------------------------------------------------
@@ -223,9 +246,7 @@ class TorchRunner(Runner):
         slot i."""
         n = inputs.shape[1]
         tok, pos, wpos = inputs[0], inputs[1], inputs[2]
-        mask = additive_mask(
-            (self._arange[:kv_len][None, :] <= pos[:, None]).view(n, 1, 1, kv_len), self.dtype
-        )
+        mask = additive_mask((self._arange[:kv_len][None, :] <= pos[:, None]).view(n, 1, 1, kv_len), self.dtype)
         fb = ForwardBatch(slots=None, positions=pos[:, None], write_pos=wpos[:, None], mask=mask)
         if self.decode_step is not None:
             return self.decode_step(tok[:, None], self.cache, fb)
@@ -281,27 +302,55 @@ class TorchRunner(Runner):
             kv_len = KV_LEN_BUCKET * _next_pow2(kv_len // KV_LEN_BUCKET)
         return min(kv_len, self._max_len)
 
-    def warmup(self) -> int:
-        """Capture every decode graph (rows bucket x KV-length bucket) now rather than on first use.
-        Returns the number of graphs."""
-        if not self._use_graphs:
-            return 0
+    def warmup(self, prefill_tokens: int = 0) -> int:
+        """Compile and capture every shape the server can meet before it serves: each decode graph
+        (rows bucket x KV-length bucket), the prefill forward (one row and several rows: the dynamic
+        compiles of the fused ops) and the sampler's kernels. `prefill_tokens` > 0: also one prefill of
+        that many tokens. Returns the number of graphs."""
         with torch.inference_mode():
-            n = 1
-            while True:
-                rows = min(n, self.slots.num_slots)
-                length = 1
-                while True:
-                    kv_len = self._kv_bucket(length)
-                    self._graph(rows, kv_len)
-                    if kv_len >= self._max_len:
-                        break
-                    length = kv_len + 1
-                if rows >= self.slots.num_slots:
-                    break
-                n *= 2
-        torch.cuda.synchronize(self.device)
+            if self._use_graphs:
+                for rows in rows_buckets(self.slots.num_slots):
+                    length = 1
+                    while True:
+                        kv_len = self._kv_bucket(length)
+                        self._graph(rows, kv_len)
+                        if kv_len >= self._max_len:
+                            break
+                        length = kv_len + 1
+            self._warm_prefill(prefill_tokens)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return len(self._graphs)
+
+    def _warm_prefill(self, prefill_tokens: int) -> None:
+        """Prefill forwards into slots 0/1 and one sampled row of every kind. Before serving only:
+        idle prefix-cache entries are dropped (their KV is overwritten)."""
+        if self.slots.reserved_tokens:
+            raise RuntimeError("warmup() runs before any sequence is allocated")
+        self.slots.clear_idle()
+        rows = min(2, self.slots.num_slots)
+        # one-row prompts of 2..128 tokens: the quantized matmuls pick their tiles per rows bucket
+        short = {(1, t) for t in (4, 8, 16, 32, 64, 128) if t <= self._max_len}
+        shapes = {(1, 2), (rows, 2), (1, max(2, min(prefill_tokens, self._max_len))), *short}
+        for b, t in sorted(shapes):
+            tok = torch.zeros((b, t), dtype=torch.int64, device=self.device)
+            pos = torch.arange(t, device=self.device)[None, :].expand(b, t)
+            mask = additive_mask((pos[:, :, None] >= self._arange[:t][None, None, :]).unsqueeze(1), self.dtype)
+            slots = torch.arange(b, dtype=torch.int64, device=self.device)
+            fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=b == 1)
+            logits = self.model.lm_head(self.model.hidden_states(tok, self.cache, fb)[:, -1])
+        rich = SamplingParams(
+            temperature=0.7,
+            top_p=0.9,
+            top_k=40,
+            min_p=0.05,
+            repetition_penalty=1.1,
+            logprobs=True,
+            top_logprobs=2,
+            seed=1,
+        )
+        specs = [SampleRow(rich, [1, 2, 3], 3, (0,)), SampleRow(SamplingParams(temperature=0.0), [], 3)]
+        self._results(sample(torch.cat([logits[:1], logits[:1]]), specs, self._generator), specs)
 
     def _prefill(self, entries: list[ScheduledSeq]) -> Tensor:
         """Feed chunks of equal length T of several sequences in one forward; logits [B, V] of
@@ -316,18 +365,42 @@ class TorchRunner(Runner):
         tok = torch.tensor(ids, dtype=torch.int64).to(self.device)  # [B, T]
         pos = (torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(t)[None, :]).to(self.device)
         kv_len = max(starts) + t
-        mask = additive_mask(
-            (self._arange[:kv_len][None, None, :] <= pos[:, :, None]).unsqueeze(1), self.dtype
-        )
+        mask = additive_mask((self._arange[:kv_len][None, None, :] <= pos[:, :, None]).unsqueeze(1), self.dtype)
         slots = torch.tensor(slot_ids, dtype=torch.int64).to(self.device)
-        fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask)
+        fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=len(entries) == 1)
         h = self.model.hidden_states(tok, self.cache, fb)
         return self.model.lm_head(h[:, -1])
 
+    def _refuse(self, e: ScheduledSeq) -> str | None:
+        """Why this entry cannot go to the model (None when it can). An embedding index outside the
+        vocabulary is a device-side assert on CUDA, which leaves the CUDA context unusable."""
+        seq, start, k = e.seq, e.seq.num_computed_tokens, e.num_new_tokens
+        if seq.slot is None:
+            return "the sequence holds no slot"
+        if k < 1 or start + k > min(seq.num_tokens, seq.max_total_tokens, self._max_len):
+            return f"{k} new tokens at position {start} do not fit the sequence's reservation"
+        vocab = self.model.args.vocab_size
+        tokens = seq.all_token_ids[start:start + k]
+        if min(tokens) < 0 or max(tokens) >= vocab:
+            return f"a token id outside the vocabulary [0, {vocab})"
+        return None
+
     def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
-        for e in batch:
-            assert e.seq.slot is not None and e.num_new_tokens >= 1
-            assert e.seq.num_computed_tokens + e.num_new_tokens <= min(e.seq.num_tokens, self._max_len)
+        results: list[SampleResult | None] = [None] * len(batch)
+        good: list[int] = []
+        for i, e in enumerate(batch):
+            refused = self._refuse(e)
+            if refused is None:
+                good.append(i)
+            else:
+                results[i] = SampleResult.failed(refused)
+        if good:
+            done = self._step([batch[i] for i in good])
+            for i, result in zip(good, done, strict=True):
+                results[i] = result
+        return results
+
+    def _step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
         order: list[int] = []  # batch index of each sampled logits row
         parts: list[Tensor] = []
         results: list[SampleResult | None] = [None] * len(batch)
@@ -366,16 +439,30 @@ class TorchRunner(Runner):
                 e.seq.num_computed_tokens += e.num_new_tokens
             if order:
                 specs = [self._sample_row(batch[i].seq) for i in order]
-                out = sample(torch.cat(parts), specs, self._generator)
-                for i, res in zip(order, self._results(out, specs), strict=True):
+                for i, res in zip(order, self._sample_rows(torch.cat(parts), specs), strict=True):
                     results[i] = res
+        return results
+
+    def _sample_rows(self, logits: Tensor, specs: list[SampleRow]) -> list[SampleResult]:
+        """Sample every row at once; when that raises, row by row, so only the rows that fail fail."""
+        try:
+            return self._results(sample(logits, specs, self._generator), specs)
+        except Exception:
+            if len(specs) == 1:
+                logger.exception("sampling failed")
+                return [SampleResult.failed("sampling failed")]
+        results: list[SampleResult] = []
+        for j, spec in enumerate(specs):
+            try:
+                results.extend(self._results(sample(logits[j : j + 1], [spec], self._generator), [spec]))
+            except Exception as exc:
+                logger.exception("sampling failed for one row")
+                results.append(SampleResult.failed(f"sampling failed: {exc}"))
         return results
 
     def _plain_greedy(self, seq: Sequence) -> bool:
         p = seq.params
-        return (
-            p.is_greedy and not p.logprobs and not p.has_penalties and seq.num_output_tokens >= p.min_tokens
-        )
+        return p.is_greedy and not p.logprobs and not p.has_penalties and seq.num_output_tokens >= p.min_tokens
 
     # --- sampling ----------------------------------------------------------------------------------
     def _sample_row(self, seq: Sequence) -> SampleRow:
@@ -404,9 +491,7 @@ class TorchRunner(Runner):
             top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
             if top_ids is not None and top_lp is not None and spec.params.top_logprobs:
                 k = spec.params.top_logprobs
-                top = tuple(
-                    self._top_entry(t, lp) for t, lp in zip(top_ids[j][:k], top_lp[j][:k], strict=True)
-                )
+                top = tuple(self._top_entry(t, lp) for t, lp in zip(top_ids[j][:k], top_lp[j][:k], strict=True))
             text, raw = self._piece(tok)
             results.append(SampleResult(tok, TokenLogprob(tok, text, chosen[j], raw, top)))
         return results
@@ -442,6 +527,7 @@ class TorchRunner(Runner):
                     positions=pos,
                     write_pos=pos,
                     mask=mask,
+                    causal_tail=True,
                 )
                 return self.model(tok, cache, fb)[0].float()
         finally:

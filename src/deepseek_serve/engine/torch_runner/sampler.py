@@ -1,6 +1,6 @@
 """Batched sampling on the device. One row per sequence that samples this step.
 
-Order (llama.cpp's): penalties -> temperature -> top-k -> top-p -> min-p -> draw. Greedy rows take
+Order (llama.cpp's): logit bias -> penalties -> temperature -> top-k -> top-p -> min-p -> draw. Greedy rows take
 the argmax of the penalized logits. A row with a seed draws its noise from a generator seeded by
 (seed, position), so its tokens do not depend on the batch it runs in.
 """
@@ -77,9 +77,17 @@ def sample(logits: Tensor, rows: list[SampleRow], generator: torch.Generator | N
     device = logits.device
     want_lp = any(r.params.logprobs for r in rows)
     raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
+    biased = [i for i, r in enumerate(rows) if r.params.logit_bias]
     pen = [i for i, r in enumerate(rows) if r.params.has_penalties and r.history]
-    if pen:
+    if biased or pen:
         logits = logits.clone()
+    for i in biased:
+        bias = rows[i].params.logit_bias
+        if not all(0 <= t < vocab for t, _ in bias):  # checked on the host: on CUDA a bad index is fatal
+            raise ValueError(f"logit_bias holds a token id outside the vocabulary [0, {vocab})")
+        ids = torch.tensor([t for t, _ in bias], dtype=torch.int64, device=device)
+        logits[i].index_add_(0, ids, torch.tensor([b for _, b in bias], dtype=torch.float32, device=device))
+    if pen:
         _apply_penalties(logits, rows, pen)
     for i, r in enumerate(rows):
         if r.banned:
@@ -96,7 +104,7 @@ def sample(logits: Tensor, rows: list[SampleRow], generator: torch.Generator | N
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in ps):
             sorted_logits, order = sub.sort(dim=-1, descending=True)  # [r, V]
             probs = sorted_logits.softmax(dim=-1)
-            ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in ps], dtype=torch.int64).to(device)
+            ks = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in ps], dtype=torch.int64).to(device)
             tp = torch.tensor([p.top_p for p in ps], dtype=torch.float32).to(device)
             mp = torch.tensor([p.min_p for p in ps], dtype=torch.float32).to(device)
             rank = torch.arange(vocab, device=device)[None, :]
