@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,8 @@ import orjson
 
 from deepseek_serve.engine.async_engine import AsyncEngine, RequestStream
 from deepseek_serve.engine.chat_template import ChatTemplate
-from deepseek_serve.engine.errors import ContextLengthError, EngineStoppedError, InvalidRequestError
+from deepseek_serve.engine.errors import EngineStoppedError, InvalidRequestError
+from deepseek_serve.engine.llm_engine import check_request, check_token_ids
 from deepseek_serve.engine.runner import Tokenizer
 from deepseek_serve.engine.types import (
     EngineStats,
@@ -239,48 +240,18 @@ class GatewayEngine(AsyncEngine):
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         ids = list(token_ids)
-        self.check_token_ids(ids)
+        check_token_ids(ids, self._tokenizer.vocab_size)
         return self._tokenizer.decode(ids)
 
-    def check_token_ids(self, ids: Iterable[int], param: str = "prompt") -> None:
-        vocab = self._tokenizer.vocab_size
-        bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
-        if bad is not None:
-            raise InvalidRequestError(
-                f"Invalid value for '{param}': token id {bad} is outside the vocabulary [0, {vocab})", param=param
-            )
-
     def check_request(self, params: SamplingParams, prompt_token_ids: Sequence[int], context: bool = True) -> int:
-        """The checks of `LLMEngine.check_request` (sampling values, token ids, vocabulary-bound fields,
-        prompt + max_tokens within the context) against the gateway's tokenizer and
-        `model_info.max_model_len`; returns the completion budget."""
-        params.validate()
-        vocab = self._tokenizer.vocab_size
-        if params.top_k > vocab:
-            raise InvalidRequestError(
-                f"Invalid value for 'top_k': {params.top_k} is greater than the vocabulary size ({vocab})",
-                param="top_k",
-            )
-        self.check_token_ids((t for t, _ in params.logit_bias), "logit_bias")
-        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
-        ids = list(prompt_token_ids)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        max_len = self.model_info.max_model_len
-        if not context:
-            self.check_token_ids(ids)
-            return params.max_tokens or 1
-        if len(ids) >= max_len:
-            raise ContextLengthError(len(ids), params.max_tokens or 1, max_len)
-        self.check_token_ids(ids)
-        if params.max_tokens is not None:
-            if len(ids) + params.max_tokens > max_len:
-                error = ContextLengthError(len(ids), params.max_tokens, max_len)
-                if params.max_tokens >= max_len:
-                    error.param = "max_tokens"
-                raise error
-            return params.max_tokens
-        return min(self._settings.default_max_tokens, max_len - len(ids))
+        return check_request(
+            params,
+            list(prompt_token_ids),
+            vocab_size=self._tokenizer.vocab_size,
+            max_model_len=self.model_info.max_model_len,
+            default_max_tokens=self._settings.default_max_tokens,
+            context=context,
+        )
 
     def tokenizer_bos_or_first(self) -> int:
         ids = self._tokenizer.encode("Hi", add_special_tokens=True)
@@ -400,10 +371,10 @@ def _completion_body(model: str, ids: list[int], max_tokens: int, request: Gener
         body["ignore_eos"] = True
     if p.min_tokens:
         body["min_tokens"] = p.min_tokens
-    if p.logit_bias:
-        body["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
     if p.logprobs:
         body["logprobs"] = min(p.top_logprobs, 5)  # the completions API's limit
+    if p.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
     return body
 
 
