@@ -27,7 +27,6 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 
 from deepseek_serve.engine.async_engine import AsyncEngine, RequestStream
@@ -45,6 +44,7 @@ from deepseek_serve.engine.types import (
     TokenLogprob,
     Usage,
 )
+from deepseek_serve.gateway.http import HttpError, Response
 from deepseek_serve.gateway.pool import UpstreamFailure, UpstreamPool
 from deepseek_serve.gateway.upstreams import Upstream, UpstreamSource
 
@@ -147,7 +147,7 @@ class GatewayEngine(AsyncEngine):
         if task is not None:
             task.cancel()
 
-    async def _pump(self, stream: RequestStream, job: _Job, up: Upstream, response: httpx.Response) -> None:
+    async def _pump(self, stream: RequestStream, job: _Job, up: Upstream, response: Response) -> None:
         request_id = job.request.request_id
         try:
             async with asyncio.timeout(max(job.deadline - time.monotonic(), 0.0)):
@@ -188,7 +188,7 @@ class GatewayEngine(AsyncEngine):
             self._pumps.pop(request_id, None)
             self._streams.pop(request_id, None)
 
-    async def _relay(self, stream: RequestStream, job: _Job, up: Upstream, response: httpx.Response) -> None:
+    async def _relay(self, stream: RequestStream, job: _Job, up: Upstream, response: Response) -> None:
         """Forward one upstream stream; raises UpstreamFailure when it breaks off."""
         finish: str | None = None
         usage: dict[str, Any] | None = None
@@ -224,8 +224,8 @@ class GatewayEngine(AsyncEngine):
                         stream._put(StreamDelta(text=text, token_ids=token_ids, logprobs=logprobs))
                     if reason:
                         finish = reason
-        except httpx.HTTPError as exc:
-            raise UpstreamFailure(f"stream broke off ({type(exc).__name__})") from None
+        except HttpError as exc:
+            raise UpstreamFailure(f"stream broke off ({exc})") from None
         if finish is None:
             raise UpstreamFailure("stream ended without a finish reason")
         if not job.tokens:
@@ -398,7 +398,7 @@ def _logprobs(raw: Any) -> tuple[TokenLogprob, ...] | None:
     return tuple(out)
 
 
-async def _sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _sse_data(response: Response) -> AsyncIterator[bytes]:
     """The `data:` payloads of a text/event-stream, as they arrive; comments are skipped."""
     buffer = b""
     async for part in response.aiter_raw():
