@@ -400,3 +400,29 @@ async def test_message_count_of_items_that_are_not_objects(client: httpx.AsyncCl
     body = orjson.dumps({"model": engine.model_info.id, "messages": ["hi"] * 60_000})
     resp = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert "60000" in assert_400(resp, "messages")["message"]
+
+
+def test_gateway_engine_checks_like_the_local_engine(engine: AsyncEngine, tmp_path: Any) -> None:
+    """The gateway's engine has no local scheduler core: it must answer check_request and detokenize
+    itself (the API calls both before any upstream is chosen). No upstream is contacted here."""
+    from deepseek_serve.engine.errors import ContextLengthError, InvalidRequestError
+    from deepseek_serve.gateway.engine import GatewayEngine
+
+    settings = make_settings(tmp_path, upstreams="http://127.0.0.1:9")
+    gateway = GatewayEngine(settings, engine._core.tokenizer, None, engine.model_info)
+    vocab = engine.model_info.vocab_size
+    ok = SamplingParams(max_tokens=4)
+    assert gateway.check_request(ok, [1, 2, 3]) == 4
+    for params, ids, param in [
+        (SamplingParams(top_k=vocab + 1), [1], "top_k"),
+        (SamplingParams(logit_bias=((vocab, 1.0),)), [1], "logit_bias"),
+        (ok, [1, -1], "prompt"),
+    ]:
+        with pytest.raises(InvalidRequestError) as caught:
+            gateway.check_request(params, ids, context=False)
+        assert caught.value.param == param
+    with pytest.raises(ContextLengthError):
+        gateway.check_request(SamplingParams(max_tokens=engine.model_info.max_model_len), [1])
+    with pytest.raises(InvalidRequestError):
+        gateway.detokenize([vocab])
+    assert gateway.detokenize(engine.tokenize("Hello", add_special_tokens=False)) == "Hello"
