@@ -117,7 +117,7 @@ async def test_answers_hold_the_expected_words(qwen: AsyncEngine, prompt: str, e
 
 async def test_seed_reproduces(qwen: AsyncEngine) -> None:
     def req(seed: int) -> GenerationRequest:
-        return _request(qwen, "写一首关于大海的短诗。", **FALLBACK_PARAMS, seed=seed, max_tokens=32)
+        return _request(qwen, "写一首关于大海的短诗。", **FALLBACK_PARAMS, seed=seed, max_tokens=24)
 
     first, first_deltas = await _fresh(qwen, req(7))
     second, second_deltas = await _fresh(qwen, req(7))
@@ -141,7 +141,7 @@ BATCH_PROMPTS = [
 
 async def test_batched_greedy_equals_alone(qwen: AsyncEngine) -> None:
     def req(text: str) -> GenerationRequest:
-        return _request(qwen, text, temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=True, top_logprobs=TOP_K)
+        return _request(qwen, text, temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=True, top_logprobs=TOP_K)
 
     alone = [(await _fresh(qwen, req(p)))[1] for p in BATCH_PROMPTS]
     await qwen.clear_prefix_cache()
@@ -203,12 +203,12 @@ async def test_api_chat_in_chinese_json_and_stream(qwen: AsyncEngine, openai_cli
     messages = [{"role": "user", "content": "你好，请介绍一下北京"}]
     model = PACK.model_id
     await qwen.clear_prefix_cache()
-    answer = await openai_client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=40)
+    answer = await openai_client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=32)
     text = answer.choices[0].message.content
     assert "北京" in text and "\ufffd" not in text
     await qwen.clear_prefix_cache()
     stream = await openai_client.chat.completions.create(
-        model=model, messages=messages, temperature=0, max_tokens=40, stream=True
+        model=model, messages=messages, temperature=0, max_tokens=32, stream=True
     )
     parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
     assert "".join(parts) == text and all("\ufffd" not in p for p in parts)
