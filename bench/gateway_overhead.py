@@ -5,7 +5,7 @@
 
 Targets (gateway overhead): tokens/s through the gateway >= 0.95x direct; added TTFT p50 < 5 ms.
 
-Two real processes: `deepseek-serve serve --role engine` (the packaged SmolLM2 model unless DS_MODEL
+Two real processes: `deepseek-serve serve --role engine` (SmolLM2-135M-Instruct unless DS_MODEL
 is set) and `serve --role gateway` with that engine as its only upstream (SQLite usage records,
 in-process limits, response cache off, auth off on loopback). Every request is
 `POST /v1/chat/completions`, streamed, temperature 0, with fixed prompts; the engine is called
@@ -56,6 +56,7 @@ def free_port() -> int:
 
 def start(role: str, port: int, data_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("DS_") or k == "DS_MODEL"}
+    full.setdefault("DS_MODEL", "smollm2-135m-instruct")  # the figures in docs/performance.md
     full.update({"DS_DATA_DIR": str(data_dir), "DS_LOG_LEVEL": "warning", **env})
     data_dir.mkdir(parents=True, exist_ok=True)
     log = (data_dir / "server.log").open("wb")
