@@ -94,9 +94,10 @@ async def test_completion_strings(client: httpx.AsyncClient, engine: AsyncEngine
 
 
 # --- token ids ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("prompt", [[[1, 2, -1]], [1, 2, 10**6], [[5], [2**63]], [10**30]])
+@pytest.mark.parametrize("prompt", [[[1, 2, -1]], [1, 2, 10**6], [[5], [2**63]], [10**30], [False], [[True, 5]]])
 async def test_token_ids_outside_vocab(client: httpx.AsyncClient, engine: AsyncEngine, prompt: Any) -> None:
-    # [[1, 2, -1]] used to reach llama.cpp, which threw std::out_of_range and aborted the process
+    # [[1, 2, -1]] used to reach llama.cpp, which threw std::out_of_range and aborted the process;
+    # booleans are not token ids (lax validation would read false as token 0)
     resp = await client.post(
         "/v1/completions", json={"model": engine.model_info.id, "prompt": prompt, "max_tokens": 1, "echo": True}
     )
