@@ -108,6 +108,11 @@ class LLMEngine:
         """Everything that only the model knows (vocabulary, context); returns the completion budget.
         Raises InvalidRequestError / ContextLengthError naming the field. Any thread."""
         params.validate()
+        if params.grammar is not None and not self.runner.supports_grammar:
+            raise InvalidRequestError(f"The {self.runner.name} runner does not support constrained decoding "
+                                      "(response_format json_object/json_schema, forced tool calls); "
+                                      "serve a GGUF model with the llamacpp runner for it.",
+                                      param="response_format")
         vocab = self.tokenizer.vocab_size
         if params.top_k > vocab:
             raise InvalidRequestError(f"Invalid value for 'top_k': {params.top_k} is greater than the vocabulary "

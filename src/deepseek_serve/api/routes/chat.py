@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,6 +24,7 @@ from deepseek_serve.api.generation import (
 )
 from deepseek_serve.api.reasoning import prepare_messages
 from deepseek_serve.api.schemas import ChatCompletion, ChatCompletionRequest
+from deepseek_serve.api.structured import response_format_grammar
 
 router = APIRouter(prefix="/v1", tags=["chat"], route_class=LimitedBodyRoute)
 
@@ -54,6 +56,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         raise ApiError(400, "Invalid value for 'top_logprobs': requires 'logprobs' to be true.",
                        "invalid_request_error", "top_logprobs", "invalid_value")
     params = sampling_params(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0, info.sampling)
+    grammar = response_format_grammar(body.response_format)
+    if grammar is not None:
+        if info.is_reasoning:
+            raise ApiError(400, "response_format json_object/json_schema is not supported for reasoning models "
+                                "(the output starts with free-form <think> text).", "invalid_request_error",
+                           "response_format", "unsupported_value")
+        params = replace(params, grammar=grammar)
     plan = Plan(
         endpoint="chat.completions",
         completion_id=new_completion_id("chatcmpl"),
