@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,40 @@ def test_deepseek_template_renders_tool_history_with_its_tokens() -> None:
     # the template has no tool list of its own: the tools and how to call them lead the prompt
     assert text.index('"name": "get_weather"') < text.index("<｜User｜>")
     assert "<tool_call>" in text
+
+
+def _qwen_gguf() -> Path | None:
+    """The default pack's GGUF when this machine has it (its template is Qwen2.5's own)."""
+    candidates = [
+        os.environ.get("DS_TEST_QWEN_GGUF", ""),
+        str(
+            Path.home()
+            / ".cache/deepseek-serve/test-models/packs/qwen2.5-coder-0.5b-instruct"
+            / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+        ),
+        "/work/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    ]
+    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+
+
+@pytest.mark.skipif(_qwen_gguf() is None, reason="no Qwen2.5 GGUF on this machine")
+def test_qwen_template_renders_tools_and_history_itself() -> None:
+    import llama_cpp as lc
+
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    model = lc.llama_model_load_from_file(str(_qwen_gguf()).encode(), params)
+    try:
+        source = lc.llama_model_chat_template(model, None).decode()
+    finally:
+        lc.llama_model_free(model)
+    assert tool_format(source) == "hermes"
+    text = _render(source, [WEATHER])
+    assert '"name": "get_weather", "description": "Current weather of a city"' in text  # the template's tool list
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+    assert f"<|im_start|>assistant\n{call}<|im_end|>" in text
+    assert "<tool_response>\n21 degrees, sunny\n</tool_response>" in text
+    assert "You can call these functions" not in text  # no generic instructions on top of the template's
 
 
 def test_generic_template_renders_calls_and_results_as_text() -> None:
