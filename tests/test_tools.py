@@ -305,3 +305,44 @@ def test_tool_requests_the_server_cannot_honour_are_400(server: ServeProcess) ->
     ]
     r = post(messages=[{"role": "user", "content": "x"}, *history])
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
+def test_langchain_bind_tools_and_structured_output(server: ServeProcess) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from pydantic import BaseModel, Field
+
+    llm = langchain_openai.ChatOpenAI(
+        base_url=f"{server.url}/v1",
+        api_key="none",
+        model=MODEL,
+        temperature=0,
+        max_tokens=80,
+        max_retries=0,
+        timeout=120,
+    )
+    bound = llm.bind_tools([WEATHER, TIME], tool_choice="get_weather")
+    question = HumanMessage("What is the weather in Rome?")
+    ai = bound.invoke([question])
+    assert isinstance(ai, AIMessage) and len(ai.tool_calls) == 1
+    call = ai.tool_calls[0]
+    assert call["name"] == "get_weather"
+    jsonschema.validate(call["args"], WEATHER["function"]["parameters"])
+    final = bound.bind(tool_choice="auto").invoke(
+        [question, ai, ToolMessage(content="18 degrees, cloudy", tool_call_id=call["id"])]
+    )
+    assert isinstance(final, AIMessage)
+    # streaming: the chunks add up to one complete call
+    merged = None
+    for chunk in bound.stream([question]):
+        merged = chunk if merged is None else merged + chunk
+    assert merged is not None and len(merged.tool_calls) == 1
+    jsonschema.validate(merged.tool_calls[0]["args"], WEATHER["function"]["parameters"])
+
+    class Answer(BaseModel):
+        city: str = Field(max_length=20)
+        sunny: bool
+
+    for method in ("json_schema", "function_calling"):
+        result = llm.with_structured_output(Answer, method=method).invoke("Is it sunny in Rome?")
+        assert isinstance(result, Answer), method
