@@ -282,3 +282,31 @@ def test_explicit_null_means_not_set(server: ServeProcess) -> None:
     }
     r = httpx.post(f"{server.url}/v1/completions", json=comp, timeout=60)
     assert r.status_code == 200, r.text
+
+
+def test_torch_runner_refuses_a_grammar(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from tests.conftest import make_settings
+    from tests.torch_fixtures import CODER, tiny_checkpoint
+
+    from deepseek_serve.engine.async_engine import AsyncEngine
+    from deepseek_serve.engine.errors import InvalidRequestError
+    from deepseek_serve.engine.types import SamplingParams
+
+    folder, _ = tiny_checkpoint(tmp_path / "ckpt", CODER, with_tokenizer=True)
+    engine = AsyncEngine.from_settings(
+        make_settings(
+            tmp_path,
+            model=str(folder),
+            runner="torch",
+            device="cpu",
+            max_batch_size=1,
+            max_model_len=128,
+            context_length=256,
+        )
+    )
+    assert engine.model_info.runner == "torch"
+    engine.check_request(SamplingParams(max_tokens=4), [1, 2, 3])  # the same request without a grammar is fine
+    with pytest.raises(InvalidRequestError) as info:
+        engine.check_request(SamplingParams(max_tokens=4, grammar='root ::= "{}"'), [1, 2, 3])
+    assert info.value.param == "response_format"

@@ -26,7 +26,9 @@ from deepseek_serve.api.tools import (
 )
 from deepseek_serve.engine.chat_template import ChatTemplate
 
-FIXTURES = Path("/work/shared/fixtures/deepseek")
+FIXTURES = Path(
+    os.environ.get("DEEPSEEK_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepseek")
+)
 MODEL = "SmolLM2-135M-Instruct"
 
 WEATHER: dict[str, Any] = {
