@@ -495,14 +495,14 @@ class LlamaCppRunner(Runner):
         assert chain is not None and grammar is not None
         arr = self._fill_candidates(idx)
         lc.llama_sampler_apply(chain, ctypes.byref(arr))
-        token = int(self._cand[arr.selected].id) if 0 <= arr.selected < arr.size else -1
+        token = int(arr.data[arr.selected].id) if 0 <= arr.selected < arr.size else -1
         if token < 0 or not self._grammar_allows(grammar, token):
             arr = self._fill_candidates(idx)
             lc.llama_sampler_apply(grammar, ctypes.byref(arr))
             lc.llama_sampler_apply(chain, ctypes.byref(arr))
             if not 0 <= arr.selected < arr.size:
                 raise RuntimeError("the grammar allows no token")
-            token = int(self._cand[arr.selected].id)
+            token = int(arr.data[arr.selected].id)  # samplers may sort the array (or point it elsewhere)
             if not self._grammar_allows(grammar, token):
                 raise RuntimeError("the grammar allows no token")
         lc.llama_sampler_accept(grammar, token)
