@@ -418,6 +418,7 @@ def test_gateway_engine_checks_like_the_local_engine(engine: AsyncEngine, tmp_pa
         (SamplingParams(top_k=vocab + 1), [1], "top_k"),
         (SamplingParams(logit_bias=((vocab, 1.0),)), [1], "logit_bias"),
         (ok, [1, -1], "prompt"),
+        (SamplingParams(max_tokens=4, grammar='root ::= "x"'), [1], "response_format"),  # not forwarded: refused
     ]:
         with pytest.raises(InvalidRequestError) as caught:
             gateway.check_request(params, ids, context=False)

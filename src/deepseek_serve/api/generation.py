@@ -54,11 +54,15 @@ from deepseek_serve.api.schemas import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    FunctionCallDelta,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     UsageInfo,
 )
 from deepseek_serve.api.services import Principal, RateLimitDecision, Services, UsageEvent
 from deepseek_serve.api.sse import DONE, model_event, sse_event
+from deepseek_serve.api.tools import ToolSetup, ToolStream, parse_tool_calls
 from deepseek_serve.engine.async_engine import RequestStream
 from deepseek_serve.engine.errors import ContextLengthError, DeadlineExceededError, EngineError, QueueFullError
 from deepseek_serve.engine.types import (
@@ -103,6 +107,7 @@ class Plan:
     use_cache: bool = True  # the body's `cache` extension; the cache also needs deterministic params
     conversation_id: str | None = None
     conversation_messages: tuple[dict[str, Any], ...] = ()  # this turn's new messages, for storage
+    tools: ToolSetup | None = None  # chat with tools: answers are parsed into tool_calls
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -130,6 +135,7 @@ class _Choice:
     prompt_index: int
     stream: RequestStream
     splitter: ReasoningSplitter | None
+    tool_stream: ToolStream | None = None
     text_parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
@@ -295,7 +301,8 @@ class _Run:
                     ))
                     splitter = (ReasoningSplitter(self.plan.reasoning_prefilled)
                                 if self.plan.split_reasoning else None)
-                    self.choices.append(_Choice(index, p_index, stream, splitter))
+                    tool_stream = ToolStream(self.plan.tools) if self.plan.tools is not None else None
+                    self.choices.append(_Choice(index, p_index, stream, splitter, tool_stream))
         except EngineError as exc:
             await self.close_streams()
             if isinstance(exc, QueueFullError):
@@ -585,9 +592,16 @@ def _render_body(run: _Run) -> bytes:
                                            reasoning_content=c.splitter.reasoning_text or None)
             else:
                 message = AssistantMessage(content=c.text)
+            finish_reason = c.finish_reason
+            if plan.tools is not None and message.content:
+                content, calls = parse_tool_calls(message.content, plan.tools)
+                if calls:
+                    message = AssistantMessage(content=content or None, reasoning_content=message.reasoning_content,
+                                               tool_calls=calls)
+                    finish_reason = "tool_calls"
             logprobs = _chat_logprobs(c.logprobs) if plan.params.logprobs else None
             choices.append(ChatChoice(index=c.index, message=message, logprobs=logprobs,
-                                      finish_reason=c.finish_reason))
+                                      finish_reason=finish_reason))
         run.summarize()  # again: the splitters now hold the final split
         usage = _usage(plan, run.choices, out.reasoning_tokens)
         body: ChatCompletion | Completion = ChatCompletion(
@@ -706,19 +720,56 @@ def _chat_chunk(run: _Run, choice: _Choice, delta: StreamDelta) -> bytes | None:
             tail = choice.splitter.flush()
             split = type(split)(split.reasoning + tail.reasoning, split.content + tail.content)
         reasoning, text = split.reasoning, split.content
+    calls: list[ToolCall] = []
+    if choice.tool_stream is not None:
+        text = choice.tool_stream.push(text)
+        if delta.finished:
+            rest, calls = choice.tool_stream.finish()
+            text += rest
     logprobs = _chat_logprobs(delta.logprobs) if plan.params.logprobs and delta.logprobs else None
     if not text and not reasoning and logprobs is None and not delta.finished:
         return None  # a tag being held back
+    finish_reason = delta.finish_reason if delta.finished else None
     body = ChatCompletionChunk(
         id=plan.completion_id, created=plan.created, model=plan.model,
         choices=[ChatChunkChoice(
             index=choice.index,
             delta=ChatDelta(content=text or None if reasoning else text, reasoning_content=reasoning or None),
             logprobs=logprobs,
-            finish_reason=delta.finish_reason if delta.finished else None,
+            finish_reason=None if calls else finish_reason,
         )],
     )
-    return model_event(body)
+    if not calls:
+        return model_event(body)
+    events = [model_event(body)] if text or reasoning or logprobs is not None else []
+    events.extend(_tool_call_events(run, choice.index, calls))
+    return b"".join(events)
+
+
+TOOL_ARGUMENT_PIECE = 32  # characters of `arguments` per streamed delta
+
+
+def _tool_call_events(run: _Run, index: int, calls: list[ToolCall]) -> list[bytes]:
+    """Tool calls as OpenAI streams them: per call, index + id + name first, then the arguments in
+    pieces; then an empty delta with finish_reason "tool_calls"."""
+    plan = run.plan
+
+    def event(delta: ChatDelta, finish_reason: str | None = None) -> bytes:
+        return model_event(ChatCompletionChunk(
+            id=plan.completion_id, created=plan.created, model=plan.model,
+            choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)]))
+
+    events = []
+    for i, call in enumerate(calls):
+        events.append(event(ChatDelta(tool_calls=[ToolCallDelta(
+            index=i, id=call.id, type="function", function=FunctionCallDelta(name=call.function.name, arguments=""))])))
+        args = call.function.arguments
+        for start in range(0, len(args), TOOL_ARGUMENT_PIECE):
+            piece = args[start:start + TOOL_ARGUMENT_PIECE]
+            events.append(event(ChatDelta(tool_calls=[ToolCallDelta(
+                index=i, function=FunctionCallDelta(arguments=piece))])))
+    events.append(event(ChatDelta(), "tool_calls"))
+    return events
 
 
 def _completion_chunk(run: _Run, choice: _Choice, delta: StreamDelta) -> bytes | None:
@@ -826,9 +877,13 @@ async def tokenize(services: Services, text: str, add_special_tokens: bool) -> t
     return tuple(ids)
 
 
-async def render_chat(services: Services, messages: list[dict[str, Any]]) -> str:
-    """The chat template applied to `messages` (generation prompt added); off the event loop when the
-    conversation is long, as Jinja holds the GIL for the whole render."""
+async def render_chat(services: Services, messages: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
+    """The chat template applied to `messages` (generation prompt added; `extra`: more template variables,
+    such as `tools`); off the event loop when the conversation is long, as Jinja holds the GIL for the
+    whole render."""
     size = sum(len(m.get("content") or "") for m in messages) + 64 * len(messages)
-    fn: Callable[[], str] = lambda: services.engine.render_chat(messages, add_generation_prompt=True)  # noqa: E731
+    if extra:
+        size += len(orjson.dumps(extra))
+    fn: Callable[[], str] = lambda: services.engine.render_chat(  # noqa: E731
+        messages, add_generation_prompt=True, **(extra or {}))
     return fn() if size < INLINE_CHARS else await asyncio.to_thread(fn)

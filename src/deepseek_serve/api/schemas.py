@@ -49,11 +49,24 @@ class TextPart(_Request):
     text: Text
 
 
+class ToolCallFunction(_Request):
+    name: Text = Field(max_length=64)
+    arguments: Text  # a JSON object as a string
+
+
+class ToolCallIn(_Request):
+    id: Text = Field(max_length=64)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = Field(None, max_length=256)
     reasoning_content: Text | None = None  # DeepSeek: dropped before rendering
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=128)  # assistant messages
+    tool_call_id: Text | None = Field(None, max_length=64)  # tool messages
 
     def text(self) -> str:
         if self.content is None:
@@ -91,6 +104,47 @@ class _SamplingFields(_Request):
     # deepseek-serve extensions used by the storage and cache layers
     cache: bool | None = None
 
+    @field_validator("n", mode="before")
+    @classmethod
+    def _n_null(cls, value: Any) -> Any:
+        return 1 if value is None else value  # an explicit null means "not set", as in OpenAI's API
+
+
+class JsonSchemaSpec(_Request):
+    name: Text = Field("response", max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+FUNCTION_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
+
+
+class FunctionDef(_Request):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: Text | None = Field(None, max_length=4096)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -98,6 +152,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     conversation_id: Text | None = Field(None, max_length=64)
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 def _prompt_kind(value: Any) -> str:
@@ -179,10 +237,22 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Response):
@@ -202,10 +272,23 @@ class ChatCompletion(_Response):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_Response):

@@ -141,7 +141,13 @@ class LLMEngine:
         check_token_ids(ids, self.tokenizer.vocab_size, param)
 
     def check_request(self, params: SamplingParams, ids: list[int], context: bool = True) -> int:
-        """`check_request` (below) with this engine's vocabulary, context and default budget."""
+        """`check_request` (below) with this engine's vocabulary, context and default budget, and
+        whether its runner can constrain decoding."""
+        if params.grammar is not None and not self.runner.supports_grammar:
+            raise InvalidRequestError(f"The {self.runner.name} runner does not support constrained decoding "
+                                      "(response_format json_object/json_schema, forced tool calls); "
+                                      "serve a GGUF model with the llamacpp runner for it.",
+                                      param="response_format")
         return check_request(params, ids, vocab_size=self.tokenizer.vocab_size,
                              max_model_len=self.runner.max_model_len,
                              default_max_tokens=self.config.default_max_tokens, context=context)

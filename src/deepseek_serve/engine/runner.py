@@ -81,6 +81,7 @@ class Runner(abc.ABC):
     calls it from its one worker thread only."""
 
     name: str
+    supports_grammar: bool = False  # honours SamplingParams.grammar (constrained decoding)
 
     @property
     @abc.abstractmethod

@@ -32,6 +32,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     min_tokens: int = 0
+    grammar: str | None = None  # GBNF (llama.cpp's grammar syntax): every output must match it
 
     @property
     def is_greedy(self) -> bool:
@@ -82,6 +83,9 @@ class SamplingParams:
             raise bad("min_tokens", "must not be negative")
         if self.top_k > 2**31 - 1:
             raise bad("top_k", "out of range")
+        if self.grammar is not None and (self.ignore_eos or self.min_tokens):
+            raise bad("ignore_eos" if self.ignore_eos else "min_tokens",
+                      "cannot be combined with a response_format or a forced tool call")
         for token, bias in self.logit_bias:
             if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
                 raise bad("logit_bias", f"the bias of token {token} ({bias}) is not between -100 and 100")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -22,7 +23,9 @@ from deepseek_serve.api.generation import (
     tokenize,
 )
 from deepseek_serve.api.reasoning import prepare_messages
-from deepseek_serve.api.schemas import ChatCompletion, ChatCompletionRequest
+from deepseek_serve.api.schemas import ChatCompletion, ChatCompletionRequest, NamedToolChoice
+from deepseek_serve.api.structured import response_format_grammar
+from deepseek_serve.api.tools import ToolSetup, forced_grammar, render_messages, tool_format
 
 router = APIRouter(prefix="/v1", tags=["chat"], route_class=LimitedBodyRoute)
 
@@ -46,7 +49,27 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         history = await services.conversations.history(principal, body.conversation_id)
         history = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in history]
         check_body(services, body, num_messages=len(history) + len(new_messages))
-    prompt_text = await render_chat(services, history + new_messages)
+    tools, tool_setup, forced = _tool_inputs(body, info.chat_template)
+    grammar = response_format_grammar(body.response_format)
+    extra: dict[str, Any] = {}
+    if tools or any(m.role == "tool" or m.tool_calls for m in body.messages):
+        fmt = tool_format(info.chat_template)
+        new_rendered, extra = render_messages(new_messages, body.messages, fmt, tools,
+                                              forced if forced != "required" else None)
+        if tools and new_rendered[0].get("role") == "system" and history:
+            # the tool instructions lead the conversation, ahead of the stored history
+            prompt_messages = [new_rendered[0], *history, *new_rendered[1:]]
+        else:
+            prompt_messages = history + new_rendered
+    else:
+        prompt_messages = history + new_messages
+    if tool_setup is not None and tool_setup.forced:
+        if grammar is not None:
+            raise ApiError(400, "response_format cannot be combined with a forced tool_choice.",
+                           "invalid_request_error", "tool_choice", "invalid_value")
+        assert tools is not None
+        grammar = forced_grammar(tools, forced if forced != "required" else None)
+    prompt_text = await render_chat(services, prompt_messages, extra)
     # NOTE: the template writes BOS itself when the model wants one.
     token_ids = await tokenize(services, prompt_text, add_special_tokens=False)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -54,6 +77,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         raise ApiError(400, "Invalid value for 'top_logprobs': requires 'logprobs' to be true.",
                        "invalid_request_error", "top_logprobs", "invalid_value")
     params = sampling_params(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0, info.sampling)
+    if grammar is not None:
+        if info.is_reasoning:
+            param = "response_format" if body.response_format is not None else "tool_choice"
+            raise ApiError(400, f"{param} needs constrained decoding, which is not supported for reasoning models "
+                                "(their output starts with free-form <think> text).", "invalid_request_error",
+                           param, "unsupported_value")
+        params = replace(params, grammar=grammar)
     plan = Plan(
         endpoint="chat.completions",
         completion_id=new_completion_id("chatcmpl"),
@@ -65,8 +95,36 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         split_reasoning=info.is_reasoning,
         reasoning_prefilled=info.template_prefills_think,
-        use_cache=body.cache is not False,
+        use_cache=body.cache is not False and tool_setup is None,
         conversation_id=body.conversation_id,
         conversation_messages=tuple(new_messages),
+        tools=tool_setup,
     )
     return await run_plan(request, services, principal, plan)
+
+
+def _tool_inputs(body: ChatCompletionRequest, template: str | None,
+                 ) -> tuple[list[dict[str, Any]] | None, ToolSetup | None, str]:
+    """(tools to render, how to parse the answer, "" / "required" / the forced function's name)."""
+    choice = body.tool_choice
+    if choice is not None and choice != "none" and not body.tools:
+        raise ApiError(400, "Invalid value for 'tool_choice': it requires 'tools'.", "invalid_request_error",
+                       "tool_choice", "invalid_value")
+    if not body.tools or choice == "none":
+        return None, None, ""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools]
+    names = tuple(t.function.name for t in body.tools)
+    if len(set(names)) != len(names):
+        raise ApiError(400, "Invalid value for 'tools': function names must be unique.", "invalid_request_error",
+                       "tools", "invalid_value")
+    forced = ""
+    if isinstance(choice, NamedToolChoice):
+        forced = choice.function.name
+        if forced not in names:
+            raise ApiError(400, f"Invalid value for 'tool_choice': the function {forced!r} is not in 'tools'.",
+                           "invalid_request_error", "tool_choice", "invalid_value")
+    elif choice == "required":
+        forced = "required"
+    setup = ToolSetup(tool_format(template), names, parallel=body.parallel_tool_calls is not False,
+                      forced=bool(forced))
+    return tools, setup, forced

@@ -1,0 +1,175 @@
+"""Decode speed with a JSON-schema constraint vs unconstrained, on the engine (llama.cpp runner).
+
+    .venv/bin/python bench/structured.py [--model PATH] [--threads N] [--new-tokens 128] [--repeats 3]
+
+Every stream decodes greedily from fixed prompts. Unconstrained streams ignore EOS; constrained streams
+follow a schema (an array of exactly 16 objects) whose JSON is longer than --new-tokens, so both
+generate --new-tokens tokens. The rate is decode tokens/s: tokens after the first over the time after
+the first token (prefill excluded), summed over streams for the aggregate. Rounds interleave both
+modes; each row is the median of --repeats rounds. A last table times llama.cpp's grammar sampler on
+the model's whole vocabulary once (what masking every step would cost) against checking one token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+
+from deepseek_serve.api.structured import schema_grammar
+from deepseek_serve.cli._common import run_loop
+from deepseek_serve.config import load_settings
+from deepseek_serve.engine.async_engine import AsyncEngine
+from deepseek_serve.engine.llamacpp_runner import physical_cores
+from deepseek_serve.engine.types import GenerationRequest, SamplingParams
+from deepseek_serve.models.resolve import default_model_path
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "items": {
+            "type": "array",
+            "minItems": 16,
+            "maxItems": 16,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 24},
+                    "qty": {"type": "integer"},
+                    "tags": {"type": "array", "items": {"enum": ["new", "sale", "fragile"]}, "maxItems": 2},
+                },
+                "required": ["name", "qty", "tags"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["items"],
+    "additionalProperties": False,
+}
+PROMPTS = [
+    "List the items of a grocery order as JSON.",
+    "Make up a warehouse inventory in JSON.",
+    "Return a JSON list of products in a shop.",
+    "Give me a JSON catalogue of garden tools.",
+    "Describe a box of office supplies as JSON.",
+    "Write a JSON packing list for a trip.",
+    "Produce JSON for a toy store's stock.",
+    "Create a JSON list of kitchen items.",
+]
+
+
+async def run(engine: AsyncEngine, streams: int, new_tokens: int, grammar: str | None) -> float:
+    """Aggregate decode tokens/s of `streams` simultaneous requests."""
+
+    async def one(i: int) -> tuple[int, float]:
+        prompt = engine.render_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=grammar is None, grammar=grammar)
+        _, last = await engine.complete(
+            GenerationRequest(
+                request_id=f"bench-{streams}-{i}-{time.monotonic_ns()}",
+                prompt=prompt,
+                add_special_tokens=False,
+                params=params,
+            )
+        )
+        assert last.usage is not None and last.timings is not None and last.timings.first_token_s is not None
+        if last.usage.completion_tokens < new_tokens:
+            print(f"note: a stream stopped after {last.usage.completion_tokens} tokens", flush=True)
+        return last.usage.completion_tokens - 1, last.timings.total_s - last.timings.first_token_s
+
+    results = await asyncio.gather(*(one(i) for i in range(streams)))
+    return sum(n for n, _ in results) / max(t for _, t in results)
+
+
+def mask_cost(model_path: Path, grammar: str, repeats: int = 20) -> tuple[float, float, int]:
+    """(ms to mask the whole vocabulary, ms to check one token, vocabulary size) at the grammar's start."""
+    lc.llama_backend_init()
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    model = lc.llama_model_load_from_file(str(model_path).encode(), params)
+    vocab = lc.llama_model_get_vocab(model)
+    n = lc.llama_vocab_n_tokens(vocab)
+    sampler = lc.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    cand = (lc.llama_token_data * n)()
+    view = np.frombuffer(memoryview(cand), dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+    rng = np.random.default_rng(0)
+    full, one = [], []
+    for _ in range(repeats):
+        view["id"] = np.arange(n, dtype=np.int32)
+        view["logit"] = rng.standard_normal(n).astype(np.float32)
+        arr = lc.llama_token_data_array(cand, n, -1, False)
+        t0 = time.perf_counter()
+        lc.llama_sampler_apply(sampler, ctypes.byref(arr))
+        full.append(time.perf_counter() - t0)
+        single = lc.llama_token_data_array(cand, 1, -1, False)
+        t0 = time.perf_counter()
+        lc.llama_sampler_apply(sampler, ctypes.byref(single))
+        one.append(time.perf_counter() - t0)
+    lc.llama_sampler_free(sampler)
+    lc.llama_model_free(model)
+    return statistics.median(full) * 1000, statistics.median(one) * 1000, n
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--streams", default="1,8")
+    args = ap.parse_args()
+    threads = args.threads or physical_cores()
+    levels = [int(c) for c in args.streams.split(",")]
+    model_path = Path(args.model) if args.model else default_model_path()
+    settings = load_settings(
+        _env_file=None, model=str(model_path), n_threads=threads, max_batch_size=max(levels), context_length=8192
+    )
+    grammar = schema_grammar(SCHEMA)
+    engine = AsyncEngine.from_settings(settings)
+    await engine.start()
+    await run(engine, 1, 8, None)  # warm-up
+    await run(engine, 1, 8, grammar)
+    rates: dict[tuple[int, bool], list[float]] = {(c, g): [] for c in levels for g in (False, True)}
+    for r in range(args.repeats):
+        for c in levels:
+            for constrained in (False, True):
+                await engine.clear_prefix_cache()
+                rates[(c, constrained)].append(await run(engine, c, args.new_tokens, grammar if constrained else None))
+        print(
+            f"round {r + 1}: "
+            + ", ".join(f"x{c} {'schema' if g else 'free'} {v[-1]:.1f}" for (c, g), v in rates.items()),
+            flush=True,
+        )
+    await engine.shutdown()
+    full_ms, one_ms, n_vocab = mask_cost(model_path, grammar)
+
+    commit = _commit()
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {threads} threads; commit {commit}; "
+        f"model {model_path.name}; {args.new_tokens} new tokens/stream, greedy; median of {args.repeats}\n"
+    )
+    print("| concurrent streams | unconstrained decode tok/s | json_schema decode tok/s | ratio |")
+    print("|---:|---:|---:|---:|")
+    for c in levels:
+        free = statistics.median(rates[(c, False)])
+        schema = statistics.median(rates[(c, True)])
+        print(f"| {c} | {free:.1f} | {schema:.1f} | {schema / free:.2f}x |")
+    print(f"\n| grammar sampler, vocabulary of {n_vocab} | ms per call |\n|---|---:|")
+    print(f"| mask every candidate (grammar in the chain) | {full_ms:.2f} |")
+    print(f"| check the chain's one pick (what the runner does first) | {one_ms:.4f} |")
+
+
+if __name__ == "__main__":
+    run_loop(main())
