@@ -188,8 +188,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             gateway = ServeProcess(tmp / f"gateway-{i}", args=("--role", "gateway"), **gateway_env).__enter__()
             started.append(gateway)
             gateways.append(gateway)
-        yield Cluster(engines, llama, gateways, admin_key, tmp)
+        cluster = Cluster(engines, llama, gateways, admin_key, tmp)
+        yield cluster
     finally:
+        if "cluster" in locals():  # an engine restarted by a test replaced its entry there
+            started += [e for e in cluster.engines.values() if e not in started]
         for proc in reversed(started):
             proc.__exit__(None, None, None)
         if "llama" in locals():
