@@ -188,8 +188,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             gateway = ServeProcess(tmp / f"gateway-{i}", args=("--role", "gateway"), **gateway_env).__enter__()
             started.append(gateway)
             gateways.append(gateway)
-        yield Cluster(engines, llama, gateways, admin_key, tmp)
+        cluster = Cluster(engines, llama, gateways, admin_key, tmp)
+        yield cluster
     finally:
+        if "cluster" in locals():  # an engine restarted by a test replaced its entry there
+            started += [e for e in cluster.engines.values() if e not in started]
         for proc in reversed(started):
             proc.__exit__(None, None, None)
         if "llama" in locals():
@@ -223,6 +226,17 @@ def test_engine_role_requires_the_shared_secret_and_reports_its_load(cluster: Cl
     # no keys, usage or admin on an engine
     assert httpx.get(f"{engine.url}/admin/keys", headers=auth, timeout=10).status_code == 404
     assert httpx.get(f"{engine.url}/health/ready", timeout=10).status_code == 200  # probes need no secret
+
+
+def test_the_gateway_renders_a_chat_exactly_as_an_engine_does(cluster: Cluster) -> None:
+    engine = cluster.engines["engine-b"]
+    messages = [{"role": "user", "content": "Which prompt do you see?"}]
+    direct = OpenAI(base_url=f"{engine.url}/v1", api_key=SECRET, max_retries=0, timeout=120)
+    model = direct.models.list().data[0].id
+    a = direct.chat.completions.create(model=model, messages=messages, max_tokens=1, temperature=0)  # type: ignore[arg-type]
+    b = cluster.client().chat.completions.create(model=model, messages=messages, max_tokens=1, temperature=0)  # type: ignore[arg-type]
+    assert a.usage is not None and b.usage is not None
+    assert b.usage.prompt_tokens == a.usage.prompt_tokens  # same template, default system prompt, tokenizer
 
 
 def test_requests_reach_every_upstream_json_and_streamed(cluster: Cluster) -> None:

@@ -455,9 +455,8 @@ def load_gateway_engine(settings: Settings) -> GatewayEngine:
         template_prefills_think=bool(template and template.prefills_think),
         created=int(time.time()),
     )
-    # NOTE: the same default-system rule as engine/loader.py, so gateway and engine render alike.
-    default_system = "" if model.source == "default" else None
-    return GatewayEngine(settings, tokenizer, template, info, default_system_prompt=default_system)
+    # NOTE: the engine's default system prompt (engine/loader.py), so gateway and engine render alike.
+    return GatewayEngine(settings, tokenizer, template, info, default_system_prompt=model.default_system_prompt)
 
 
 def _gguf_vocab(path: Path) -> tuple[Tokenizer, str | None, int]:
