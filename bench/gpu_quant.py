@@ -41,7 +41,7 @@ LINEARS = {  # name: (K, N)
     "down": (8960, 1536),
     "lm_head": (1536, 151936),
 }
-ROWS = (1, 2, 8, 64, 128)
+ROWS = (1, 8, 64, 128)
 L2_DEFEAT_BYTES = 256 << 20
 VARIANTS: dict[str, dict[str, Any]] = {
     "bf16": dict(quant="none"),
@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int4-triton-g128": dict(quant="int4", group=128, kernel="triton"),
     "int4-triton-g32": dict(quant="int4", group=32, kernel="triton"),
     "int4-tinygemm-g128": dict(quant="int4", group=128, kernel="tinygemm"),
+    "int4-tinygemm-g32": dict(quant="int4", group=32, kernel="tinygemm"),
 }
 
 
@@ -80,12 +81,13 @@ def graph_time_us(fns: list[Callable[[], Any]], reps: int = 20) -> float:
     return sorted(times)[2]
 
 
-def bench_linears(results: dict[str, Any]) -> None:
+def bench_linears(results: dict[str, Any], names: list[str]) -> None:
     from deepseek_serve.engine.torch_runner import quant_kernels
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     rows = []
-    for name, (k, n) in LINEARS.items():
+    for name in names:
+        k, n = LINEARS[name]
         copies = max(2, min(32, math.ceil(L2_DEFEAT_BYTES / (n * k))))
         ws = [torch.randn(n, k, device=DEVICE, generator=gen, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         q8 = [quantize_int8(w) for w in ws]
@@ -138,7 +140,7 @@ def bench_variant(vname: str, hf: torch.nn.Module, bw: float, results: dict[str,
     opts = VARIANTS[vname]
     quantize.INT8_ONE_ROW = opts.get("int8_one_row", "inductor")
     quantize.INT4_KERNEL = opts.get("kernel", "triton")
-    quantize.INT4_GROUP_SIZE = opts.get("group", quantize.INT4_GROUP_SIZE)
+    quantize.INT4_GROUP_SIZE = opts.get("group", 32)
     torch._dynamo.reset()
     row: dict[str, Any] = {"variant": vname}
     t0 = time.perf_counter()
@@ -178,6 +180,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--skip-linears", action="store_true")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--linears", default=",".join(LINEARS), help="linears of the kernel table")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +196,7 @@ def main() -> None:
         results["copy_bandwidth_GBps"] = bw / 1e9
         gpu.log(json.dumps(results))
         if not a.skip_linears:
-            bench_linears(results)
+            bench_linears(results, a.linears.split(","))
             (out / "quant.json").write_text(json.dumps(results, indent=2))
         hf = gpu.hf_model(SHAPE, torch.bfloat16, seed=0)
         for vname in [v for v in a.variants.split(",") if v]:

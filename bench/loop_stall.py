@@ -14,6 +14,7 @@ Scenarios:
   small-chat       a 3-message chat that is served (max_tokens 1): the inline path for small inputs
 
     .venv/bin/python bench/loop_stall.py [--rounds 10] [--pythonpath DIR] [--only 60k-messages ...]
+    .venv/bin/python bench/loop_stall.py --inline-check   # render + tokenize: inline vs worker thread
 
 `--pythonpath` runs the server from another checkout's `src` (e.g. to measure the code before a change).
 """
@@ -149,6 +150,37 @@ async def main_async(url: str, rounds: int, only: list[str] | None) -> list[Resu
     return results
 
 
+def inline_vs_thread(repeats: int) -> None:
+    """Render + tokenize a chat inline vs in a worker thread (`asyncio.to_thread`), in process, for
+    several sizes: where the handoff costs more than the work, small inputs stay on the loop."""
+    from deepseek_serve.config import load_settings
+    from deepseek_serve.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine.from_settings(load_settings(_env_file=None))
+    rng = random.Random(SEED)
+
+    def work(messages: list[dict[str, str]]) -> int:
+        return len(engine.tokenize(engine.render_chat(messages), add_special_tokens=False))
+
+    async def measure() -> None:
+        print(f"{'chars':>8} {'inline ms':>10} {'thread ms':>10} {'thread/inline':>14}")
+        for chars in (200, 2_000, 16_000, 64_000):
+            messages = [{"role": "user", "content": _text(rng, chars)}]
+            work(messages)
+            inline, threaded = [], []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                work(messages)
+                inline.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                await asyncio.to_thread(work, messages)
+                threaded.append((time.perf_counter() - started) * 1000)
+            a, b = statistics.median(inline), statistics.median(threaded)
+            print(f"{chars:>8} {a:>10.3f} {b:>10.3f} {b / a:>14.2f}")
+
+    asyncio.run(measure())
+
+
 def start_server(pythonpath: str | None) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = _free_port()
     tmp = Path(tempfile.mkdtemp(prefix="loop-stall-"))
@@ -191,7 +223,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--pythonpath", default=None, help="run the server from this src folder")
     parser.add_argument("--only", nargs="*", default=None, help="scenarios to run (idle always runs)")
+    parser.add_argument(
+        "--inline-check",
+        action="store_true",
+        help="only time render + tokenize inline vs in a worker thread, in process",
+    )
     args = parser.parse_args()
+    if args.inline_check:
+        inline_vs_thread(args.rounds * 10)
+        return
     proc, url, _ = start_server(args.pythonpath)
     try:
         results = asyncio.run(main_async(url, args.rounds, args.only))

@@ -400,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seq-ms", type=float, default=4.47, help="decode step, per running sequence")
     parser.add_argument("--prefill-ms", type=float, default=2.45, help="per computed prompt token")
     parser.add_argument("--span-ms", type=float, default=0.38, help="per decode step and 1,000 occupied KV cells")
-    parser.add_argument("--busy-margin", type=float, default=1.0, help="PrefixRouter busy_margin")
+    parser.add_argument("--busy-margin", type=float, default=0.75, help="PrefixRouter busy_margin")
     parser.add_argument(
         "--conversation-ids",
         action="store_true",

@@ -11,6 +11,7 @@ both conditions alike; an attack phase outlasts the header deadline, so connecti
 replaced while measuring.
 
     .venv/bin/python bench/slowloris.py [--conns 200] [--phase-s 30] [--rounds 2] [--interval 2]
+                                        [--model smollm2-135m-instruct]
 
 Prints a table (p50, p99 per request kind and condition, attack / none ratios) and the attacker's
 counts (connections opened, 408s received, connections open on average while measuring).
@@ -134,6 +135,7 @@ def main() -> None:
     ap.add_argument("--phase-s", type=float, default=30.0, help="seconds per phase (> the 10 s header deadline)")
     ap.add_argument("--interval", type=float, default=2.0, help="seconds between two header lines")
     ap.add_argument("--rounds", type=int, default=2, help="none/attack pairs")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="DS_MODEL of the server")
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DS_")}
     port = _free_port()
@@ -148,6 +150,7 @@ def main() -> None:
                 "DS_RESPONSE_CACHE": "false",
                 "DS_LOG_LEVEL": "error",
                 "DS_AUTH": "off",
+                "DS_MODEL": args.model,
                 "DS_N_THREADS": "1",
                 "DS_MAX_BATCH_SIZE": "4",
             }

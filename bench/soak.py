@@ -270,6 +270,8 @@ def main() -> None:
                 json={"name": "soak"},
                 timeout=30,
             ).json()["key"]
+            models = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            MODEL["id"] = models.json()["data"][0]["id"]
 
             async def run() -> None:
                 assert server.proc is not None

@@ -227,7 +227,12 @@ def test_failed_authentications_are_throttled_per_address_and_logged_without_the
     assert 1 <= retry_after <= 60 // FAILURES_PER_MIN + 1
     status, _, _ = raw_request(server, head, bystander)
     assert status == 200  # another address is not affected
+    forged = (
+        f"GET /v1/models%0AFORGED-LINE HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tried[0]}\r\nConnection: close\r\n"
+    )
+    assert raw_request(server, forged, "203.0.113.9")[0] == 401
     log = server.stderr()
+    assert "\\nFORGED-LINE" in log and not [line for line in log.splitlines() if line.startswith("FORGED-LINE")]
     assert log.count("authentication failed (invalid_api_key) from 203.0.113.7") == FAILURES_PER_MIN
     for secret in tried:
         assert secret not in log and secret[-4:] + " " not in log
@@ -368,3 +373,21 @@ def test_client_address_groups_ipv6_by_64() -> None:
     assert client_address({"client": ("2001:db8::1", 1)}) == client_address({"client": ("2001:db8::ffff:1", 1)})
     assert client_address({"client": ("2001:db8::1", 1)}) != client_address({"client": ("2001:db8:0:1::1", 1)})
     assert client_address({"client": None}) == "unknown"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_engine_behind_a_gateway_takes_the_shared_secret_not_api_keys(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    # DS_ROLE=engine on a public address: auth is "on" there, but the keys are checked by the gateway;
+    # the engine has no key store, and its gate is the shared secret
+    settings = make_settings(tmp_path, role="engine", host="0.0.0.0", engine_secret="s3cret-engine", redis_url="")
+    assert settings.auth_enabled
+    app = create_app(settings, engine)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as client,
+    ):
+        assert (await client.get("/v1/models", headers={"Authorization": "Bearer s3cret-engine"})).status_code == 200
+        refused = await client.get("/v1/models", headers={"Authorization": f"Bearer {generate_secret()}"})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_engine_secret"

@@ -14,7 +14,7 @@ import pytest
 
 from serve_process import ServeProcess
 
-KEEPALIVE_S, HEADER_S, BODY_S, MAX_HEADER = 1.0, 1.5, 2.0, 8192
+KEEPALIVE_S, HEADER_S, BODY_S, MAX_HEADER, SEND_S = 1.0, 1.5, 2.0, 8192, 2.0
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         DS_HTTP_HEADER_TIMEOUT_S=str(HEADER_S),
         DS_HTTP_BODY_TIMEOUT_S=str(BODY_S),
         DS_HTTP_MAX_HEADER_BYTES=str(MAX_HEADER),
+        DS_HTTP_SEND_TIMEOUT_S=str(SEND_S),
     ) as proc:
         yield proc
 
@@ -201,3 +202,47 @@ def test_a_malformed_request_gets_a_json_400(server: ServeProcess) -> None:
         sock.sendall(b"NOT HTTP AT ALL\x00\r\n\r\n")
         raw, _ = read_until_closed(sock)
     assert_openai_error(raw, 400, "invalid_http_request")
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_generation_aborted(server: ServeProcess) -> None:
+    model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+    # about 2.5 KB of SSE per token (20 top logprobs each): the buffers fill within a few dozen tokens
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Tell a long story."}],
+            "max_tokens": 1500,
+            "ignore_eos": True,
+            "stream": True,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "temperature": 0,
+        }
+    ).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    with sock:
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(
+            (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body
+        )
+        deadline = time.monotonic() + 120
+        while "the client read nothing" not in server.stderr():  # and this client reads nothing
+            assert time.monotonic() < deadline, "the server never dropped the stalled stream"
+            time.sleep(0.5)
+        while httpx.get(f"{server.url}/health", timeout=10).json()["num_running"] != 0:
+            assert time.monotonic() < deadline, "the dropped stream's sequence kept running"
+            time.sleep(0.2)
+        received = 0
+        try:
+            while chunk := sock.recv(65536):  # what the buffers held, then the reset
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+    assert 0 < received < 1500 * 2500  # cut well before the end of the stream
+    still_serving(server)

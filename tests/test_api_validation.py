@@ -94,9 +94,10 @@ async def test_completion_strings(client: httpx.AsyncClient, engine: AsyncEngine
 
 
 # --- token ids ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("prompt", [[[1, 2, -1]], [1, 2, 10**6], [[5], [2**63]], [10**30]])
+@pytest.mark.parametrize("prompt", [[[1, 2, -1]], [1, 2, 10**6], [[5], [2**63]], [10**30], [False], [[True, 5]]])
 async def test_token_ids_outside_vocab(client: httpx.AsyncClient, engine: AsyncEngine, prompt: Any) -> None:
-    # [[1, 2, -1]] used to reach llama.cpp, which threw std::out_of_range and aborted the process
+    # [[1, 2, -1]] used to reach llama.cpp, which threw std::out_of_range and aborted the process;
+    # booleans are not token ids (lax validation would read false as token 0)
     resp = await client.post(
         "/v1/completions", json={"model": engine.model_info.id, "prompt": prompt, "max_tokens": 1, "echo": True}
     )
@@ -367,3 +368,63 @@ async def test_admin_ranges_that_are_fine(admin: httpx.AsyncClient) -> None:
     assert_400(await admin.delete("/admin/keys/12345678901234567890", headers=ADMIN), "key_id")
     missing = await admin.delete("/admin/keys/9223372036854775807", headers=ADMIN)
     assert missing.status_code == 404, missing.text
+
+
+# --- the CLI twins of the admin API -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["keys", "create", "--expires-in", "99999999d"],
+        ["keys", "create", "--rpm", str(2**31)],
+        ["keys", "create", "--name", "x" * 129],
+        ["keys", "create", "--name", "a\udc80b"],  # what Python makes of a non-UTF-8 argv byte
+        ["keys", "revoke", "12345678901234567890"],
+        ["keys", "revoke", "0"],
+        ["usage", "summary", "--since", "99999999d"],
+        ["usage", "summary", "--since", "0001-01-01T00:00:00+01:00"],
+        ["usage", "summary", "--key-id", "12345678901234567890"],
+    ],
+)
+def test_cli_refuses_out_of_range(tmp_path: Any, args: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from deepseek_serve.cli import app
+
+    env = {"DS_DATA_DIR": str(tmp_path), "DS_DATABASE_URL": "", "COLUMNS": "200"}
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+
+
+async def test_message_count_of_items_that_are_not_objects(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+    """The counter reads only lists of objects; other items are counted after parsing, before validation."""
+    body = orjson.dumps({"model": engine.model_info.id, "messages": ["hi"] * 60_000})
+    resp = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert "60000" in assert_400(resp, "messages")["message"]
+
+
+def test_gateway_engine_checks_like_the_local_engine(engine: AsyncEngine, tmp_path: Any) -> None:
+    """The gateway's engine has no local scheduler core: it must answer check_request and detokenize
+    itself (the API calls both before any upstream is chosen). No upstream is contacted here."""
+    from deepseek_serve.engine.errors import ContextLengthError, InvalidRequestError
+    from deepseek_serve.gateway.engine import GatewayEngine
+
+    settings = make_settings(tmp_path, upstreams="http://127.0.0.1:9")
+    gateway = GatewayEngine(settings, engine._core.tokenizer, None, engine.model_info)
+    vocab = engine.model_info.vocab_size
+    ok = SamplingParams(max_tokens=4)
+    assert gateway.check_request(ok, [1, 2, 3]) == 4
+    for params, ids, param in [
+        (SamplingParams(top_k=vocab + 1), [1], "top_k"),
+        (SamplingParams(logit_bias=((vocab, 1.0),)), [1], "logit_bias"),
+        (ok, [1, -1], "prompt"),
+        (SamplingParams(max_tokens=4, grammar='root ::= "x"'), [1], "response_format"),  # not forwarded: refused
+    ]:
+        with pytest.raises(InvalidRequestError) as caught:
+            gateway.check_request(params, ids, context=False)
+        assert caught.value.param == param
+    with pytest.raises(ContextLengthError):
+        gateway.check_request(SamplingParams(max_tokens=engine.model_info.max_model_len), [1])
+    with pytest.raises(InvalidRequestError):
+        gateway.detokenize([vocab])
+    assert gateway.detokenize(engine.tokenize("Hello", add_special_tokens=False)) == "Hello"

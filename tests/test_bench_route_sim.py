@@ -35,7 +35,7 @@ def run(sim: ModuleType, engines: int, policy: str, *, cache_tokens: int = 32768
         seed=seed,
         warmup=60.0,
         duration=240.0,
-        busy_margin=1.0,
+        busy_margin=0.75,
         use_conversation_ids=False,
     )
 

@@ -10,6 +10,7 @@ against the objects they point at instead (test_servicemonitor_..., test_engine_
 
 from __future__ import annotations
 
+import base64
 import secrets
 import shutil
 import subprocess
@@ -41,6 +42,16 @@ SECRET_KEYS = {
     "MYSQL_ROOT_PASSWORD",
     "MYSQL_PASSWORD",
     "REDIS_PASSWORD",
+    "VLLM_API_KEY",
+}
+# what no engine may hold
+DATA_KEYS = {
+    "DS_DATABASE_URL",
+    "DS_REDIS_URL",
+    "DS_ADMIN_KEY",
+    "MYSQL_ROOT_PASSWORD",
+    "MYSQL_PASSWORD",
+    "REDIS_PASSWORD",
 }
 APP_UID = 10001  # the image's user (Dockerfile), as in compose.yaml
 WORKLOADS = ("Deployment", "StatefulSet")
@@ -62,19 +73,23 @@ def _render(tree: Path, overlay: str) -> subprocess.CompletedProcess[str]:
 
 
 def _secrets_env(tree: Path) -> None:
+    """secrets.env with random values, and each overlay's upstreams.secret.yaml naming vLLM's key."""
     example = (tree / "components" / "secrets" / "secrets.env.example").read_text()
-    lines = [
-        f"{line.split('=', 1)[0]}={secrets.token_hex(16)}"
+    values = {
+        line.split("=", 1)[0]: secrets.token_hex(16)
         for line in example.splitlines()
         if line and not line.startswith("#")
-    ]
-    (tree / "components" / "secrets" / "secrets.env").write_text("\n".join(lines) + "\n")
+    }
+    (tree / "components" / "secrets" / "secrets.env").write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    for upstreams in (tree / "overlays").glob("*/upstreams.secret.yaml.example"):
+        text = upstreams.read_text().replace("api_key: CHANGE_ME", f"api_key: {values['VLLM_API_KEY']}")
+        upstreams.with_suffix("").write_text(text)
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     copy = tmp_path_factory.mktemp("k8s") / "k8s"
-    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("secrets.env"))
+    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("secrets.env", "upstreams.secret.yaml"))
     _secrets_env(copy)
     return copy
 
@@ -124,11 +139,15 @@ def test_every_overlay_is_here() -> None:
     assert set(OVERLAYS) >= {"cpu", "gpu", "dev", "hybrid"}
 
 
-def test_rendering_without_the_secrets_file_fails(tmp_path: Path) -> None:
+def test_rendering_without_the_secrets_files_fails(tmp_path: Path) -> None:
     copy = tmp_path / "k8s"
-    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("secrets.env"))
+    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("secrets.env", "upstreams.secret.yaml"))
     result = _render(copy, "dev")
     assert result.returncode != 0 and "secrets.env" in result.stderr
+    _secrets_env(copy)
+    (copy / "overlays" / "hybrid" / "upstreams.secret.yaml").unlink()
+    result = _render(copy, "hybrid")
+    assert result.returncode != 0 and "upstreams.secret.yaml" in result.stderr
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -222,7 +241,11 @@ def test_gateway_upstreams_name_every_engine_pool(rendered: dict[str, list[Doc]]
     path = Path(settings["DS_UPSTREAMS"])
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == str(path.parent))
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
-    upstreams = yaml.safe_load(_one(docs, "ConfigMap", volume["configMap"]["name"])["data"][path.name])
+    if "secret" in volume:
+        encoded = _one(docs, "Secret", volume["secret"]["secretName"])["data"][path.name]
+        upstreams = yaml.safe_load(base64.b64decode(encoded))
+    else:
+        upstreams = yaml.safe_load(_one(docs, "ConfigMap", volume["configMap"]["name"])["data"][path.name])
     by_url = {u["url"]: u for u in upstreams["upstreams"]}
     engines = [d for d in _of(docs, "StatefulSet") if _component(d) == "engine"]
     assert set(by_url) == {f"dns+http://{d['spec']['serviceName']}:8000" for d in engines}
@@ -231,17 +254,24 @@ def test_gateway_upstreams_name_every_engine_pool(rendered: dict[str, list[Doc]]
         # ours report their load; any other OpenAI-compatible server is kind openai with a capacity
         assert entry["kind"] == ("deepseek" if _ours(engine) else "openai")
         if not _ours(engine):
-            args = engine["spec"]["template"]["spec"]["containers"][0]["args"]
-            assert f"--max-num-seqs={entry['capacity']}" in args
-            assert f"--served-model-name={entry['model']}" in args
+            container = engine["spec"]["template"]["spec"]["containers"][0]
+            assert f"--max-num-seqs={entry['capacity']}" in container["args"]
+            assert f"--served-model-name={entry['model']}" in container["args"]
+            # the gateway sends DS_ENGINE_SECRET to our engines only: the entry names the key the
+            # server requires, and so the file is a Secret
+            assert "secret" in volume
+            ref = _env(container)["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+            expected = base64.b64decode(_one(docs, "Secret", ref["name"])["data"][ref["key"]]).decode()
+            assert entry["api_key"] == expected
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_credentials_come_only_from_the_secret(rendered: dict[str, list[Doc]], overlay: str) -> None:
     docs = rendered[overlay]
-    (secret,) = _of(docs, "Secret")
+    secret = _one(docs, "Secret", "deepseek-serve-secrets")
     for cm in _of(docs, "ConfigMap"):
         assert not SECRET_KEYS & set(cm.get("data", {})), cm["metadata"]["name"]
+        assert not any("api_key" in str(v) for v in cm.get("data", {}).values()), cm["metadata"]["name"]
     for workload in (d for d in docs if d["kind"] in WORKLOADS):
         for container in _containers(workload):
             for name, entry in _env(container).items():
@@ -256,7 +286,9 @@ def test_credentials_come_only_from_the_secret(rendered: dict[str, list[Doc]], o
                     for e in _env(container).values()
                     if "secretKeyRef" in e.get("valueFrom", {})
                 }
-                assert "DS_ENGINE_SECRET" in keys and keys <= {"DS_ENGINE_SECRET", "DS_METRICS_TOKEN"}
+                assert not keys & DATA_KEYS
+                if _ours(workload):
+                    assert "DS_ENGINE_SECRET" in keys and keys <= {"DS_ENGINE_SECRET", "DS_METRICS_TOKEN"}
                 assert not container.get("envFrom") or all("configMapRef" in f for f in container["envFrom"])
             if _component(workload) == "gateway":
                 assert {"DS_DATABASE_URL", "DS_REDIS_URL", "DS_ADMIN_KEY", "DS_ENGINE_SECRET"} <= set(_env(container))
@@ -323,7 +355,7 @@ def test_servicemonitor_scrapes_gateway_and_engines(rendered: dict[str, list[Doc
         for service in scraped:
             assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
         credentials = endpoint["authorization"]["credentials"]
-        (secret,) = _of(docs, "Secret")
+        secret = _one(docs, "Secret", "deepseek-serve-secrets")
         assert credentials == {"name": secret["metadata"]["name"], "key": "DS_METRICS_TOKEN"}
         assert monitor["spec"]["podTargetLabels"] == ["deepseek-serve/pool"]
 
@@ -407,7 +439,8 @@ def test_one_model_under_one_name(rendered: dict[str, list[Doc]], overlay: str) 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_upstreams_files_parse_as_the_gateway_reads_them(overlay: str) -> None:
     upstreams = pytest.importorskip("deepseek_serve.gateway.upstreams", reason="the gateway role is not in this tree")
-    path = K8S / "overlays" / overlay / "upstreams.yaml"
+    folder = K8S / "overlays" / overlay
+    (path,) = [p for p in (folder / "upstreams.yaml", folder / "upstreams.secret.yaml.example") if p.is_file()]
     specs = upstreams.parse_yaml(path.read_text(), str(path))
     assert specs and all(upstreams.is_discovered(spec) for spec in specs)
 

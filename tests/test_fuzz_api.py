@@ -2,12 +2,16 @@
 and once with a normal (inference-only) key, stateful links included (a created conversation or key
 into the routes that take its id).
 
-The checks: no 5xx, and every response documented (status, content type, headers) and matching its
-schema. The server is a real `deepseek-serve serve` process on MariaDB and Redis with the default
-SmolLM2 model; generation is what makes a fuzz run slow, so this server caps it: a sequence is at most
+The checks: no 5xx; every response documented (status, content type, headers) and matching its schema;
+schema-violating input refused; a request without the key refused (401/403); a created resource
+readable and a deleted one gone; undocumented methods refused.
+
+The server is a real `deepseek-serve serve` process on MariaDB and Redis with the SmolLM2 test
+model. Generation is what makes a fuzz run slow, so this server caps it: a sequence is at most
 `DS_MAX_MODEL_LEN=96` tokens (prompt + completion; longer asks are refused with a 400, which the fuzzer
-also exercises) and a request without `max_tokens` gets 8. Rate limits stay off (a 429 is documented,
-but would end most generated requests before they reach validation).
+also exercises) and a request without `max_tokens` gets 8. Two runs take about 2 minutes on 2 shared
+cores. Rate limits stay off (a 429 is documented, but would end most generated requests before they
+reach validation).
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ CHECKS = ",".join(
         "content_type_conformance",
         "response_headers_conformance",
         "response_schema_conformance",
+        "negative_data_rejection",
+        "ignored_auth",
+        "use_after_free",
+        "ensure_resource_availability",
+        "unsupported_method",
+        "missing_required_header",
     ]
 )
 # test cases per operation and phase; the two runs together send well over 2,000 requests
@@ -82,6 +92,8 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer
         "DS_DEFAULT_MAX_TOKENS": "8",
         "DS_REQUEST_TIMEOUT_S": "60",
         "DS_LOG_LEVEL": "warning",
+        # the failed-auth throttle would answer the fuzzer's key-less requests with 429 instead of 401
+        "DS_AUTH_FAILURES_PER_MIN": "0",
     }
     try:
         with ServeProcess(tmp_path_factory.mktemp("fuzz"), timeout_s=180, **env) as proc:
@@ -139,6 +151,7 @@ def run_schemathesis(server: FuzzServer, key: str, report_dir: Path, seed: int) 
         text=True,
         timeout=900,
         env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"},
+        cwd=report_dir.parent,  # schemathesis keeps a .schemathesis/ cache in its working directory
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"schemathesis found failures (exit {result.returncode}):\n{output[-20000:]}"

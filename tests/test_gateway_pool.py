@@ -249,6 +249,10 @@ def test_requests_reach_every_upstream_json_and_streamed(cluster: Cluster) -> No
     gained = {name: after[name] - before[name] for name in after}
     assert sum(gained.values()) == 12
     assert all(n > 0 for n in gained.values()), gained  # both engines and llama-server took work
+    exposition = httpx.get(f"{cluster.gateways[0].url}/metrics", timeout=10).text
+    for name in after:
+        assert f'llm_gateway_upstream_up{{upstream="{name}"}} 1.0' in exposition
+        assert f'llm_gateway_upstream_requests_total{{upstream="{name}"}} {float(after[name])}' in exposition
 
 
 def test_limits_and_usage_are_exact_across_both_gateways(cluster: Cluster) -> None:

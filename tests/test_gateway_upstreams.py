@@ -6,10 +6,10 @@ import os
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from deepseek_serve.config import SettingsError, load_settings
+from deepseek_serve.gateway.http import Client
 from deepseek_serve.gateway.upstreams import (
     Upstream,
     UpstreamConfigError,
@@ -124,30 +124,30 @@ def test_gateway_role_needs_upstreams_and_engine_role_a_secret_off_loopback() ->
         load_settings(_env_file=None, role="router")
 
 
-async def test_breaker_opens_after_failures_or_at_once_on_refusal_and_load_counts_inflight() -> None:
-    async with httpx.AsyncClient() as client:
-        up = Upstream(spec=UpstreamSpec(name="a", url="http://a:1"), client=client, ever_healthy=True)
-        assert up.available()
-        assert not up.failure(hard=False, threshold=3, eject_s=5.0, why="500")
-        assert not up.failure(hard=False, threshold=3, eject_s=5.0, why="500")
-        up.success()  # a success in between resets the count
-        assert not up.failure(hard=False, threshold=3, eject_s=5.0, why="500")
-        assert not up.failure(hard=False, threshold=3, eject_s=5.0, why="500")
-        assert up.failure(hard=False, threshold=3, eject_s=5.0, why="500")
-        assert not up.available() and up.ejections_total == 1
-        other = Upstream(spec=UpstreamSpec(name="b", url="http://b:1"), client=client, ever_healthy=True)
-        assert other.failure(hard=True, threshold=3, eject_s=5.0, why="refused")
-        assert not other.available()
-        # load: requests another gateway has there (report minus ours at report time) + ours now
-        load = Upstream(
-            spec=UpstreamSpec(name="c", url="http://c:1"),
-            client=client,
-            capacity=4,
-            reported_busy=3,
-            inflight_at_report=1,
-            inflight=2,
-        )
-        assert load.load() == pytest.approx((3 - 1 + 2) / 4)
+def test_breaker_opens_after_failures_or_at_once_on_refusal_and_load_counts_inflight() -> None:
+    client = Client("http://a:1", connect_timeout_s=1.0)
+    up = Upstream(spec=UpstreamSpec(name="a", url="http://a:1"), client=client, ever_healthy=True)
+    assert up.available()
+    assert not up.failure(hard=False, threshold=3, eject_s=5.0, why="500")
+    assert not up.failure(hard=False, threshold=3, eject_s=5.0, why="500")
+    up.success()  # a success in between resets the count
+    assert not up.failure(hard=False, threshold=3, eject_s=5.0, why="500")
+    assert not up.failure(hard=False, threshold=3, eject_s=5.0, why="500")
+    assert up.failure(hard=False, threshold=3, eject_s=5.0, why="500")
+    assert not up.available() and up.ejections_total == 1
+    other = Upstream(spec=UpstreamSpec(name="b", url="http://b:1"), client=client, ever_healthy=True)
+    assert other.failure(hard=True, threshold=3, eject_s=5.0, why="refused")
+    assert not other.available()
+    # load: requests another gateway has there (report minus ours at report time) + ours now
+    load = Upstream(
+        spec=UpstreamSpec(name="c", url="http://c:1"),
+        client=client,
+        capacity=4,
+        reported_busy=3,
+        inflight_at_report=1,
+        inflight=2,
+    )
+    assert load.load() == pytest.approx((3 - 1 + 2) / 4)
 
 
 async def test_dns_entries_expand_to_one_upstream_per_address() -> None:
@@ -160,12 +160,12 @@ async def test_dns_entries_expand_to_one_upstream_per_address() -> None:
     assert await expand(parse_urls("dns+http://no-such-host.invalid:1")) == []  # nothing up: no upstream
 
 
-async def test_the_engine_secret_goes_to_our_engines_never_to_other_servers() -> None:
-    async with httpx.AsyncClient() as client:
-        ours = Upstream(spec=UpstreamSpec(name="a", url="http://a:1"), client=client, kind="deepseek")
-        unknown = Upstream(spec=UpstreamSpec(name="b", url="http://b:1"), client=client, kind="auto")
-        vllm = Upstream(spec=UpstreamSpec(name="c", url="http://c:1"), client=client, kind="openai")
-        keyed = Upstream(spec=UpstreamSpec(name="d", url="http://d:1", api_key="sk-own"), client=client, kind="openai")
-        assert auth_headers(ours, "s3cret") == auth_headers(unknown, "s3cret") == {"Authorization": "Bearer s3cret"}
-        assert auth_headers(vllm, "s3cret") == {}
-        assert auth_headers(keyed, "s3cret") == {"Authorization": "Bearer sk-own"}
+def test_the_engine_secret_goes_to_our_engines_never_to_other_servers() -> None:
+    client = Client("http://a:1", connect_timeout_s=1.0)
+    ours = Upstream(spec=UpstreamSpec(name="a", url="http://a:1"), client=client, kind="deepseek")
+    unknown = Upstream(spec=UpstreamSpec(name="b", url="http://b:1"), client=client, kind="auto")
+    vllm = Upstream(spec=UpstreamSpec(name="c", url="http://c:1"), client=client, kind="openai")
+    keyed = Upstream(spec=UpstreamSpec(name="d", url="http://d:1", api_key="sk-own"), client=client, kind="openai")
+    assert auth_headers(ours, "s3cret") == auth_headers(unknown, "s3cret") == {"Authorization": "Bearer s3cret"}
+    assert auth_headers(vllm, "s3cret") == {}
+    assert auth_headers(keyed, "s3cret") == {"Authorization": "Bearer sk-own"}

@@ -104,6 +104,10 @@ def test_ds_model_takes_pack_names(tmp_path: Path) -> None:
     # not pulled yet, no download allowed: the message says how to get it
     with pytest.raises(ModelResolutionError, match=r"deepseek-serve model pull qwen2\.5-coder-0\.5b-instruct"):
         resolve_model("", cache_dir=tmp_path, download=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ModelResolutionError, match=r"could not pull the qwen2\.5-coder-1\.5b-instruct pack"):
+        resolve_model("qwen2.5-coder-1.5b-instruct", cache_dir=blocker / "models")
 
 
 def test_cli_pull_and_list(tmp_path: Path) -> None:

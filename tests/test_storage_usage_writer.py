@@ -84,6 +84,41 @@ async def test_background_flush_in_batches(repo: UsageRepository, tmp_path: Path
     assert not (tmp_path / "spool.jsonl").exists()
 
 
+async def test_persisted_waits_for_the_write_not_the_flush_interval(repo: UsageRepository, tmp_path: Path) -> None:
+    """The group commit a response waits on: with a 60 s flush interval, `persisted` has the writer
+    write at once and returns only when the records are in the database."""
+    writer = UsageWriter(repo, Spool(tmp_path / "spool.jsonl"), flush_interval_s=60, write_timeout_s=5)
+    assert await writer.persisted(1.0)  # nothing queued
+    writer.record(event("early"))
+    assert not await writer.persisted(0.2)  # not started: the record stays queued
+    await writer.start()
+    try:
+        await asyncio.sleep(0.1)  # the writer's first wait has begun
+        writer.record(event("a"))
+        writer.record(event("b"))
+        started = time.monotonic()
+        results = await asyncio.gather(writer.persisted(10.0), writer.persisted(10.0))
+        assert results == [True, True]
+        assert time.monotonic() - started < 5.0
+        assert sorted(await request_ids(repo)) == ["a", "b", "early"]
+        assert writer.backlog() == 0
+    finally:
+        await writer.stop()
+
+
+async def test_persisted_counts_spooled_records(tmp_path: Path) -> None:
+    """With the database unreachable a record is durable once it is in the (fsync'd) spool."""
+    writer = UsageWriter(unreachable_repo(tmp_path), Spool(tmp_path / "spool.jsonl"), flush_interval_s=60,
+                         write_timeout_s=5, max_retry_s=0.3)
+    await writer.start()
+    try:
+        writer.record(event("s1"))
+        assert await writer.persisted(20.0)
+        assert spooled_ids(tmp_path) == ["s1"]
+    finally:
+        await writer.stop()
+
+
 async def test_unreachable_database_spools_and_next_start_replays(repo: UsageRepository,
                                                                   tmp_path: Path) -> None:
     spool_path = tmp_path / "spool.jsonl"

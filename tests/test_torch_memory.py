@@ -16,6 +16,7 @@ from deepseek_serve.config import load_settings
 from deepseek_serve.engine.torch_runner import runner as runner_module
 from deepseek_serve.engine.torch_runner.loading import load_model
 from deepseek_serve.engine.torch_runner.memory import (
+    FIXED_RESERVE,
     GiB,
     MemoryPlanError,
     free_memory,
@@ -79,6 +80,9 @@ def test_slots_follow_the_budget() -> None:
     # a shorter context fits every requested slot; a lower utilization fewer slots
     assert _plan(max_len=4096).num_slots == 128  # type: ignore[attr-defined]
     assert _plan(utilization=0.5).num_slots < plan.num_slots  # type: ignore[attr-defined]
+    # on CPU (no graphs, no CUDA workspaces) the reserve drops the graphs' logits and the fixed part
+    cpu = _plan(device="cpu", cuda_graphs=False)
+    assert cpu.reserve_bytes <= plan.reserve_bytes - FIXED_RESERVE  # type: ignore[attr-defined]
     # int4 weights (about a quarter) leave room for more sequences
     assert _plan(weight_bytes=CODER_WEIGHTS // 4).num_slots >= plan.num_slots  # type: ignore[attr-defined]
 
@@ -131,6 +135,7 @@ def test_from_settings_sizes_and_refuses(
         max_len=2048,
         requested_slots=6,
         chunk_tokens=512,
+        cuda_graphs=False,
     )
     free = probe.weight_bytes + probe.reserve_bytes + int(2.5 * probe.kv_bytes_per_slot)
     monkeypatch.setattr(runner_module, "free_memory", lambda device: free)

@@ -90,9 +90,9 @@ def smol_tok(smol: Path) -> HFTokenizer:
     return HFTokenizer(smol)
 
 
-def _runner(path: Path, tok: HFTokenizer, quant: str) -> TorchRunner:
+def _runner(path: Path, tok: HFTokenizer, quant: str, group_size: int = 0) -> TorchRunner:
     model = load_model(path, torch.float32, torch.device("cpu"))
-    quantize_model(model, quant)  # type: ignore[arg-type]
+    quantize_model(model, quant, group_size)  # type: ignore[arg-type]
     return TorchRunner(
         model, tok, num_slots=len(PROMPTS), max_len=256, device=torch.device("cpu"), dtype=torch.float32
     )
@@ -135,25 +135,32 @@ def test_smollm2_greedy_matches_transformers(smol: Path, smol_tok: HFTokenizer) 
 
 @pytest.mark.slow
 def test_quantization_quality_guard(smol: Path, smol_tok: HFTokenizer) -> None:
+    """Against the float model: teacher-forced top-1 agreement on the float greedy continuations of
+    the prompts, and perplexity on a fixed text (int8; int4 in groups of 32 and 128, with int8 LM head)."""
     text_ids = smol_tok.encode(TEXT, add_special_tokens=False)
     base = _runner(smol, smol_tok, "none")
     ref_tokens = _greedy(base, smol_tok)
     ppl = {"none": torch.exp(-base.score(text_ids).mean()).item()}
-    q8 = _runner(smol, smol_tok, "int8")
-    assert weight_bytes(q8.model) < 0.45 * weight_bytes(base.model)
-    # teacher-forced: at each position of the float greedy continuation, the int8 model's greedy pick
-    # (one early divergence would otherwise decide every later position)
-    same = 0
-    for prompt, ref in zip(PROMPTS, ref_tokens, strict=True):
-        ids = _chat_ids(smol_tok, prompt)
-        picks = q8.full_logits(ids + ref).argmax(-1)[len(ids) - 1 : -1].tolist()
-        same += sum(a == b for a, b in zip(picks, ref, strict=True))
-    assert same / (len(PROMPTS) * NEW_TOKENS) >= 0.90
-    ppl["int8"] = torch.exp(-q8.score(text_ids).mean()).item()
-    q4 = _runner(smol, smol_tok, "int4")
-    ppl["int4"] = torch.exp(-q4.score(text_ids).mean()).item()
-    assert ppl["int8"] < 1.05 * ppl["none"], ppl
-    assert ppl["int4"] < 1.15 * ppl["none"], ppl
+    top1: dict[str, float] = {}
+    for name, quant, group in (("int8", "int8", 0), ("int4-g32", "int4", 32), ("int4-g128", "int4", 128)):
+        q = _runner(smol, smol_tok, quant, group)
+        if quant == "int8":
+            assert weight_bytes(q.model) < 0.45 * weight_bytes(base.model)
+        # teacher-forced: at each position of the float greedy continuation, the quantized model's greedy
+        # pick (one early divergence would otherwise decide every later position)
+        same = 0
+        for prompt, ref in zip(PROMPTS, ref_tokens, strict=True):
+            ids = _chat_ids(smol_tok, prompt)
+            picks = q.full_logits(ids + ref).argmax(-1)[len(ids) - 1 : -1].tolist()
+            same += sum(a == b for a, b in zip(picks, ref, strict=True))
+        top1[name] = same / (len(PROMPTS) * NEW_TOKENS)
+        ppl[name] = torch.exp(-q.score(text_ids).mean()).item()
+    print(f"top-1 agreement {top1}, perplexity {ppl}")
+    assert top1["int8"] >= 0.90 and ppl["int8"] < 1.05 * ppl["none"], (top1, ppl)
+    assert top1["int4-g32"] >= 0.75 and ppl["int4-g32"] < 1.15 * ppl["none"], (top1, ppl)
+    # NOTE: these weights come from a Q4_1 GGUF (blocks of 32): groups of 32 requantize them exactly,
+    # groups of 128 do not (measured: top-1 0.86, perplexity 12.0 against 6.85)
+    assert top1["int4-g128"] >= 0.80 and ppl["int4-g128"] < 2.0 * ppl["none"], (top1, ppl)
     assert ppl["none"] < 20, ppl  # the real model, not noise
 
 

@@ -19,6 +19,8 @@ from deepseek_serve.engine.torch_runner.model import (
     KVCache,
     ModelArgs,
     UnsupportedModelError,
+    attend_causal,
+    attend_sdpa,
 )
 from deepseek_serve.engine.torch_runner.runner import TorchRunner, additive_mask
 from deepseek_serve.engine.torch_runner.slots import KVCopy, SlotTable
@@ -378,3 +380,35 @@ def test_cuda_graphs_match_generate(tmp_path: Path) -> None:
     solo = seq(ps[2], 12)
     run_to_completion(solo_runner, [solo], prefill_chunk=16)
     assert solo.output_token_ids == refs[2]
+
+
+@pytest.mark.parametrize(("h", "hk", "t", "s"), [(12, 2, 7, 40), (4, 4, 5, 5), (6, 2, 1, 9), (8, 2, 33, 33)])
+def test_causal_tail_attention_matches_the_mask(h: int, hk: int, t: int, s: int) -> None:
+    """One sequence's prefill chunk through SDPA's bottom-right causal mask (flash / efficient kernels)
+    equals the explicit `key <= position` mask over the folded GQA heads."""
+    g = torch.Generator().manual_seed(h * 100 + t)
+    q = torch.randn(1, t, h, 16, generator=g)
+    kvs = torch.randn(1, hk, s + 3, 32, generator=g)[:, :, :s]  # a view of a longer cache, as in the runner
+    pos = torch.arange(s - t, s)
+    mask = additive_mask((torch.arange(s)[None, :] <= pos[:, None]).view(1, 1, t, s), torch.float32)
+    torch.testing.assert_close(attend_causal(q, kvs, hk), attend_sdpa(q, kvs, mask, hk), atol=1e-5, rtol=1e-5)
+
+
+def test_warmup_runs_prefill_shapes_before_serving_only(tiny: tuple[Path, Any]) -> None:
+    """warmup() prefills into slots 0/1 and samples once: afterwards generation is unchanged, idle
+    prefix entries (whose KV it overwrote) are gone, and with a sequence allocated it refuses."""
+    path, hf = tiny
+    runner = make_runner(path, slots=2)
+    p = prompts((30,), seed=4)[0]
+    first = seq(p, 6)
+    run_to_completion(runner, [first])
+    assert runner.kv_cached_tokens > 0
+    assert runner.warmup(64) == 0  # no CUDA graphs on CPU
+    assert runner.kv_cached_tokens == 0
+    again = seq(p, 6)
+    run_to_completion(runner, [again])
+    assert again.num_cached_tokens == 0 and again.output_token_ids == reference(hf, p, 6)
+    busy = seq(p, 6)
+    runner.allocate(busy)
+    with pytest.raises(RuntimeError, match="before any sequence"):
+        runner.warmup()

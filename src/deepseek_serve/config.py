@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "int8", "int4"] = "none"
+    int4_group_size: Literal[32, 64, 128] = 32
     context_length: int = Field(4096, ge=64, le=1_048_576, description="total KV tokens shared by all sequences")
     max_model_len: int = Field(0, ge=0, description="max tokens (prompt + completion) of one sequence; "
                                                     "0 = the model's trained context, capped by context_length")
@@ -89,6 +90,8 @@ class Settings(BaseSettings):
                                        "of the end of its headers (else 408, connection closed)")
     http_max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024,
                                        description="request line + headers; larger = 431, connection closed")
+    http_send_timeout_s: float = Field(60.0, gt=0, le=3600, description="a response the client does not read "
+                                       "(send buffer full) for this long: the connection is dropped")
 
     # --- request limits (checked before any templating, tokenizing or engine work) -----------------
     max_messages: int = Field(1024, ge=1, le=1_000_000, description="chat messages per request "
@@ -117,6 +120,8 @@ class Settings(BaseSettings):
                                         "flight per server process; beyond: 429; 0 = no limit")
     usage_flush_interval_s: float = Field(1.0, gt=0)
     usage_batch_size: int = Field(200, ge=1)
+    usage_sync_timeout_s: float = Field(5.0, ge=0, le=60, description="a response waits up to this for its usage "
+                                        "record to reach the database or the spool; 0 = no wait")
     usage_spool_path: Path | None = Field(None, description="empty = <data_dir>/usage-spool.jsonl")
     retention_days: int = Field(90, ge=1)
     purge_daily: bool = False
@@ -153,7 +158,7 @@ class Settings(BaseSettings):
     gateway_eject_s: float = Field(5.0, gt=0, le=3600, description="an ejected upstream's breaker stays open "
                                                                   "this long before a health check may readmit it")
     gateway_retries: int = Field(2, ge=0, le=10, description="other upstreams tried for a request with no token yet")
-    gateway_busy_margin: float = Field(0.5, ge=0, description="routing: a warm upstream keeps its traffic unless its "
+    gateway_busy_margin: float = Field(0.75, ge=0, description="routing: a warm upstream keeps its traffic unless its "
                                                               "load exceeds the least loaded one's by this much")
 
     @field_validator("model", "served_model_name", "chat_template", "admin_key", "database_url", "redis_url",

@@ -181,10 +181,15 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         services: Services | None = getattr(scope["app"].state, "services", None)
-        if services is None or services.auth is None:
+        if services is None:
             await self._refuse(
                 scope, receive, send, AuthError("API keys cannot be checked on this server.", code="auth_unavailable")
             )
+            return
+        if services.auth is None:
+            # no key store in this process: an engine behind a gateway (DS_ROLE=engine), which checks the
+            # keys; the engine's own gate is the shared secret (api/roles.py)
+            await self.app(scope, receive, send)
             return
         address = client_address(scope)
         if self.throttle is not None:
@@ -208,8 +213,9 @@ class AccessMiddleware:
             if self.throttle is not None:
                 self.throttle.record_failure(address)
             self._count_rejection(services)
+            # the path is percent-decoded client input: repr() escapes control characters, and it is bounded
             logger.warning(
-                "authentication failed (%s) from %s: %s %s", err.code, address, scope["method"], scope["path"]
+                "authentication failed (%s) from %s: %s %r", err.code, address, scope["method"], scope["path"][:200]
             )
             await self._refuse(scope, receive, send, err)
             return

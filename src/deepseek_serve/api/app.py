@@ -73,6 +73,12 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     metrics.attach(engine, services)
     services.metrics = metrics
     services.extras["metrics"] = metrics
+    if settings.role == "gateway":
+        from deepseek_serve.gateway.engine import GatewayEngine
+        from deepseek_serve.gateway.metrics import UpstreamCollector
+
+        if isinstance(engine, GatewayEngine):
+            metrics.registry.register(UpstreamCollector(engine.pool.upstreams))
     return services
 
 

@@ -74,10 +74,11 @@ def _refuse(name: str, count: int, limit: int) -> BodyRefused:
 
 def count_lists(body: bytes, settings: Settings) -> None:
     """Refuse a body whose lists are too long without parsing it. A body this counter cannot read
-    (not an object, items that are not objects, invalid JSON) is left to the parser and validation."""
+    (not an object, items that are not objects, invalid JSON, nesting too deep) is left to the parser
+    and validation."""
     try:
         counted = _COUNTER.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return
     for name, limit_of in LIST_LIMITS.items():
         count, limit = len(getattr(counted, name)), limit_of(settings)

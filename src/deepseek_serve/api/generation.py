@@ -64,12 +64,7 @@ from deepseek_serve.api.services import Principal, RateLimitDecision, Services, 
 from deepseek_serve.api.sse import DONE, model_event, sse_event
 from deepseek_serve.api.tools import ToolSetup, ToolStream, parse_tool_calls
 from deepseek_serve.engine.async_engine import RequestStream
-from deepseek_serve.engine.errors import (
-    ContextLengthError,
-    DeadlineExceededError,
-    EngineError,
-    QueueFullError,
-)
+from deepseek_serve.engine.errors import ContextLengthError, DeadlineExceededError, EngineError, QueueFullError
 from deepseek_serve.engine.types import (
     GenerationRequest,
     RequestTimings,
@@ -394,6 +389,10 @@ class _Run:
                 completion_text=out.completion_text if store else None,
                 created_at=time.time(),
             ))
+            if services.settings.usage_sync_timeout_s > 0:
+                # the client's success (its last byte) comes after the record is durable
+                with anyio.CancelScope(shield=True):
+                    await services.usage.persisted(services.settings.usage_sync_timeout_s)
         if services.metrics is not None and self.choices:
             if out.finish_reason == "timeout":
                 services.metrics.rejected("timeout")
@@ -441,6 +440,8 @@ async def run_plan(request: Request, services: Services, principal: Principal, p
     try:
         await run.submit()
     except EngineError as exc:
+        if isinstance(exc, ContextLengthError) and plan.endpoint == "completions" and exc.param == "messages":
+            exc.param = "prompt"
         err = from_engine_error(exc)
         err.headers = {**run.headers, **err.headers}  # x-ratelimit-* on errors after admission too
         raise err from exc
@@ -684,6 +685,7 @@ async def _sse(run: _Run, keepalive_s: float) -> AsyncIterator[bytes]:
                 else:
                     yield model_event(Completion(id=plan.completion_id, created=plan.created, model=plan.model,
                                             choices=[], usage=usage))
+            await run.finish()  # accounting (the usage record durable) before the client sees [DONE]
         yield DONE
     finally:
         for task in pumps:
@@ -812,19 +814,16 @@ def check_body(services: Services, body: Any, num_prompts: int = 1, num_messages
 
 
 def check_plan(services: Services, plan: Plan) -> None:
-    """What only the engine knows (vocabulary, context), checked before the rate limiter or the
-    response cache spend anything on a request the engine would refuse."""
+    """What only the engine knows (sampling values, token ids, top_k and logit_bias within the
+    vocabulary), checked before the rate limiter or the response cache see the request. Prompt +
+    max_tokens against the context is checked by `add_request`, after admission, so that refusal
+    carries the rate-limit headers; the schema bounds max_tokens, so the reservation stays finite."""
     choices = plan.n * len(plan.prompts)
     if choices > services.settings.max_choices:
         raise _invalid("n", f"n x prompts = {choices} choices; at most {services.settings.max_choices} "
                             "are allowed")
     for prompt in plan.prompts:
-        try:
-            services.engine.check_request(plan.params, prompt.token_ids)
-        except ContextLengthError as exc:
-            if plan.endpoint == "completions" and exc.param == "messages":
-                exc.param = "prompt"
-            raise
+        services.engine.check_request(plan.params, prompt.token_ids, context=False)
 
 
 def _logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
@@ -862,12 +861,12 @@ def sampling_params(body: Any, max_tokens: int | None, logprobs: bool, top_logpr
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         min_tokens=body.min_tokens or 0,
-        logit_bias=_logit_bias(body.logit_bias),
+        logit_bias=_logit_bias(getattr(body, "logit_bias", None)),
     )
 
 
-# Inputs up to this many characters are rendered and tokenized on the event loop: below it a worker
-# thread costs more than it saves (bench/loop_stall.py measures both).
+# Inputs under this many characters are rendered and tokenized on the event loop (at most a few ms
+# there); larger ones in a worker thread. bench/loop_stall.py --inline-check times both ways.
 INLINE_CHARS = 16_384
 
 

@@ -12,7 +12,9 @@ phase has its clock:
 | head | first byte -> end of the headers | `header_timeout_s`, `max_header_bytes` | 408 / 431, closed |
 | body | end of the headers -> last body byte | `body_timeout_s` | 408 if no response began, closed |
 
-After the body the request belongs to the app (the engine's `DS_REQUEST_TIMEOUT_S`). The 408 and
+After the body the request belongs to the app (the engine's `DS_REQUEST_TIMEOUT_S`). Whatever the
+phase, a response the client stops reading (the transport's write buffer stays full) is dropped
+after `send_timeout_s`: the app's pending send returns, it sees a disconnect and aborts its work. The 408 and
 431 bodies are OpenAI's error shape; they are written straight to the socket, since no ASGI app
 has seen the request (or, for the body, it is still waiting for it: its `receive` then reports a
 disconnect and its response goes nowhere).
@@ -47,6 +49,7 @@ class TransportLimits:
     header_timeout_s: float
     body_timeout_s: float
     max_header_bytes: int
+    send_timeout_s: float = 60.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TransportLimits:
@@ -55,6 +58,7 @@ class TransportLimits:
             header_timeout_s=settings.http_header_timeout_s,
             body_timeout_s=settings.http_body_timeout_s,
             max_header_bytes=settings.http_max_header_bytes,
+            send_timeout_s=settings.http_send_timeout_s,
         )
 
 
@@ -86,6 +90,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # bytes received while the head is incomplete (bounds httptools' buffer)
         self._head_exact = 0  # request line + headers as parsed
         self._deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
 
     # --- clocks -----------------------------------------------------------------------------------
     def _arm(self, seconds: float, on_expiry: Callable[[], None]) -> None:
@@ -123,7 +128,33 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._end_send_deadline()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_deadline is None:
+            self._send_deadline = self.loop.call_later(self.limits.send_timeout_s, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        self._end_send_deadline()
+        super().resume_writing()
+
+    def _end_send_deadline(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _send_timed_out(self) -> None:
+        self._send_deadline = None
+        if not self.flow.write_paused:
+            return
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
+        logger.warning(
+            "connection from %s dropped: the client read nothing for %g s", client, self.limits.send_timeout_s
+        )
+        # NOTE: abort, not close: close() would wait for the full buffer to drain first.
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._phase in ("idle", "app"):

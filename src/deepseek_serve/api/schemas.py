@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, field_validator
 
 INT32_MAX = 2**31 - 1
 MAX_LOGIT_BIAS = 1024  # entries of one logit_bias map
@@ -170,7 +170,7 @@ def _prompt_kind(value: Any) -> str:
 class CompletionRequest(_SamplingFields):
     prompt: Annotated[
         Annotated[Text, Tag("str")] | Annotated[list[Text], Tag("list[str]")]
-        | Annotated[list[int], Tag("list[int]")] | Annotated[list[list[int]], Tag("list[list[int]]")],
+        | Annotated[list[StrictInt], Tag("list[int]")] | Annotated[list[list[StrictInt]], Tag("list[list[int]]")],
         Discriminator(_prompt_kind),
     ]
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)

@@ -67,6 +67,10 @@ class UsageSink(Protocol):
         """Queue a record; never blocks, never raises (records are written later, in batches)."""
         ...
 
+    async def persisted(self, timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) until every record queued so far is stored durably."""
+        ...
+
 
 class ConversationStore(Protocol):
     async def history(self, principal: Principal, conversation_id: str) -> list[dict[str, Any]]:

@@ -39,8 +39,8 @@ def _load(model: str | None) -> AsyncEngine:
 
 @contextlib.contextmanager
 def _typing_hidden() -> Iterator[None]:
-    """While a reply streams, keys typed at a terminal are not echoed into it (they stay buffered
-    and show up at the next prompt)."""
+    """While a reply streams, keys typed at a terminal are not echoed into it; what was typed
+    meanwhile is discarded, so the next prompt starts empty."""
     fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else -1
     if fd < 0:
         yield
@@ -54,7 +54,7 @@ def _typing_hidden() -> Iterator[None]:
     try:
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSANOW, before)
+        termios.tcsetattr(fd, termios.TCSAFLUSH, before)
 
 
 async def _stream(engine: AsyncEngine, messages: list[dict[str, Any]] | None, prompt: str | None,

@@ -39,11 +39,18 @@ def create(
     database_url: DatabaseUrlOpt = None,
 ) -> None:
     """Create a key and print its secret. It is shown only this once: store it now."""
+    from deepseek_serve.api.schemas import check_text
     from deepseek_serve.storage.db import create_session_factory
     from deepseek_serve.storage.keys import KeyRepository
     from deepseek_serve.storage.retention import parse_duration
 
     settings = settings_from_cli(database_url=database_url)
+    try:
+        check_text(name)
+    except ValueError as exc:
+        fail(f"invalid --name: {exc}")
+    if not 1 <= len(name) <= 128:
+        fail("invalid --name: 1 to 128 characters")
     try:
         lifetime = parse_duration(expires_in) if expires_in else None
     except ValueError as exc:

@@ -205,11 +205,11 @@ class AsyncEngine:
         self._core.check_token_ids(ids)
         return self._core.tokenizer.decode(ids)
 
-    def check_request(self, params: SamplingParams, prompt_token_ids: Sequence[int]) -> int:
-        """The checks `add_request` makes (sampling values, token ids, vocabulary-bound fields, prompt +
-        max_tokens within the context), without enqueuing; returns the completion budget. Routes call
-        it before spending rate limit or cache lookups on a request the engine would refuse."""
-        return self._core.check_request(params, list(prompt_token_ids))
+    def check_request(self, params: SamplingParams, prompt_token_ids: Sequence[int], context: bool = True) -> int:
+        """The checks `add_request` makes (sampling values, token ids, vocabulary-bound fields and, with
+        `context`, prompt + max_tokens within the context), without enqueuing; returns the completion
+        budget. Routes call it before the rate limiter or the response cache see the request."""
+        return self._core.check_request(params, list(prompt_token_ids), context)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     **extra: Any) -> str:

@@ -63,6 +63,46 @@ class _SeqState:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
+def check_token_ids(ids: Iterable[int], vocab_size: int, param: str = "prompt") -> None:
+    """Raise InvalidRequestError unless every id is a token of the vocabulary."""
+    bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab_size)), None)
+    if bad is not None:
+        raise InvalidRequestError(f"Invalid value for '{param}': token id {bad} is outside the vocabulary "
+                                  f"[0, {vocab_size})", param=param)
+
+
+def check_request(params: SamplingParams, ids: list[int], *, vocab_size: int, max_model_len: int,
+                  default_max_tokens: int, context: bool = True) -> int:
+    """Everything that only the model knows (vocabulary, context); returns the completion budget.
+    Raises InvalidRequestError / ContextLengthError naming the field. `context=False` leaves out
+    prompt + max_tokens against the context (the budget is then not meaningful). Any thread."""
+    params.validate()
+    if params.top_k > vocab_size:
+        raise InvalidRequestError(f"Invalid value for 'top_k': {params.top_k} is greater than the vocabulary "
+                                  f"size ({vocab_size})", param="top_k")
+    check_token_ids((t for t, _ in params.logit_bias), vocab_size, "logit_bias")
+    check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
+    if not ids:
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    max_len = max_model_len
+    if not context:
+        check_token_ids(ids, vocab_size)
+        return params.max_tokens or 1
+    if len(ids) >= max_len:  # before the per-id check below, which would walk all of a huge list
+        raise ContextLengthError(len(ids), params.max_tokens or 1, max_len)
+    check_token_ids(ids, vocab_size)
+    if params.max_tokens is not None:
+        max_tokens = params.max_tokens
+        if len(ids) + max_tokens > max_len:
+            error = ContextLengthError(len(ids), max_tokens, max_len)
+            if max_tokens >= max_len:  # no prompt could fit: the completion budget is what is wrong
+                error.param = "max_tokens"
+            raise error
+    else:
+        max_tokens = min(default_max_tokens, max_len - len(ids))
+    return max_tokens
+
+
 class LLMEngine:
     def __init__(self, runner: Runner, config: EngineConfig) -> None:
         self.runner = runner
@@ -98,45 +138,19 @@ class LLMEngine:
 
     def check_token_ids(self, ids: Iterable[int], param: str = "prompt") -> None:
         """Raise InvalidRequestError unless every id is a token of the vocabulary."""
-        vocab = self.tokenizer.vocab_size
-        bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
-        if bad is not None:
-            raise InvalidRequestError(f"Invalid value for '{param}': token id {bad} is outside the vocabulary "
-                                      f"[0, {vocab})", param=param)
+        check_token_ids(ids, self.tokenizer.vocab_size, param)
 
-    def check_request(self, params: SamplingParams, ids: list[int]) -> int:
-        """Everything that only the model knows (vocabulary, context); returns the completion budget.
-        Raises InvalidRequestError / ContextLengthError naming the field. Any thread."""
-        params.validate()
+    def check_request(self, params: SamplingParams, ids: list[int], context: bool = True) -> int:
+        """`check_request` (below) with this engine's vocabulary, context and default budget, and
+        whether its runner can constrain decoding."""
         if params.grammar is not None and not self.runner.supports_grammar:
             raise InvalidRequestError(f"The {self.runner.name} runner does not support constrained decoding "
                                       "(response_format json_object/json_schema, forced tool calls); "
                                       "serve a GGUF model with the llamacpp runner for it.",
                                       param="response_format")
-        vocab = self.tokenizer.vocab_size
-        if params.top_k > vocab:
-            raise InvalidRequestError(f"Invalid value for 'top_k': {params.top_k} is greater than the vocabulary "
-                                      f"size ({vocab})", param="top_k")
-        self.check_token_ids((t for t, _ in params.logit_bias), "logit_bias")
-        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        max_len = self.runner.max_model_len
-        if len(ids) >= max_len:  # before the per-id check below, which would walk all of a huge list
-            raise ContextLengthError(len(ids), params.max_tokens or 1, max_len)
-        self.check_token_ids(ids)
-        if params.max_tokens is not None:
-            max_tokens = params.max_tokens
-            if len(ids) + max_tokens > max_len:
-                error = ContextLengthError(len(ids), max_tokens, max_len)
-                if max_tokens >= max_len:  # no prompt could fit: the completion budget is what is wrong
-                    error.param = "max_tokens"
-                raise error
-        else:
-            if len(ids) >= max_len:
-                raise ContextLengthError(len(ids), 1, max_len)
-            max_tokens = min(self.config.default_max_tokens, max_len - len(ids))
-        return max_tokens
+        return check_request(params, ids, vocab_size=self.tokenizer.vocab_size,
+                             max_model_len=self.runner.max_model_len,
+                             default_max_tokens=self.config.default_max_tokens, context=context)
 
     def add_sequence(self, seq: Sequence) -> None:
         """Enqueue; raises QueueFullError."""

@@ -27,22 +27,24 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 
 from deepseek_serve.engine.async_engine import AsyncEngine, RequestStream
 from deepseek_serve.engine.chat_template import ChatTemplate
-from deepseek_serve.engine.errors import ContextLengthError, EngineStoppedError, InvalidRequestError
+from deepseek_serve.engine.errors import EngineStoppedError, InvalidRequestError
+from deepseek_serve.engine.llm_engine import check_request, check_token_ids
 from deepseek_serve.engine.runner import Tokenizer
 from deepseek_serve.engine.types import (
     EngineStats,
     GenerationRequest,
     ModelInfo,
     RequestTimings,
+    SamplingParams,
     StreamDelta,
     TokenLogprob,
     Usage,
 )
+from deepseek_serve.gateway.http import HttpError, Response
 from deepseek_serve.gateway.pool import UpstreamFailure, UpstreamPool
 from deepseek_serve.gateway.upstreams import Upstream, UpstreamSource
 
@@ -118,29 +120,13 @@ class GatewayEngine(AsyncEngine):
         was full), EngineStopped (none available)."""
         if not self._accepting:
             raise EngineStoppedError("the gateway is not accepting requests (starting or shutting down)")
-        params = request.params
-        params.validate()
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
-            vocab = self._tokenizer.vocab_size
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
         elif request.prompt is not None:
             ids = self.tokenize(request.prompt, request.add_special_tokens)
         else:
             raise InvalidRequestError("either prompt or prompt_token_ids is required", param="prompt")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        max_len = self.model_info.max_model_len
-        if params.max_tokens is not None:
-            max_tokens = params.max_tokens
-            if len(ids) + max_tokens > max_len:
-                raise ContextLengthError(len(ids), max_tokens, max_len)
-        else:
-            if len(ids) >= max_len:
-                raise ContextLengthError(len(ids), 1, max_len)
-            max_tokens = min(self._settings.default_max_tokens, max_len - len(ids))
+        max_tokens = self.check_request(request.params, ids)
         body = _completion_body(self.model_info.id, ids, max_tokens, request)
         timeout = request.deadline_s if request.deadline_s is not None else self._settings.request_timeout_s
         job = _Job(request, body, request.prompt or "", ids, time.monotonic(), timeout)
@@ -161,7 +147,7 @@ class GatewayEngine(AsyncEngine):
         if task is not None:
             task.cancel()
 
-    async def _pump(self, stream: RequestStream, job: _Job, up: Upstream, response: httpx.Response) -> None:
+    async def _pump(self, stream: RequestStream, job: _Job, up: Upstream, response: Response) -> None:
         request_id = job.request.request_id
         try:
             async with asyncio.timeout(max(job.deadline - time.monotonic(), 0.0)):
@@ -202,14 +188,16 @@ class GatewayEngine(AsyncEngine):
             self._pumps.pop(request_id, None)
             self._streams.pop(request_id, None)
 
-    async def _relay(self, stream: RequestStream, job: _Job, up: Upstream, response: httpx.Response) -> None:
+    async def _relay(self, stream: RequestStream, job: _Job, up: Upstream, response: Response) -> None:
         """Forward one upstream stream; raises UpstreamFailure when it breaks off."""
         finish: str | None = None
         usage: dict[str, Any] | None = None
         try:
             async for data in _sse_data(response):
                 if data == b"[DONE]":
-                    break
+                    # NOTE: no break: reading on to the end of the body lets the connection go back to
+                    # the pool (a response closed early closes its connection: a new one per request).
+                    continue
                 try:
                     event = orjson.loads(data)
                 except orjson.JSONDecodeError:
@@ -236,8 +224,8 @@ class GatewayEngine(AsyncEngine):
                         stream._put(StreamDelta(text=text, token_ids=token_ids, logprobs=logprobs))
                     if reason:
                         finish = reason
-        except httpx.HTTPError as exc:
-            raise UpstreamFailure(f"stream broke off ({type(exc).__name__})") from None
+        except HttpError as exc:
+            raise UpstreamFailure(f"stream broke off ({exc})") from None
         if finish is None:
             raise UpstreamFailure("stream ended without a finish reason")
         if not job.tokens:
@@ -251,7 +239,26 @@ class GatewayEngine(AsyncEngine):
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(token_ids))
+        ids = list(token_ids)
+        check_token_ids(ids, self._tokenizer.vocab_size)
+        return self._tokenizer.decode(ids)
+
+    def check_request(self, params: SamplingParams, prompt_token_ids: Sequence[int], context: bool = True) -> int:
+        """The engine's own checks against the model the gateway tokenizes with; constrained decoding
+        is refused, since upstreams are reached through the plain completions API."""
+        if params.grammar is not None:
+            raise InvalidRequestError("The gateway does not forward constrained decoding (response_format "
+                                      "json_object/json_schema, forced tool calls) to its upstreams yet; "
+                                      "call an engine with the llamacpp runner directly for it.",
+                                      param="response_format")
+        return check_request(
+            params,
+            list(prompt_token_ids),
+            vocab_size=self._tokenizer.vocab_size,
+            max_model_len=self.model_info.max_model_len,
+            default_max_tokens=self._settings.default_max_tokens,
+            context=context,
+        )
 
     def tokenizer_bos_or_first(self) -> int:
         ids = self._tokenizer.encode("Hi", add_special_tokens=True)
@@ -373,6 +380,8 @@ def _completion_body(model: str, ids: list[int], max_tokens: int, request: Gener
         body["min_tokens"] = p.min_tokens
     if p.logprobs:
         body["logprobs"] = min(p.top_logprobs, 5)  # the completions API's limit
+    if p.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
     return body
 
 
@@ -396,7 +405,7 @@ def _logprobs(raw: Any) -> tuple[TokenLogprob, ...] | None:
     return tuple(out)
 
 
-async def _sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _sse_data(response: Response) -> AsyncIterator[bytes]:
     """The `data:` payloads of a text/event-stream, as they arrive; comments are skipped."""
     buffer = b""
     async for part in response.aiter_raw():

@@ -9,10 +9,10 @@ import logging
 import time
 from typing import Any
 
-import httpx
 import orjson
 
 from deepseek_serve.engine.errors import EngineStoppedError, InvalidRequestError, QueueFullError
+from deepseek_serve.gateway.http import ConnectFailed, ConnectionLost, HttpError, Response
 from deepseek_serve.gateway.routing import Candidate, PrefixRouter
 from deepseek_serve.gateway.upstreams import (
     Upstream,
@@ -71,8 +71,6 @@ class UpstreamPool:
     # --- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Load the list, run one round of health checks, then check every interval in the background."""
-        # NOTE: httpx logs every request at INFO: one line per upstream and health round is noise.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
         self._declared = self.source.load()
         self._apply(await expand(self._declared))
         await self.check_all()
@@ -150,7 +148,7 @@ class UpstreamPool:
     # --- requests ----------------------------------------------------------------------------------
     async def open(
         self, body: dict[str, Any], prompt: str, affinity: str | None, tried: set[str], attempts: int
-    ) -> tuple[Upstream, httpx.Response]:
+    ) -> tuple[Upstream, Response]:
         """POST a streaming completion to the chosen upstream; on a failure before any token, to
         another one, up to `attempts` upstreams in all. Returns the upstream (its in-flight count
         raised: call `release`) and the response with status 200, headers read.
@@ -195,7 +193,7 @@ class UpstreamPool:
     def release(self, up: Upstream) -> None:
         up.inflight = max(up.inflight - 1, 0)
 
-    async def _send(self, up: Upstream, body: dict[str, Any]) -> httpx.Response:
+    async def _send(self, up: Upstream, body: dict[str, Any]) -> Response:
         payload = dict(body)
         payload["model"] = up.spec.model or body["model"]
         headers = {
@@ -203,17 +201,22 @@ class UpstreamPool:
             "Accept": "text/event-stream",
             **auth_headers(up, self.secret),
         }
-        request = up.client.build_request(
-            "POST", up.spec.url + "/v1/completions", content=orjson.dumps(payload), headers=headers
-        )
+        content = orjson.dumps(payload)
         try:
             async with asyncio.timeout(self.header_timeout_s):
-                response = await up.client.send(request, stream=True)
+                try:
+                    response = await up.client.request("POST", "/v1/completions", headers=headers, body=content)
+                except ConnectionLost as exc:
+                    if not exc.reused:
+                        raise
+                    # NOTE: a pooled keep-alive connection the server closed as we reused it: the
+                    # request never reached the application; once more, on a fresh connection.
+                    response = await up.client.request("POST", "/v1/completions", headers=headers, body=content)
         except TimeoutError:
             raise UpstreamFailure(f"no response headers within {self.header_timeout_s:g}s") from None
-        except httpx.ConnectError as exc:
-            raise UpstreamFailure(f"connection failed ({exc})", hard=True) from None
-        except httpx.HTTPError as exc:
+        except ConnectFailed as exc:
+            raise UpstreamFailure(str(exc), hard=True) from None
+        except HttpError as exc:
             raise UpstreamFailure(f"{type(exc).__name__}: {exc}") from None
         if response.status_code == 200:
             return response
@@ -231,14 +234,10 @@ class UpstreamPool:
         raise UpstreamFailure(f"answered {response.status_code}: {_error_message(raw)[0][:200]}")
 
 
-async def _read_capped(response: httpx.Response) -> bytes:
-    data = bytearray()
-    with contextlib.suppress(httpx.HTTPError):
-        async for part in response.aiter_raw():
-            data += part
-            if len(data) > _MAX_ERROR_BYTES:
-                break
-    return bytes(data[:_MAX_ERROR_BYTES])
+async def _read_capped(response: Response) -> bytes:
+    with contextlib.suppress(HttpError):
+        return await response.read(_MAX_ERROR_BYTES)
+    return b""
 
 
 def _error_message(raw: bytes) -> tuple[str, str | None]:

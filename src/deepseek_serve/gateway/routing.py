@@ -65,7 +65,7 @@ class PrefixRouter:
     def __init__(
         self,
         *,
-        busy_margin: float = 1.0,
+        busy_margin: float = 0.75,
         prefix_chars: int = 8192,
         max_entries: int = 65536,
         seed: int | None = None,

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import httpx
 import orjson
+
+from deepseek_serve.gateway.http import Client, ConnectFailed, HttpError
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class Upstream:
     """One upstream's live state. Mutated only on the event loop."""
 
     spec: UpstreamSpec
-    client: httpx.AsyncClient
+    client: Client
     kind: Kind = "auto"
     open: bool = False  # breaker open = ejected
     open_until: float = 0.0
@@ -291,47 +292,48 @@ async def check(up: Upstream, secret: str, timeout_s: float) -> tuple[bool, bool
     `auto` upstreams are probed for our load report first and fall back to `/health`."""
     headers = auth_headers(up, secret)
     try:
-        if up.kind in ("auto", "deepseek"):
-            response = await up.client.get(up.spec.url + LOAD_PATH, headers=headers, timeout=timeout_s)
-            if response.status_code == 404 and up.kind == "auto":
-                up.kind = "openai"
-            elif response.status_code == 200:
-                up.kind = "deepseek"
-                if len(response.content) > _MAX_REPORT_BYTES:
-                    return False, False, "load report too large"
-                report = orjson.loads(response.content)
-                if not isinstance(report, dict):
-                    return False, False, "load report is not an object"
-                up.report = report
-                up.reported_busy = int(report.get("running", 0)) + int(report.get("waiting", 0))
-                up.inflight_at_report = up.inflight
-                up.capacity = max(int(report.get("max_batch_size", up.spec.capacity)), 1)
-                if not report.get("ready", False):
-                    return False, False, "engine reports not ready"
-                return True, False, ""
-            else:
-                return False, False, f"load report answered {response.status_code}"
-        response = await up.client.get(up.spec.url + "/health", headers=headers, timeout=timeout_s)
+        async with asyncio.timeout(timeout_s):
+            if up.kind in ("auto", "deepseek"):
+                status, content = await up.client.get(LOAD_PATH, headers=headers, limit=_MAX_REPORT_BYTES + 1)
+                if status == 404 and up.kind == "auto":
+                    up.kind = "openai"
+                elif status == 200:
+                    up.kind = "deepseek"
+                    if len(content) > _MAX_REPORT_BYTES:
+                        return False, False, "load report too large"
+                    report = orjson.loads(content)
+                    if not isinstance(report, dict):
+                        return False, False, "load report is not an object"
+                    up.report = report
+                    up.reported_busy = int(report.get("running", 0)) + int(report.get("waiting", 0))
+                    up.inflight_at_report = up.inflight
+                    up.capacity = max(int(report.get("max_batch_size", up.spec.capacity)), 1)
+                    if not report.get("ready", False):
+                        return False, False, "engine reports not ready"
+                    return True, False, ""
+                else:
+                    return False, False, f"load report answered {status}"
+            status, _ = await up.client.get("/health", headers=headers, limit=_MAX_REPORT_BYTES)
         up.capacity = up.spec.capacity
         up.reported_busy = up.inflight
         up.inflight_at_report = up.inflight
-        if response.status_code == 200:
+        if status == 200:
             return True, False, ""
-        return False, False, f"/health answered {response.status_code}"
-    except httpx.ConnectError as exc:
-        return False, True, f"connection failed ({exc})"
-    except (httpx.HTTPError, ValueError, TypeError) as exc:
+        return False, False, f"/health answered {status}"
+    except ConnectFailed as exc:
+        return False, True, str(exc)
+    except TimeoutError:
+        return False, False, f"health check timed out after {timeout_s:g}s"
+    except (HttpError, ValueError, TypeError) as exc:
         return False, False, f"health check failed ({type(exc).__name__}: {exc})"
 
 
-def new_client(spec: UpstreamSpec, connect_timeout_s: float) -> httpx.AsyncClient:
-    """One pooled client per upstream. Reads have no timeout of their own (a queued request may wait
-    long upstream); the request deadline bounds them."""
-    timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=30.0, pool=connect_timeout_s)
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=30.0)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False)
+def new_client(spec: UpstreamSpec, connect_timeout_s: float) -> Client:
+    """One keep-alive client per upstream. Reads have no timeout of their own (a queued request may
+    wait long upstream): the header timeout and the request deadline bound them."""
+    return Client(spec.url, connect_timeout_s=connect_timeout_s)
 
 
-async def close_quietly(client: httpx.AsyncClient) -> None:
+async def close_quietly(client: Client) -> None:
     with contextlib.suppress(Exception):
         await client.aclose()

@@ -113,6 +113,8 @@ def pack_file(pack: ModelPack, *, cache_dir: Path, download: bool = True,
         return pull_pack(pack, cache_dir, index_url=index_url)
     except PackError as exc:
         raise ModelResolutionError(str(exc)) from exc
+    except OSError as exc:  # e.g. the cache folder is not writable or the disk is full
+        raise ModelResolutionError(f"could not pull the {pack.name} pack into {cache_dir}: {exc}") from exc
 
 
 def inspect_local(path: Path) -> tuple[Path, ModelFormat]:

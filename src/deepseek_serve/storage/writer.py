@@ -5,6 +5,10 @@ every `flush_interval_s`, or as soon as `batch_size` records wait. If the databa
 reached the batch is appended to the spool (storage/spool.py) and the writer keeps spooling,
 retrying the database with backoff (at most `max_retry_s` apart); when it answers, the spool is
 replayed first, then the queue. `stop()` flushes what is left (to the database or the spool).
+
+`persisted()` is the group commit a response waits on: it wakes the writer at once and returns when
+every record queued so far is in the database or the spool, so a client never sees a success whose
+record a crash could still lose. Concurrent requests share one batch.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ class UsageWriter:
         self._in_flight = 0  # records taken from the queue, not yet written or spooled
         self._stopping = False
         self._db_down = False
+        self._queued_total = 0  # records ever queued
+        self._done_total = 0  # of those, the first ones (queue order) written, spooled or set aside
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._retry_delay_s = flush_interval_s
         self._next_retry = 0.0
         # counters, for metrics and tests
@@ -67,10 +74,39 @@ class UsageWriter:
             if not data.get("created_at"):
                 data["created_at"] = time.time()
             self._queue.append(data)
+            self._queued_total += 1
             if len(self._queue) >= self._batch_size and self._wake is not None:
                 self._wake.set()
         except Exception:  # the request path must never fail on accounting
             logger.exception("usage: could not queue a record")
+
+    async def persisted(self, timeout_s: float) -> bool:
+        """Wait until every record queued so far is in the database or the spool; the writer writes at
+        once. False after `timeout_s` or when the writer is not running (the records stay queued)."""
+        target = self._queued_total
+        if self._done_total >= target:
+            return True
+        if self._wake is None or self._task is None:
+            return False
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, done))
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _advance(self, count: int) -> None:
+        self._done_total += count
+        pending = []
+        for target, done in self._waiters:
+            if target <= self._done_total:
+                if not done.done():
+                    done.set_result(None)
+            else:
+                pending.append((target, done))
+        self._waiters = pending
 
     def backlog(self) -> int:
         """Records not yet in the database: queued in memory plus spooled on disk."""
@@ -137,6 +173,7 @@ class UsageWriter:
                     # straight to the spool, keeping the request order and sparing a dead server.
                     if self._spooled or self._db_down or not await self._write(batch):
                         await self._to_spool(batch)
+                    self._advance(len(batch))
                 except BaseException:
                     self._queue.extendleft(reversed(batch))  # spool unwritable: keep them for the next try
                     raise

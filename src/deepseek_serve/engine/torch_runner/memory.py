@@ -53,7 +53,14 @@ def rows_buckets(num_slots: int) -> list[int]:
 
 
 def activation_reserve(
-    args: ModelArgs, dtype: torch.dtype, *, chunk_tokens: int, max_len: int, num_slots: int, kv_buckets: int
+    args: ModelArgs,
+    dtype: torch.dtype,
+    *,
+    chunk_tokens: int,
+    max_len: int,
+    num_slots: int,
+    kv_buckets: int,
+    fixed: int = FIXED_RESERVE,
 ) -> int:
     """An upper estimate of the memory a step needs beyond weights and KV.
 
@@ -61,8 +68,9 @@ def activation_reserve(
       and probabilities in float32 (SDPA's math path, the worst case), the additive mask repeated over
       the query heads of a KV head, and the layer's activations (twice, for the input and the output);
     - the sampler's float32 copies of the logits of every slot;
-    - the logits each captured decode graph keeps in the shared pool (rows x vocab per graph);
-    - a fixed reserve for workspaces.
+    - the logits each captured decode graph keeps in the shared pool (rows x vocab per graph; none
+      without graphs: kv_buckets = 0);
+    - `fixed` for workspaces (CUDA).
     """
     item = dtype.itemsize
     h, hk, d, i = args.num_heads, args.num_kv_heads, args.head_dim, args.intermediate_size
@@ -72,7 +80,7 @@ def activation_reserve(
     layer = 2 * t * (3 * args.hidden_size + (h + 2 * hk) * d + 3 * i) * item
     sampler = num_slots * args.vocab_size * 4 * SAMPLER_COPIES
     graphs = sum(rows_buckets(num_slots)) * kv_buckets * (args.vocab_size * item + 8)
-    return attention + layer + sampler + graphs + FIXED_RESERVE
+    return attention + layer + sampler + graphs + fixed
 
 
 def kv_length_buckets(max_len: int, bucket: int) -> int:
@@ -130,8 +138,10 @@ def plan_memory(
     requested_slots: int,
     chunk_tokens: int,
     kv_bucket: int = 256,
+    cuda_graphs: bool = True,
 ) -> MemoryPlan:
-    """The slots that fit (at most `requested_slots`); MemoryPlanError when not even one does."""
+    """The slots that fit (at most `requested_slots`); MemoryPlanError when not even one does.
+    `device` "cuda..." adds the fixed workspace reserve; `cuda_graphs` the graphs' logits."""
     if not 0.0 < utilization <= 1.0:
         raise ValueError(f"utilization must be in (0, 1], got {utilization}")
     per_slot = (max_len + 1) * kv_bytes_per_token(args, dtype)
@@ -141,7 +151,8 @@ def plan_memory(
         chunk_tokens=chunk_tokens,
         max_len=max_len,
         num_slots=requested_slots,
-        kv_buckets=kv_length_buckets(max_len, kv_bucket),
+        kv_buckets=kv_length_buckets(max_len, kv_bucket) if cuda_graphs else 0,
+        fixed=FIXED_RESERVE if device.startswith("cuda") else 0,
     )
     budget = int(free_bytes * utilization)
     fit = max(0, (budget - weight_bytes - reserve) // per_slot)

@@ -174,6 +174,24 @@ def attend_sdpa(q: Tensor, kvs: Tensor, mask: Tensor, hk: int) -> Tensor:
     return out.view(b, hk, g, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, h * hd)
 
 
+def attend_causal(q: Tensor, kvs: Tensor, hk: int) -> Tensor:
+    """One sequence's chunk of T new tokens at the end of its S cached positions (query i sits at
+    position S - T + i): `attend_sdpa` with the causal mask aligned to the bottom right, which SDPA
+    runs in its flash / memory-efficient kernels instead of materializing [T x S] scores per head.
+    q [1, T, H, D], kvs [1, Hk, S, 2D] -> [1, T, H * D]. KV heads are repeated for GQA (a copy of
+    this layer's S positions: small next to the scores it saves)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    b, t, h, hd = q.shape
+    s = kvs.shape[2]
+    keys, values = kvs[..., :hd], kvs[..., hd:]
+    if h != hk:
+        keys = keys.repeat_interleave(h // hk, dim=1)
+        values = values.repeat_interleave(h // hk, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=causal_lower_right(t, s))
+    return out.transpose(1, 2).reshape(b, t, h * hd)
+
+
 def attend_reductions(q: Tensor, kvs: Tensor, mask: Tensor, hk: int) -> Tensor:
     """`attend_sdpa` for T == 1 and an additive mask, written as broadcast products and sums: meant to
     be traced by torch.compile, which turns it into a few fused reduction kernels (eager, it would
@@ -207,6 +225,8 @@ class _Ops:
 
     @staticmethod
     def attend(q: Tensor, kvs: Tensor, fb: ForwardBatch, hk: int) -> Tensor:
+        if fb.causal_tail:
+            return attend_causal(q, kvs, hk)
         return attend_sdpa(q, kvs, fb.mask, hk)
 
 
@@ -262,6 +282,7 @@ class ForwardBatch:
     mask: Tensor  # [B, 1, T, S] additive (0 / -inf) or bool
     rows: Tensor | None = None  # [B, T] int64 cache slot of each new token (built once per forward)
     lengths: Tensor | None = None  # [B] int64 positions attended (decode with the Triton attention)
+    causal_tail: bool = False  # one row whose T new tokens are the last T of the S positions read
 
     def __post_init__(self) -> None:
         if self.rows is None:

@@ -2,13 +2,17 @@
 every `nn.Linear` of the decoder layers with a quantized twin in place, and the LM head with an int8 one.
 
 - int8: per-output-channel symmetric scales (see `Int8Linear` for the kernels).
-- int4: group-wise asymmetric (min/max, 16 levels, groups along K). CUDA: the Triton kernels of
-  `quant_kernels` (or aten's tinygemm `_weight_int4pack_mm`); CPU: `_weight_int4pack_mm_for_cpu`.
+- int4: group-wise asymmetric (min/max, 16 levels, groups along K). CUDA: aten's tinygemm
+  `_weight_int4pack_mm` (bfloat16; the fastest for a few rows, slow for many) or the Triton kernel of
+  `quant_kernels`; CPU: `_weight_int4pack_mm_for_cpu`.
 
-CUDA kernels by rows M (the batch's tokens): up to TRITON_MAX_ROWS the Triton weight-only matmuls
-(weights read once, dequantized in registers, K split over programs when M is small); one int8 row
+CUDA kernels by rows M (the batch's tokens), measured on an H200 (docs/performance.md): one int8 row
 inside a compiled decode step is left to Inductor, whose coordinate-descent-tuned reduction fuses the
-int8 -> bf16 cast; above TRITON_MAX_ROWS (prefill) the weights are dequantized and cuBLAS multiplies.
+int8 -> bf16 cast (faster there than the Triton kernel); up to TRITON_MAX_ROWS the Triton weight-only
+matmuls (weights read once, dequantized in registers, K split over programs when M is small); above
+it (prefill) the weights are dequantized and cuBLAS multiplies. int4 defaults to tinygemm (INT4_KERNEL):
+the fastest one-row kernel measured, though 3x slower than bf16 at 64 rows, where the Triton `w4_mm`
+is 1.4x slower; one packing serves all row counts, so the kernel is chosen per model.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ Int4Kernel = Literal["triton", "tinygemm"]
 INT4_INNER_K_TILES = 8
 TRITON_MAX_ROWS = 128
 INT8_ONE_ROW: Literal["inductor", "triton"] = "inductor"  # one row inside torch.compile
-INT4_KERNEL: Int4Kernel = "triton"  # CUDA default
+INT4_KERNEL: Int4Kernel = "tinygemm"  # CUDA default (bfloat16; other dtypes use the Triton kernel)
 _kernels: bool | None = None
 
 
@@ -147,14 +151,16 @@ class Int4Linear(nn.Module):
         self.dtype = w.dtype
         self.on_cuda = w.device.type == "cuda"
         self.kernel: str = kernel or (INT4_KERNEL if self.on_cuda else "cpu")
+        if self.kernel == "tinygemm" and w.dtype != torch.bfloat16:
+            self.kernel = "triton"  # tinygemm takes bfloat16 only
         if self.kernel == "triton" and not triton_kernels():
+            if w.dtype != torch.bfloat16:
+                raise ValueError("int4 on CUDA needs bfloat16 weights or Triton (DS_DTYPE=bfloat16 or auto)")
             self.kernel = "tinygemm"
         codes, sz = quantize_int4(w, self.group_size)
         if self.kernel == "triton":
             packed = pack_int4(codes, self.group_size)
         elif self.kernel == "tinygemm":
-            if w.dtype != torch.bfloat16:
-                raise ValueError("int4 with tinygemm needs bfloat16 weights (DS_DTYPE=bfloat16 or auto)")
             packed_u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)  # [N, K/2]
             packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, INT4_INNER_K_TILES)
         else:

@@ -137,7 +137,7 @@ class TorchRunner(Runner):
         dtype = resolve_dtype(settings.dtype, device)
         free = free_memory(device)  # before the weights: the budget is a share of what is free now
         model = load_model(Path(model_path), dtype, device)
-        quantize_model(model, settings.quantization)
+        quantize_model(model, settings.quantization, settings.int4_group_size)
         trained = model.args.max_position_embeddings
         max_len = settings.max_model_len or min(trained, settings.context_length)
         plan = plan_memory(
@@ -151,6 +151,7 @@ class TorchRunner(Runner):
             requested_slots=settings.max_batch_size,
             chunk_tokens=settings.prefill_chunk_tokens,
             kv_bucket=KV_LEN_BUCKET,
+            cuda_graphs=settings.cuda_graphs and device.type == "cuda",
         )
         if plan.num_slots < settings.max_batch_size:
             logger.warning(
@@ -328,13 +329,15 @@ class TorchRunner(Runner):
             raise RuntimeError("warmup() runs before any sequence is allocated")
         self.slots.clear_idle()
         rows = min(2, self.slots.num_slots)
-        shapes = {(1, 2), (rows, 2), (1, max(2, min(prefill_tokens, self._max_len)))}
+        # one-row prompts of 2..128 tokens: the quantized matmuls pick their tiles per rows bucket
+        short = {(1, t) for t in (4, 8, 16, 32, 64, 128) if t <= self._max_len}
+        shapes = {(1, 2), (rows, 2), (1, max(2, min(prefill_tokens, self._max_len))), *short}
         for b, t in sorted(shapes):
             tok = torch.zeros((b, t), dtype=torch.int64, device=self.device)
             pos = torch.arange(t, device=self.device)[None, :].expand(b, t)
             mask = additive_mask((pos[:, :, None] >= self._arange[:t][None, None, :]).unsqueeze(1), self.dtype)
             slots = torch.arange(b, dtype=torch.int64, device=self.device)
-            fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask)
+            fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=b == 1)
             logits = self.model.lm_head(self.model.hidden_states(tok, self.cache, fb)[:, -1])
         rich = SamplingParams(
             temperature=0.7,
@@ -364,7 +367,7 @@ class TorchRunner(Runner):
         kv_len = max(starts) + t
         mask = additive_mask((self._arange[:kv_len][None, None, :] <= pos[:, :, None]).unsqueeze(1), self.dtype)
         slots = torch.tensor(slot_ids, dtype=torch.int64).to(self.device)
-        fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask)
+        fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=len(entries) == 1)
         h = self.model.hidden_states(tok, self.cache, fb)
         return self.model.lm_head(h[:, -1])
 
@@ -524,6 +527,7 @@ class TorchRunner(Runner):
                     positions=pos,
                     write_pos=pos,
                     mask=mask,
+                    causal_tail=True,
                 )
                 return self.model(tok, cache, fb)[0].float()
         finally:

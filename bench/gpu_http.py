@@ -1,0 +1,192 @@
+"""The whole HTTP path on the GPU against the in-process runner, one run side by side.
+
+Run on a CUDA machine from the repository root (the server's Python packages installed):
+    PYTHONPATH=src python3 bench/gpu_http.py --tokenizer DIR [--out DIR]
+
+1. writes a Hugging Face folder with random bf16 weights of the deepseek-coder-1.3b shape and the
+   tokenizer files of --tokenizer;
+2. in process: `TorchRunner` (CUDA graphs, compiled decode) on those weights, greedy, 128-token
+   prompts, 256 new tokens, at 1 / 8 / 64 / 128 concurrent sequences (bench/gpu.py's method);
+3. starts the real server (`python -m deepseek_serve serve`, torch runner, DS_MAX_BATCH_SIZE=128 and
+   the model's 16k context: the memory plan decides the slots) and times start -> ready;
+4. `deepseek-serve bench -w short --max-tokens 256 --ignore-eos` at 1 / 8 / 64 / 128 streams: a first
+   pass right after ready (no warm-up request), then a second pass.
+Writes summary.json, server.log and log.txt under --out (default: $OUT or ./bench-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gpu  # bench/gpu.py
+
+SHAPE = gpu.SHAPES["deepseek-coder-1.3b"]
+STREAMS = (1, 8, 64, 128)
+REQUESTS = {1: 4, 8: 16, 64: 128, 128: 256}
+
+
+def write_model(dst: Path, tokenizer: Path) -> None:
+    hf = gpu.hf_model(SHAPE, torch.bfloat16, seed=0)
+    hf.save_pretrained(dst, safe_serialization=True)
+    for f in tokenizer.iterdir():
+        if f.is_file() and f.name != "config.json":
+            shutil.copy(f, dst / f.name)
+    del hf
+    torch.cuda.empty_cache()
+
+
+def in_process(model_dir: Path) -> dict[int, float]:
+    from deepseek_serve.engine.torch_runner.loading import load_model
+    from deepseek_serve.engine.torch_runner.runner import TorchRunner
+
+    model = load_model(model_dir, torch.bfloat16, torch.device("cuda"))
+    runner = TorchRunner(model, None, num_slots=128, max_len=512, device=torch.device("cuda"), dtype=torch.bfloat16)
+    runner.warmup(512)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for conc in STREAMS:
+        prompts = [torch.randint(0, SHAPE["vocab_size"], (128,), generator=gen).tolist() for _ in range(conc)]
+        gpu.bench_runner(runner, prompts, 2)
+        r = gpu.bench_runner(runner, prompts, 256)
+        out[conc] = r["tok_s"]
+        gpu.log(f"in process, {conc} streams: {r['tok_s']:.0f} tok/s ({r['decode_tok_s']:.0f} decode)")
+    del runner, model
+    torch.cuda.empty_cache()
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("server not ready")
+
+
+def http_bench(url: str, conc: int, label: str, tmp: Path) -> dict[str, Any]:
+    out_dir = tmp / f"{label}-c{conc}"
+    cmd = [
+        sys.executable, "-m", "deepseek_serve", "bench", "--base-url", url, "-w", "short",
+        "--max-tokens", "256", "--ignore-eos", "-c", str(conc), "-n", str(REQUESTS[conc]),
+        "--warmup", "0", "--no-progress", "--seed", "0", "--label", f"{label}-c{conc}", "-o", str(out_dir),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    res = json.loads(next(out_dir.glob("*.json")).read_text())
+    m = res["phases"][0]["metrics"]
+    row = {
+        "streams": conc,
+        "pass": label,
+        "ok": m["num_ok"],
+        "tok_s": m["output_token_throughput"],
+        "ttft_p50": m["ttft"]["p50"],
+        "ttft_p99": m["ttft"]["p99"],
+        "tpot_p50": m["tpot"]["p50"],
+        "itl_p99": m["itl"]["p99"],
+    }
+    gpu.log(json.dumps(row))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--tokenizer", required=True, type=Path)
+    ap.add_argument("--tmp", default="/tmp/gpu-http", type=Path)
+    ap.add_argument("--skip-in-process", action="store_true")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu.LOG_FILE = out / "log.txt"
+    a.tmp.mkdir(parents=True, exist_ok=True)
+    model_dir = a.tmp / "coder-1.3b-random"
+    summary: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC")}
+    t0 = time.monotonic()
+    write_model(model_dir, a.tokenizer)
+    gpu.log(f"model written in {time.monotonic() - t0:.1f} s")
+    if not a.skip_in_process:
+        summary["in_process_tok_s"] = in_process(model_dir)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "DS_MODEL": str(model_dir),
+        "DS_RUNNER": "torch",
+        "DS_MAX_BATCH_SIZE": "128",
+        "DS_CONTEXT_LENGTH": "16384",
+        "DS_MAX_QUEUE_SIZE": "512",
+        "DS_PORT": str(port),
+        "DS_DATA_DIR": str(a.tmp / "data"),
+        "DS_RESPONSE_CACHE": "false",
+        "DS_LOG_FORMAT": "console",
+    }
+    log_f = (out / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepseek_serve", "serve"], env=env, stdout=log_f, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        summary["ready_s"] = wait_ready(url, proc, 400)
+        gpu.log(f"server ready in {summary['ready_s']:.1f} s after start")
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
+        summary["gpu_memory_after_ready"] = smi.stdout.strip()
+        gpu.log(f"GPU memory used after ready: {smi.stdout.strip()}")
+        rows = []
+        for label in ("first", "second"):
+            for conc in STREAMS:
+                try:
+                    rows.append(http_bench(url, conc, label, a.tmp))
+                except Exception as exc:
+                    gpu.log(f"http {label} c={conc} failed: {exc!r}"[:2000])
+        summary["http"] = rows
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    inproc = summary.get("in_process_tok_s", {})
+    gpu.log("\n| streams | pass | HTTP tok/s | in-process tok/s | ratio | TTFT p50 / p99 ms | ITL p99 ms |")
+    gpu.log("|---|---|---|---|---|---|---|")
+    for r in summary.get("http", []):
+        ip = inproc.get(r["streams"])
+        ratio = f"{r['tok_s'] / ip:.2f}" if ip else "-"
+        gpu.log(
+            f"| {r['streams']} | {r['pass']} | {r['tok_s']:.0f} | {ip or 0:.0f} | {ratio} | "
+            f"{1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | {1e3 * r['itl_p99']:.1f} |"
+        )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
