@@ -118,8 +118,11 @@ async def test_engine_gauges_and_token_counters_follow_the_real_engine(engine: A
     assert last.usage is not None
     after = samples(m.render()[0].decode())
     assert after[("llm_generation_tokens_total", ())] - before[("llm_generation_tokens_total", ())] == 5
+    # every prompt token counts, prefix-cache hits included (an earlier test may have left this prompt cached)
     assert (after[("llm_prompt_tokens_total", ())] - before[("llm_prompt_tokens_total", ())]
-            == last.usage.prompt_tokens - last.usage.cached_tokens)
+            == last.usage.prompt_tokens)
+    assert (after[("llm_prefix_cache_hits_total", ())] - before[("llm_prefix_cache_hits_total", ())]
+            == last.usage.cached_tokens)
     assert after[("llm_engine_steps_total", ())] > before[("llm_engine_steps_total", ())]
     assert after[("llm_requests_running", ())] == 0
 
