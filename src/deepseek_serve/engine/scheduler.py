@@ -73,10 +73,11 @@ class Scheduler:
                 if not self.runner.can_allocate(seq):
                     break
                 self.waiting.popleft()
+                # NOTE: under the lock, so `add` counts the sequence in one of the two lists at every moment
+                self.running.append(seq)
             self.runner.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             seq.first_scheduled_time = now
-            self.running.append(seq)
             admitted.append(seq)
         return admitted
 
