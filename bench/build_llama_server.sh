@@ -4,6 +4,7 @@
 # it side by side with deepseek-serve on the same GGUF file and the same llama.cpp revision.
 #
 # Usage: bench/build_llama_server.sh            prints the path of the binary (built once, then cached)
+#        bench/build_llama_server.sh llama-bench  the same for llama.cpp's `llama-bench` (one build makes both)
 # Cache: $DS_LLAMA_SERVER_CACHE (default ~/.cache/deepseek-serve/llama-server/<version>)
 set -Eeuo pipefail
 trap 'echo "build_llama_server.sh: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
@@ -12,7 +13,12 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' "$here/pyproject.toml" | head -n 1)
 [ -n "$version" ] || { echo "build_llama_server.sh: no llama-cpp-python pin in pyproject.toml" >&2; exit 1; }
 cache=${DS_LLAMA_SERVER_CACHE:-$HOME/.cache/deepseek-serve/llama-server/$version}
-binary="$cache/bin/llama-server"
+tool=${1:-llama-server}
+case $tool in
+  llama-server|llama-bench) ;;
+  *) echo "build_llama_server.sh: unknown tool $tool (llama-server or llama-bench)" >&2; exit 2 ;;
+esac
+binary="$cache/bin/$tool"
 if [ -x "$binary" ]; then
   echo "$binary"
   exit 0
@@ -28,11 +34,13 @@ tar -C "$work" -xzf "$work"/llama_cpp_python-"$version".tar.gz
 src="$work/llama_cpp_python-$version/vendor/llama.cpp"
 [ -f "$src/CMakeLists.txt" ] || { echo "build_llama_server.sh: no vendored llama.cpp in the sdist" >&2; exit 1; }
 
-echo "build_llama_server.sh: building llama-server (a few minutes)" >&2
+echo "build_llama_server.sh: building llama-server and llama-bench (a few minutes)" >&2
 cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF >&2
-cmake --build "$work/build" --target llama-server -j "$(nproc)" >&2
+cmake --build "$work/build" --target llama-server llama-bench -j "$(nproc)" >&2
 mkdir -p "$cache/bin"
-install -m 0755 "$work/build/bin/llama-server" "$binary.tmp"
-mv "$binary.tmp" "$binary"
+for built in llama-server llama-bench; do
+  install -m 0755 "$work/build/bin/$built" "$cache/bin/$built.tmp"
+  mv "$cache/bin/$built.tmp" "$cache/bin/$built"
+done
 echo "$binary"

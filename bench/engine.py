@@ -1,20 +1,25 @@
 """Engine throughput on CPU: deepseek-serve's engine at 1/4/8 concurrent streams against plain
-llama-cpp-python `Llama.create_completion` on the same model and threads.
+llama-cpp-python `Llama.create_completion` on the same model and threads, and optionally against
+llama.cpp's C++ `llama-bench` token generation (tg) on the same file and threads.
 
     .venv/bin/python bench/engine.py [--model PATH] [--threads N] [--new-tokens 128] [--repeats 5]
+        [--concurrency 1,4,8] [--llama-bench PATH]
 
 Every stream generates exactly --new-tokens tokens (greedy, EOS ignored) from fixed prompts; every run
 starts cold (the whole prompt is computed, nothing is reused from an earlier run) on both sides.
 Prints a Markdown table with tokens/s and ratios; each row is the median of --repeats rounds, and every
 round measures every configuration (interleaved). create_completion runs twice: with llama-cpp-python's
 defaults (the baseline; flash attention off) and with flash attention on (the engine's default), so the
-table shows how much of the engine's lead is that setting.
+table shows how much of the engine's lead is that setting. With --llama-bench (see
+bench/build_llama_server.sh), every round also runs `llama-bench -p 0 -n NEW_TOKENS -r 1` (its own
+defaults otherwise: flash attention auto, weights repacked) in a child process.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import platform
 import statistics
@@ -98,6 +103,13 @@ def _plain_rate(prompt: str, new_tokens: int, flash_attn: bool) -> tuple[float, 
     return n / elapsed, n
 
 
+def llama_bench_tg(binary: str, model: Path, threads: int, new_tokens: int) -> float:
+    """llama.cpp's `llama-bench` token generation rate (tg NEW_TOKENS, one repetition after its warm-up)."""
+    cmd = [binary, "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(new_tokens), "-r", "1", "-o", "json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out)[0]["avg_ts"])
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
@@ -105,6 +117,7 @@ async def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--concurrency", default="1,4,8")
+    ap.add_argument("--llama-bench", default="", help="llama-bench binary: add its tg rate to every round")
     args = ap.parse_args()
     threads = args.threads or physical_cores()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -132,6 +145,7 @@ async def main() -> None:
     await engine_run(engine, 1, 16)  # warm-up
     base: list[float] = []
     base_fa: list[float] = []
+    tg: list[float] = []
     runs: dict[int, list[float]] = {c: [] for c in levels}
     # NOTE: rounds interleave every configuration, so a slow minute on a shared VM hits all of them
     # alike instead of skewing one row.
@@ -139,13 +153,17 @@ async def main() -> None:
         prompt = PROMPTS[0]  # the prompt of the engine's one-stream run
         base.append(plain_rate(prompt, flash_attn=False))
         base_fa.append(plain_rate(prompt, flash_attn=True))
+        if args.llama_bench:
+            tg.append(llama_bench_tg(args.llama_bench, model_path, threads, args.new_tokens))
         for c in levels:
             # NOTE: every run starts cold, as the baseline does: no prompt reuse from an earlier run, and
             # no idle prefix-cache cells left by it (they would widen the KV span each step scans).
             await engine.clear_prefix_cache()
             runs[c].append((await engine_run(engine, c, args.new_tokens))[0])
         print(
-            f"round {r + 1}: create_completion {base[-1]:.1f}, with flash_attn {base_fa[-1]:.1f}, engine "
+            f"round {r + 1}: create_completion {base[-1]:.1f}, with flash_attn {base_fa[-1]:.1f}, "
+            + (f"llama-bench tg {tg[-1]:.1f}, " if tg else "")
+            + "engine "
             + ", ".join(f"x{c} {runs[c][-1]:.1f}" for c in levels),
             flush=True,
         )
@@ -163,17 +181,29 @@ async def main() -> None:
         f"\nmachine: {platform.processor() or platform.machine()}, {threads} threads; commit {commit}; "
         f"model {model_path.name}; {args.new_tokens} new tokens/stream, greedy; median of {args.repeats}\n"
     )
-    print("| run | concurrent streams | aggregate tok/s | vs create_completion | vs engine x1 |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| llama-cpp-python create_completion (defaults) | 1 | {base_rate:.1f} | 1.00x | - |")
+    tg_rate = statistics.median(tg) if tg else 0.0
+
+    def vs_tg(rate: float) -> str:
+        return f" {rate / tg_rate:.2f}x |" if tg else ""
+
+    print(
+        "| run | concurrent streams | aggregate tok/s | vs create_completion | vs engine x1 |"
+        + (" vs llama-bench tg |" if tg else "")
+    )
+    print("|---|---:|---:|---:|---:|" + ("---:|" if tg else ""))
+    if tg:
+        name = f"llama.cpp llama-bench tg{args.new_tokens}"
+        print(f"| {name} | 1 | {tg_rate:.1f} | {tg_rate / base_rate:.2f}x | - | 1.00x |")
+    print(f"| llama-cpp-python create_completion (defaults) | 1 | {base_rate:.1f} | 1.00x | - |" + vs_tg(base_rate))
     print(
         f"| llama-cpp-python create_completion, flash_attn=True | 1 | {base_fa_rate:.1f} | "
-        f"{base_fa_rate / base_rate:.2f}x | - |"
+        f"{base_fa_rate / base_rate:.2f}x | - |" + vs_tg(base_fa_rate)
     )
     one = results.get(1, 0.0)
     for c, rate in results.items():
         print(
             f"| deepseek-serve engine | {c} | {rate:.1f} | {rate / base_rate:.2f}x | {rate / one if one else 0:.2f}x |"
+            + vs_tg(rate)
         )
 
 

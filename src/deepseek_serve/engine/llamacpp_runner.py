@@ -13,7 +13,8 @@ Idle entries are not free: llama.cpp attends over the whole occupied span of the
 So an entry whose tokens are a prefix of a newer idle entry (the previous turn of the same
 conversation) is dropped at once, and idle entries keep at most `prefix_cache_tokens` cells (LRU).
 
-Sampling runs in llama.cpp's native sampler chains (one chain per sequence, own seed), so the
+Sampling runs in llama.cpp's native sampler chains (one chain per sequence, own seed), except plain
+temperature sampling over the whole vocabulary, which `TemperatureSampler` does in numpy; so the
 per-token Python work is filling the batch and one call per sequence.
 
 Constrained decoding (`SamplingParams.grammar`, GBNF) uses llama.cpp's grammar sampler outside the
@@ -197,6 +198,48 @@ def make_grammar_sampler(vocab: lc.llama_vocab_p, grammar: str) -> lc.llama_samp
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 
 
+def uses_temperature_sampler(p: SamplingParams) -> bool:
+    """Plain temperature sampling (no top-k/top-p/min-p cut, penalties, logit bias or grammar):
+    `TemperatureSampler`."""
+    return (not p.is_greedy and not p.has_penalties and not p.logit_bias and p.grammar is None and p.top_k == 0
+            and p.top_p >= 1.0 and p.min_p == 0.0)
+
+
+class TemperatureSampler:
+    """An exact draw from softmax(logits / temperature) over the whole vocabulary, with its own random
+    stream (seeded when `seed` is given).
+
+    llama.cpp's chain (temperature -> dist) copies the vocabulary into a candidates array and
+    exponentiates it one entry at a time: ~1.2 ms per token for a 151,936-entry vocabulary, on the
+    engine thread while the compute threads wait. Here the exponentials are vectorized and the
+    inverse-CDF search runs over block sums, then inside one block (~0.15 ms).
+    """
+
+    BLOCK = 1024
+
+    def __init__(self, temperature: float, seed: int | None, n_vocab: int) -> None:
+        self._scale = np.float32(1.0 / temperature)
+        self._rng = np.random.default_rng(None if seed is None else seed % (1 << 64))
+        self._n = n_vocab
+        self._buf = np.zeros(-(-n_vocab // self.BLOCK) * self.BLOCK, dtype=np.float32)  # tail stays 0
+
+    def sample(self, logits: np.ndarray) -> int:
+        z = self._buf[: self._n]
+        np.multiply(logits, self._scale, out=z)
+        z -= z.max()
+        np.exp(z, out=z)
+        blocks = self._buf.reshape(-1, self.BLOCK).sum(axis=1, dtype=np.float64)
+        cumulative = np.cumsum(blocks)
+        u = self._rng.random() * cumulative[-1]
+        b = min(int(np.searchsorted(cumulative, u, side="right")), len(blocks) - 1)
+        if b:
+            u -= cumulative[b - 1]
+        block = self._buf[b * self.BLOCK : (b + 1) * self.BLOCK]
+        i = int(np.searchsorted(np.cumsum(block, dtype=np.float64), u, side="right"))
+        last = int(np.flatnonzero(block)[-1])  # rounding may run past the block's last non-zero weight
+        return b * self.BLOCK + min(i, last)
+
+
 @dataclass(eq=False)
 class _Slot:
     index: int
@@ -204,6 +247,7 @@ class _Slot:
     seq: Sequence | None = None
     sampler: lc.llama_sampler_p | None = None
     grammar: lc.llama_sampler_p | None = None
+    fast_sampler: TemperatureSampler | None = None
     last_used: float = 0.0
 
     @property
@@ -225,10 +269,13 @@ class LlamaCppRunner(Runner):
 
     def __init__(self, model_path: Path, *, context_length: int = 8192, max_batch_size: int = 8,
                  max_model_len: int = 0, n_threads: int = 0, prefill_chunk_tokens: int = 512,
-                 prefix_cache: bool = True, prefix_cache_tokens: int = 4096, flash_attn: bool = True) -> None:
+                 prefix_cache: bool = True, prefix_cache_tokens: int = 4096, flash_attn: bool = True,
+                 repack: bool = False) -> None:
         _init_backend()
-        mparams = lc.llama_model_default_params()
-        mparams.use_mmap = True
+        mparams = lc.llama_model_default_params()  # memory-mapped weights (load mode "auto")
+        # NOTE: llama.cpp's repacked CPU layout (use_extra_bufts) makes prompt processing of Q4_K weights
+        # slower on AVX-512 CPUs (docs/performance.md), and the copy is private memory beside the mapping.
+        mparams.use_extra_bufts = repack
         self._model = lc.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load the model file {model_path}")
@@ -262,19 +309,19 @@ class LlamaCppRunner(Runner):
         limit = max_model_len or self.n_ctx_train or self._n_ctx
         self._max_model_len = min(limit, self._n_ctx)
         self._slots = [_Slot(i, []) for i in range(n_slots)]
-        self._batch = lc.llama_batch_init(self._n_batch, 0, 1)
+        self._batch = lc.llama_batch_init(self._n_batch, 0, n_slots)
         self._b_token = np.ctypeslib.as_array(self._batch.token, shape=(self._n_batch,))
         self._b_pos = np.ctypeslib.as_array(self._batch.pos, shape=(self._n_batch,))
         self._b_nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self._n_batch,))
         self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self._n_batch,))
         self._b_seq = [self._batch.seq_id[i] for i in range(self._n_batch)]
-        self._b_nseq[:] = 1
         self._reserved = 0  # KV tokens reserved by running sequences
         # candidates for constrained sampling: one llama_token_data per vocabulary entry, plus one
         self._cand = (lc.llama_token_data * self._n_vocab)()
         self._cand_np = np.frombuffer(memoryview(self._cand), dtype=_TOKEN_DATA)
         self._cand_ids = np.arange(self._n_vocab, dtype=np.int32)
         self._one = (lc.llama_token_data * 1)()
+        self.tokens_computed = 0  # tokens fed to llama_decode so far (shared prompt tokens count once)
         template = lc.llama_model_chat_template(self._model, None)
         self._chat_template = template.decode("utf-8") if template else None
         self.model_path = model_path
@@ -322,13 +369,16 @@ class LlamaCppRunner(Runner):
         return has_slot and self._reserved + seq.max_total_tokens <= self._n_ctx
 
     def allocate(self, seq: Sequence) -> int:
-        sampler = make_sampler_chain(seq.params, self._n_vocab)  # first: it may refuse the params
+        p = seq.params
+        fast = TemperatureSampler(p.temperature, p.seed, self._n_vocab) if uses_temperature_sampler(p) else None
+        sampler = None if fast else make_sampler_chain(p, self._n_vocab)  # first: it may refuse the params
         grammar = None
-        if seq.params.grammar is not None:
+        if p.grammar is not None:
             try:
-                grammar = make_grammar_sampler(self._tokenizer.vocab, seq.params.grammar)
+                grammar = make_grammar_sampler(self._tokenizer.vocab, p.grammar)
             except ValueError:
-                lc.llama_sampler_free(sampler)
+                if sampler is not None:
+                    lc.llama_sampler_free(sampler)
                 raise
         prompt = seq.prompt_token_ids
         slot, reuse, source = self._pick_slot(prompt)
@@ -351,6 +401,7 @@ class LlamaCppRunner(Runner):
         slot.seq = seq
         slot.sampler = sampler
         slot.grammar = grammar
+        slot.fast_sampler = fast
         seq.slot = slot.index
         seq.num_computed_tokens = cached
         seq.num_cached_tokens = cached
@@ -401,33 +452,20 @@ class LlamaCppRunner(Runner):
         return None if ok else f"a token id outside the vocabulary [0, {self._n_vocab})"
 
     def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
-        n = 0
         results: list[SampleResult | None] = [None] * len(batch)
-        fed: list[tuple[int, int]] = []  # (batch index, logits row) of each entry in the llama batch
+        accepted: list[int] = []  # batch indices that go to llama_decode
+        planned = 0  # tokens before sharing: an upper bound of what _fill_batch writes
         for i, item in enumerate(batch):
-            seq = item.seq
-            assert seq.slot is not None, "step() on an unallocated sequence"
-            refused = self._refuse(item, n)
+            refused = self._refuse(item, planned)
             if refused is not None:
                 results[i] = SampleResult.failed(refused)
                 continue
-            start = seq.num_computed_tokens
-            k = item.num_new_tokens
-            if start + k <= seq.num_prompt_tokens:
-                self._b_token[n:n + k] = seq.prompt_token_ids[start:start + k]
-            else:
-                self._b_token[n:n + k] = seq.all_token_ids[start:start + k]
-            self._b_pos[n:n + k] = np.arange(start, start + k)
-            self._b_logits[n:n + k] = 0
-            slot = seq.slot
-            for j in range(n, n + k):
-                self._b_seq[j][0] = slot
-            n += k
-            if item.sample:
-                self._b_logits[n - 1] = 1
-            fed.append((i, n - 1))
-        if not fed:
+            planned += item.num_new_tokens
+            accepted.append(i)
+        if not accepted:
             return results
+        n, out_index = self._fill_batch([batch[i] for i in accepted])
+        assert n <= self._n_batch, f"batch of {n} tokens exceeds n_batch {self._n_batch}"
         self._batch.n_tokens = n
         rc = lc.llama_decode(self._ctx, self._batch)
         if rc == 1:
@@ -438,7 +476,8 @@ class LlamaCppRunner(Runner):
             rc = lc.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
-        for i, idx in fed:
+        self.tokens_computed += n
+        for i, idx in zip(accepted, out_index, strict=True):
             item = batch[i]
             item.seq.num_computed_tokens += item.num_new_tokens
             if not item.sample:
@@ -459,8 +498,9 @@ class LlamaCppRunner(Runner):
         elif params.is_greedy and not params.has_penalties and not params.logit_bias:
             # NOTE: argmax straight over the logits row: ~8 us instead of ~90 us for the native greedy
             # sampler, which first copies the whole vocabulary into a candidates array (same first-max pick).
-            row = lc.llama_get_logits_ith(self._ctx, idx)
-            token = int(np.ctypeslib.as_array(row, shape=(self._n_vocab,)).argmax())
+            token = int(self._logits_row(idx).argmax())
+        elif slot.fast_sampler is not None:
+            token = slot.fast_sampler.sample(self._logits_row(idx))
         else:
             sampler = slot.sampler
             if sampler is None:
@@ -509,6 +549,78 @@ class LlamaCppRunner(Runner):
         lc.llama_sampler_accept(chain, token)
         return token
 
+    def _fill_batch(self, batch: list[ScheduledSeq]) -> tuple[int, list[int]]:
+        """Write the step's tokens into the llama_batch; returns (tokens written, logits row of each item).
+
+        Prompt chunks that start at the same position after identical earlier tokens and begin with the
+        same tokens are written once for all of them: each shared token carries every such sequence's
+        id, so llama.cpp computes it once and stores one KV cell tagged with all of them (as `seq_cp`
+        tags copied cells). Requests that arrive together with one system prompt prefill it once.
+        """
+        n = 0
+        out_index = [0] * len(batch)
+        groups: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
+        for i, item in enumerate(batch):
+            seq = item.seq
+            assert seq.slot is not None, "step() on an unallocated sequence"
+            start = seq.num_computed_tokens
+            k = item.num_new_tokens
+            if k == 1 and start >= seq.num_prompt_tokens:  # decode: the last output token
+                n = self._put(n, (seq.output_token_ids[start - seq.num_prompt_tokens],), start, (seq.slot,))
+                out_index[i] = n - 1
+            elif start + k <= seq.num_prompt_tokens:
+                prompt = seq.prompt_token_ids
+                key = (start, *prompt[: start + 1])
+                groups.setdefault(key, []).append((i, seq.slot, prompt[start : start + k]))
+            else:
+                n = self._put(n, seq.all_token_ids[start : start + k], start, (seq.slot,))
+                out_index[i] = n - 1
+        for key, members in groups.items():
+            n = self._put_shared(n, members, key[0], out_index)
+        for i, item in enumerate(batch):
+            if item.sample:
+                self._b_logits[out_index[i]] = 1
+        return n, out_index
+
+    def _put(self, n: int, tokens: list[int] | tuple[int, ...], pos: int, slots: list[int] | tuple[int, ...]) -> int:
+        """Write `tokens` at positions pos.. for the sequence ids `slots` from batch row n; returns the next row."""
+        k = len(tokens)
+        assert n + k <= self._n_batch, f"batch of {n + k} tokens exceeds n_batch {self._n_batch}"
+        self._b_token[n : n + k] = tokens
+        self._b_pos[n : n + k] = np.arange(pos, pos + k)
+        self._b_logits[n : n + k] = 0
+        self._b_nseq[n : n + k] = len(slots)
+        for row in range(n, n + k):
+            ids = self._b_seq[row]
+            for j, slot in enumerate(slots):
+                ids[j] = slot
+        return n + k
+
+    def _put_shared(self, n: int, members: list[tuple[int, int, list[int]]], start: int, out_index: list[int]) -> int:
+        """Write prompt chunks (batch item, slot, tokens) that start at `start` after identical histories,
+        each run of tokens common to several of them once."""
+        stack = [(members, 0)]  # members whose chunks agree on [0, depth), which is written already
+        while stack:
+            group, depth = stack.pop()
+            first = group[0][2]
+            run = len(first) - depth
+            for _, _, chunk in group[1:]:
+                run = min(run, _common_prefix(first[depth : depth + run], chunk[depth : depth + run]))
+            if run:
+                n = self._put(n, first[depth : depth + run], start + depth, [slot for _, slot, _ in group])
+                depth += run
+            rest: dict[int, list[tuple[int, int, list[int]]]] = {}
+            for member in group:
+                if len(member[2]) == depth:
+                    out_index[member[0]] = n - 1
+                else:
+                    rest.setdefault(member[2][depth], []).append(member)
+            stack.extend((g, depth) for g in rest.values())
+        return n
+
+    def _logits_row(self, idx: int) -> np.ndarray:
+        return np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, idx), shape=(self._n_vocab,))
+
     def _logprob(self, idx: int, token: int, top_n: int) -> TokenLogprob:
         ptr = lc.llama_get_logits_ith(self._ctx, idx)
         logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).astype(np.float64)
@@ -535,6 +647,7 @@ class LlamaCppRunner(Runner):
         if slot.grammar is not None:
             lc.llama_sampler_free(slot.grammar)
             slot.grammar = None
+        slot.fast_sampler = None
         self._reserved -= seq.max_total_tokens
         slot.seq = None
         slot.last_used = time.monotonic()

@@ -48,6 +48,7 @@ def build_runner(settings: Settings, model: ResolvedModel) -> Runner:
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
             prefix_cache=settings.prefix_cache,
             prefix_cache_tokens=settings.prefix_cache_tokens,
+            repack=settings.llama_repack,
         )
     try:
         from deepseek_serve.engine.torch_runner import TorchRunner

@@ -77,17 +77,20 @@ class Scheduler:
                 if not self.runner.can_allocate(seq):
                     break
                 self.waiting.popleft()
+                # under the lock, so `add` counts the sequence in one of the two lists at every moment
+                self.running.append(seq)
             try:
                 self.runner.allocate(seq)
             except Exception as exc:  # this request alone (e.g. its sampler could not be built)
                 logger.exception("could not allocate %s", seq.request_id)
+                with self._lock:
+                    self.running.remove(seq)
                 seq.status = SequenceStatus.FINISHED
                 seq.error = f"allocation failed: {exc}"
                 admitted.append(seq)
                 continue
             seq.status = SequenceStatus.RUNNING
             seq.first_scheduled_time = now
-            self.running.append(seq)
             admitted.append(seq)
         return admitted
 
