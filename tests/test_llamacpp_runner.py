@@ -1,18 +1,21 @@
-"""The llama.cpp runner's fast paths on the real default model: shared prompt prefill and the numpy
-temperature sampler."""
+"""The llama.cpp engine's fast paths on the real default model: shared prompt prefill, the numpy
+temperature sampler, and admitting a burst of requests together."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from tests.conftest import make_settings
 
+from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.llamacpp_runner import LlamaCppRunner, TemperatureSampler, uses_temperature_sampler
 from deepseek_serve.engine.runner import SampleResult, ScheduledSeq
 from deepseek_serve.engine.sequence import Sequence
-from deepseek_serve.engine.types import SamplingParams
+from deepseek_serve.engine.types import GenerationRequest, SamplingParams
 from deepseek_serve.models.resolve import default_model_path
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant who answers briefly and precisely.<|im_end|>\n"
@@ -164,3 +167,25 @@ def test_only_plain_temperature_sampling_takes_the_numpy_path() -> None:
     assert not uses_temperature_sampler(SamplingParams(temperature=0.7, top_k=40))
     assert not uses_temperature_sampler(SamplingParams(temperature=0.7, min_p=0.05))
     assert not uses_temperature_sampler(SamplingParams(temperature=0.7, repetition_penalty=1.1))
+
+
+async def test_a_burst_of_requests_is_admitted_into_one_step() -> None:
+    # NOTE: without the wait the first request starts a step alone (the engine thread wakes at once)
+    eng = AsyncEngine.from_settings(make_settings(burst_wait_ms=100.0, max_batch_size=4))
+    await eng.start()
+    try:
+        steps = eng.stats().steps_total
+        streams = []
+        for i, q in enumerate(QUESTIONS):
+            prompt = eng.render_chat([{"role": "user", "content": q}])
+            params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+            req = GenerationRequest(request_id=f"burst-{i}", prompt=prompt, params=params, add_special_tokens=False)
+            streams.append(await eng.add_request(req))
+            await asyncio.sleep(0.002)  # requests of a burst reach the engine a few milliseconds apart
+        for stream in streams:
+            async for _ in stream:
+                pass
+        # one new token each: every request is done after the step that prefills it
+        assert eng.stats().steps_total - steps == 1
+    finally:
+        await eng.shutdown()

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     prefix_cache_tokens: int = Field(4096, ge=0, description="KV cells finished requests may keep for prefix "
                                      "reuse (llama.cpp runner); idle cells slow every decode step a little")
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queue time included")
+    burst_wait_ms: float = Field(5.0, ge=0, le=100, description="an idle engine that gets a request waits while "
+                                 "more keep arriving (this long after each, at most 4x) to admit them together")
     default_max_tokens: int = Field(1024, ge=1)
     cuda_graphs: bool = True
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="torch runner: fraction of the "

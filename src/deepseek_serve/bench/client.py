@@ -80,18 +80,26 @@ def request_body(spec: RequestSpec, options: ClientOptions) -> dict[str, Any]:
 async def send(client: httpx.AsyncClient, spec: RequestSpec, options: ClientOptions, sent_at: float,
                keep_text: bool = False) -> RequestResult:
     """Send `spec` as a streaming request; never raises for server or network failures."""
-    result = RequestResult(index=spec.index, sent_at=sent_at)
+    result = RequestResult(index=spec.index, sent_at=sent_at, status="")  # "" until a response arrives
     path = "/chat/completions" if options.endpoint == "chat" else "/completions"
     start = time.perf_counter()
-    try:
-        await asyncio.wait_for(_stream(client, path, request_body(spec, options), result, start, keep_text),
-                               timeout=options.timeout_s)
-    except asyncio.TimeoutError:
-        result.status, result.error = STATUS_TIMEOUT, f"no complete answer within {options.timeout_s:g}s"
-    except httpx.TimeoutException as exc:
-        result.status, result.error = STATUS_TIMEOUT, f"{type(exc).__name__}: {exc}"
-    except httpx.HTTPError as exc:
-        result.status, result.error = STATUS_CONNECT, f"{type(exc).__name__}: {exc}"
+    for attempt in (1, 2):
+        try:
+            await asyncio.wait_for(_stream(client, path, request_body(spec, options), result, start, keep_text),
+                                   timeout=options.timeout_s)
+        except asyncio.TimeoutError:
+            result.status, result.error = STATUS_TIMEOUT, f"no complete answer within {options.timeout_s:g}s"
+        except httpx.TimeoutException as exc:
+            result.status, result.error = STATUS_TIMEOUT, f"{type(exc).__name__}: {exc}"
+        except httpx.RemoteProtocolError as exc:
+            # NOTE: a kept-alive connection that the server closed meanwhile (llama-server does): nothing
+            # was answered, so the request goes once more, on a new connection.
+            if attempt == 1 and not result.status:
+                continue
+            result.status, result.error = STATUS_CONNECT, f"{type(exc).__name__}: {exc}"
+        except httpx.HTTPError as exc:
+            result.status, result.error = STATUS_CONNECT, f"{type(exc).__name__}: {exc}"
+        break
     result.e2e = time.perf_counter() - start
     if result.error is not None:
         result.ok = False

@@ -238,6 +238,8 @@ class AsyncEngine:
             if not self._core.has_work():
                 self._wake.wait(0.5)
                 self._wake.clear()
+                if self._core.has_work():
+                    self._gather_burst()
                 continue
             try:
                 outputs = self._core.step()
@@ -246,6 +248,22 @@ class AsyncEngine:
                 outputs = self._core.fail_all("internal engine error")
             if outputs:
                 loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _gather_burst(self) -> None:
+        """The engine was idle and a request came: while more keep arriving (clients starting together, a
+        wave of follow-up turns), wait for them, so they are admitted into one step and prefilled together
+        (their shared prefix once) instead of the first alone and the rest a whole prefill step later."""
+        wait = self._core.config.burst_wait_s
+        if wait <= 0:
+            return
+        deadline = time.monotonic() + 4 * wait
+        seen = self._core.scheduler.num_waiting
+        while not self._stopping and time.monotonic() < deadline:
+            time.sleep(wait)
+            now = self._core.scheduler.num_waiting
+            if now == seen:
+                return
+            seen = now
 
     def _deliver(self, outputs: list[tuple[str, StreamDelta | None, bool]]) -> None:
         for request_id, delta, scheduled in outputs:

@@ -41,6 +41,7 @@ class EngineConfig:
     prefill_chunk_tokens: int = 512
     default_max_tokens: int = 1024
     request_timeout_s: float = 600.0
+    burst_wait_s: float = 0.0  # idle engine: wait while requests keep arriving (see AsyncEngine._run)
 
 
 @dataclass

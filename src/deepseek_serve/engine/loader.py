@@ -86,6 +86,7 @@ def load_engine(settings: Settings) -> AsyncEngine:
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
         default_max_tokens=settings.default_max_tokens,
         request_timeout_s=settings.request_timeout_s,
+        burst_wait_s=settings.burst_wait_ms / 1000.0,
     ))
     tok = runner.tokenizer
     info = ModelInfo(
