@@ -62,15 +62,15 @@ class Model:
         self.path = gguf
         self.id = gguf.stem
         self.tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        self.model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                          dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         self.model.eval()
         self.lock = threading.Lock()
         self.created = int(time.time())
 
     def encode(self, messages: list[dict[str, Any]]) -> Any:
-        ids: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                      return_tensors="pt", return_dict=True)
+        ids: Any = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         return ids["input_ids"]
 
     def generate_kwargs(self, body: dict[str, Any], input_ids: Any) -> dict[str, Any]:
@@ -100,13 +100,12 @@ class Model:
             if seed is not None:
                 self.torch.manual_seed(seed)
             out = self.model.generate(**kwargs)
-        return out[0, kwargs["input_ids"].shape[1]:]
+        return out[0, kwargs["input_ids"].shape[1] :]
 
 
 def error_body(message: str, status: int, param: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
 
 
 def create_app(model: Model) -> FastAPI:
@@ -118,8 +117,10 @@ def create_app(model: Model) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model.id, "object": "model", "created": model.created,
-                                            "owned_by": "baseline"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model.id, "object": "model", "created": model.created, "owned_by": "baseline"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -143,15 +144,21 @@ def create_app(model: Model) -> FastAPI:
             text = model.tokenizer.decode(new_ids, skip_special_tokens=True)
             finish = "length" if len(new_ids) >= kwargs["max_new_tokens"] else "stop"
             return {
-                "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model.id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(new_ids),
-                          "total_tokens": prompt_tokens + len(new_ids)},
+                "id": request_id,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model.id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": len(new_ids),
+                    "total_tokens": prompt_tokens + len(new_ids),
+                },
             }
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(stream(model, kwargs, seed, request_id, prompt_tokens, include_usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            stream(model, kwargs, seed, request_id, prompt_tokens, include_usage), media_type="text/event-stream"
+        )
 
     return app
 
@@ -171,15 +178,16 @@ def token_streamer(tokenizer: Any) -> Any:
             text: str = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)  # type: ignore[assignment]
             if text.endswith("\ufffd"):
                 return  # an unfinished UTF-8 character
-            printable = text[self.print_len:]
+            printable = text[self.print_len :]
             self.print_len += len(printable)
             self.on_finalized_text(printable)
 
     return TokenStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-async def stream(model: Model, kwargs: dict[str, Any], seed: int | None, request_id: str, prompt_tokens: int,
-                 include_usage: bool) -> AsyncIterator[str]:
+async def stream(
+    model: Model, kwargs: dict[str, Any], seed: int | None, request_id: str, prompt_tokens: int, include_usage: bool
+) -> AsyncIterator[str]:
     """SSE chunks from a TextIteratorStreamer fed by generate() in a worker thread."""
     streamer = token_streamer(model.tokenizer)
     result: dict[str, Any] = {}
@@ -197,8 +205,13 @@ async def stream(model: Model, kwargs: dict[str, Any], seed: int | None, request
 
     def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> str:
         choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish}]
-        obj: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                               "model": model.id, "choices": choices}
+        obj: dict[str, Any] = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model.id,
+            "choices": choices,
+        }
         if usage is not None:
             obj["usage"] = usage
         return f"data: {json.dumps(obj)}\n\n"
@@ -213,15 +226,25 @@ async def stream(model: Model, kwargs: dict[str, Any], seed: int | None, request
             yield chunk({"content": piece})
     await asyncio.to_thread(thread.join)
     if "error" in result:
-        error = {"message": f"generation failed: {result['error']}", "type": "server_error", "param": None,
-                 "code": None}
+        error = {
+            "message": f"generation failed: {result['error']}",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
         yield f"data: {json.dumps({'error': error})}\n\n"
         return
     num_new = len(result["ids"])
     yield chunk({}, "length" if num_new >= kwargs["max_new_tokens"] else "stop")
     if include_usage:
-        yield chunk({}, usage={"prompt_tokens": prompt_tokens, "completion_tokens": num_new,
-                               "total_tokens": prompt_tokens + num_new})
+        yield chunk(
+            {},
+            usage={
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": num_new,
+                "total_tokens": prompt_tokens + num_new,
+            },
+        )
     yield "data: [DONE]\n\n"
 
 

@@ -54,11 +54,15 @@ PROMPTS = (
 )
 
 
-def chat(client: httpx.Client, model: str, prompt: str, max_tokens: int,
-         cache: bool) -> tuple[float, str, str]:
+def chat(client: httpx.Client, model: str, prompt: str, max_tokens: int, cache: bool) -> tuple[float, str, str]:
     """One request; returns (seconds, x-cache header or '-', content)."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": max_tokens, "cache": cache}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "cache": cache,
+    }
     start = time.perf_counter()
     response = client.post("/v1/chat/completions", json=body)
     elapsed = time.perf_counter() - start
@@ -70,9 +74,12 @@ def bench_cache(rounds: int, max_tokens: int, workdir: Path, threads: str) -> li
     prefix = unique_prefix()
     rows: list[tuple[str, float, float]] = []
     try:
-        with CacheAppServer(workdir / "cache", DS_REDIS_URL=SHARED_REDIS_URL, DS_REDIS_KEY_PREFIX=prefix,
-                            DS_N_THREADS=threads) as server, \
-                httpx.Client(base_url=server.url, timeout=600) as client:
+        with (
+            CacheAppServer(
+                workdir / "cache", DS_REDIS_URL=SHARED_REDIS_URL, DS_REDIS_KEY_PREFIX=prefix, DS_N_THREADS=threads
+            ) as server,
+            httpx.Client(base_url=server.url, timeout=600) as client,
+        ):
             model = client.get("/v1/models").json()["data"][0]["id"]
             chat(client, model, "warm up", 4, cache=False)
             for prompt in PROMPTS:
@@ -85,8 +92,11 @@ def bench_cache(rounds: int, max_tokens: int, workdir: Path, threads: str) -> li
                     assert state == "hit" and content == first, "the cache must return the same answer"
                     cached.append(seconds)
                 rows.append((prompt, statistics.median(uncached), statistics.median(cached)))
-                print(f"  {prompt[:30]}: {rows[-1][1] * 1000:.0f} ms / {rows[-1][2] * 1000:.1f} ms",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {prompt[:30]}: {rows[-1][1] * 1000:.0f} ms / {rows[-1][2] * 1000:.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         delete_prefix(SHARED_REDIS_URL, prefix)
     return rows
@@ -98,11 +108,18 @@ def bench_outage(num_requests: int, workdir: Path, threads: str) -> dict[str, ob
     failures: list[str] = []
     latencies: list[float] = []
     try:
-        with CacheAppServer(workdir / "outage", DS_REDIS_URL=redis_server.url,
-                            DS_REDIS_KEY_PREFIX=unique_prefix(), DS_DEFAULT_RPM="100000",
-                            DS_DEFAULT_TPM="100000000", DS_BREAKER_RESET_S="1",
-                            DS_N_THREADS=threads) as server, \
-                httpx.Client(base_url=server.url, timeout=600) as client:
+        with (
+            CacheAppServer(
+                workdir / "outage",
+                DS_REDIS_URL=redis_server.url,
+                DS_REDIS_KEY_PREFIX=unique_prefix(),
+                DS_DEFAULT_RPM="100000",
+                DS_DEFAULT_TPM="100000000",
+                DS_BREAKER_RESET_S="1",
+                DS_N_THREADS=threads,
+            ) as server,
+            httpx.Client(base_url=server.url, timeout=600) as client,
+        ):
             model = client.get("/v1/models").json()["data"][0]["id"]
             rng = random.Random(SEED)
             for i in range(num_requests):
@@ -121,8 +138,12 @@ def bench_outage(num_requests: int, workdir: Path, threads: str) -> dict[str, ob
             _, state, _ = chat(client, model, "after the outage", 8, cache=True)
     finally:
         redis_server.kill()
-    return {"requests": num_requests, "failed": len(failures), "cache_after_restart": state,
-            "p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan")}
+    return {
+        "requests": num_requests,
+        "failed": len(failures),
+        "cache_after_restart": state,
+        "p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan"),
+    }
 
 
 def bench_limiter(num_calls: int) -> list[tuple[str, float, float]]:
@@ -137,8 +158,10 @@ def bench_limiter(num_calls: int) -> list[tuple[str, float, float]]:
         client = RedisClient(SHARED_REDIS_URL, prefix=prefix, timeout_s=1.0)
         rows = []
         try:
-            for name, limiter in (("in process", LocalRateLimiter(10**9, 10**12)),
-                                  ("Redis (Lua)", RedisRateLimiter(client, 10**9, 10**12))):
+            for name, limiter in (
+                ("in process", LocalRateLimiter(10**9, 10**12)),
+                ("Redis (Lua)", RedisRateLimiter(client, 10**9, 10**12)),
+            ):
                 who = Principal(key_id="bench")
                 samples = []
                 for _ in range(num_calls):
@@ -165,13 +188,11 @@ def print_limiter_table(rows: list[tuple[str, float, float]], num_calls: int) ->
 
 
 def print_cache_table(rows: list[tuple[str, float, float]], args: argparse.Namespace) -> None:
-    print(f"\n### Response cache (median of {args.rounds}, max_tokens={args.max_tokens}, "
-          "temperature 0)\n")
+    print(f"\n### Response cache (median of {args.rounds}, max_tokens={args.max_tokens}, temperature 0)\n")
     print("| prompt | uncached ms | cached ms | cached / uncached |")
     print("|---|---:|---:|---:|")
     for prompt, uncached, cached in rows:
-        print(f"| {prompt[:40]} | {uncached * 1000:.1f} | {cached * 1000:.1f} | "
-              f"{cached / uncached:.1%} |")
+        print(f"| {prompt[:40]} | {uncached * 1000:.1f} | {cached * 1000:.1f} | {cached / uncached:.1%} |")
     total_u = statistics.median(r[1] for r in rows)
     total_c = statistics.median(r[2] for r in rows)
     print(f"| **median** | {total_u * 1000:.1f} | {total_c * 1000:.1f} | **{total_c / total_u:.1%}** |")
@@ -181,8 +202,7 @@ def print_outage_table(outage: dict[str, object]) -> None:
     print("\n### Redis killed and restarted mid-run\n")
     print("| requests | failed | p50 ms | cache after restart |")
     print("|---:|---:|---:|---|")
-    print(f"| {outage['requests']} | {outage['failed']} | {outage['p50_ms']:.1f} | "
-          f"{outage['cache_after_restart']} |")
+    print(f"| {outage['requests']} | {outage['failed']} | {outage['p50_ms']:.1f} | {outage['cache_after_restart']} |")
 
 
 def main() -> None:
@@ -190,16 +210,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--outage-requests", type=int, default=60)
-    parser.add_argument("--parts", default="cache,limiter,outage",
-                        help="comma-separated: cache, limiter, outage")
+    parser.add_argument("--parts", default="cache,limiter,outage", help="comma-separated: cache, limiter, outage")
     parser.add_argument("--threads", default="1", help="DS_N_THREADS of the server (0 = physical cores)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # NOTE: so the servers are stopped on `timeout`
     random.seed(SEED)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; commit {commit}; "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; commit {commit}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     with TemporaryDirectory() as tmp:
         parts = set(args.parts.split(","))
         if "cache" in parts:

@@ -33,10 +33,17 @@ def _free_port() -> int:
 
 async def http_round(url: str, model: str, streams: int, tokens: int, offset: int) -> tuple[int, float]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+
         async def one(i: int) -> int:
-            body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[offset + i]}],
-                    "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-                    "stream_options": {"include_usage": True}}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": PROMPTS[offset + i]}],
+                "max_tokens": tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             used = 0
             async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
                 async for line in resp.aiter_lines():
@@ -56,15 +63,20 @@ async def engine_round(streams: int, tokens: int, offset: int, threads: int) -> 
     from deepseek_serve.engine.async_engine import AsyncEngine
     from deepseek_serve.engine.types import GenerationRequest, SamplingParams
 
-    engine = AsyncEngine.from_settings(load_settings(_env_file=None, n_threads=threads,
-                                                            max_batch_size=streams))
+    engine = AsyncEngine.from_settings(load_settings(_env_file=None, n_threads=threads, max_batch_size=streams))
     await engine.start()
     try:
+
         async def one(i: int) -> int:
             prompt = engine.render_chat([{"role": "user", "content": PROMPTS[offset + i]}])
-            _, last = await engine.complete(GenerationRequest(
-                f"b{i}", prompt=prompt, add_special_tokens=False,
-                params=SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)))
+            _, last = await engine.complete(
+                GenerationRequest(
+                    f"b{i}",
+                    prompt=prompt,
+                    add_special_tokens=False,
+                    params=SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True),
+                )
+            )
             assert last.usage is not None
             return last.usage.completion_tokens
 
@@ -79,6 +91,7 @@ async def health_rps(url: str, seconds: float = 3.0, conns: int = 32) -> float:
     done = 0
     stop = time.perf_counter() + seconds
     async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=conns)) as http:
+
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < stop:
@@ -102,8 +115,15 @@ def main() -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        env.update({"DS_DATA_DIR": tmp, "DS_RESPONSE_CACHE": "false", "DS_LOG_LEVEL": "warning",
-                    "DS_MAX_BATCH_SIZE": str(args.streams), "DS_N_THREADS": str(args.threads)})
+        env.update(
+            {
+                "DS_DATA_DIR": tmp,
+                "DS_RESPONSE_CACHE": "false",
+                "DS_LOG_LEVEL": "warning",
+                "DS_MAX_BATCH_SIZE": str(args.streams),
+                "DS_N_THREADS": str(args.threads),
+            }
+        )
         command = [sys.executable, "-m", "deepseek_serve", "serve", "--port", str(port)]
         proc = subprocess.Popen(command, env=env, cwd=tmp)
         try:
@@ -115,14 +135,17 @@ def main() -> None:
                     time.sleep(0.3)
             model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
             asyncio.run(http_round(url, model, 2, 8, 0))  # warm-up
-            http_runs = [asyncio.run(http_round(url, model, args.streams, args.tokens, r * args.streams))
-                         for r in range(args.rounds)]
+            http_runs = [
+                asyncio.run(http_round(url, model, args.streams, args.tokens, r * args.streams))
+                for r in range(args.rounds)
+            ]
             rps = asyncio.run(health_rps(url))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    engine_runs = [asyncio.run(engine_round(args.streams, args.tokens, r * args.streams, args.threads))
-                   for r in range(args.rounds)]
+    engine_runs = [
+        asyncio.run(engine_round(args.streams, args.tokens, r * args.streams, args.threads)) for r in range(args.rounds)
+    ]
     http_tps = max(n / dt for n, dt in http_runs)
     eng_tps = max(n / dt for n, dt in engine_runs)
     print(f"n_threads={args.threads or 'physical cores'}")

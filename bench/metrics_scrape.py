@@ -26,9 +26,16 @@ import time
 from typing import Any
 
 # (method, route template) pairs a server really sees
-ROUTES = (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
-          ("GET", "/v1/models/{model_id}"), ("GET", "/health/ready"), ("GET", "/metrics"),
-          ("GET", "<unmatched>"), ("POST", "<unmatched>"))
+ROUTES = (
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
+    ("GET", "/health/ready"),
+    ("GET", "/metrics"),
+    ("GET", "<unmatched>"),
+    ("POST", "<unmatched>"),
+)
 STATUSES = (200, 200, 200, 200, 400, 404, 429, 500)
 FINISH = ("stop", "length", "stop", "abort", "timeout")
 REJECT = ("queue_full", "rate_limited", "timeout", "auth")
@@ -68,10 +75,17 @@ def record(metrics: Any, n: int, seed: int) -> None:
     for i in range(n):
         ttft = rng.lognormvariate(-1.5, 0.8)
         itl = [rng.lognormvariate(-4.0, 0.5) for _ in range(16)]
-        metrics.observe_request(endpoint="chat.completions", finish_reason=rng.choice(FINISH),
-                                prompt_tokens=rng.randint(8, 2048), completion_tokens=rng.randint(1, 512),
-                                cached_tokens=0, queue_s=rng.expovariate(20.0), ttft_s=ttft,
-                                e2e_s=ttft + sum(itl), itl_s=itl)
+        metrics.observe_request(
+            endpoint="chat.completions",
+            finish_reason=rng.choice(FINISH),
+            prompt_tokens=rng.randint(8, 2048),
+            completion_tokens=rng.randint(1, 512),
+            cached_tokens=0,
+            queue_s=rng.expovariate(20.0),
+            ttft_s=ttft,
+            e2e_s=ttft + sum(itl),
+            itl_s=itl,
+        )
         method, route = rng.choice(ROUTES)
         metrics.observe_http(method, route, rng.choice(STATUSES), rng.lognormvariate(-1.0, 1.0))
         if i % 10 == 0:
@@ -88,8 +102,12 @@ def time_scrapes(metrics: Any, scrapes: int) -> dict[str, float]:
         body, _ = metrics.render()
         times.append((time.perf_counter() - start) * 1000.0)
     times.sort()
-    return {"median_ms": statistics.median(times), "p95_ms": times[int(0.95 * (len(times) - 1))],
-            "bytes": len(body), "lines": body.count(b"\n")}
+    return {
+        "median_ms": statistics.median(times),
+        "p95_ms": times[int(0.95 * (len(times) - 1))],
+        "bytes": len(body),
+        "lines": body.count(b"\n"),
+    }
 
 
 def run_role(args: argparse.Namespace) -> None:
@@ -119,14 +137,12 @@ def child(args: argparse.Namespace, role: str, env: dict[str, str], **extra: Any
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--scrapes", type=int, default=200)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--no-engine", action="store_true", help="do not attach the real engine")
-    parser.add_argument("--role", choices=("single", "worker", "scraper", "stock-scraper"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("single", "worker", "scraper", "stock-scraper"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -140,9 +156,23 @@ def main() -> None:
         mp_empty = json.loads(child(args, "scraper", mp_env))
         per_worker = args.requests // args.workers
         no_engine = ["--no-engine"] if args.no_engine else []
-        procs = [subprocess.Popen([sys.executable, __file__, "--role", "worker", "--requests",
-                                   str(per_worker), "--seed", str(w), *no_engine], env=mp_env)
-                 for w in range(args.workers)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--role",
+                    "worker",
+                    "--requests",
+                    str(per_worker),
+                    "--seed",
+                    str(w),
+                    *no_engine,
+                ],
+                env=mp_env,
+            )
+            for w in range(args.workers)
+        ]
         for p in procs:
             if p.wait() != 0:
                 raise SystemExit("a worker failed")
@@ -158,18 +188,26 @@ def main() -> None:
         (f"{mp}", args.requests, mp_full, mp_empty),
         (f"{mp}, prometheus_client's MultiProcessCollector", args.requests, mp_stock, mp_empty),
     ]
-    print(f"# /metrics scrape time ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{args.scrapes} scrapes each, engine attached: {not args.no_engine})\n")
+    print(
+        f"# /metrics scrape time ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{args.scrapes} scrapes each, engine attached: {not args.no_engine})\n"
+    )
     print("| mode | requests recorded | exposition lines | bytes | median ms | p95 ms | median vs empty |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for mode, n, r, base in rows:
-        print(f"| {mode} | {n} | {r['lines']} | {r['bytes']} | {r['median_ms']:.2f} | {r['p95_ms']:.2f} | "
-              f"{r['median_ms'] / base['median_ms']:.2f}x |")
-    print(f"\nmultiprocess aggregation, ours vs prometheus_client's: "
-          f"{mp_stock['median_ms'] / mp_full['median_ms']:.2f}x faster (median)")
+        print(
+            f"| {mode} | {n} | {r['lines']} | {r['bytes']} | {r['median_ms']:.2f} | {r['p95_ms']:.2f} | "
+            f"{r['median_ms'] / base['median_ms']:.2f}x |"
+        )
+    print(
+        f"\nmultiprocess aggregation, ours vs prometheus_client's: "
+        f"{mp_stock['median_ms'] / mp_full['median_ms']:.2f}x faster (median)"
+    )
     worst = max(single["full"]["p95_ms"], mp_full["p95_ms"])
-    print(f"\ntarget: under 50 ms with {args.requests} requests recorded; worst p95 {worst:.2f} ms "
-          f"({'met' if worst < 50 else 'MISSED'})")
+    print(
+        f"\ntarget: under 50 ms with {args.requests} requests recorded; worst p95 {worst:.2f} ms "
+        f"({'met' if worst < 50 else 'MISSED'})"
+    )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,14 @@ def serve(mode: str, port: int) -> None:
             return services
 
         app_module.build_services = stripped
-    uvicorn.run(app_module.create_app(load_settings()), host="127.0.0.1", port=port, log_level="warning",
-                loop="uvloop", http="httptools")
+    uvicorn.run(
+        app_module.create_app(load_settings()),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        loop="uvloop",
+        http="httptools",
+    )
 
 
 def free_port() -> int:
@@ -108,8 +114,17 @@ async def components(data_dir: Path, url: str) -> dict[str, float]:
     for _ in range(n):
         await storage.key_lookup.check(key)
     check_us = (time.perf_counter() - t0) / n * 1e6
-    event = UsageEvent(request_id="x", key_id="1", model="m", endpoint="chat.completions", status=200,
-                       finish_reason="length", prompt_tokens=20, completion_tokens=1, created_at=time.time())
+    event = UsageEvent(
+        request_id="x",
+        key_id="1",
+        model="m",
+        endpoint="chat.completions",
+        status=200,
+        finish_reason="length",
+        prompt_tokens=20,
+        completion_tokens=1,
+        created_at=time.time(),
+    )
     t0 = time.perf_counter()
     for _ in range(n):
         storage.writer.record(event)
@@ -140,24 +155,36 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ds-bench-storage-"))
     db_name = f"ds_bench_storage_{uuid.uuid4().hex[:8]}"
     if args.backend == "mariadb":
-        subprocess.run(["mysql", "-uroot", "-h127.0.0.1", "-e",
-                        f"CREATE DATABASE {db_name} CHARACTER SET utf8mb4"], check=True)
+        subprocess.run(
+            ["mysql", "-uroot", "-h127.0.0.1", "-e", f"CREATE DATABASE {db_name} CHARACTER SET utf8mb4"], check=True
+        )
         url = f"mysql+asyncmy://root@127.0.0.1:3306/{db_name}"
     else:
         url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
     admin_key = "sk-" + uuid.uuid4().hex + uuid.uuid4().hex[:16]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("DS_")}
-    base_env.update({"DS_DATABASE_URL": url, "DS_DB_AUTO_MIGRATE": "true", "DS_ADMIN_KEY": admin_key,
-                     "DS_REDIS_URL": "", "DS_RESPONSE_CACHE": "false", "DS_N_THREADS": "1",
-                     "DS_MAX_BATCH_SIZE": "4", "DS_CONTEXT_LENGTH": "2048", "DS_LOG_LEVEL": "warning"})
+    base_env.update(
+        {
+            "DS_DATABASE_URL": url,
+            "DS_DB_AUTO_MIGRATE": "true",
+            "DS_ADMIN_KEY": admin_key,
+            "DS_REDIS_URL": "",
+            "DS_RESPONSE_CACHE": "false",
+            "DS_N_THREADS": "1",
+            "DS_MAX_BATCH_SIZE": "4",
+            "DS_CONTEXT_LENGTH": "2048",
+            "DS_LOG_LEVEL": "warning",
+        }
+    )
     procs: dict[str, subprocess.Popen[bytes]] = {}
     urls: dict[str, str] = {}
     try:
         for mode in ("with", "without"):
             port = free_port()
             env = {**base_env, "DS_DATA_DIR": str(tmp / mode), "DS_AUTH": "on" if mode == "with" else "off"}
-            procs[mode] = subprocess.Popen([sys.executable, __file__, "--serve", mode, str(port)], env=env,
-                                           start_new_session=True)
+            procs[mode] = subprocess.Popen(
+                [sys.executable, __file__, "--serve", mode, str(port)], env=env, start_new_session=True
+            )
             urls[mode] = f"http://127.0.0.1:{port}"
             wait_ready(urls[mode], procs[mode])  # one at a time: both load the model
         headers = {"with": {"Authorization": f"Bearer {admin_key}"}, "without": {}}
@@ -165,19 +192,22 @@ def main() -> None:
         times: dict[str, list[float]] = {"with": [], "without": []}
         with httpx.Client(timeout=60) as client:
             for i in range(args.warmup + args.requests):
-                for mode in (("with", "without") if i % 2 == 0 else ("without", "with")):
-                    body = {"model": model, "max_tokens": 1, "temperature": 0,
-                            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+                for mode in ("with", "without") if i % 2 == 0 else ("without", "with"):
+                    body = {
+                        "model": model,
+                        "max_tokens": 1,
+                        "temperature": 0,
+                        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                    }
                     t0 = time.perf_counter()
-                    response = client.post(f"{urls[mode]}/v1/chat/completions", json=body,
-                                           headers=headers[mode])
+                    response = client.post(f"{urls[mode]}/v1/chat/completions", json=body, headers=headers[mode])
                     elapsed = (time.perf_counter() - t0) * 1000
                     response.raise_for_status()
                     if i >= args.warmup:
                         times[mode].append(elapsed)
             models: dict[str, list[float]] = {"with": [], "without": []}
             for i in range(args.models_requests):
-                for mode in (("with", "without") if i % 2 == 0 else ("without", "with")):
+                for mode in ("with", "without") if i % 2 == 0 else ("without", "with"):
                     t0 = time.perf_counter()
                     client.get(f"{urls[mode]}/v1/models", headers=headers[mode]).raise_for_status()
                     models[mode].append((time.perf_counter() - t0) * 1000)
@@ -190,21 +220,30 @@ def main() -> None:
         if args.backend == "mariadb":
             subprocess.run(["mysql", "-uroot", "-h127.0.0.1", "-e", f"DROP DATABASE IF EXISTS {db_name}"])
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.1f} at the end; backend {args.backend}\n")
-    print("| request | n per variant | median without | median with | added (medians) "
-          "| added (median of paired differences) [95% interval] | ratio |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"load average {os.getloadavg()[0]:.1f} at the end; backend {args.backend}\n"
+    )
+    print(
+        "| request | n per variant | median without | median with | added (medians) "
+        "| added (median of paired differences) [95% interval] | ratio |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, data in (("chat completion, max_tokens=1", times), ("GET /v1/models", models)):
         med = {m: statistics.median(v) for m, v in data.items()}
         paired = [w - o for w, o in zip(data["with"], data["without"], strict=True)]
         low, high = bootstrap_median(paired)
-        print(f"| {label} | {len(paired)} | {med['without']:.2f} ms | {med['with']:.2f} ms "
-              f"| {med['with'] - med['without']:+.2f} ms | {statistics.median(paired):+.2f} ms "
-              f"[{low:+.2f} .. {high:+.2f}] | {med['with'] / med['without']:.3f}x |")
-    print(f"\nin-process ({args.backend}): cached key check {comp['check_us']:.1f} µs, usage record() "
-          f"{comp['record_us']:.1f} µs, one background flush of one record {comp['flush_ms']:.2f} ms "
-          "(median)")
+        print(
+            f"| {label} | {len(paired)} | {med['without']:.2f} ms | {med['with']:.2f} ms "
+            f"| {med['with'] - med['without']:+.2f} ms | {statistics.median(paired):+.2f} ms "
+            f"[{low:+.2f} .. {high:+.2f}] | {med['with'] / med['without']:.3f}x |"
+        )
+    print(
+        f"\nin-process ({args.backend}): cached key check {comp['check_us']:.1f} µs, usage record() "
+        f"{comp['record_us']:.1f} µs, one background flush of one record {comp['flush_ms']:.2f} ms "
+        "(median)"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -64,15 +64,18 @@ def main() -> None:
     for quant in ("none", "int8", "int4"):
         model = load_model(path, torch.float32, torch.device("cpu"))
         quantize_model(model, quant)  # type: ignore[arg-type]
-        runner = TorchRunner(model, tok, num_slots=1, max_len=len(prompt) + a.new_tokens,
-                             device=torch.device("cpu"), dtype=torch.float32)
+        runner = TorchRunner(
+            model, tok, num_slots=1, max_len=len(prompt) + a.new_tokens, device=torch.device("cpu"), dtype=torch.float32
+        )
         decode_rate(runner, prompt, 4)  # warm-up
         rates = [decode_rate(runner, prompt, a.new_tokens) for _ in range(a.repeats)]
         rows.append((quant, weight_bytes(model), statistics.median(rates), min(rates), max(rates)))
         print(f"{quant}: {rates}", flush=True)
     base = rows[0][2]
-    print(f"\nSmolLM2-135M-Instruct, CPU, {a.threads} thread(s), {len(prompt)}-token prompt, "
-          f"{a.new_tokens} new tokens, median of {a.repeats}")
+    print(
+        f"\nSmolLM2-135M-Instruct, CPU, {a.threads} thread(s), {len(prompt)}-token prompt, "
+        f"{a.new_tokens} new tokens, median of {a.repeats}"
+    )
     print("| weights | MB | decode tok/s (median) | min..max | x fp32 |")
     print("|---|---|---|---|---|")
     for quant, nbytes, med, lo, hi in rows:

@@ -52,9 +52,22 @@ class PrivateRedis:
         assert exe, "redis-server is not installed"
         self.workdir.mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -89,5 +102,6 @@ class CacheAppServer(ServeProcess):
     """The real server for the cache tests. Auth is off on loopback: every call is the anonymous key."""
 
     def __init__(self, data_dir: Path, **env: str) -> None:
-        super().__init__(data_dir, ready_path="/health/live", timeout_s=180,
-                         **{"DS_AUTH": "off", "DS_LOG_LEVEL": "warning", **env})
+        super().__init__(
+            data_dir, ready_path="/health/live", timeout_s=180, **{"DS_AUTH": "off", "DS_LOG_LEVEL": "warning", **env}
+        )

@@ -33,8 +33,13 @@ os.environ["DS_MODEL"] = TEST_MODEL
 
 def make_settings(tmp_path: Path | None = None, **overrides: object) -> Settings:
     # NOTE: _env_file=None: a developer's .env never leaks into tests.
-    base: dict[str, object] = {"_env_file": None, "context_length": 4096, "max_batch_size": 8,
-                               "max_queue_size": 64, "n_threads": 0}
+    base: dict[str, object] = {
+        "_env_file": None,
+        "context_length": 4096,
+        "max_batch_size": 8,
+        "max_queue_size": 64,
+        "n_threads": 0,
+    }
     if tmp_path is not None:
         base["data_dir"] = tmp_path
     base.update(overrides)

@@ -34,9 +34,9 @@ class AppServer(ServeProcess):
     """The real server for the monitoring tests, with Redis and the response cache off."""
 
     def __init__(self, data_dir: Path, workers: int = 1, **env: str) -> None:
-        super().__init__(data_dir, args=("--workers", str(workers)),
-                         **{"DS_REDIS_URL": "", "DS_RESPONSE_CACHE": "false", **env})
-
+        super().__init__(
+            data_dir, args=("--workers", str(workers)), **{"DS_REDIS_URL": "", "DS_RESPONSE_CACHE": "false", **env}
+        )
 
 
 # --- a real Prometheus --------------------------------------------------------------------------------
@@ -57,9 +57,17 @@ class PrometheusServer:
         config.write_text(self.config)
         log = (self.workdir / "prometheus.log").open("wb")
         self.proc = subprocess.Popen(
-            [self.binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                self.binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -85,11 +93,25 @@ class PrometheusServer:
 
 
 # --- metric names in PromQL -----------------------------------------------------------------------------
-_KEYWORDS = frozenset({"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-                       "bool", "offset", "inf", "nan"})
+_KEYWORDS = frozenset(
+    {
+        "and",
+        "or",
+        "unless",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "offset",
+        "inf",
+        "nan",
+    }
+)
 # NOTE: metric names Prometheus makes itself
-BUILTIN_METRICS = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE", "scrape_duration_seconds",
-                             "scrape_samples_scraped"})
+BUILTIN_METRICS = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE", "scrape_duration_seconds", "scrape_samples_scraped"})
 
 
 def promql_metric_names(expr: str) -> set[str]:

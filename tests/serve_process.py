@@ -31,8 +31,15 @@ class ServeProcess:
     Entering waits until `ready_path` answers 200 (or the process dies, or `timeout_s` passes).
     """
 
-    def __init__(self, data_dir: Path, *, args: tuple[str, ...] = (), ready_path: str = "/health/ready",
-                 timeout_s: float = 120.0, **env: str) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        args: tuple[str, ...] = (),
+        ready_path: str = "/health/ready",
+        timeout_s: float = 120.0,
+        **env: str,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
@@ -40,22 +47,38 @@ class ServeProcess:
         self.args = args
         self.ready_path = ready_path
         self.timeout_s = timeout_s
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("DS_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DS_") and k != "PROMETHEUS_MULTIPROC_DIR"}
         paths = (str(REPO / "src"), os.environ.get("PYTHONPATH", ""))
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-        self.env.update({"DS_DATA_DIR": str(data_dir), "DS_MAX_BATCH_SIZE": "4", "DS_CONTEXT_LENGTH": "2048",
-                         "DS_N_THREADS": "1", "DS_MODEL": "smollm2-135m-instruct"})
+        self.env.update(
+            {
+                "DS_DATA_DIR": str(data_dir),
+                "DS_MAX_BATCH_SIZE": "4",
+                "DS_CONTEXT_LENGTH": "2048",
+                "DS_N_THREADS": "1",
+                "DS_MODEL": "smollm2-135m-instruct",
+            }
+        )
         self.env.update(env)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self: _S) -> _S:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         stderr = self.stderr_path.open("wb")
-        command = [sys.executable, "-m", "deepseek_serve", "serve", "--host", "127.0.0.1",
-                   "--port", str(self.port), *self.args]
-        self.proc = subprocess.Popen(command, env=self.env, cwd=self.data_dir, stdout=subprocess.DEVNULL,
-                                     stderr=stderr, start_new_session=True)
+        command = [
+            sys.executable,
+            "-m",
+            "deepseek_serve",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
+        self.proc = subprocess.Popen(
+            command, env=self.env, cwd=self.data_dir, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+        )
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -30,9 +30,14 @@ BACKENDS = ("sqlite", "mariadb")
 
 def storage_settings(data_dir: Path, url: str, **overrides: object) -> Settings:
     # NOTE: _env_file=None: a developer's .env never leaks into tests.
-    base: dict[str, object] = {"_env_file": None, "data_dir": data_dir, "database_url": url,
-                               "usage_flush_interval_s": 0.05, "db_connect_timeout_s": 2.0,
-                               "db_pool_timeout_s": 5.0}
+    base: dict[str, object] = {
+        "_env_file": None,
+        "data_dir": data_dir,
+        "database_url": url,
+        "usage_flush_interval_s": 0.05,
+        "db_connect_timeout_s": 2.0,
+        "db_pool_timeout_s": 5.0,
+    }
     base.update(overrides)
     return load_settings(**base)
 
@@ -103,18 +108,42 @@ class PrivateMariaDB:
 
     def install(self) -> None:
         self.datadir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-                        "--auth-root-authentication-method=normal", "--skip-test-db"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        subprocess.run(
+            [
+                "mariadb-install-db",
+                "--no-defaults",
+                f"--datadir={self.datadir}",
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+        )
 
     def start(self, timeout_s: float = 60.0) -> None:
         log = (self.workdir / "mariadb.log").open("ab")
         self.proc = subprocess.Popen(
-            ["mariadbd", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-             f"--socket={self.workdir / 'mysqld.sock'}", f"--port={self.port}", "--bind-address=127.0.0.1",
-             "--innodb-buffer-pool-size=16M", "--skip-log-bin", "--skip-name-resolve",
-             "--character-set-server=utf8mb4", "--collation-server=utf8mb4_unicode_ci"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "mariadbd",
+                "--no-defaults",
+                f"--datadir={self.datadir}",
+                "--user=root",
+                f"--socket={self.workdir / 'mysqld.sock'}",
+                f"--port={self.port}",
+                "--bind-address=127.0.0.1",
+                "--innodb-buffer-pool-size=16M",
+                "--skip-log-bin",
+                "--skip-name-resolve",
+                "--character-set-server=utf8mb4",
+                "--collation-server=utf8mb4_unicode_ci",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

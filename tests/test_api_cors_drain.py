@@ -79,8 +79,7 @@ async def test_cors_configured_origin(engine: AsyncEngine, tmp_path: Path) -> No
         assert got["access-control-allow-origin"] == ORIGIN
         assert "POST" in [m.strip() for m in got["access-control-allow-methods"].split(",")]
         # NOTE: browsers never let a wildcard cover Authorization: it must be named
-        assert {h.strip() for h in got["access-control-allow-headers"].split(",")} >= {"authorization",
-                                                                                      "content-type"}
+        assert {h.strip() for h in got["access-control-allow-headers"].split(",")} >= {"authorization", "content-type"}
         assert got["access-control-allow-credentials"] == "true"
         assert "Origin" in pre.headers["vary"]
 
@@ -89,8 +88,9 @@ async def test_cors_configured_origin(engine: AsyncEngine, tmp_path: Path) -> No
         assert bad.status_code >= 400
 
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
-        ok = await client.post("/v1/chat/completions", json=_chat(model),
-                               headers={"Origin": ORIGIN, "Authorization": "Bearer x"})
+        ok = await client.post(
+            "/v1/chat/completions", json=_chat(model), headers={"Origin": ORIGIN, "Authorization": "Bearer x"}
+        )
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
         exposed = {h.strip() for h in ok.headers["access-control-expose-headers"].split(",")}
         assert "x-request-id" in exposed
@@ -110,11 +110,15 @@ async def test_cors_headers_on_errors_a_browser_must_read(engine: AsyncEngine, t
     async with app_client(engine, tmp_path, cors_origins=[ORIGIN]) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         errors = [
-            await client.post("/v1/chat/completions", json={"model": model, "messages": []},
-                              headers={"Origin": ORIGIN}),  # 400
+            await client.post(
+                "/v1/chat/completions", json={"model": model, "messages": []}, headers={"Origin": ORIGIN}
+            ),  # 400
             await client.get("/v1/models/nope", headers={"Origin": ORIGIN}),  # 404
-            await client.post("/v1/chat/completions", content=b"x" * 5000,
-                              headers={"Origin": ORIGIN, "content-type": "application/json"}),  # 413
+            await client.post(
+                "/v1/chat/completions",
+                content=b"x" * 5000,
+                headers={"Origin": ORIGIN, "content-type": "application/json"},
+            ),  # 413
             await client.get("/test/boom", headers={"Origin": ORIGIN}),  # 500
         ]
         assert [r.status_code for r in errors] == [400, 404, 413, 500]
@@ -168,12 +172,18 @@ class StreamReader(threading.Thread):
             self.first.set()
 
     def completion_id(self) -> str:
-        return str(json.loads(self.lines[0][len("data: "):])["id"])
+        return str(json.loads(self.lines[0][len("data: ") :])["id"])
 
 
 def _long_stream(model: str, max_tokens: int) -> dict[str, Any]:
-    return {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    return {
+        "model": model,
+        "prompt": "Once upon a time",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 def _wait_refused(url: str, deadline_s: float = 30.0) -> None:
@@ -204,8 +214,7 @@ def _wait_for(condition: Callable[[], bool], what: str, deadline_s: float = 60.0
 @pytest.mark.slow
 def test_sigterm_drains_the_in_flight_stream_and_exits_0(tmp_path: Path) -> None:
     max_tokens = 600
-    with ServeProcess(tmp_path / "srv", DS_REDIS_URL="", DS_RESPONSE_CACHE="false",
-                      DS_DRAIN_TIMEOUT_S="300") as srv:
+    with ServeProcess(tmp_path / "srv", DS_REDIS_URL="", DS_RESPONSE_CACHE="false", DS_DRAIN_TIMEOUT_S="300") as srv:
         model = httpx.get(f"{srv.url}/v1/models", timeout=30).json()["data"][0]["id"]
         reader = StreamReader(srv.url, _long_stream(model, max_tokens))
         reader.start()
@@ -221,8 +230,7 @@ def test_sigterm_drains_the_in_flight_stream_and_exits_0(tmp_path: Path) -> None
             httpx.get(f"{srv.url}/health/live", timeout=10)
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=10)
         with pytest.raises(openai.APIConnectionError):
-            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
-                                           max_tokens=2)
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
         # all of the above happened during the drain: the stream was still running, the server still up
         assert not reader.done.is_set()
         assert srv.proc.poll() is None
@@ -230,10 +238,14 @@ def test_sigterm_drains_the_in_flight_stream_and_exits_0(tmp_path: Path) -> None
         reader.join(300)
         assert reader.error is None, repr(reader.error)
         assert reader.lines[-1] == "data: [DONE]"
-        usage = json.loads(reader.lines[-2][len("data: "):])["usage"]
+        usage = json.loads(reader.lines[-2][len("data: ") :])["usage"]
         assert usage["completion_tokens"] == max_tokens
-        finishes = [c["finish_reason"] for line in reader.lines[:-2]
-                    for c in json.loads(line[len("data: "):])["choices"] if c["finish_reason"]]
+        finishes = [
+            c["finish_reason"]
+            for line in reader.lines[:-2]
+            for c in json.loads(line[len("data: ") :])["choices"]
+            if c["finish_reason"]
+        ]
         assert finishes == ["length"]
         assert srv.proc.wait(60) == 0
 
@@ -242,17 +254,19 @@ def test_sigterm_drains_the_in_flight_stream_and_exits_0(tmp_path: Path) -> None
 def test_drain_timeout_cuts_the_rest_and_cut_streams_count_their_tokens(tmp_path: Path) -> None:
     data_dir = tmp_path / "srv"
     max_tokens = 1900  # far more than a second of decoding; ServeProcess's context is 2048
-    with ServeProcess(data_dir, DS_REDIS_URL="", DS_RESPONSE_CACHE="false", DS_DRAIN_TIMEOUT_S="1",
-                      DS_LOG_FORMAT="json") as srv:
+    with ServeProcess(
+        data_dir, DS_REDIS_URL="", DS_RESPONSE_CACHE="false", DS_DRAIN_TIMEOUT_S="1", DS_LOG_FORMAT="json"
+    ) as srv:
         model = httpx.get(f"{srv.url}/v1/models", timeout=30).json()["data"][0]["id"]
         received: dict[str, int] = {}
         # a client that goes away mid-stream
-        with httpx.stream("POST", f"{srv.url}/v1/completions", json=_long_stream(model, max_tokens),
-                          timeout=60) as resp:
+        with httpx.stream(
+            "POST", f"{srv.url}/v1/completions", json=_long_stream(model, max_tokens), timeout=60
+        ) as resp:
             chunks = 0
             for line in resp.iter_lines():
                 if line.startswith("data: {"):
-                    data = json.loads(line[len("data: "):])
+                    data = json.loads(line[len("data: ") :])
                     chunks += 1
                     if chunks == 5:
                         received[data["id"]] = chunks
@@ -275,8 +289,9 @@ def test_drain_timeout_cuts_the_rest_and_cut_streams_count_their_tokens(tmp_path
 
     # both cut requests are accounted with the tokens they got (each text chunk holds at least one)
     with sqlite3.connect(data_dir / "deepseek.db") as db:
-        rows = {r[0]: r[1:] for r in db.execute(
-            "SELECT request_id, finish_reason, completion_tokens FROM usage_records")}
+        rows = {
+            r[0]: r[1:] for r in db.execute("SELECT request_id, finish_reason, completion_tokens FROM usage_records")
+        }
     for completion_id, chunks in received.items():
         finish_reason, completion_tokens = rows[completion_id]
         assert finish_reason == "abort"
@@ -296,8 +311,10 @@ def test_drain_timeout_cuts_the_rest_and_cut_streams_count_their_tokens(tmp_path
 # --- a real server: two workers ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_workers_serve_the_openai_clients_and_stop_on_sigterm(tmp_path: Path) -> None:
-    with ServeProcess(tmp_path / "srv", args=("--workers", "2"), DS_REDIS_URL="", DS_RESPONSE_CACHE="false",
-                      DS_LOG_FORMAT="json") as srv:
+    with ServeProcess(
+        tmp_path / "srv", args=("--workers", "2"), DS_REDIS_URL="", DS_RESPONSE_CACHE="false", DS_LOG_FORMAT="json"
+    ) as srv:
+
         def startups() -> list[dict[str, Any]]:
             lines = [json.loads(line) for line in srv.stderr().splitlines() if line.startswith("{")]
             return [e for e in lines if e["message"] == "Application startup complete."]
@@ -306,11 +323,13 @@ def test_two_workers_serve_the_openai_clients_and_stop_on_sigterm(tmp_path: Path
 
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
         model = client.models.list().data[0].id
-        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
-                                              max_tokens=5, temperature=0)
+        chat = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0
+        )
         assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage is not None
-        comp = client.completions.create(model=model, prompt="One, two,", max_tokens=4, temperature=0,
-                                         extra_body={"ignore_eos": True})
+        comp = client.completions.create(
+            model=model, prompt="One, two,", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert comp.usage is not None and comp.usage.completion_tokens == 4
 
         async def streams() -> list[int]:
@@ -318,8 +337,14 @@ def test_two_workers_serve_the_openai_clients_and_stop_on_sigterm(tmp_path: Path
 
             async def one(i: int) -> int:
                 stream = await aclient.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": f"Story {i}"}], max_tokens=6,
-                    seed=i, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                    model=model,
+                    messages=[{"role": "user", "content": f"Story {i}"}],
+                    max_tokens=6,
+                    seed=i,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True},
+                )
                 tokens = -1
                 async for chunk in stream:
                     if chunk.usage is not None:

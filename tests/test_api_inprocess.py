@@ -18,10 +18,8 @@ from deepseek_serve.engine.async_engine import AsyncEngine
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def client(engine: AsyncEngine,
-                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
-    settings = make_settings(tmp_path_factory.mktemp("api"), max_body_bytes=4096, redis_url="",
-                             response_cache=False)
+async def client(engine: AsyncEngine, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
+    settings = make_settings(tmp_path_factory.mktemp("api"), max_body_bytes=4096, redis_url="", response_cache=False)
     app = create_app(settings, engine=engine)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -49,7 +47,7 @@ async def _model(client: httpx.AsyncClient) -> str:
 def test_splitter_any_cut(cut: int) -> None:
     text = "<think>\nstep one</think>\n\nThe answer."
     s = ReasoningSplitter()
-    parts = [s.push(text[i:i + cut]) for i in range(0, len(text), cut)]
+    parts = [s.push(text[i : i + cut]) for i in range(0, len(text), cut)]
     parts.append(s.flush())
     assert "".join(p.reasoning for p in parts) == "step one"
     assert "".join(p.content for p in parts) == "The answer."
@@ -63,8 +61,10 @@ def test_splitter_prefilled_and_plain() -> None:
 
 
 def test_reasoning_dropped_from_history() -> None:
-    msgs = [ChatMessage(role="user", content=[{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]),
-            ChatMessage(role="assistant", content="<think>x</think>ok", reasoning_content="secret")]
+    msgs = [
+        ChatMessage(role="user", content=[{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]),
+        ChatMessage(role="assistant", content="<think>x</think>ok", reasoning_content="secret"),
+    ]
     out = prepare_messages(msgs)
     assert out == [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "ok"}]
 
@@ -82,10 +82,19 @@ async def test_health_and_models(client: httpx.AsyncClient) -> None:
 
 async def test_chat_json(client: httpx.AsyncClient) -> None:
     model = await _model(client)
-    resp = await client.post("/v1/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5,
-        "temperature": 0, "logprobs": True, "top_logprobs": 2, "some_future_field": 1},
-        headers={"X-Request-ID": "abc-123"})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "Say hi"}],
+            "max_tokens": 5,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "some_future_field": 1,
+        },
+        headers={"X-Request-ID": "abc-123"},
+    )
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-request-id"] == "abc-123"
     body = resp.json()
@@ -101,14 +110,24 @@ async def test_chat_json(client: httpx.AsyncClient) -> None:
 
 async def test_sse_framing(client: httpx.AsyncClient) -> None:
     model = await _model(client)
-    async with client.stream("POST", "/v1/completions", json={
-            "model": model, "prompt": "Once upon", "max_tokens": 4, "temperature": 0, "n": 2,
-            "stream": True, "stream_options": {"include_usage": True}}) as resp:
+    async with client.stream(
+        "POST",
+        "/v1/completions",
+        json={
+            "model": model,
+            "prompt": "Once upon",
+            "max_tokens": 4,
+            "temperature": 0,
+            "n": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         raw = b"".join([chunk async for chunk in resp.aiter_bytes()])
     events = [e for e in raw.split(b"\n\n") if e]
     assert events[-1] == b"data: [DONE]"
-    datas = [orjson.loads(e[len(b"data: "):]) for e in events[:-1] if e.startswith(b"data: ")]
+    datas = [orjson.loads(e[len(b"data: ") :]) for e in events[:-1] if e.startswith(b"data: ")]
     usage = datas[-1]["usage"]
     assert datas[-1]["choices"] == []
     finishes = {c["index"]: c["finish_reason"] for d in datas for c in d["choices"] if c["finish_reason"]}
@@ -116,15 +135,18 @@ async def test_sse_framing(client: httpx.AsyncClient) -> None:
     assert usage["completion_tokens"] == 8
 
 
-@pytest.mark.parametrize(("payload", "param"), [
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ({"messages": []}, "messages"),
-    ({}, "messages"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
-    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": []}, "messages"),
+        ({}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens"),
+    ],
+)
 async def test_invalid_fields_400(client: httpx.AsyncClient, payload: dict, param: str) -> None:
     payload = {"model": await _model(client), **payload}
     _assert_error(await client.post("/v1/chat/completions", json=payload), 400, param)
@@ -132,20 +154,32 @@ async def test_invalid_fields_400(client: httpx.AsyncClient, payload: dict, para
 
 async def test_transport_errors(client: httpx.AsyncClient) -> None:
     model = await _model(client)
-    _assert_error(await client.post("/v1/chat/completions", content=b"{not json",
-                                    headers={"content-type": "application/json"}), 400)
-    _assert_error(await client.post("/v1/chat/completions", json={
-        "model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 404, "model")
-    _assert_error(await client.post("/v1/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": "x" * 5000}]}), 413)
+    _assert_error(
+        await client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+    )
+    _assert_error(
+        await client.post(
+            "/v1/chat/completions", json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}
+        ),
+        404,
+        "model",
+    )
+    _assert_error(
+        await client.post(
+            "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x" * 5000}]}
+        ),
+        413,
+    )
     _assert_error(await client.get("/v1/nowhere"), 404)
     _assert_error(await client.get("/v1/chat/completions"), 405)
 
 
 async def test_context_length_400(client: httpx.AsyncClient) -> None:
     model = await _model(client)
-    err = _assert_error(await client.post("/v1/completions", json={
-        "model": model, "prompt": [1] * 100, "max_tokens": 100_000}), 400)
+    err = _assert_error(
+        await client.post("/v1/completions", json={"model": model, "prompt": [1] * 100, "max_tokens": 100_000}), 400
+    )
     assert err["code"] == "context_length_exceeded" and "100100" in err["message"]
 
 

@@ -26,10 +26,8 @@ _FINISHED = "deepseek_serve.api.generation"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def client(engine: AsyncEngine,
-                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
-    settings = make_settings(tmp_path_factory.mktemp("rid"), max_body_bytes=4096, redis_url="",
-                             response_cache=False)
+async def client(engine: AsyncEngine, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
+    settings = make_settings(tmp_path_factory.mktemp("rid"), max_body_bytes=4096, redis_url="", response_cache=False)
     app = create_app(settings, engine=engine)
 
     async def boom() -> None:
@@ -47,8 +45,7 @@ async def _model(client: httpx.AsyncClient) -> str:
 
 
 def _chat(model: str, text: str = "Say hi", **extra: object) -> dict[str, object]:
-    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 3,
-            "temperature": 0, **extra}
+    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 3, "temperature": 0, **extra}
 
 
 async def test_given_id_is_returned_on_every_kind_of_response(client: httpx.AsyncClient) -> None:
@@ -66,16 +63,22 @@ async def test_given_id_is_returned_on_every_kind_of_response(client: httpx.Asyn
         rid = f"given-{i}"
         resp = await client.request(method, path, content=content, json=body, headers={"X-Request-ID": rid})
         assert resp.headers.get("x-request-id") == rid, (method, path, resp.status_code)
-    async with client.stream("POST", "/v1/chat/completions", json=_chat(model, stream=True),
-                             headers={"X-Request-ID": "given-stream"}) as resp:
+    async with client.stream(
+        "POST", "/v1/chat/completions", json=_chat(model, stream=True), headers={"X-Request-ID": "given-stream"}
+    ) as resp:
         assert resp.headers["x-request-id"] == "given-stream"
         assert (await resp.aread()).rstrip().endswith(b"data: [DONE]")
 
 
 async def test_missing_or_unusable_id_is_replaced_by_a_generated_one(client: httpx.AsyncClient) -> None:
     seen = set()
-    for headers in ({}, {"X-Request-ID": ""}, {"X-Request-ID": "has spaces"}, {"X-Request-ID": "x" * 129},
-                    {"X-Request-ID": "semi;colon"}):
+    for headers in (
+        {},
+        {"X-Request-ID": ""},
+        {"X-Request-ID": "has spaces"},
+        {"X-Request-ID": "x" * 129},
+        {"X-Request-ID": "semi;colon"},
+    ):
         resp = await client.get("/health/live", headers=headers)
         rid = resp.headers["x-request-id"]
         assert GENERATED.match(rid), (headers, rid)
@@ -85,14 +88,16 @@ async def test_missing_or_unusable_id_is_replaced_by_a_generated_one(client: htt
     assert (await client.get("/health/live", headers={"X-Request-ID": ok})).headers["x-request-id"] == ok
 
 
-async def test_concurrent_requests_log_their_own_id(client: httpx.AsyncClient,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+async def test_concurrent_requests_log_their_own_id(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
     model = await _model(client)
     caplog.set_level(logging.INFO, logger="deepseek_serve")
 
     async def one(i: int) -> tuple[str, str]:
-        resp = await client.post("/v1/chat/completions", json=_chat(model, f"Count to {i}"),
-                                 headers={"X-Request-ID": f"conc-{i}"})
+        resp = await client.post(
+            "/v1/chat/completions", json=_chat(model, f"Count to {i}"), headers={"X-Request-ID": f"conc-{i}"}
+        )
         assert resp.status_code == 200, resp.text
         return f"conc-{i}", resp.json()["id"]
 
@@ -107,8 +112,9 @@ async def test_concurrent_requests_log_their_own_id(client: httpx.AsyncClient,
             assert record.request_id in {rid for rid, _ in pairs}  # type: ignore[attr-defined]
 
 
-async def test_unexpected_error_keeps_the_request_id(client: httpx.AsyncClient,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+async def test_unexpected_error_keeps_the_request_id(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.ERROR, logger="deepseek_serve")
     resp = await client.get("/test/boom", headers={"X-Request-ID": "boom-1"})
     assert resp.status_code == 500
@@ -124,23 +130,32 @@ async def test_unexpected_error_keeps_the_request_id(client: httpx.AsyncClient,
 # --- a real server, JSON logs --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_server_logs_every_line_of_a_request_with_its_id(tmp_path: Path) -> None:
-    with ServeProcess(tmp_path / "srv", DS_LOG_FORMAT="json", DS_LOG_LEVEL="info", DS_REDIS_URL="",
-                      DS_RESPONSE_CACHE="false") as srv:
+    with ServeProcess(
+        tmp_path / "srv", DS_LOG_FORMAT="json", DS_LOG_LEVEL="info", DS_REDIS_URL="", DS_RESPONSE_CACHE="false"
+    ) as srv:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
         model = client.models.list().data[0].id
         # 1. chat, JSON, with a given id
         raw = client.chat.completions.with_raw_response.create(
-            model=model, max_tokens=4, temperature=0, messages=[{"role": "user", "content": "Hi"}],
-            extra_headers={"X-Request-ID": "rid-chat-1"})
+            model=model,
+            max_tokens=4,
+            temperature=0,
+            messages=[{"role": "user", "content": "Hi"}],
+            extra_headers={"X-Request-ID": "rid-chat-1"},
+        )
         assert raw.headers["x-request-id"] == "rid-chat-1"
         chat_id = raw.parse().id
         # 2. completions, streamed, without an id: one is generated and returned
-        with httpx.stream("POST", f"{srv.url}/v1/completions", timeout=60, json={
-                "model": model, "prompt": "One, two,", "max_tokens": 4, "stream": True}) as resp:
+        with httpx.stream(
+            "POST",
+            f"{srv.url}/v1/completions",
+            timeout=60,
+            json={"model": model, "prompt": "One, two,", "max_tokens": 4, "stream": True},
+        ) as resp:
             stream_rid = resp.headers["x-request-id"]
             events = [line for line in resp.iter_lines() if line.startswith("data: {")]
         assert GENERATED.match(stream_rid)
-        stream_id = json.loads(events[0][len("data: "):])["id"]
+        stream_id = json.loads(events[0][len("data: ") :])["id"]
         # 3. an error answered by a route, with a given id
         with pytest.raises(openai.NotFoundError) as info:
             client.models.retrieve("nope", extra_headers={"X-Request-ID": "rid-404"})
@@ -167,5 +182,8 @@ def test_real_server_logs_every_line_of_a_request_with_its_id(tmp_path: Path) ->
     errors = [e for e in lines if e.get("request_id") == "rid-404"]
     assert [(e["logger"], e["path"], e["status"]) for e in errors] == [("uvicorn.access", "/v1/models/nope", 404)]
     # no request line without an id: every access line (health polls included) has one
-    assert all(GENERATED.match(str(e.get("request_id", ""))) or str(e.get("request_id", "")).startswith("rid-")
-               for e in lines if e["logger"] == "uvicorn.access")
+    assert all(
+        GENERATED.match(str(e.get("request_id", ""))) or str(e.get("request_id", "")).startswith("rid-")
+        for e in lines
+        if e["logger"] == "uvicorn.access"
+    )

@@ -28,11 +28,18 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full = {k: v for k, v in os.environ.items() if not k.startswith("DS_")}
-        full.update({"DS_DATA_DIR": str(tmp), "DS_RESPONSE_CACHE": "false", "DS_REDIS_URL": "",
-                     "DS_LOG_LEVEL": "warning", "DS_MODEL": "smollm2-135m-instruct", **env})
+        full.update(
+            {
+                "DS_DATA_DIR": str(tmp),
+                "DS_RESPONSE_CACHE": "false",
+                "DS_REDIS_URL": "",
+                "DS_LOG_LEVEL": "warning",
+                "DS_MODEL": "smollm2-135m-instruct",
+                **env,
+            }
+        )
         command = [sys.executable, "-m", "deepseek_serve", "serve", "--port", str(self.port)]
-        self.proc = subprocess.Popen(command, env=full, cwd=tmp, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(command, env=full, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.proc.stdout.read().decode() if self.proc.stdout else ""
@@ -72,29 +79,42 @@ def _async(server: Server) -> openai.AsyncOpenAI:
 
 def test_sync_chat_and_completions(server: Server) -> None:
     client = _sync(server)
-    chat = client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi"}],
-                                          max_tokens=6, temperature=0, n=2, logprobs=True, top_logprobs=1)
+    chat = client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        temperature=0,
+        n=2,
+        logprobs=True,
+        top_logprobs=1,
+    )
     assert len(chat.choices) == 2
     assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy
     assert chat.usage is not None and chat.usage.completion_tokens == sum(
-        len(c.logprobs.content or []) for c in chat.choices if c.logprobs)
-    comp = client.completions.create(model=server.model, prompt=["One, two,", "A B C"], max_tokens=5,
-                                      temperature=0)
+        len(c.logprobs.content or []) for c in chat.choices if c.logprobs
+    )
+    comp = client.completions.create(model=server.model, prompt=["One, two,", "A B C"], max_tokens=5, temperature=0)
     assert [c.index for c in comp.choices] == [0, 1]
     assert all(c.finish_reason == "length" for c in comp.choices)
     assert comp.usage is not None and comp.usage.completion_tokens == 10
     # stop: the text never contains the stop string and finish_reason is "stop"
     free = client.completions.create(model=server.model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
     word = free.choices[0].text.strip()[:2]
-    stopped = client.completions.create(model=server.model, prompt="1, 2, 3, 4,", max_tokens=12,
-                                        temperature=0, stop=[word])
+    stopped = client.completions.create(
+        model=server.model, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[word]
+    )
     assert word not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
 
 
 def test_sync_stream(server: Server) -> None:
     stream = _sync(server).chat.completions.create(
-        model=server.model, messages=[{"role": "user", "content": "Count"}], max_tokens=8, temperature=0,
-        stream=True, stream_options={"include_usage": True})
+        model=server.model,
+        messages=[{"role": "user", "content": "Count"}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 8
     assert any(c.choices and c.choices[0].finish_reason for c in chunks)
@@ -104,10 +124,16 @@ async def test_16_concurrent_streams(server: Server) -> None:
     client = _async(server)
 
     async def one(i: int) -> tuple[int, int]:
-        stream = await client.completions.create(model=server.model, prompt=f"Story {i}:", max_tokens=6,
-                                                 temperature=0.7, seed=i, stream=True,
-                                                 stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True})
+        stream = await client.completions.create(
+            model=server.model,
+            prompt=f"Story {i}:",
+            max_tokens=6,
+            temperature=0.7,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         text_chunks, usage = 0, None
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].text:
@@ -123,21 +149,24 @@ async def test_16_concurrent_streams(server: Server) -> None:
 
 async def test_async_chat_json(server: Server) -> None:
     chat = await _async(server).chat.completions.create(
-        model=server.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+        model=server.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
     assert chat.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.NotFoundError):
-        await _async(server).chat.completions.create(model="nope",
-                                                     messages=[{"role": "user", "content": "x"}])
+        await _async(server).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError) as info:
-        await _async(server).chat.completions.create(model=server.model, messages=[{"role": "user",
-                                                     "content": "x"}], temperature=9)
+        await _async(server).chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": "x"}], temperature=9
+        )
     assert info.value.param == "temperature"
 
 
 async def test_disconnect_frees_capacity(server: Server) -> None:
     body = {"model": server.model, "prompt": "Long", "max_tokens": 2000, "ignore_eos": True, "stream": True}
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http, \
-            http.stream("POST", "/v1/completions", json=body) as resp:
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+        http.stream("POST", "/v1/completions", json=body) as resp,
+    ):
         async for line in resp.aiter_lines():
             if line.startswith("data: {"):
                 break
@@ -153,16 +182,22 @@ async def test_disconnect_frees_capacity(server: Server) -> None:
 def test_overload_and_sigterm(tmp_path: Path) -> None:
     # the drain must outlast the queued work even on a loaded machine: what is tested is that SIGTERM
     # lets the stream finish, not how long the default drain timeout is
-    srv = Server(tmp_path, DS_MAX_BATCH_SIZE="2", DS_MAX_QUEUE_SIZE="2", DS_KEEPALIVE_INTERVAL_S="0.2",
-                 DS_DRAIN_TIMEOUT_S="300")
+    srv = Server(
+        tmp_path, DS_MAX_BATCH_SIZE="2", DS_MAX_QUEUE_SIZE="2", DS_KEEPALIVE_INTERVAL_S="0.2", DS_DRAIN_TIMEOUT_S="300"
+    )
     try:
+
         async def fire() -> list[tuple[int, float, str | None]]:
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as http:
+
                 async def one(i: int) -> tuple[int, float, str | None]:
                     t0 = time.monotonic()
-                    r = await http.post("/v1/completions", json={"model": srv.model, "prompt": f"N{i}",
-                                                                 "max_tokens": 24, "ignore_eos": True})
+                    r = await http.post(
+                        "/v1/completions",
+                        json={"model": srv.model, "prompt": f"N{i}", "max_tokens": 24, "ignore_eos": True},
+                    )
                     return r.status_code, time.monotonic() - t0, r.headers.get("retry-after")
+
                 return await asyncio.gather(*(one(i) for i in range(10)))
 
         results = asyncio.run(fire())
@@ -174,11 +209,9 @@ def test_overload_and_sigterm(tmp_path: Path) -> None:
         # keep-alive comments while queued; SIGTERM mid-stream: the stream still completes, exit code 0
         async def drain() -> bytes:
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as http:
-                body = {"model": srv.model, "prompt": "x", "max_tokens": 40, "ignore_eos": True,
-                        "stream": True}
+                body = {"model": srv.model, "prompt": "x", "max_tokens": 40, "ignore_eos": True, "stream": True}
                 blocking = {**body, "stream": False}
-                blockers = [asyncio.ensure_future(http.post("/v1/completions", json=blocking))
-                            for _ in range(2)]
+                blockers = [asyncio.ensure_future(http.post("/v1/completions", json=blocking)) for _ in range(2)]
                 await asyncio.sleep(0.3)
                 async with http.stream("POST", "/v1/completions", json=body) as resp:
                     srv.proc.send_signal(signal.SIGTERM)

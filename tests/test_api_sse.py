@@ -17,7 +17,7 @@ def test_line_separators_inside_strings_are_escaped_and_the_json_is_unchanged() 
     event = sse_event(raw)
     lines = event.decode().splitlines()
     assert lines == [lines[0], ""] and lines[0].startswith("data: ")
-    assert json.loads(lines[0][len("data: "):]) == doc
+    assert json.loads(lines[0][len("data: ") :]) == doc
     # httpx's line iterator (what the cut stream test reads with) sees one event line
     stream = httpx.Response(200, content=event + DONE)
     assert [line for line in stream.iter_lines() if line] == [lines[0], "data: [DONE]"]

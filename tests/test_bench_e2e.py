@@ -46,11 +46,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def server_process(command: list[str], env: dict[str, str], port: int, log: Path,
-                   ready_path: str, timeout_s: float = 240.0) -> Iterator[subprocess.Popen[bytes]]:
+def server_process(
+    command: list[str], env: dict[str, str], port: int, log: Path, ready_path: str, timeout_s: float = 240.0
+) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as err:
-        proc = subprocess.Popen(command, env=env, cwd=log.parent, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, env=env, cwd=log.parent, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -77,8 +79,15 @@ def server_process(command: list[str], env: dict[str, str], port: int, log: Path
 def deepseek_serve(tmp: Path, **settings: str) -> Iterator[tuple[str, int]]:
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
-    env = clean_env(DS_DATA_DIR=str(tmp), DS_AUTH="off", DS_LOG_LEVEL="warning", DS_CONTEXT_LENGTH="2048",
-                    DS_N_THREADS="1", DS_REDIS_URL="", **settings)
+    env = clean_env(
+        DS_DATA_DIR=str(tmp),
+        DS_AUTH="off",
+        DS_LOG_LEVEL="warning",
+        DS_CONTEXT_LENGTH="2048",
+        DS_N_THREADS="1",
+        DS_REDIS_URL="",
+        **settings,
+    )
     command = [sys.executable, "-m", "deepseek_serve", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with server_process(command, env, port, tmp / "server.log", "/health/ready") as proc:
         yield f"http://127.0.0.1:{port}", proc.pid
@@ -93,9 +102,32 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
 def test_cli_closed_and_open_loop(served: tuple[str, int], tmp_path: Path) -> None:
     url, pid = served
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "deepseek_serve", "bench", "--base-url", url, "-c", "2", "-r", "4",
-               "-n", "4", "--max-tokens", "4", "--ignore-eos", "--warmup", "1", "--label", "e2e",
-               "--server-pid", str(pid), "-o", str(out), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "deepseek_serve",
+        "bench",
+        "--base-url",
+        url,
+        "-c",
+        "2",
+        "-r",
+        "4",
+        "-n",
+        "4",
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+        "--warmup",
+        "1",
+        "--label",
+        "e2e",
+        "--server-pid",
+        str(pid),
+        "-o",
+        str(out),
+        "--no-progress",
+    ]
     done = subprocess.run(command, env=clean_env(COLUMNS="200"), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "c=2" in done.stdout and "rate=4/s" in done.stdout
@@ -126,8 +158,9 @@ def test_cli_closed_and_open_loop(served: tuple[str, int], tmp_path: Path) -> No
 
 async def test_wrong_model_counts_404(served: tuple[str, int]) -> None:
     url, _ = served
-    config = BenchConfig(base_url=url, phases=(Phase("closed", 2, num_requests=3),), model="no-such-model",
-                         max_tokens=2)
+    config = BenchConfig(
+        base_url=url, phases=(Phase("closed", 2, num_requests=3),), model="no-such-model", max_tokens=2
+    )
     doc = await run_benchmark(config)
     m = doc["phases"][0]["metrics"]
     assert m["num_ok"] == 0 and m["errors_by_status"] == {"404": 3}
@@ -138,8 +171,9 @@ async def test_overload_is_answered_429_not_5xx(tmp_path: Path) -> None:
     # one batch slot and one queue place: 12 requests at 40/s must overflow
     limits = {"DS_MAX_BATCH_SIZE": "1", "DS_MAX_QUEUE_SIZE": "1", "DS_RESPONSE_CACHE": "false"}
     with deepseek_serve(tmp_path, **limits) as (url, _):
-        config = BenchConfig(base_url=url, phases=(Phase("open", 40.0, num_requests=12),), max_tokens=16,
-                             ignore_eos=True, seed=1)
+        config = BenchConfig(
+            base_url=url, phases=(Phase("open", 40.0, num_requests=12),), max_tokens=16, ignore_eos=True, seed=1
+        )
         doc = await run_benchmark(config)
     m = doc["phases"][0]["metrics"]
     assert m["num_ok"] >= 1
@@ -149,18 +183,24 @@ async def test_overload_is_answered_429_not_5xx(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,
-                    reason="the baseline server needs the torch extra: pip install -e '.[dev,torch]'")
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None,
+    reason="the baseline server needs the torch extra: pip install -e '.[dev,torch]'",
+)
 async def test_baseline_server_chunk_counting_and_openai_client(tmp_path: Path) -> None:
     import openai
 
     port = free_port()
-    command = [sys.executable, str(REPO / "bench" / "baseline_server.py"), "--port", str(port),
-               "--threads", "1"]
+    command = [sys.executable, str(REPO / "bench" / "baseline_server.py"), "--port", str(port), "--threads", "1"]
     with server_process(command, clean_env(), port, tmp_path / "baseline.log", "/v1/models"):
         url = f"http://127.0.0.1:{port}/v1"
-        config = BenchConfig(base_url=url, phases=(Phase("closed", 2, num_requests=2),), max_tokens=4,
-                             ignore_eos=True, stream_usage=False)
+        config = BenchConfig(
+            base_url=url,
+            phases=(Phase("closed", 2, num_requests=2),),
+            max_tokens=4,
+            ignore_eos=True,
+            stream_usage=False,
+        )
         doc = await run_benchmark(config)
         m = doc["phases"][0]["metrics"]
         assert m["num_ok"] == 2 and m["usage_reported"] is False
@@ -172,8 +212,13 @@ async def test_baseline_server_chunk_counting_and_openai_client(tmp_path: Path) 
 
         client = openai.AsyncOpenAI(base_url=url, api_key="unused")
         stream = await client.chat.completions.create(
-            model=doc["meta"]["model"], messages=[{"role": "user", "content": "Say hi."}], max_tokens=3,
-            temperature=0, stream=True, stream_options={"include_usage": True})
+            model=doc["meta"]["model"],
+            messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=3,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = [chunk async for chunk in stream]
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 3
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -19,25 +19,51 @@ from deepseek_serve.bench.runner import Phase, PhaseResult
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def phase(concurrency: int, ttft: float, e2e: float, tokens: int, elapsed: float,
-          failed: int = 0) -> PhaseResult:
+def phase(concurrency: int, ttft: float, e2e: float, tokens: int, elapsed: float, failed: int = 0) -> PhaseResult:
     requests = [
-        RequestResult(index=i, sent_at=0.0, ok=True, ttft=ttft * (1 + i / 10), e2e=e2e, prompt_tokens=30,
-                      output_tokens=tokens, usage_reported=True,
-                      itl=[(e2e - ttft) / (tokens - 1)] * (tokens - 1))
+        RequestResult(
+            index=i,
+            sent_at=0.0,
+            ok=True,
+            ttft=ttft * (1 + i / 10),
+            e2e=e2e,
+            prompt_tokens=30,
+            output_tokens=tokens,
+            usage_reported=True,
+            itl=[(e2e - ttft) / (tokens - 1)] * (tokens - 1),
+        )
         for i in range(concurrency * 2)
     ]
     requests += [RequestResult(index=100 + i, sent_at=0.0, status="503", error="down") for i in range(failed)]
-    return PhaseResult(Phase("closed", concurrency, num_requests=len(requests)), elapsed, requests,
-                       server_peak_rss_bytes=300 * 2**20, loadavg_before=(1.0, 1.0, 1.0),
-                       loadavg_after=(2.0, 1.0, 1.0))
+    return PhaseResult(
+        Phase("closed", concurrency, num_requests=len(requests)),
+        elapsed,
+        requests,
+        server_peak_rss_bytes=300 * 2**20,
+        loadavg_before=(1.0, 1.0, 1.0),
+        loadavg_after=(2.0, 1.0, 1.0),
+    )
 
 
 def document(label: str, speed: float) -> dict:
-    meta = {"label": label, "workload": "short", "base_url": "http://x/v1", "model": "m", "max_tokens": 16,
-            "endpoint": "chat", "temperature": 0.0, "ignore_eos": True, "seed": 0}
-    return run_document(meta, [phase(1, 0.2 / speed, 2.0 / speed, 16, 4.0 / speed),
-                               phase(4, 0.4 / speed, 3.0 / speed, 16, 6.0 / speed, failed=1)])
+    meta = {
+        "label": label,
+        "workload": "short",
+        "base_url": "http://x/v1",
+        "model": "m",
+        "max_tokens": 16,
+        "endpoint": "chat",
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "seed": 0,
+    }
+    return run_document(
+        meta,
+        [
+            phase(1, 0.2 / speed, 2.0 / speed, 16, 4.0 / speed),
+            phase(4, 0.4 / speed, 3.0 / speed, 16, 6.0 / speed, failed=1),
+        ],
+    )
 
 
 def test_report_files_exist_and_are_valid(tmp_path: Path) -> None:

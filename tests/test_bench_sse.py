@@ -24,10 +24,19 @@ def test_events_split_at_every_byte_give_the_same_events() -> None:
         "data: [DONE]\n\n"
     ).encode()
     whole = feed_all(SSEParser(), [stream])
-    bytewise = feed_all(SSEParser(), [stream[i:i + 1] for i in range(len(stream))])
-    assert whole == bytewise == [
-        '{"a": 1}', "x", "line one\nline two", "no-space", "caf\u00e9 \u4e2d\u6587 \U0001f600", "[DONE]",
-    ]
+    bytewise = feed_all(SSEParser(), [stream[i : i + 1] for i in range(len(stream))])
+    assert (
+        whole
+        == bytewise
+        == [
+            '{"a": 1}',
+            "x",
+            "line one\nline two",
+            "no-space",
+            "caf\u00e9 \u4e2d\u6587 \U0001f600",
+            "[DONE]",
+        ]
+    )
 
 
 @pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
@@ -57,11 +66,18 @@ def test_event_type_id_and_unfinished_event() -> None:
 
 
 def test_chat_chunk_content_reasoning_and_finish() -> None:
-    role = parse_chunk(json.dumps({"object": "chat.completion.chunk",
-                                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}))
+    role = parse_chunk(
+        json.dumps(
+            {
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+            }
+        )
+    )
     assert role.text == "" and role.error is None
-    chunk = parse_chunk(json.dumps({"choices": [{"delta": {"reasoning_content": "think ", "content": "Hi"},
-                                                 "finish_reason": None}]}))
+    chunk = parse_chunk(
+        json.dumps({"choices": [{"delta": {"reasoning_content": "think ", "content": "Hi"}, "finish_reason": None}]})
+    )
     assert chunk.text == "think Hi"
     last = parse_chunk(json.dumps({"choices": [{"delta": {}, "finish_reason": "length"}]}))
     assert last.finish_reason == "length" and last.text == ""
@@ -70,8 +86,9 @@ def test_chat_chunk_content_reasoning_and_finish() -> None:
 def test_completion_chunk_and_usage_chunk() -> None:
     chunk = parse_chunk(json.dumps({"object": "text_completion", "choices": [{"text": " world"}]}))
     assert chunk.text == " world"
-    usage = parse_chunk(json.dumps({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5,
-                                                             "total_tokens": 17}}))
+    usage = parse_chunk(
+        json.dumps({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}})
+    )
     assert usage.usage is not None
     assert (usage.usage.prompt_tokens, usage.usage.completion_tokens) == (12, 5)
     # a usage object with no completion count is ignored, not a crash

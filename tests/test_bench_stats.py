@@ -58,16 +58,31 @@ def test_poisson_arrivals_reproducible_and_rate_correct() -> None:
         next(poisson_arrivals(0.0, seed=1))
 
 
-def result(index: int, ok: bool = True, status: str = "200", ttft: float = 0.1, e2e: float = 1.0,
-           tokens: int = 10) -> RequestResult:
-    return RequestResult(index=index, sent_at=0.0, status=status, ok=ok, ttft=ttft if ok else None, e2e=e2e,
-                         prompt_tokens=20 if ok else None, output_tokens=tokens if ok else 0,
-                         usage_reported=ok, itl=[0.1] * (tokens - 1) if ok else [])
+def result(
+    index: int, ok: bool = True, status: str = "200", ttft: float = 0.1, e2e: float = 1.0, tokens: int = 10
+) -> RequestResult:
+    return RequestResult(
+        index=index,
+        sent_at=0.0,
+        status=status,
+        ok=ok,
+        ttft=ttft if ok else None,
+        e2e=e2e,
+        prompt_tokens=20 if ok else None,
+        output_tokens=tokens if ok else 0,
+        usage_reported=ok,
+        itl=[0.1] * (tokens - 1) if ok else [],
+    )
 
 
 def test_compute_metrics_counts_errors_and_throughput() -> None:
-    results = [result(0), result(1, ttft=0.3, e2e=2.0), result(2, ok=False, status="429"),
-               result(3, ok=False, status="429"), result(4, ok=False, status="timeout")]
+    results = [
+        result(0),
+        result(1, ttft=0.3, e2e=2.0),
+        result(2, ok=False, status="429"),
+        result(3, ok=False, status="429"),
+        result(4, ok=False, status="timeout"),
+    ]
     m = compute_metrics(results, elapsed_s=2.0)
     assert m["num_requests"] == 5 and m["num_ok"] == 2 and m["num_errors"] == 3
     assert m["error_rate"] == pytest.approx(0.6)

@@ -50,8 +50,13 @@ def test_breaker_state_machine() -> None:
     assert breaker.can_call()
     breaker.record_success()
     assert breaker.state == "closed" and breaker.state_value == 0
-    assert transitions == [("closed", "open"), ("open", "half_open"), ("half_open", "open"),
-                           ("open", "half_open"), ("half_open", "closed")]
+    assert transitions == [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
     assert breaker.num_opened_total == 2
 
 
@@ -67,9 +72,16 @@ def test_broken_listener_does_not_break_the_breaker() -> None:
 
 
 def settings_for(url: str, **overrides: object) -> Settings:
-    base: dict[str, object] = {"_env_file": None, "redis_url": url, "redis_key_prefix": unique_prefix(),
-                               "redis_timeout_s": 0.2, "breaker_failure_threshold": 2, "breaker_reset_s": 0.5,
-                               "default_rpm": 1000, "default_tpm": 0}
+    base: dict[str, object] = {
+        "_env_file": None,
+        "redis_url": url,
+        "redis_key_prefix": unique_prefix(),
+        "redis_timeout_s": 0.2,
+        "breaker_failure_threshold": 2,
+        "breaker_reset_s": 0.5,
+        "default_rpm": 1000,
+        "default_tpm": 0,
+    }
     base.update(overrides)
     return load_settings(**base)
 

@@ -19,8 +19,11 @@ from deepseek_serve.config import load_settings
 
 async def exercise(url: str) -> bool:
     """True when the limiter and the cache really went through Redis."""
-    layer = build_cache_layer(load_settings(_env_file=None, redis_url=url, redis_key_prefix=unique_prefix(),
-                                            redis_timeout_s=2.0, default_rpm=1))
+    layer = build_cache_layer(
+        load_settings(
+            _env_file=None, redis_url=url, redis_key_prefix=unique_prefix(), redis_timeout_s=2.0, default_rpm=1
+        )
+    )
     try:
         assert layer.response_cache is not None and layer.client is not None
         await layer.response_cache.put("k", b"v")
@@ -51,13 +54,40 @@ def make_certs(folder: Path) -> None:
     def run(*args: str) -> None:
         subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-        "-keyout", "ca.key", "-out", "ca.pem")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
-        "-out", "server.csr")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
     (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "1", "-extfile", "san.ext", "-out", "server.pem")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    )
 
 
 async def test_tls_url(tmp_path: Path) -> None:
@@ -65,9 +95,20 @@ async def test_tls_url(tmp_path: Path) -> None:
     server = PrivateRedis()
     # NOTE: the plain port is private too; the client below only talks TLS on tls_port
     tls_port = PrivateRedis().port
-    server.start(extra=("--tls-port", str(tls_port), "--tls-cert-file", str(tmp_path / "server.pem"),
-                        "--tls-key-file", str(tmp_path / "server.key"),
-                        "--tls-ca-cert-file", str(tmp_path / "ca.pem"), "--tls-auth-clients", "no"))
+    server.start(
+        extra=(
+            "--tls-port",
+            str(tls_port),
+            "--tls-cert-file",
+            str(tmp_path / "server.pem"),
+            "--tls-key-file",
+            str(tmp_path / "server.key"),
+            "--tls-ca-cert-file",
+            str(tmp_path / "ca.pem"),
+            "--tls-auth-clients",
+            "no",
+        )
+    )
     try:
         ca = tmp_path / "ca.pem"
         assert await exercise(f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}")

@@ -186,8 +186,9 @@ async def test_cache_put_get_and_size_limit(backend: Backend) -> None:
     cache = backend.cache(max_entry_bytes=2048)
     k = cache_key(model="m", endpoint="chat.completions", prompt="hi", params={"temperature": 0})
     assert await cache.get(k) is None
-    entry = CachedCompletion(model="m", choices=[CachedChoice(text="héllo", finish_reason="stop")],
-                             prompt_tokens=5, completion_tokens=2)
+    entry = CachedCompletion(
+        model="m", choices=[CachedChoice(text="héllo", finish_reason="stop")], prompt_tokens=5, completion_tokens=2
+    )
     await cache.put(k, entry.to_bytes())
     got = await cache.get(k)
     assert got is not None and CachedCompletion.from_bytes(got) == entry
@@ -205,11 +206,22 @@ async def test_cache_entries_expire(backend: Backend) -> None:
 
 
 def test_cache_key_covers_every_input() -> None:
-    base = {"model": "m", "endpoint": "chat.completions", "prompt": "p",
-            "params": {"temperature": 0.0, "max_tokens": 16, "seed": None, "stop": ["x"]}}
+    base = {
+        "model": "m",
+        "endpoint": "chat.completions",
+        "prompt": "p",
+        "params": {"temperature": 0.0, "max_tokens": 16, "seed": None, "stop": ["x"]},
+    }
     reference = cache_key(**base)  # type: ignore[arg-type]
-    assert cache_key(model="m", endpoint="chat.completions", prompt="p",
-                     params={"stop": ["x"], "seed": None, "max_tokens": 16, "temperature": 0.0}) == reference
+    assert (
+        cache_key(
+            model="m",
+            endpoint="chat.completions",
+            prompt="p",
+            params={"stop": ["x"], "seed": None, "max_tokens": 16, "temperature": 0.0},
+        )
+        == reference
+    )
     variants = [
         {**base, "model": "m2"},
         {**base, "endpoint": "completions"},

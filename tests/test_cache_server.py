@@ -32,12 +32,17 @@ def private_redis_server() -> Iterator[PrivateRedis]:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory,
-        private_redis_server: PrivateRedis) -> Iterator[CacheAppServer]:
-    with CacheAppServer(tmp_path_factory.mktemp("cache-app"), DS_REDIS_URL=private_redis_server.url,
-                        DS_REDIS_KEY_PREFIX=unique_prefix(), DS_REDIS_TIMEOUT_S="0.2",
-                        DS_BREAKER_FAILURE_THRESHOLD="2", DS_BREAKER_RESET_S=str(RESET_S),
-                        DS_DEFAULT_RPM="10000", DS_DEFAULT_TPM="10000000") as server:
+def app(tmp_path_factory: pytest.TempPathFactory, private_redis_server: PrivateRedis) -> Iterator[CacheAppServer]:
+    with CacheAppServer(
+        tmp_path_factory.mktemp("cache-app"),
+        DS_REDIS_URL=private_redis_server.url,
+        DS_REDIS_KEY_PREFIX=unique_prefix(),
+        DS_REDIS_TIMEOUT_S="0.2",
+        DS_BREAKER_FAILURE_THRESHOLD="2",
+        DS_BREAKER_RESET_S=str(RESET_S),
+        DS_DEFAULT_RPM="10000",
+        DS_DEFAULT_TPM="10000000",
+    ) as server:
         yield server
 
 
@@ -49,11 +54,12 @@ def model_of(client: openai.OpenAI) -> str:
     return client.models.list().data[0].id
 
 
-def ask(client: openai.OpenAI, model: str, text: str, max_tokens: int = 6,
-        **extra: object) -> tuple[httpx.Headers, object]:
+def ask(
+    client: openai.OpenAI, model: str, text: str, max_tokens: int = 6, **extra: object
+) -> tuple[httpx.Headers, object]:
     raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": text}], temperature=0, max_tokens=max_tokens,
-        **extra)
+        model=model, messages=[{"role": "user", "content": text}], temperature=0, max_tokens=max_tokens, **extra
+    )
     return raw.headers, raw.parse()
 
 
@@ -78,8 +84,13 @@ def test_repeated_deterministic_request_is_served_from_cache(app: CacheAppServer
 
     # a streamed request is replayed from the same entry as SSE chunks
     raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": "Name a colour."}], temperature=0, max_tokens=6,
-        stream=True, stream_options={"include_usage": True})
+        model=model,
+        messages=[{"role": "user", "content": "Name a colour."}],
+        temperature=0,
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     assert raw.headers["x-cache"] == "hit"
     chunks = list(raw.parse())
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -92,8 +103,8 @@ def test_streamed_answer_is_cached_for_later_requests(app: CacheAppServer) -> No
     client = client_for(app)
     model = model_of(client)
     raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": "Say a fruit."}], temperature=0, max_tokens=6,
-        stream=True)
+        model=model, messages=[{"role": "user", "content": "Say a fruit."}], temperature=0, max_tokens=6, stream=True
+    )
     assert raw.headers["x-cache"] == "miss"
     streamed = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
     headers, hit = ask(client, model, "Say a fruit.")
@@ -108,7 +119,8 @@ def test_cache_opt_out_and_nondeterministic_requests_bypass_it(app: CacheAppServ
     headers, _ = ask(client, model, "Name an animal.", extra_body={"cache": False})
     assert "x-cache" not in headers
     raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": "Name an animal."}], temperature=0.9, max_tokens=4)
+        model=model, messages=[{"role": "user", "content": "Name an animal."}], temperature=0.9, max_tokens=4
+    )
     assert "x-cache" not in raw.headers
     headers, _ = ask(client, model, "Name an animal.", seed=7)  # a seed makes it deterministic too
     assert headers["x-cache"] == "miss"
@@ -125,8 +137,12 @@ def test_errors_after_admission_carry_rate_limit_headers(app: CacheAppServer) ->
 def test_two_processes_share_one_rate_limit(tmp_path: Path) -> None:
     """DS_DEFAULT_RPM=2 in each process: counted per process this would admit 4 of 4 requests."""
     prefix = unique_prefix()
-    env = {"DS_REDIS_URL": SHARED_REDIS_URL, "DS_REDIS_KEY_PREFIX": prefix, "DS_DEFAULT_RPM": "2",
-           "DS_RESPONSE_CACHE": "false"}
+    env = {
+        "DS_REDIS_URL": SHARED_REDIS_URL,
+        "DS_REDIS_KEY_PREFIX": prefix,
+        "DS_DEFAULT_RPM": "2",
+        "DS_RESPONSE_CACHE": "false",
+    }
     try:
         with CacheAppServer(tmp_path / "a", **env) as a, CacheAppServer(tmp_path / "b", **env) as b:
             clients = [client_for(a), client_for(b)]
@@ -171,8 +187,7 @@ def test_redis_killed_during_50_requests(app: CacheAppServer, private_redis_serv
             failures.append(f"{i}: {exc!r}")
         if i == 30:
             metrics = httpx.get(app.url + "/metrics", timeout=10).text
-            breaker_states.extend(line for line in metrics.splitlines()
-                                  if line.startswith("ds_redis_circuit_state"))
+            breaker_states.extend(line for line in metrics.splitlines() if line.startswith("ds_redis_circuit_state"))
     assert failures == []
     # open (2) or, between trials that fail while Redis is down, half-open (1); never closed (0)
     assert breaker_states and breaker_states[0].split()[-1] in ("1.0", "2.0")

@@ -92,8 +92,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     conf = tmp_path / "redis.conf"
     text = (ROOT / "deploy" / "redis" / "redis.conf").read_text()
     assert "\ndir /data\n" in text and "\nbind 0.0.0.0\n" in text
-    conf.write_text(text.replace("\ndir /data\n", f"\ndir {data_dir}\n").replace(
-        "\nbind 0.0.0.0\n", "\nbind 127.0.0.1\n"))
+    conf.write_text(
+        text.replace("\ndir /data\n", f"\ndir {data_dir}\n").replace("\nbind 0.0.0.0\n", "\nbind 127.0.0.1\n")
+    )
     server = RedisServer(conf=conf, data_dir=data_dir, port=_free_port())
     server.start()
     try:
@@ -131,16 +132,13 @@ def _seed(database: str, rows: int = 500) -> None:
         database,
     )
     values_keys = ",".join(
-        f"('key-{i}', UNHEX(SHA2('k{i}', 256)), '[\"inference\"]', "
-        f"{'NULL' if i % 3 else 'NOW(6)'})"
-        for i in range(20)
+        f"('key-{i}', UNHEX(SHA2('k{i}', 256)), '[\"inference\"]', {'NULL' if i % 3 else 'NOW(6)'})" for i in range(20)
     )
     values_usage = ",".join(
         f"({1 + i % 20}, {i}, {i * 7 % 113}, {i / 3.0}, NOW(6) - INTERVAL {i} MINUTE)" for i in range(rows)
     )
     values_msgs = ",".join(
-        f"('{('user', 'assistant')[i % 2]}', 'héllo 世界 \\'quoted\\' {i}\\n', "
-        f"UNHEX('{secrets.token_hex(16)}'))"
+        f"('{('user', 'assistant')[i % 2]}', 'héllo 世界 \\'quoted\\' {i}\\n', UNHEX('{secrets.token_hex(16)}'))"
         for i in range(rows)
     )
     _mysql(
@@ -183,20 +181,47 @@ def _run(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _backup(dest: Path, database: str, port: int, *extra: str) -> Path:
-    res = _run(BACKUP, "--mode", "direct", "--dest", str(dest), "--mysql-host", MYSQL_HOST,
-               "--mysql-port", MYSQL_PORT, "--mysql-database", database, "--redis-port", str(port), *extra)
+    res = _run(
+        BACKUP,
+        "--mode",
+        "direct",
+        "--dest",
+        str(dest),
+        "--mysql-host",
+        MYSQL_HOST,
+        "--mysql-port",
+        MYSQL_PORT,
+        "--mysql-database",
+        database,
+        "--redis-port",
+        str(port),
+        *extra,
+    )
     assert res.returncode == 0, res.stderr
     archive = Path(res.stdout.strip().splitlines()[-1])
     assert archive.is_file() and archive.parent == dest
     return archive
 
 
-def _restore(
-    archive: Path, database: str, server: RedisServer, *extra: str
-) -> subprocess.CompletedProcess[str]:
-    return _run(RESTORE, "--mode", "direct", "--yes", "--mysql-host", MYSQL_HOST, "--mysql-port", MYSQL_PORT,
-                "--mysql-database", database, "--redis-dir", str(server.data_dir),
-                "--redis-port", str(server.port), *extra, str(archive))
+def _restore(archive: Path, database: str, server: RedisServer, *extra: str) -> subprocess.CompletedProcess[str]:
+    return _run(
+        RESTORE,
+        "--mode",
+        "direct",
+        "--yes",
+        "--mysql-host",
+        MYSQL_HOST,
+        "--mysql-port",
+        MYSQL_PORT,
+        "--mysql-database",
+        database,
+        "--redis-dir",
+        str(server.data_dir),
+        "--redis-port",
+        str(server.port),
+        *extra,
+        str(archive),
+    )
 
 
 def test_backup_drop_restore_reproduces_mysql_and_redis(
@@ -213,7 +238,11 @@ def test_backup_drop_restore_reproduces_mysql_and_redis(
     assert sidecar.read_text().split()[0] == hashlib.sha256(archive.read_bytes()).hexdigest()
     with tarfile.open(archive) as tar:
         assert {m.name.lstrip("./") for m in tar.getmembers() if m.isfile()} == {
-            "mysql.sql", "redis.rdb", "SHA256SUMS", "MANIFEST"}
+            "mysql.sql",
+            "redis.rdb",
+            "SHA256SUMS",
+            "MANIFEST",
+        }
 
     # disaster: tables dropped, Redis data gone
     _mysql("SET FOREIGN_KEY_CHECKS=0; DROP TABLE usage_records, messages, api_keys;", database)
@@ -237,9 +266,7 @@ def test_backup_drop_restore_reproduces_mysql_and_redis(
     assert redis_server.client().dbsize() == len(redis_before) + 1
 
 
-def test_damaged_or_unverifiable_archives_are_refused(
-    tmp_path: Path, database: str, redis_server: RedisServer
-) -> None:
+def test_damaged_or_unverifiable_archives_are_refused(tmp_path: Path, database: str, redis_server: RedisServer) -> None:
     _seed(database, rows=50)
     _seed_redis(redis_server.client())
     archive = _backup(tmp_path / "backups", database, redis_server.port)
@@ -277,10 +304,15 @@ def test_damaged_or_unverifiable_archives_are_refused(
         for part in sorted(unpacked.iterdir()):
             tar.add(part, arcname=f"./{part.name}")
     inner.with_name(inner.name + ".sha256").write_text(
-        f"{hashlib.sha256(inner.read_bytes()).hexdigest()}  {inner.name}\n")
+        f"{hashlib.sha256(inner.read_bytes()).hexdigest()}  {inner.name}\n"
+    )
 
-    for bad, reason in ((flipped, "sha256 mismatch"), (truncated, "sha256 mismatch"),
-                        (no_sidecar, "checksum file"), (inner, "fails its checksum")):
+    for bad, reason in (
+        (flipped, "sha256 mismatch"),
+        (truncated, "sha256 mismatch"),
+        (no_sidecar, "checksum file"),
+        (inner, "fails its checksum"),
+    ):
         res = _restore(bad, database, redis_server, "--no-redis")
         assert res.returncode == 3, (bad.name, res.stderr)
         assert "REFUSED" in res.stderr and reason in res.stderr, (bad.name, res.stderr)

@@ -28,8 +28,14 @@ SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
 CORE = {"deepseek-app", "mysql", "redis"}
 MONITORING = {"prometheus", "alertmanager", "grafana", "mysqld-exporter", "redis-exporter", "node-exporter"}
 SCALE = {"gateway", "engine"}  # profile `scale`: checked in tests/test_gateway_compose.py
-SECRETS = {"MYSQL_ROOT_PASSWORD", "MYSQL_PASSWORD", "MYSQL_EXPORTER_PASSWORD", "REDIS_PASSWORD",
-           "GRAFANA_ADMIN_PASSWORD", "DS_ADMIN_KEY"}
+SECRETS = {
+    "MYSQL_ROOT_PASSWORD",
+    "MYSQL_PASSWORD",
+    "MYSQL_EXPORTER_PASSWORD",
+    "REDIS_PASSWORD",
+    "GRAFANA_ADMIN_PASSWORD",
+    "DS_ADMIN_KEY",
+}
 VAR = re.compile(r"\$\{([A-Z0-9_]+)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -180,12 +186,17 @@ def test_redis_config_is_accepted_by_redis(tmp_path: Path) -> None:
     conf.write_text((ROOT / "deploy/redis/redis.conf").read_text().replace("dir /data", f"dir {tmp_path}"))
     sock = str(tmp_path / "r.sock")
     # port 0: no TCP listener; the socket in tmp_path only
-    proc = subprocess.Popen(["redis-server", str(conf), "--port", "0", "--unixsocket", sock],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["redis-server", str(conf), "--port", "0", "--unixsocket", sock],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
     def config_get(name: str) -> list[str]:
-        return subprocess.run(["redis-cli", "-s", sock, "config", "get", name],
-                              capture_output=True, text=True, timeout=5).stdout.split()
+        return subprocess.run(
+            ["redis-cli", "-s", sock, "config", "get", name], capture_output=True, text=True, timeout=5
+        ).stdout.split()
 
     try:
         for _ in range(100):
@@ -205,13 +216,16 @@ def test_exporter_user_script_grants_only_what_the_exporter_reads() -> None:
     """deploy/compose/mysql-exporter-user.sh against the real MariaDB, as the mysql image's entrypoint
     runs it (root over the local socket), with a user name of our own."""
     user, password = f"ds_exp_{secrets.token_hex(4)}", secrets.token_hex(16)
-    env = {**os.environ, "MYSQL_ROOT_PASSWORD": "", "MYSQL_EXPORTER_USER": user,
-           "MYSQL_EXPORTER_PASSWORD": password}
+    env = {**os.environ, "MYSQL_ROOT_PASSWORD": "", "MYSQL_EXPORTER_USER": user, "MYSQL_EXPORTER_PASSWORD": password}
 
     def as_exporter(sql: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["mysql", "-h", "127.0.0.1", "-u", user, "-N", "-B", "-e", sql],
-                              capture_output=True, text=True, timeout=30,
-                              env={**os.environ, "MYSQL_PWD": password})
+        return subprocess.run(
+            ["mysql", "-h", "127.0.0.1", "-u", user, "-N", "-B", "-e", sql],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "MYSQL_PWD": password},
+        )
 
     script = ROOT / "deploy/compose/mysql-exporter-user.sh"
     try:
@@ -227,5 +241,8 @@ def test_exporter_user_script_grants_only_what_the_exporter_reads() -> None:
         denied = as_exporter("SELECT COUNT(*) FROM mysql.user")
         assert denied.returncode != 0 and "denied" in denied.stderr
     finally:
-        subprocess.run(["mysql", "-h", "127.0.0.1", "-u", "root", "-e", f"DROP USER IF EXISTS '{user}'@'%'"],
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            ["mysql", "-h", "127.0.0.1", "-u", "root", "-e", f"DROP USER IF EXISTS '{user}'@'%'"],
+            capture_output=True,
+            timeout=30,
+        )

@@ -65,9 +65,21 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
         log = tmp / "build.log"
         with log.open("w") as out:
             rc = subprocess.run(
-                ["podman", "build", "--format", "docker", "--network", "host", *_build_volumes(tmp),
-                 "-t", IMAGE, str(ROOT)],
-                stdout=out, stderr=subprocess.STDOUT, timeout=3000,
+                [
+                    "podman",
+                    "build",
+                    "--format",
+                    "docker",
+                    "--network",
+                    "host",
+                    *_build_volumes(tmp),
+                    "-t",
+                    IMAGE,
+                    str(ROOT),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=3000,
             ).returncode
         assert rc == 0, log.read_text()[-4000:]
     return IMAGE
@@ -87,8 +99,17 @@ def test_image_metadata_and_size(image: str) -> None:
     print(f"image {image}: {size / 1e6:.0f} MB")
     assert size <= MAX_IMAGE_BYTES, f"{size / 1e6:.0f} MB > 800 MB"
     # no compilers and no torch in the CPU runtime
-    res = _podman("run", "--rm", "--network", "host", "--entrypoint", "sh", image, "-c",
-                  "command -v gcc cc g++ cmake; python3 -c 'import torch' 2>/dev/null && echo torch; true")
+    res = _podman(
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        "command -v gcc cc g++ cmake; python3 -c 'import torch' 2>/dev/null && echo torch; true",
+    )
     assert res.stdout.strip() == ""
 
 
@@ -101,13 +122,35 @@ def container(image: str) -> Iterator[tuple[str, int, str]]:
     for v in volumes:
         _podman("volume", "create", v)
     _podman(
-        "run", "-d", "--name", name, "--network", "host", "--read-only",
-        "--tmpfs", "/tmp:size=256m,mode=1777",
-        "-v", f"{volumes[0]}:/data", "-v", f"{volumes[1]}:/models",
-        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-        "-e", f"DS_PORT={port}", "-e", f"DS_ADMIN_KEY={admin_key}",
-        "-e", f"DS_DRAIN_TIMEOUT_S={DRAIN_TIMEOUT_S}", "-e", "DS_N_THREADS=2", "-e", "DS_CONTEXT_LENGTH=2048",
-        "-e", "DS_MODEL=smollm2-135m-instruct",
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "host",
+        "--read-only",
+        "--tmpfs",
+        "/tmp:size=256m,mode=1777",
+        "-v",
+        f"{volumes[0]}:/data",
+        "-v",
+        f"{volumes[1]}:/models",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "-e",
+        f"DS_PORT={port}",
+        "-e",
+        f"DS_ADMIN_KEY={admin_key}",
+        "-e",
+        f"DS_DRAIN_TIMEOUT_S={DRAIN_TIMEOUT_S}",
+        "-e",
+        "DS_N_THREADS=2",
+        "-e",
+        "DS_CONTEXT_LENGTH=2048",
+        "-e",
+        "DS_MODEL=smollm2-135m-instruct",
         image,
     )
     try:
@@ -150,14 +193,16 @@ def test_container_runs_read_only_non_root_answers_and_stops_on_sigterm(
 
     # non-root, read-only root, writable volumes
     assert _podman("exec", name, "id", "-u").stdout.strip() == "10001"
-    probe = _podman("exec", name, "sh", "-c", "touch /opt/venv/x 2>&1; touch /data/x && echo data-ok",
-                    check=False)
+    probe = _podman("exec", name, "sh", "-c", "touch /opt/venv/x 2>&1; touch /data/x && echo data-ok", check=False)
     assert "Read-only file system" in probe.stdout and "data-ok" in probe.stdout
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=admin_key, max_retries=0, timeout=120)
     model = client.models.list().data[0].id
     reply = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0,
+        model=model,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        temperature=0,
     )
     assert reply.choices[0].message.content
     assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 8
@@ -178,12 +223,19 @@ def test_container_runs_read_only_non_root_answers_and_stops_on_sigterm(
 
 
 def _mysql(sql: str) -> str:
-    return subprocess.run(["mysql", "-h", "127.0.0.1", "-u", "root", "-N", "-B", "-e", sql],
-                          check=True, capture_output=True, text=True, timeout=30).stdout
+    return subprocess.run(
+        ["mysql", "-h", "127.0.0.1", "-u", "root", "-N", "-B", "-e", sql],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
 
 
-@pytest.mark.skipif(shutil.which("mysql") is None or shutil.which("redis-server") is None,
-                    reason="needs the MariaDB client and redis-server")
+@pytest.mark.skipif(
+    shutil.which("mysql") is None or shutil.which("redis-server") is None,
+    reason="needs the MariaDB client and redis-server",
+)
 def test_container_with_mysql_and_redis_as_in_compose(image: str, tmp_path: Path) -> None:
     """The image against the real MariaDB (a user with only init.sql's grants) and a password-protected
     Redis running deploy/redis/redis.conf; then backup.sh captures what the app wrote."""
@@ -196,29 +248,61 @@ def test_container_with_mysql_and_redis_as_in_compose(image: str, tmp_path: Path
     admin_key = "sk-" + secrets.token_hex(24)
     # the grants deploy/mysql/init.sql gives the application user, on its own database only
     grants = "SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX, DROP, REFERENCES"
-    _mysql(f"CREATE DATABASE `{db}` CHARACTER SET utf8mb4; "
-           + "".join(f"CREATE USER '{user}'@'{h}' IDENTIFIED BY '{db_password}'; "
-                     f"GRANT {grants} ON `{db}`.* TO '{user}'@'{h}'; " for h in ("localhost", "%")))
+    _mysql(
+        f"CREATE DATABASE `{db}` CHARACTER SET utf8mb4; "
+        + "".join(
+            f"CREATE USER '{user}'@'{h}' IDENTIFIED BY '{db_password}'; GRANT {grants} ON `{db}`.* TO '{user}'@'{h}'; "
+            for h in ("localhost", "%")
+        )
+    )
     assert grants.split(", ")[-1] in (ROOT / "deploy/mysql/init.sql").read_text()
 
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()
     conf = tmp_path / "redis.conf"
-    conf.write_text((ROOT / "deploy/redis/redis.conf").read_text()
-                    .replace("dir /data", f"dir {redis_dir}").replace("bind 0.0.0.0", "bind 127.0.0.1"))
-    redis_proc = subprocess.Popen(["redis-server", str(conf), "--port", str(redis_port),
-                                   "--requirepass", redis_password],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conf.write_text(
+        (ROOT / "deploy/redis/redis.conf")
+        .read_text()
+        .replace("dir /data", f"dir {redis_dir}")
+        .replace("bind 0.0.0.0", "bind 127.0.0.1")
+    )
+    redis_proc = subprocess.Popen(
+        ["redis-server", str(conf), "--port", str(redis_port), "--requirepass", redis_password],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     name = f"ds-test-stack-{tag}"
     try:
         _podman(
-            "run", "-d", "--name", name, "--network", "host", "--read-only",
-            "--tmpfs", "/tmp:size=256m,mode=1777", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-            "-e", f"DS_PORT={port}", "-e", f"DS_ADMIN_KEY={admin_key}", "-e", "DS_N_THREADS=2",
-            "-e", f"DS_DATABASE_URL=mysql+asyncmy://{user}:{db_password}@127.0.0.1:3306/{db}?charset=utf8mb4",
-            "-e", "DS_DB_AUTO_MIGRATE=true",
-            "-e", f"DS_REDIS_URL=redis://:{redis_password}@127.0.0.1:{redis_port}/0",
-            "-e", f"DS_REDIS_KEY_PREFIX=dstest{tag}:", "-e", "DS_MODEL=smollm2-135m-instruct",
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "--read-only",
+            "--tmpfs",
+            "/tmp:size=256m,mode=1777",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "-e",
+            f"DS_PORT={port}",
+            "-e",
+            f"DS_ADMIN_KEY={admin_key}",
+            "-e",
+            "DS_N_THREADS=2",
+            "-e",
+            f"DS_DATABASE_URL=mysql+asyncmy://{user}:{db_password}@127.0.0.1:3306/{db}?charset=utf8mb4",
+            "-e",
+            "DS_DB_AUTO_MIGRATE=true",
+            "-e",
+            f"DS_REDIS_URL=redis://:{redis_password}@127.0.0.1:{redis_port}/0",
+            "-e",
+            f"DS_REDIS_KEY_PREFIX=dstest{tag}:",
+            "-e",
+            "DS_MODEL=smollm2-135m-instruct",
             image,
         )
         _wait_ready(name, port)
@@ -226,7 +310,8 @@ def test_container_with_mysql_and_redis_as_in_compose(image: str, tmp_path: Path
         model = client.models.list().data[0].id
         for _ in range(2):
             reply = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+                model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+            )
             assert reply.choices[0].message.content is not None
 
         # the app migrated its schema with the least-privilege user and wrote usage and keys
@@ -237,19 +322,42 @@ def test_container_with_mysql_and_redis_as_in_compose(image: str, tmp_path: Path
             assert time.monotonic() < deadline, "usage records not written"
             time.sleep(1)
         env = {**os.environ, "MYSQL_PWD": "", "REDISCLI_AUTH": redis_password}
-        keys = subprocess.run(["redis-cli", "-p", str(redis_port), "--scan", "--pattern", f"dstest{tag}:*"],
-                              capture_output=True, text=True, env=env, timeout=10).stdout.split()
+        keys = subprocess.run(
+            ["redis-cli", "-p", str(redis_port), "--scan", "--pattern", f"dstest{tag}:*"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=10,
+        ).stdout.split()
         assert keys, "nothing written to Redis under the key prefix"
 
         # a backup of this stack verifies
         res = subprocess.run(
-            ["bash", str(ROOT / "deploy/backup.sh"), "--mode", "direct", "--dest", str(tmp_path / "bk"),
-             "--mysql-database", db, "--redis-port", str(redis_port)],
-            capture_output=True, text=True, env=env, timeout=120)
+            [
+                "bash",
+                str(ROOT / "deploy/backup.sh"),
+                "--mode",
+                "direct",
+                "--dest",
+                str(tmp_path / "bk"),
+                "--mysql-database",
+                db,
+                "--redis-port",
+                str(redis_port),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert res.returncode == 0, res.stderr
         archive = res.stdout.strip()
-        verify = subprocess.run(["bash", str(ROOT / "deploy/restore.sh"), "--verify-only", archive],
-                                capture_output=True, text=True, timeout=60)
+        verify = subprocess.run(
+            ["bash", str(ROOT / "deploy/restore.sh"), "--verify-only", archive],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert verify.returncode == 0, verify.stderr
 
         _podman("kill", "--signal", "TERM", name)

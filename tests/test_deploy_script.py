@@ -22,8 +22,14 @@ import pytest
 from deepseek_serve.config import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED_SECRETS = ("MYSQL_ROOT_PASSWORD", "MYSQL_PASSWORD", "MYSQL_EXPORTER_PASSWORD", "REDIS_PASSWORD",
-                    "GRAFANA_ADMIN_PASSWORD", "DS_ADMIN_KEY")
+REQUIRED_SECRETS = (
+    "MYSQL_ROOT_PASSWORD",
+    "MYSQL_PASSWORD",
+    "MYSQL_EXPORTER_PASSWORD",
+    "REDIS_PASSWORD",
+    "GRAFANA_ADMIN_PASSWORD",
+    "DS_ADMIN_KEY",
+)
 
 STUBS = {
     "docker": """#!/bin/bash
@@ -49,7 +55,7 @@ exit 0
     "systemctl": '#!/bin/bash\necho "systemctl $*" >>"$STUB_LOG"\n',
     "apt-get": '#!/bin/bash\necho "apt-get $*" >>"$STUB_LOG"\n',
     "curl": '#!/bin/bash\necho "curl $*" >>"$STUB_LOG"\n[[ -n "${NEVER_READY:-}" ]] && exit 7\nexit 0\n',
-    "hostname": '#!/bin/bash\necho 203.0.113.7\n',
+    "hostname": "#!/bin/bash\necho 203.0.113.7\n",
 }
 
 
@@ -64,7 +70,8 @@ class Host:
 
     def write_os(self, os_id: str, version: str, codename: str = "jammy") -> None:
         (self.root / "etc" / "os-release").write_text(
-            f'NAME="{os_id.title()}"\nID={os_id}\nVERSION_ID="{version}"\nVERSION_CODENAME={codename}\n')
+            f'NAME="{os_id.title()}"\nID={os_id}\nVERSION_ID="{version}"\nVERSION_CODENAME={codename}\n'
+        )
 
     def write_mem_gib(self, gib: float) -> None:
         meminfo = f"MemTotal:       {int(gib * 1024 * 1024)} kB\nMemFree: 1 kB\n"
@@ -82,8 +89,13 @@ class Host:
             "STUB_STATE": str(self.root),
             **env,
         }
-        return subprocess.run(["bash", str(self.app / "deploy" / "deploy.sh"), "--timeout", "5", *args],
-                              capture_output=True, text=True, env=full_env, timeout=60)
+        return subprocess.run(
+            ["bash", str(self.app / "deploy" / "deploy.sh"), "--timeout", "5", *args],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=60,
+        )
 
     def calls(self) -> list[str]:
         return self.log.read_text().splitlines() if self.log.exists() else []
@@ -203,8 +215,12 @@ def test_dry_run_after_a_deploy_plans_no_change(host: Host) -> None:
 
 @pytest.mark.parametrize(
     ("os_id", "version", "message"),
-    [("debian", "12", "unsupported OS 'debian 12'"), ("ubuntu", "18.04", "unsupported OS 'ubuntu 18.04'"),
-     ("ubuntu", "23.10", "unsupported OS 'ubuntu 23.10'"), ("centos", "7", "unsupported OS")],
+    [
+        ("debian", "12", "unsupported OS 'debian 12'"),
+        ("ubuntu", "18.04", "unsupported OS 'ubuntu 18.04'"),
+        ("ubuntu", "23.10", "unsupported OS 'ubuntu 23.10'"),
+        ("centos", "7", "unsupported OS"),
+    ],
 )
 def test_unsupported_os_is_refused(host: Host, os_id: str, version: str, message: str) -> None:
     host.write_os(os_id, version)
@@ -222,8 +238,11 @@ def test_missing_os_release_is_refused(host: Host) -> None:
 
 @pytest.mark.parametrize(
     ("mem_gib", "env", "message"),
-    [(2, {}, "RAM: at least 4 GiB"), (16, {"DEPLOY_DISK_FREE_GB": "5"}, "5 GB free"),
-     (16, {"DEPLOY_NPROC": "1"}, "1 CPU(s): at least 2")],
+    [
+        (2, {}, "RAM: at least 4 GiB"),
+        (16, {"DEPLOY_DISK_FREE_GB": "5"}, "5 GB free"),
+        (16, {"DEPLOY_NPROC": "1"}, "1 CPU(s): at least 2"),
+    ],
 )
 def test_small_hosts_are_refused(host: Host, mem_gib: float, env: dict[str, str], message: str) -> None:
     host.write_mem_gib(mem_gib)
@@ -265,11 +284,13 @@ def test_help_and_bad_arguments(host: Host) -> None:
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="needs shellcheck (apt install shellcheck)")
 def test_shell_scripts_are_shellcheck_clean() -> None:
-    scripts = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "deploy").rglob("*.sh")
-                     if "monitoring" not in p.parts and "mysql" not in p.parts)
+    scripts = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "deploy").rglob("*.sh")
+        if "monitoring" not in p.parts and "mysql" not in p.parts
+    )
     assert {"deploy/deploy.sh", "deploy/backup.sh", "deploy/restore.sh"} <= set(scripts)
-    res = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout
 
 
@@ -279,8 +300,13 @@ def test_repo_is_cloned_then_fast_forwarded(host: Host, tmp_path: Path) -> None:
     shutil.copytree(host.app, origin)
 
     def git(*args: str, cwd: Path = origin) -> str:
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
-                              cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
+            cwd=cwd,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     git("init", "-q", "-b", "main")
     git("add", "-A")

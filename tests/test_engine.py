@@ -18,8 +18,9 @@ _ids = itertools.count()
 
 def chat_request(engine: AsyncEngine, text: str, **params: object) -> GenerationRequest:
     prompt = engine.render_chat([{"role": "user", "content": text}])
-    return GenerationRequest(request_id=f"t{next(_ids)}", prompt=prompt, add_special_tokens=False,
-                             params=SamplingParams(**params))  # type: ignore[arg-type]
+    return GenerationRequest(
+        request_id=f"t{next(_ids)}", prompt=prompt, add_special_tokens=False, params=SamplingParams(**params)
+    )  # type: ignore[arg-type]
 
 
 async def run(engine: AsyncEngine, request: GenerationRequest) -> tuple[str, list[StreamDelta]]:
@@ -93,8 +94,17 @@ def assert_same_sample_or_boundary_flip(reference: list[StreamDelta], other: lis
 
 async def test_seed_reproducible_alone_and_batched(engine: AsyncEngine) -> None:
     def req(seed: int) -> GenerationRequest:
-        return chat_request(engine, "Write a short poem about the sea.", temperature=1.0, top_p=0.95,
-                            seed=seed, max_tokens=32, ignore_eos=True, logprobs=True, top_logprobs=TOP_K)
+        return chat_request(
+            engine,
+            "Write a short poem about the sea.",
+            temperature=1.0,
+            top_p=0.95,
+            seed=seed,
+            max_tokens=32,
+            ignore_eos=True,
+            logprobs=True,
+            top_logprobs=TOP_K,
+        )
 
     alone, alone_deltas = await run(engine, req(1234))
     again, _ = await run(engine, req(1234))
@@ -119,8 +129,9 @@ def test_each_request_samples_from_its_own_seeded_stream() -> None:
     logits = np.random.default_rng(0).normal(0.0, 1.0, 64)
 
     def draw(chain: lc.llama_sampler_p) -> int:
-        data = (lc.llama_token_data * len(logits))(*(lc.llama_token_data(i, float(v), 0.0)
-                                                      for i, v in enumerate(logits)))
+        data = (lc.llama_token_data * len(logits))(
+            *(lc.llama_token_data(i, float(v), 0.0) for i, v in enumerate(logits))
+        )
         arr = lc.llama_token_data_array(data, len(logits), -1, False)
         lc.llama_sampler_apply(chain, ctypes.byref(arr))
         token = int(data[arr.selected].id)
@@ -145,13 +156,15 @@ def test_each_request_samples_from_its_own_seeded_stream() -> None:
 
 
 async def test_stop_string_ends_generation_and_is_not_emitted(engine: AsyncEngine) -> None:
-    full, _ = await run(engine, chat_request(engine, "List three fruits, one per line.", temperature=0.0,
-                                             max_tokens=40))
+    full, _ = await run(
+        engine, chat_request(engine, "List three fruits, one per line.", temperature=0.0, max_tokens=40)
+    )
     words = [w for w in full.split() if len(w) > 3]
     assert words, full
     stop = words[1] if len(words) > 1 else words[0]
-    cut, deltas = await run(engine, chat_request(engine, "List three fruits, one per line.", temperature=0.0,
-                                                 max_tokens=40, stop=(stop,)))
+    cut, deltas = await run(
+        engine, chat_request(engine, "List three fruits, one per line.", temperature=0.0, max_tokens=40, stop=(stop,))
+    )
     assert deltas[-1].finish_reason == "stop"
     assert stop not in cut
     assert cut == full[: full.index(stop)]
@@ -214,15 +227,21 @@ async def test_stop_string_across_tokens_is_held_back(engine: AsyncEngine) -> No
     assert hit and emitted == "Hello world, "
 
 
-BATCH_PROMPTS = ["Name a color.", "What is 2+2? Explain briefly.", "Say hello in French.",
-                 "Give me a word that rhymes with cat, and tell me why it rhymes."]
+BATCH_PROMPTS = [
+    "Name a color.",
+    "What is 2+2? Explain briefly.",
+    "Say hello in French.",
+    "Give me a word that rhymes with cat, and tell me why it rhymes.",
+]
 
 
-async def _alone_and_together(engine: AsyncEngine, prompts: list[str]) -> tuple[list[list[StreamDelta]],
-                                                                               list[list[StreamDelta]]]:
+async def _alone_and_together(
+    engine: AsyncEngine, prompts: list[str]
+) -> tuple[list[list[StreamDelta]], list[list[StreamDelta]]]:
     def req(p: str) -> GenerationRequest:
-        return chat_request(engine, p, temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=True,
-                            top_logprobs=TOP_K)
+        return chat_request(
+            engine, p, temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=True, top_logprobs=TOP_K
+        )
 
     alone = [(await run(engine, req(p)))[1] for p in prompts]
     together = await asyncio.gather(*(run(engine, req(p)) for p in prompts))
@@ -253,8 +272,7 @@ async def test_abort_frees_capacity_at_once(engine: AsyncEngine) -> None:
 
 async def test_too_long_prompt_refused_with_numbers(engine: AsyncEngine) -> None:
     max_len = engine.model_info.max_model_len
-    req = GenerationRequest(request_id="long", prompt="hello " * (max_len + 10),
-                            params=SamplingParams(max_tokens=100))
+    req = GenerationRequest(request_id="long", prompt="hello " * (max_len + 10), params=SamplingParams(max_tokens=100))
     with pytest.raises(ContextLengthError) as info:
         await engine.add_request(req)
     msg = str(info.value)
@@ -276,13 +294,18 @@ async def test_prefix_reuse_reports_tokens_and_changes_nothing(engine: AsyncEngi
     system = "You are a helpful assistant who answers in one short sentence. " * 4
     first = [{"role": "system", "content": system}, {"role": "user", "content": "What is the sun?"}]
     p1 = engine.render_chat(first)
-    r1 = GenerationRequest(request_id="turn1", prompt=p1, add_special_tokens=False,
-                           params=SamplingParams(temperature=0.0, max_tokens=24))
+    r1 = GenerationRequest(
+        request_id="turn1", prompt=p1, add_special_tokens=False, params=SamplingParams(temperature=0.0, max_tokens=24)
+    )
     answer, _ = await run(engine, r1)
     second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And the moon?"}]
     p2 = engine.render_chat(second)
-    r2 = GenerationRequest(request_id="turn2", prompt=p2, add_special_tokens=False,
-                           params=SamplingParams(temperature=0.0, max_tokens=24, logprobs=True, top_logprobs=TOP_K))
+    r2 = GenerationRequest(
+        request_id="turn2",
+        prompt=p2,
+        add_special_tokens=False,
+        params=SamplingParams(temperature=0.0, max_tokens=24, logprobs=True, top_logprobs=TOP_K),
+    )
     _, deltas = await run(engine, r2)
     usage = deltas[-1].usage
     assert usage is not None
@@ -292,9 +315,15 @@ async def test_prefix_reuse_reports_tokens_and_changes_nothing(engine: AsyncEngi
     fresh = AsyncEngine.from_settings(make_settings(prefix_cache=False, max_batch_size=1))
     await fresh.start()
     try:
-        _, fdeltas = await run(fresh, GenerationRequest(
-            request_id="turn2-fresh", prompt=p2, add_special_tokens=False,
-            params=SamplingParams(temperature=0.0, max_tokens=24, logprobs=True, top_logprobs=TOP_K)))
+        _, fdeltas = await run(
+            fresh,
+            GenerationRequest(
+                request_id="turn2-fresh",
+                prompt=p2,
+                add_special_tokens=False,
+                params=SamplingParams(temperature=0.0, max_tokens=24, logprobs=True, top_logprobs=TOP_K),
+            ),
+        )
     finally:
         await fresh.shutdown()
     assert fdeltas[-1].usage is not None and fdeltas[-1].usage.cached_tokens == 0
@@ -305,6 +334,7 @@ async def test_queue_full_is_a_distinct_error() -> None:
     eng = AsyncEngine.from_settings(make_settings(max_batch_size=1, max_queue_size=1, context_length=1024))
     await eng.start()
     try:
+
         def req(i: int) -> GenerationRequest:
             return chat_request(eng, f"Story number {i}", temperature=0.0, max_tokens=64, ignore_eos=True)
 
@@ -324,8 +354,9 @@ async def test_queue_full_is_a_distinct_error() -> None:
 
 async def test_deadline_times_out_and_frees(engine: AsyncEngine) -> None:
     req = chat_request(engine, "Tell me a long story.", temperature=0.0, max_tokens=500, ignore_eos=True)
-    req = GenerationRequest(request_id="deadline", prompt=req.prompt, add_special_tokens=False,
-                            params=req.params, deadline_s=0.3)
+    req = GenerationRequest(
+        request_id="deadline", prompt=req.prompt, add_special_tokens=False, params=req.params, deadline_s=0.3
+    )
     _, deltas = await run(engine, req)
     assert deltas[-1].finish_reason == "timeout" and deltas[-1].error
     await wait_idle(engine)
@@ -351,6 +382,7 @@ async def test_prefix_cache_keeps_a_bounded_lru_and_clears_on_request() -> None:
     eng = AsyncEngine.from_settings(make_settings(max_batch_size=2, context_length=2048, prefix_cache_tokens=120))
     await eng.start()
     try:
+
         def req(text: str) -> GenerationRequest:
             return chat_request(eng, text, temperature=0.0, max_tokens=32, ignore_eos=True)
 

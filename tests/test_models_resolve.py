@@ -75,8 +75,16 @@ def test_hub_spec_parsing() -> None:
 
 
 def test_repo_listing_classification() -> None:
-    fmt, files = classify_repo_files(["config.json", "model.safetensors", "tokenizer.json", "README.md",
-                                      "tokenizer_config.json", "pytorch_model.bin"])
+    fmt, files = classify_repo_files(
+        [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "README.md",
+            "tokenizer_config.json",
+            "pytorch_model.bin",
+        ]
+    )
     assert fmt == "hf" and "model.safetensors" in files and "pytorch_model.bin" not in files
     assert "README.md" not in files
     fmt, files = classify_repo_files(["a.Q8_0.gguf", "a.Q4_K_M.gguf", "a.f16.gguf", "README.md"])

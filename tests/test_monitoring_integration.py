@@ -23,8 +23,11 @@ MODEL = "SmolLM2-135M-Instruct"
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def test_prometheus_scrapes_the_app_and_logs_are_json(tmp_path: Path) -> None:
@@ -33,11 +36,16 @@ def test_prometheus_scrapes_the_app_and_logs_are_json(tmp_path: Path) -> None:
     with AppServer(tmp_path / "app", DS_LOG_FORMAT="json") as app:
         client = openai.OpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0)
         answer = client.chat.completions.create(
-            model=MODEL, max_tokens=6, temperature=0, extra_headers={"X-Request-ID": "mon-req-1"},
-            messages=[{"role": "user", "content": f"Say hello to {marker}."}])
+            model=MODEL,
+            max_tokens=6,
+            temperature=0,
+            extra_headers={"X-Request-ID": "mon-req-1"},
+            messages=[{"role": "user", "content": f"Say hello to {marker}."}],
+        )
         assert answer.usage is not None
-        stream = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, stream=True,
-                                                messages=[{"role": "user", "content": "Hi"}])
+        stream = client.chat.completions.create(
+            model=MODEL, max_tokens=4, temperature=0, stream=True, messages=[{"role": "user", "content": "Hi"}]
+        )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) is not None
 
         rule_files = ", ".join(f'"{p}"' for p in sorted((MONITORING / "rules").glob("*.yml")))
@@ -86,18 +94,22 @@ def test_two_workers_share_one_view_of_the_metrics(tmp_path: Path) -> None:
         client = openai.OpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0)
         completion_tokens = 0
         for i in range(6):
-            answer = client.completions.create(model=MODEL, prompt=f"Number {i}:", max_tokens=2,
-                                               temperature=0)
+            answer = client.completions.create(model=MODEL, prompt=f"Number {i}:", max_tokens=2, temperature=0)
             assert answer.usage is not None
             completion_tokens += answer.usage.completion_tokens
         time.sleep(1.5)  # one sampler interval: engine counters reach the shared files
         views = [scrape(app.url) for _ in range(6)]  # answered by either worker
         assert any(mp_dir.glob("*.db")), "workers did not write multiprocess files"
         for got in views:
-            assert got[("ds_http_requests_total", (("method", "POST"), ("route", "/v1/completions"),
-                                                   ("status", "200")))] == 6
-            assert got[("llm_request_success_total", (("finish_reason", "length"),))] + got.get(
-                ("llm_request_success_total", (("finish_reason", "stop"),)), 0) == 6
+            assert (
+                got[("ds_http_requests_total", (("method", "POST"), ("route", "/v1/completions"), ("status", "200")))]
+                == 6
+            )
+            assert (
+                got[("llm_request_success_total", (("finish_reason", "length"),))]
+                + got.get(("llm_request_success_total", (("finish_reason", "stop"),)), 0)
+                == 6
+            )
             # NOTE: >= because /health/ready may have run a one-token probe in each worker at start
             assert got[("llm_generation_tokens_total", ())] >= completion_tokens
             assert got[("llm_generation_tokens_total", ())] == views[0][("llm_generation_tokens_total", ())]

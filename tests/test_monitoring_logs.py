@@ -22,8 +22,7 @@ from deepseek_serve.observability.logs import (
 
 
 def record(name: str, msg: str, *args: object, **extra: object) -> logging.LogRecord:
-    return logging.getLogger(name).makeRecord(name, logging.INFO, __file__, 1, msg, args, None,
-                                              extra=extra or None)
+    return logging.getLogger(name).makeRecord(name, logging.INFO, __file__, 1, msg, args, None, extra=extra or None)
 
 
 def test_json_line_carries_time_level_logger_message_and_extras() -> None:
@@ -52,8 +51,7 @@ def test_request_fields_reach_every_line_of_the_request_only() -> None:
 
 
 def test_prompt_text_is_dropped_unless_configured() -> None:
-    rec = record("deepseek_serve.api", "request", prompt="my secret question", messages=[{"content": "x"}],
-                 tokens=3)
+    rec = record("deepseek_serve.api", "request", prompt="my secret question", messages=[{"content": "x"}], tokens=3)
     hidden = json.loads(JsonFormatter(log_prompts=False).format(rec))
     shown = json.loads(JsonFormatter(log_prompts=True).format(rec))
     assert "prompt" not in hidden and "messages" not in hidden and hidden["tokens"] == 3
@@ -61,8 +59,15 @@ def test_prompt_text_is_dropped_unless_configured() -> None:
 
 
 def test_uvicorn_access_record_becomes_structured_without_query_string() -> None:
-    rec = record("uvicorn.access", '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET",
-                 "/v1/models/abc?api_key=sk-secret", "1.1", 404)
+    rec = record(
+        "uvicorn.access",
+        '%s - "%s %s HTTP/%s" %d',
+        "127.0.0.1:5000",
+        "GET",
+        "/v1/models/abc?api_key=sk-secret",
+        "1.1",
+        404,
+    )
     with request_log_scope(request_id="req-9", route="/v1/models/{model_id}", latency_ms=3.5):
         data = json.loads(JsonFormatter().format(rec))
     assert data["message"] == "GET /v1/models/abc HTTP/1.1 404"
@@ -89,7 +94,8 @@ def test_console_format_is_one_readable_line() -> None:
 
 @pytest.mark.parametrize("fmt", ["json", "console"])
 def test_configure_logging_routes_uvicorn_loggers_through_one_handler(
-        fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     try:

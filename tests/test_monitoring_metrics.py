@@ -50,11 +50,28 @@ def value(metrics: PrometheusMetrics, name: str, **labels: str) -> float:
 # --- hooks -------------------------------------------------------------------------------------------
 def test_observe_request_records_every_timing_and_the_finish_reason() -> None:
     m = PrometheusMetrics(process_metrics=False)
-    m.observe_request(endpoint="chat.completions", finish_reason="length", prompt_tokens=40,
-                      completion_tokens=4, cached_tokens=8, queue_s=0.002, ttft_s=0.3, e2e_s=1.2,
-                      itl_s=[0.01, 0.03, 0.2])
-    m.observe_request(endpoint="completions", finish_reason="something-new", prompt_tokens=5,
-                      completion_tokens=0, cached_tokens=0, queue_s=None, ttft_s=None, e2e_s=0.05, itl_s=[])
+    m.observe_request(
+        endpoint="chat.completions",
+        finish_reason="length",
+        prompt_tokens=40,
+        completion_tokens=4,
+        cached_tokens=8,
+        queue_s=0.002,
+        ttft_s=0.3,
+        e2e_s=1.2,
+        itl_s=[0.01, 0.03, 0.2],
+    )
+    m.observe_request(
+        endpoint="completions",
+        finish_reason="something-new",
+        prompt_tokens=5,
+        completion_tokens=0,
+        cached_tokens=0,
+        queue_s=None,
+        ttft_s=None,
+        e2e_s=0.05,
+        itl_s=[],
+    )
     assert value(m, "llm_request_success_total", finish_reason="length") == 1
     assert value(m, "llm_request_success_total", finish_reason="other") == 1  # bounded label
     assert value(m, "llm_request_success_total", finish_reason="stop") == 0
@@ -87,20 +104,30 @@ def test_rejections_and_response_cache_lookups_are_counted_by_bounded_reason() -
 
 def test_engine_state_reports_a_stalled_engine_not_ready() -> None:
     now = time.monotonic()
-    base = dict(num_running=2, num_waiting=3, max_batch_size=8, max_queue_size=64, kv_capacity_tokens=1000,
-                kv_used_tokens=250, steps_total=10, prompt_tokens_total=100, generation_tokens_total=50,
-                prefix_cache_queries_tokens_total=90, prefix_cache_hits_tokens_total=30, is_running=True)
-    busy_stalled = {m.name: m.value for m in engine_state(EngineStats(last_step_monotonic=now - 120, **base),
-                                                          True, now)}
+    base = dict(
+        num_running=2,
+        num_waiting=3,
+        max_batch_size=8,
+        max_queue_size=64,
+        kv_capacity_tokens=1000,
+        kv_used_tokens=250,
+        steps_total=10,
+        prompt_tokens_total=100,
+        generation_tokens_total=50,
+        prefix_cache_queries_tokens_total=90,
+        prefix_cache_hits_tokens_total=30,
+        is_running=True,
+    )
+    busy_stalled = {
+        m.name: m.value for m in engine_state(EngineStats(last_step_monotonic=now - 120, **base), True, now)
+    }
     assert busy_stalled["ds_engine_ready"] == 0
     assert busy_stalled["llm_kv_cache_usage_ratio"] == 0.25
     assert busy_stalled["llm_requests_waiting"] == 3
     idle = {**base, "num_running": 0, "num_waiting": 0}
-    idle_long = {m.name: m.value for m in engine_state(EngineStats(last_step_monotonic=now - 3600, **idle),
-                                                       True, now)}
+    idle_long = {m.name: m.value for m in engine_state(EngineStats(last_step_monotonic=now - 3600, **idle), True, now)}
     assert idle_long["ds_engine_ready"] == 1
-    draining = {m.name: m.value for m in engine_state(EngineStats(last_step_monotonic=now, **base),
-                                                      False, now)}
+    draining = {m.name: m.value for m in engine_state(EngineStats(last_step_monotonic=now, **base), False, now)}
     assert draining["ds_engine_ready"] == 0
 
 
@@ -112,25 +139,30 @@ async def test_engine_gauges_and_token_counters_follow_the_real_engine(engine: A
     assert before[("llm_max_batch_size", ())] == engine.stats().max_batch_size
     assert before[("llm_kv_cache_capacity_tokens", ())] > 0
     assert before[("ds_engine_ready", ())] == 1
-    request = GenerationRequest(request_id=f"mon-{uuid.uuid4().hex}", prompt="The capital of France is",
-                                params=SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    request = GenerationRequest(
+        request_id=f"mon-{uuid.uuid4().hex}",
+        prompt="The capital of France is",
+        params=SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
+    )
     _, last = await engine.complete(request)
     assert last.usage is not None
     after = samples(m.render()[0].decode())
     assert after[("llm_generation_tokens_total", ())] - before[("llm_generation_tokens_total", ())] == 5
     # every prompt token counts, prefix-cache hits included (an earlier test may have left this prompt cached)
-    assert (after[("llm_prompt_tokens_total", ())] - before[("llm_prompt_tokens_total", ())]
-            == last.usage.prompt_tokens)
-    assert (after[("llm_prefix_cache_hits_total", ())] - before[("llm_prefix_cache_hits_total", ())]
-            == last.usage.cached_tokens)
+    assert after[("llm_prompt_tokens_total", ())] - before[("llm_prompt_tokens_total", ())] == last.usage.prompt_tokens
+    assert (
+        after[("llm_prefix_cache_hits_total", ())] - before[("llm_prefix_cache_hits_total", ())]
+        == last.usage.cached_tokens
+    )
     assert after[("llm_engine_steps_total", ())] > before[("llm_engine_steps_total", ())]
     assert after[("llm_requests_running", ())] == 0
 
 
 def test_redis_breaker_state_is_exported_from_the_cache_layer(settings: Settings) -> None:
     # NOTE: a closed port: the real RedisClient's breaker, driven through its own protocol.
-    redis_settings = make_settings(settings.data_dir, redis_url="redis://127.0.0.1:1/0",
-                                   breaker_failure_threshold=2, breaker_reset_s=60)
+    redis_settings = make_settings(
+        settings.data_dir, redis_url="redis://127.0.0.1:1/0", breaker_failure_threshold=2, breaker_reset_s=60
+    )
     layer = build_cache_layer(redis_settings)
     services = Services(settings=redis_settings, engine=None, extras={"cache": layer})  # type: ignore[arg-type]
     state = {m.name: m.value for m in services_state(services)}
@@ -148,8 +180,7 @@ async def test_database_pool_usage_is_read_from_the_real_pool(settings: Settings
 
     from deepseek_serve.storage.db import create_db_engine
 
-    db_settings = make_settings(settings.data_dir, database_url=MARIADB_URL, db_pool_size=3,
-                                db_max_overflow=2)
+    db_settings = make_settings(settings.data_dir, database_url=MARIADB_URL, db_pool_size=3, db_max_overflow=2)
     db = create_db_engine(db_settings)
     services = Services(settings=db_settings, engine=None, extras={"db": db})  # type: ignore[arg-type]
     try:
@@ -222,8 +253,10 @@ def test_multiprocess_aggregation_equals_prometheus_client(tmp_path: Path) -> No
 @pytest_asyncio.fixture(loop_scope="session")
 async def client(engine: AsyncEngine, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(make_settings(tmp_path, metrics_token=""), engine)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+    ):
         yield c
 
 
@@ -243,21 +276,28 @@ async def test_http_metrics_use_route_templates_never_raw_paths(client: httpx.As
     await client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
     text = (await client.get("/metrics")).text
     got = samples(text)
-    assert got[("ds_http_requests_total", (("method", "GET"), ("route", "/v1/models/{model_id}"),
-                                           ("status", "404")))] == 1
-    assert got[("ds_http_requests_total", (("method", "GET"), ("route", "<unmatched>"),
-                                           ("status", "404")))] == 1
-    assert got[("ds_http_requests_total", (("method", "POST"), ("route", "/v1/chat/completions"),
-                                           ("status", "400")))] == 1
+    assert (
+        got[("ds_http_requests_total", (("method", "GET"), ("route", "/v1/models/{model_id}"), ("status", "404")))] == 1
+    )
+    assert got[("ds_http_requests_total", (("method", "GET"), ("route", "<unmatched>"), ("status", "404")))] == 1
+    assert (
+        got[("ds_http_requests_total", (("method", "POST"), ("route", "/v1/chat/completions"), ("status", "400")))] == 1
+    )
     for leaked in ("secret-model-7f3a", "sk-abcdef", "sk-zzz", "/no/such"):
         assert leaked not in text
 
 
 async def test_a_completion_moves_request_metrics(client: httpx.AsyncClient) -> None:
     before = samples((await client.get("/metrics")).text)
-    response = await client.post("/v1/chat/completions", json={
-        "model": "SmolLM2-135M-Instruct", "max_tokens": 4, "temperature": 0,
-        "messages": [{"role": "user", "content": "Count to ten."}]})
+    response = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "SmolLM2-135M-Instruct",
+            "max_tokens": 4,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Count to ten."}],
+        },
+    )
     assert response.status_code == 200, response.text
     usage = response.json()["usage"]
     after = samples((await client.get("/metrics")).text)
@@ -277,8 +317,10 @@ async def test_a_completion_moves_request_metrics(client: httpx.AsyncClient) -> 
 
 async def test_metrics_token_protects_the_endpoint(engine: AsyncEngine, tmp_path: Path) -> None:
     app = create_app(make_settings(tmp_path, metrics_token="scrape-token-5b1e"), engine)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+    ):
         missing = await c.get("/metrics")
         wrong = await c.get("/metrics", headers={"Authorization": "Bearer scrape-token-xxxx"})
         right = await c.get("/metrics", headers={"Authorization": "Bearer scrape-token-5b1e"})
@@ -294,12 +336,15 @@ async def test_metrics_token_protects_the_endpoint(engine: AsyncEngine, tmp_path
 
 async def test_refused_api_keys_count_as_auth_rejections(engine: AsyncEngine, tmp_path: Path) -> None:
     app = create_app(make_settings(tmp_path, auth="on"), engine)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+    ):
         body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}]}
         missing = await c.post("/v1/chat/completions", json=body)
-        wrong = await c.post("/v1/chat/completions", json=body,
-                             headers={"Authorization": "Bearer sk-wrong-key-000000000000000000"})
+        wrong = await c.post(
+            "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-wrong-key-000000000000000000"}
+        )
         text = (await c.get("/metrics")).text
     assert missing.status_code == wrong.status_code == 401
     assert samples(text)[("llm_requests_rejected_total", (("reason", "auth"),))] == 2

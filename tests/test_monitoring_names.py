@@ -25,20 +25,34 @@ from monitoring_helpers import (
 )
 
 ISSUE_METRICS = {
-    "llm_requests_running", "llm_requests_waiting", "llm_time_to_first_token_seconds_bucket",
-    "llm_inter_token_latency_seconds_bucket", "llm_e2e_request_latency_seconds_bucket",
-    "llm_request_queue_time_seconds_bucket", "llm_prompt_tokens_total", "llm_generation_tokens_total",
-    "llm_request_success_total", "llm_requests_rejected_total", "llm_prefix_cache_queries_total",
-    "llm_prefix_cache_hits_total", "llm_kv_cache_usage_ratio", "llm_batch_size",
+    "llm_requests_running",
+    "llm_requests_waiting",
+    "llm_time_to_first_token_seconds_bucket",
+    "llm_inter_token_latency_seconds_bucket",
+    "llm_e2e_request_latency_seconds_bucket",
+    "llm_request_queue_time_seconds_bucket",
+    "llm_prompt_tokens_total",
+    "llm_generation_tokens_total",
+    "llm_request_success_total",
+    "llm_requests_rejected_total",
+    "llm_prefix_cache_queries_total",
+    "llm_prefix_cache_hits_total",
+    "llm_kv_cache_usage_ratio",
+    "llm_batch_size",
 }
 # NOTE: process facts no panel needs
-NOT_ON_DASHBOARD = {"process_virtual_memory_bytes", "process_start_time_seconds", "process_max_fds",
-                    "llm_kv_cache_capacity_tokens"}
+NOT_ON_DASHBOARD = {
+    "process_virtual_memory_bytes",
+    "process_start_time_seconds",
+    "process_max_fds",
+    "llm_kv_cache_capacity_tokens",
+}
 
 
 @pytest.fixture(scope="module")
-def app_metric_families(engine: AsyncEngine, settings: Settings, tmp_path_factory: pytest.TempPathFactory
-                        ) -> dict[str, str]:
+def app_metric_families(
+    engine: AsyncEngine, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
     """{family name: type} of everything the app exposes with every optional part present: the real
     engine, the cache layer with a Redis URL (breaker) and the storage layer (pool, usage writer)."""
     from deepseek_serve.storage.runtime import Storage
@@ -46,8 +60,12 @@ def app_metric_families(engine: AsyncEngine, settings: Settings, tmp_path_factor
     data = tmp_path_factory.mktemp("names")
     full = make_settings(data, redis_url="redis://127.0.0.1:6379/0")
     storage = Storage(full)
-    services = Services(settings=full, engine=engine, usage=storage.writer,
-                        extras={"cache": build_cache_layer(full), "storage": storage})
+    services = Services(
+        settings=full,
+        engine=engine,
+        usage=storage.writer,
+        extras={"cache": build_cache_layer(full), "storage": storage},
+    )
     metrics = PrometheusMetrics()
     metrics.attach(engine, services)
     text = metrics.render()[0].decode()
@@ -82,23 +100,33 @@ def dashboard_exprs() -> list[str]:
 
 
 def test_promql_name_extraction() -> None:
-    expr = ('histogram_quantile(0.95, sum by (le, route) (rate(foo_bucket{job="a", route=~"x|y"}[5m]))) > 30 '
-            'and on(instance) bar_total offset 5m / ignoring(le) baz{a="and"} unless up == bool 1')
+    expr = (
+        'histogram_quantile(0.95, sum by (le, route) (rate(foo_bucket{job="a", route=~"x|y"}[5m]))) > 30 '
+        'and on(instance) bar_total offset 5m / ignoring(le) baz{a="and"} unless up == bool 1'
+    )
     assert promql_metric_names(expr) == {"foo_bucket", "bar_total", "baz", "up"}
 
 
 def test_app_exposes_every_metric_the_issue_names(app_metric_families: dict[str, str]) -> None:
     exposed = app_sample_names(app_metric_families)
     assert ISSUE_METRICS - exposed == set()
-    for gateway in ("ds_http_requests_total", "ds_http_request_duration_seconds_bucket",
-                    "ds_response_cache_requests_total", "ds_db_pool_in_use", "ds_db_pool_overflow",
-                    "ds_redis_circuit_state", "ds_usage_spool_backlog", "process_resident_memory_bytes"):
+    for gateway in (
+        "ds_http_requests_total",
+        "ds_http_request_duration_seconds_bucket",
+        "ds_response_cache_requests_total",
+        "ds_db_pool_in_use",
+        "ds_db_pool_overflow",
+        "ds_redis_circuit_state",
+        "ds_usage_spool_backlog",
+        "process_resident_memory_bytes",
+    ):
         assert gateway in exposed
 
 
 @pytest.mark.parametrize("source", ["rules", "dashboard"])
 def test_every_metric_used_is_exposed_by_the_app_or_an_exporter(
-        source: str, app_metric_families: dict[str, str]) -> None:
+    source: str, app_metric_families: dict[str, str]
+) -> None:
     known = app_sample_names(app_metric_families) | set(exporter_metric_names()) | BUILTIN_METRICS
     exprs = rule_exprs() if source == "rules" else dashboard_exprs()
     used = set().union(*(promql_metric_names(e) for e in exprs))
@@ -114,9 +142,11 @@ def test_rules_and_dashboard_use_mysql_redis_and_node_metrics() -> None:
 
 def test_dashboard_shows_every_app_metric_family(app_metric_families: dict[str, str]) -> None:
     used = set().union(*(promql_metric_names(e) for e in dashboard_exprs()))
-    missing = [family for family, kind in app_metric_families.items()
-               if family not in NOT_ON_DASHBOARD
-               and not (app_sample_names({family: kind}) & used)]
+    missing = [
+        family
+        for family, kind in app_metric_families.items()
+        if family not in NOT_ON_DASHBOARD and not (app_sample_names({family: kind}) & used)
+    ]
     assert missing == []
 
 

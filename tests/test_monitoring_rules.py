@@ -17,8 +17,7 @@ RULE_TESTS = sorted((MONITORING / "tests").glob("*_test.yml"))
 
 
 def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, env=env,
-                          cwd=MONITORING)
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, env=env, cwd=MONITORING)
 
 
 def all_alerts() -> set[str]:
@@ -82,8 +81,9 @@ def test_every_alert_has_a_runbook_section_in_operations_doc() -> None:
 def render_alertmanager(tmp_path: Path, **env: str) -> Path:
     out = tmp_path / "alertmanager.yml"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ALERT_")}
-    result = run("sh", MONITORING / "render-alertmanager.sh", MONITORING / "alertmanager.yml", out,
-                 env={**clean, **env})
+    result = run(
+        "sh", MONITORING / "render-alertmanager.sh", MONITORING / "alertmanager.yml", out, env={**clean, **env}
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -100,10 +100,14 @@ def test_alertmanager_without_receivers_configured_is_valid(tmp_path: Path) -> N
 def test_alertmanager_receivers_come_from_the_environment(tmp_path: Path) -> None:
     amtool = require_tool("amtool")
     out = render_alertmanager(
-        tmp_path, ALERT_WEBHOOK_URL="https://hooks.example.com/alerts?token=a&b=c",
-        ALERT_EMAIL_TO="oncall@example.com", ALERT_EMAIL_FROM="alertmanager@example.com",
-        ALERT_SMTP_SMARTHOST="smtp.example.com:587", ALERT_SMTP_USERNAME="am",
-        ALERT_SMTP_PASSWORD='pa"ss\\word')
+        tmp_path,
+        ALERT_WEBHOOK_URL="https://hooks.example.com/alerts?token=a&b=c",
+        ALERT_EMAIL_TO="oncall@example.com",
+        ALERT_EMAIL_FROM="alertmanager@example.com",
+        ALERT_SMTP_SMARTHOST="smtp.example.com:587",
+        ALERT_SMTP_USERNAME="am",
+        ALERT_SMTP_PASSWORD='pa"ss\\word',
+    )
     result = run(amtool, "check-config", out)
     assert result.returncode == 0, result.stdout + result.stderr
     config = yaml.safe_load(out.read_text())
@@ -113,10 +117,12 @@ def test_alertmanager_receivers_come_from_the_environment(tmp_path: Path) -> Non
     assert receivers["ops-critical"]["email_configs"][0]["to"] == "oncall@example.com"
     assert "email_configs" not in receivers["ops"]
     # routing: critical alerts reach the email receiver, warnings the webhook only
-    critical = run(amtool, "config", "routes", "test", f"--config.file={out}", "severity=critical",
-                   "alertname=DeepseekServeDown")
-    warning = run(amtool, "config", "routes", "test", f"--config.file={out}", "severity=warning",
-                  "alertname=HostMemoryLow")
+    critical = run(
+        amtool, "config", "routes", "test", f"--config.file={out}", "severity=critical", "alertname=DeepseekServeDown"
+    )
+    warning = run(
+        amtool, "config", "routes", "test", f"--config.file={out}", "severity=warning", "alertname=HostMemoryLow"
+    )
     assert critical.stdout.strip() == "ops-critical"
     assert warning.stdout.strip() == "ops"
 

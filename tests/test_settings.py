@@ -28,8 +28,10 @@ def test_dotenv_file(tmp_path: Path) -> None:
     assert s.port == 9001 and s.log_format == "json"
 
 
-@pytest.mark.parametrize(("name", "value"), [("DS_PORT", "70000"), ("DS_RUNNER", "gpu"),
-                                             ("DS_MAX_BATCH_SIZE", "zero"), ("DS_ADMIN_KEY", "secret")])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("DS_PORT", "70000"), ("DS_RUNNER", "gpu"), ("DS_MAX_BATCH_SIZE", "zero"), ("DS_ADMIN_KEY", "secret")],
+)
 def test_invalid_values_name_the_setting(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError) as info:
@@ -38,9 +40,13 @@ def test_invalid_values_name_the_setting(monkeypatch: pytest.MonkeyPatch, name: 
 
 
 def test_invalid_setting_fails_the_cli_at_start() -> None:
-    proc = subprocess.run([sys.executable, "-m", "deepseek_serve", "generate", "hi"],
-                          env={"DS_CONTEXT_LENGTH": "-5", "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepseek_serve", "generate", "hi"],
+        env={"DS_CONTEXT_LENGTH": "-5", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "DS_CONTEXT_LENGTH" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -25,17 +25,28 @@ MODEL: dict[str, str] = {}  # the served model id, set by the `api` fixture
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module", params=BACKENDS)
-async def api(request: pytest.FixtureRequest, engine: AsyncEngine,
-              tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[httpx.AsyncClient, Storage]]:
+async def api(
+    request: pytest.FixtureRequest, engine: AsyncEngine, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[httpx.AsyncClient, Storage]]:
     """The real app (real engine) with auth on and its own database of the given backend."""
     tmp = tmp_path_factory.mktemp(f"api-{request.param}")
     async with database_url(request.param, tmp) as url:
-        settings = make_settings(tmp, database_url=url, auth="on", admin_key=ADMIN_KEY, db_auto_migrate=True,
-                                 usage_flush_interval_s=0.05, redis_url="", response_cache=False)
+        settings = make_settings(
+            tmp,
+            database_url=url,
+            auth="on",
+            admin_key=ADMIN_KEY,
+            db_auto_migrate=True,
+            usage_flush_interval_s=0.05,
+            redis_url="",
+            response_cache=False,
+        )
         app = create_app(settings, engine)
         MODEL["id"] = engine.model_info.id
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as client:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as client,
+        ):
             yield client, app.state.services.extras["storage"]
 
 
@@ -62,23 +73,35 @@ async def new_key(client: httpx.AsyncClient, name: str, **extra: Any) -> dict[st
 
 
 async def chat(client: httpx.AsyncClient, key: str, content: str, **extra: Any) -> httpx.Response:
-    return await client.post("/v1/chat/completions", headers=bearer(key), json={
-        "model": MODEL["id"], "messages": [{"role": "user", "content": content}], "max_tokens": 1,
-        "temperature": 0, **extra})
+    return await client.post(
+        "/v1/chat/completions",
+        headers=bearer(key),
+        json={
+            "model": MODEL["id"],
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 1,
+            "temperature": 0,
+            **extra,
+        },
+    )
 
 
 async def test_health_is_open_and_v1_needs_a_key(api: tuple[httpx.AsyncClient, Storage]) -> None:
     client, _ = api
     assert (await client.get("/health")).status_code == 200
     assert_error(await client.get("/v1/models"), 401, "authentication_error", "missing_api_key")
-    assert_error(await client.get("/v1/models", headers={"Authorization": "Basic abc"}), 401,
-                 "authentication_error", "missing_api_key")
+    assert_error(
+        await client.get("/v1/models", headers={"Authorization": "Basic abc"}),
+        401,
+        "authentication_error",
+        "missing_api_key",
+    )
     wrong = generate_secret()
-    err = assert_error(await client.get("/v1/models", headers=bearer(wrong)), 401, "authentication_error",
-                       "invalid_api_key")
+    err = assert_error(
+        await client.get("/v1/models", headers=bearer(wrong)), 401, "authentication_error", "invalid_api_key"
+    )
     assert wrong not in err["message"]  # echoed masked, never whole
-    assert_error(await client.post("/v1/chat/completions", json={}), 401, "authentication_error",
-                 "missing_api_key")
+    assert_error(await client.post("/v1/chat/completions", json={}), 401, "authentication_error", "missing_api_key")
     assert_error(await client.get("/admin/keys"), 401, "authentication_error", "missing_api_key")
     assert_error(await client.get("/v1/conversations"), 401, "authentication_error", "missing_api_key")
     assert (await client.get("/v1/models", headers=ADMIN)).status_code == 200
@@ -88,8 +111,12 @@ async def test_inference_key_gets_403_on_admin_routes(api: tuple[httpx.AsyncClie
     client, _ = api
     key = (await new_key(client, "user"))["key"]
     assert (await client.get("/v1/models", headers=bearer(key))).status_code == 200
-    for method, path in (("GET", "/admin/keys"), ("POST", "/admin/keys"), ("DELETE", "/admin/keys/1"),
-                         ("GET", "/admin/usage")):
+    for method, path in (
+        ("GET", "/admin/keys"),
+        ("POST", "/admin/keys"),
+        ("DELETE", "/admin/keys/1"),
+        ("GET", "/admin/usage"),
+    ):
         response = await client.request(method, path, headers=bearer(key), json={"name": "x"})
         assert_error(response, 403, "permission_error", "insufficient_scope")
 
@@ -106,40 +133,49 @@ async def test_admin_keys_create_list_revoke(api: tuple[httpx.AsyncClient, Stora
     assert (await client.get("/v1/models", headers=bearer(created["key"]))).status_code == 200
     revoked = await client.delete(f"/admin/keys/{created['id']}", headers=ADMIN)
     assert revoked.status_code == 200 and revoked.json()["revoked_at"]
-    assert_error(await client.get("/v1/models", headers=bearer(created["key"])), 401, "authentication_error",
-                 "revoked_api_key")
+    assert_error(
+        await client.get("/v1/models", headers=bearer(created["key"])), 401, "authentication_error", "revoked_api_key"
+    )
     still_listed = (await client.get("/admin/keys", headers=ADMIN)).json()["data"]
     assert created["id"] not in {k["id"] for k in still_listed}
-    assert_error(await client.delete("/admin/keys/999999", headers=ADMIN), 404, "invalid_request_error",
-                 "key_not_found")
-    assert_error(await client.delete("/admin/keys/abc", headers=ADMIN), 400, "invalid_request_error",
-                 "invalid_value")
+    assert_error(
+        await client.delete("/admin/keys/999999", headers=ADMIN), 404, "invalid_request_error", "key_not_found"
+    )
+    assert_error(await client.delete("/admin/keys/abc", headers=ADMIN), 400, "invalid_request_error", "invalid_value")
 
 
 async def test_admin_rejects_bad_input_in_openai_shape(api: tuple[httpx.AsyncClient, Storage]) -> None:
     client, _ = api
-    for body, param in (({"name": "x", "scopes": ["root"]}, "scopes"), ({"name": "x", "expires_in": "soon"},
-                                                                          "expires_in"),
-                        ({"name": ""}, "name"), ({"name": "x", "rpm_limit": -1}, "rpm_limit")):
-        err = assert_error(await client.post("/admin/keys", json=body, headers=ADMIN), 400,
-                           "invalid_request_error", "invalid_value")
+    for body, param in (
+        ({"name": "x", "scopes": ["root"]}, "scopes"),
+        ({"name": "x", "expires_in": "soon"}, "expires_in"),
+        ({"name": ""}, "name"),
+        ({"name": "x", "rpm_limit": -1}, "rpm_limit"),
+    ):
+        err = assert_error(
+            await client.post("/admin/keys", json=body, headers=ADMIN), 400, "invalid_request_error", "invalid_value"
+        )
         assert err["param"] == param
-    err = assert_error(await client.get("/admin/usage?group_by=colour", headers=ADMIN), 400,
-                       "invalid_request_error", "invalid_value")
+    err = assert_error(
+        await client.get("/admin/usage?group_by=colour", headers=ADMIN), 400, "invalid_request_error", "invalid_value"
+    )
     assert err["param"] == "group_by"
-    assert_error(await client.get("/admin/usage?since=yesterday", headers=ADMIN), 400,
-                 "invalid_request_error", "invalid_value")
+    assert_error(
+        await client.get("/admin/usage?since=yesterday", headers=ADMIN), 400, "invalid_request_error", "invalid_value"
+    )
 
 
 async def test_expired_key_is_refused(api: tuple[httpx.AsyncClient, Storage]) -> None:
     client, storage = api
     created = await new_key(client, "brief", expires_in="1h")
     async with storage.engine.begin() as conn:
-        await conn.execute(text("UPDATE api_keys SET expires_at = '2000-01-01 00:00:00' WHERE id = :i"),
-                           {"i": int(created["id"])})
+        await conn.execute(
+            text("UPDATE api_keys SET expires_at = '2000-01-01 00:00:00' WHERE id = :i"), {"i": int(created["id"])}
+        )
     storage.key_lookup.invalidate()
-    assert_error(await client.get("/v1/models", headers=bearer(created["key"])), 401, "authentication_error",
-                 "expired_api_key")
+    assert_error(
+        await client.get("/v1/models", headers=bearer(created["key"])), 401, "authentication_error", "expired_api_key"
+    )
 
 
 async def test_usage_is_recorded_per_key_and_summarised(api: tuple[httpx.AsyncClient, Storage]) -> None:
@@ -162,10 +198,14 @@ async def test_usage_is_recorded_per_key_and_summarised(api: tuple[httpx.AsyncCl
     assert row["prompt_tokens"] == sum(u["prompt_tokens"] for u in usage)
     assert row["completion_tokens"] == sum(u["completion_tokens"] for u in usage) == 3
     async with storage.engine.connect() as conn:
-        ids = set((await conn.execute(text("SELECT request_id FROM usage_records WHERE key_id = :k"),
-                                      {"k": int(key["id"])})).scalars())
-        texts = (await conn.execute(text("SELECT COUNT(*) FROM usage_records WHERE prompt_text IS NOT NULL"
-                                         ))).scalar()
+        ids = set(
+            (
+                await conn.execute(
+                    text("SELECT request_id FROM usage_records WHERE key_id = :k"), {"k": int(key["id"])}
+                )
+            ).scalars()
+        )
+        texts = (await conn.execute(text("SELECT COUNT(*) FROM usage_records WHERE prompt_text IS NOT NULL"))).scalar()
     assert ids == {a.json()["id"] for a in answers}
     assert texts == 0  # no content stored unless DS_STORE_CONTENT=true
 
@@ -173,8 +213,11 @@ async def test_usage_is_recorded_per_key_and_summarised(api: tuple[httpx.AsyncCl
 async def test_conversations_through_chat_and_ownership(api: tuple[httpx.AsyncClient, Storage]) -> None:
     client, _ = api
     alice, bob = (await new_key(client, "alice"))["key"], (await new_key(client, "bob"))["key"]
-    created = await client.post("/v1/conversations", headers=bearer(alice),
-                                json={"messages": [{"role": "system", "content": "Answer briefly."}]})
+    created = await client.post(
+        "/v1/conversations",
+        headers=bearer(alice),
+        json={"messages": [{"role": "system", "content": "Answer briefly."}]},
+    )
     assert created.status_code == 200, created.text
     conv = created.json()["id"]
     first = await chat(client, alice, "My name is 小明. Remember it.", conversation_id=conv)
@@ -192,15 +235,31 @@ async def test_conversations_through_chat_and_ownership(api: tuple[httpx.AsyncCl
     assert [c["id"] for c in listed] == [conv] and listed[0]["title"].startswith("My name is")
     # another key: the conversation does not exist for it
     assert (await client.get("/v1/conversations", headers=bearer(bob))).json()["data"] == []
-    for method, path in (("GET", f"/v1/conversations/{conv}"), ("GET", f"/v1/conversations/{conv}/messages"),
-                         ("DELETE", f"/v1/conversations/{conv}")):
-        assert_error(await client.request(method, path, headers=bearer(bob)), 404, "invalid_request_error",
-                     "conversation_not_found")
-    assert_error(await chat(client, bob, "hi", conversation_id=conv), 404, "invalid_request_error",
-                 "conversation_not_found")
-    assert_error(await client.post("/v1/conversations", headers=bearer(alice), json={"titel": "typo"}), 400,
-                 "invalid_request_error", "invalid_value")
+    for method, path in (
+        ("GET", f"/v1/conversations/{conv}"),
+        ("GET", f"/v1/conversations/{conv}/messages"),
+        ("DELETE", f"/v1/conversations/{conv}"),
+    ):
+        assert_error(
+            await client.request(method, path, headers=bearer(bob)),
+            404,
+            "invalid_request_error",
+            "conversation_not_found",
+        )
+    assert_error(
+        await chat(client, bob, "hi", conversation_id=conv), 404, "invalid_request_error", "conversation_not_found"
+    )
+    assert_error(
+        await client.post("/v1/conversations", headers=bearer(alice), json={"titel": "typo"}),
+        400,
+        "invalid_request_error",
+        "invalid_value",
+    )
     deleted = await client.delete(f"/v1/conversations/{conv}", headers=bearer(alice))
     assert deleted.status_code == 200 and deleted.json()["deleted"] is True
-    assert_error(await client.get(f"/v1/conversations/{conv}/messages", headers=bearer(alice)), 404,
-                 "invalid_request_error", "conversation_not_found")
+    assert_error(
+        await client.get(f"/v1/conversations/{conv}/messages", headers=bearer(alice)),
+        404,
+        "invalid_request_error",
+        "conversation_not_found",
+    )

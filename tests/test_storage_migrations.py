@@ -45,8 +45,10 @@ async def test_empty_to_head_to_base_and_back(backend: str, tmp_path: Path) -> N
             # the migrated schema is exactly what the models describe (no drift between the two)
             async with engine.connect() as conn:
                 diff = await conn.run_sync(
-                    lambda c: compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}),
-                                               Base.metadata))
+                    lambda c: compare_metadata(
+                        MigrationContext.configure(c, opts={"compare_type": True}), Base.metadata
+                    )
+                )
             assert diff == []
             await migrate.upgrade(engine)  # idempotent
             await migrate.downgrade(engine, "base")
@@ -64,9 +66,14 @@ async def test_mariadb_tables_are_utf8mb4_innodb(tmp_path: Path) -> None:
         try:
             await migrate.upgrade(engine)
             async with engine.connect() as conn:
-                rows = (await conn.execute(text(
-                    "SELECT table_name, engine, table_collation FROM information_schema.tables "
-                    "WHERE table_schema = DATABASE()"))).all()
+                rows = (
+                    await conn.execute(
+                        text(
+                            "SELECT table_name, engine, table_collation FROM information_schema.tables "
+                            "WHERE table_schema = DATABASE()"
+                        )
+                    )
+                ).all()
         finally:
             await engine.dispose()
     found = {r[0]: (r[1], r[2]) for r in rows if r[0] in APP_TABLES}
@@ -77,15 +84,21 @@ async def test_mariadb_tables_are_utf8mb4_innodb(tmp_path: Path) -> None:
 def test_migration_scripts_ship_in_the_wheel(tmp_path: Path) -> None:
     """`db upgrade` must work from an installed package: the scripts are package data."""
     out = tmp_path / "wheel"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out), str(REPO)], check=True, timeout=300, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     import zipfile
 
     (wheel,) = out.glob("deepseek_serve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("deepseek_serve/storage/migrations/env.py",
-                     "deepseek_serve/storage/migrations/script.py.mako",
-                     "deepseek_serve/storage/migrations/versions/0001_initial.py"):
+    for required in (
+        "deepseek_serve/storage/migrations/env.py",
+        "deepseek_serve/storage/migrations/script.py.mako",
+        "deepseek_serve/storage/migrations/versions/0001_initial.py",
+    ):
         assert required in names
 
 
@@ -95,8 +108,14 @@ def _cli_process(args: list[str], data_dir: Path, url: str | None = None) -> sub
     env.update({"DS_DATA_DIR": str(data_dir), "COLUMNS": "200"})
     if url:
         env["DS_DATABASE_URL"] = url
-    return subprocess.run([sys.executable, "-m", "deepseek_serve", *args], env=env, cwd=data_dir,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "deepseek_serve", *args],
+        env=env,
+        cwd=data_dir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _cli(args: list[str], data_dir: Path, url: str | None = None) -> Result:
@@ -109,8 +128,7 @@ def _cli(args: list[str], data_dir: Path, url: str | None = None) -> Result:
 
 def test_cli_db_keys_usage_on_default_sqlite(tmp_path: Path) -> None:
     """The quick start: no DS_DATABASE_URL, SQLite under the data folder, created and migrated."""
-    created = _cli_process(["keys", "create", "--admin", "--name", "ops", "--expires-in", "30d", "--json"],
-                           tmp_path)
+    created = _cli_process(["keys", "create", "--admin", "--name", "ops", "--expires-in", "30d", "--json"], tmp_path)
     assert created.returncode == 0, created.stderr
     key = json.loads(created.stdout)
     assert key["key"].startswith("sk-") and key["scopes"] == ["admin", "inference"] and key["expires_at"]
@@ -148,8 +166,13 @@ def test_cli_reports_unreachable_database_without_traceback(tmp_path: Path) -> N
 
 
 def _mysql_root(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["mysql", "-uroot", f"-h{MARIADB_HOST}", f"-P{MARIADB_PORT}", *args], input=stdin,
-                          text=True, capture_output=True, timeout=60)
+    return subprocess.run(
+        ["mysql", "-uroot", f"-h{MARIADB_HOST}", f"-P{MARIADB_PORT}", *args],
+        input=stdin,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def _init_sql_for(database: str, user: str) -> str:
@@ -177,10 +200,13 @@ async def test_init_sql_least_privilege_user_can_migrate_and_serve(tmp_path: Pat
         try:
             await migrate.upgrade(engine)  # the app user can run the migrations ...
             async with engine.begin() as conn:  # ... and use the tables
-                await conn.execute(text("INSERT INTO api_keys (name, prefix, key_hash, scopes, created_at) "
-                                        "VALUES ('x', 'abc', REPEAT('a', 64), 'inference', NOW())"))
-            for forbidden in ("CREATE DATABASE ds_test_storage_should_not_exist",
-                              "SELECT COUNT(*) FROM mysql.user"):
+                await conn.execute(
+                    text(
+                        "INSERT INTO api_keys (name, prefix, key_hash, scopes, created_at) "
+                        "VALUES ('x', 'abc', REPEAT('a', 64), 'inference', NOW())"
+                    )
+                )
+            for forbidden in ("CREATE DATABASE ds_test_storage_should_not_exist", "SELECT COUNT(*) FROM mysql.user"):
                 with pytest.raises(DBAPIError):
                     async with engine.connect() as conn:
                         await conn.execute(text(forbidden))

@@ -26,8 +26,7 @@ from storage_support import BACKENDS, database_url, free_port, storage_settings
 
 
 @pytest_asyncio.fixture(scope="module", params=BACKENDS)
-async def migrated_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                       ) -> AsyncIterator[str]:
+async def migrated_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
     """One migrated database per backend for the whole module."""
     tmp = tmp_path_factory.mktemp(f"db-{request.param}")
     async with database_url(request.param, tmp) as url:
@@ -63,8 +62,9 @@ async def test_key_is_stored_hashed_and_checks(storage: Storage) -> None:
     check = await storage.key_lookup.check(secret)
     assert check.status is KeyStatus.OK and check.key is not None
     assert check.key.scopes == frozenset({"inference"}) and check.key.rpm_limit == 60
-    assert (await storage.key_lookup.check(secret[:-1] + ("A" if secret[-1] != "A" else "B"))).status \
-        is KeyStatus.INVALID
+    assert (
+        await storage.key_lookup.check(secret[:-1] + ("A" if secret[-1] != "A" else "B"))
+    ).status is KeyStatus.INVALID
     assert (await storage.key_lookup.check("not-a-key")).status is KeyStatus.INVALID
     assert (await storage.key_lookup.check(generate_secret())).status is KeyStatus.INVALID
 
@@ -74,8 +74,10 @@ async def test_admin_scope_expiry_and_revocation(storage: Storage) -> None:
     assert admin.info.scopes == frozenset({"inference", "admin"})
     short = await storage.keys.create("short", expires_in=timedelta(seconds=1))
     async with storage.engine.begin() as conn:  # move its expiry into the past
-        await conn.execute(text("UPDATE api_keys SET expires_at = :t WHERE id = :i"),
-                           {"t": utcnow() - timedelta(seconds=5), "i": short.info.id})
+        await conn.execute(
+            text("UPDATE api_keys SET expires_at = :t WHERE id = :i"),
+            {"t": utcnow() - timedelta(seconds=5), "i": short.info.id},
+        )
     fresh = KeyLookup(storage.keys, ttl_s=30)
     assert (await fresh.check(short.secret)).status is KeyStatus.EXPIRED
     await storage.keys.revoke(admin.info.id)
@@ -129,14 +131,35 @@ async def test_bootstrap_admin_key_upsert_and_rotation(storage: Storage) -> None
 
 
 # --- usage -------------------------------------------------------------------------------------------
-def _event(request_id: str, key_id: int | None, model: str, *, prompt: int = 10, completion: int = 5,
-           status: int = 200, when: datetime | None = None) -> dict[str, object]:
+def _event(
+    request_id: str,
+    key_id: int | None,
+    model: str,
+    *,
+    prompt: int = 10,
+    completion: int = 5,
+    status: int = 200,
+    when: datetime | None = None,
+) -> dict[str, object]:
     ts = ((when or utcnow()) - datetime(1970, 1, 1)).total_seconds()
-    return {"request_id": request_id, "key_id": None if key_id is None else str(key_id), "model": model,
-            "endpoint": "chat.completions", "status": status, "finish_reason": "stop",
-            "prompt_tokens": prompt, "completion_tokens": completion, "cached_tokens": 2,
-            "reasoning_tokens": 1, "queue_ms": 1.5, "first_token_ms": 20.0, "total_ms": 40.0,
-            "prompt_text": "hi", "completion_text": "hello", "created_at": ts}
+    return {
+        "request_id": request_id,
+        "key_id": None if key_id is None else str(key_id),
+        "model": model,
+        "endpoint": "chat.completions",
+        "status": status,
+        "finish_reason": "stop",
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": 2,
+        "reasoning_tokens": 1,
+        "queue_ms": 1.5,
+        "first_token_ms": 20.0,
+        "total_ms": 40.0,
+        "prompt_text": "hi",
+        "completion_text": "hello",
+        "created_at": ts,
+    }
 
 
 async def test_usage_insert_is_idempotent_and_drops_text(storage: Storage) -> None:
@@ -149,8 +172,9 @@ async def test_usage_insert_is_idempotent_and_drops_text(storage: Storage) -> No
     assert all(p is None and c is None for p, c in texts)
     await storage.usage.insert_many([event_to_row(_event("req-content", 1, "m"), store_content=True)])
     async with storage.sessions() as session:
-        kept = (await session.execute(select(UsageRecord.prompt_text)
-                                      .where(UsageRecord.request_id == "req-content"))).scalar_one()
+        kept = (
+            await session.execute(select(UsageRecord.prompt_text).where(UsageRecord.request_id == "req-content"))
+        ).scalar_one()
     assert kept == "hi"
 
 
@@ -158,7 +182,8 @@ async def test_usage_summary_groups_and_filters(storage: Storage) -> None:
     today = utcnow().replace(hour=12, minute=0, second=0, microsecond=0)
     yesterday = today - timedelta(days=1)
     events = [
-        _event("a1", 1, "small", when=today), _event("a2", 1, "small", when=today),
+        _event("a1", 1, "small", when=today),
+        _event("a2", 1, "small", when=today),
         _event("a3", 1, "big", prompt=100, completion=50, when=today),
         _event("a4", 1, "small", when=yesterday, status=500, completion=0),
         _event("b1", 2, "small", prompt=7, completion=3, when=today),
@@ -167,8 +192,7 @@ async def test_usage_summary_groups_and_filters(storage: Storage) -> None:
     await storage.usage.insert_many([event_to_row(e, False) for e in events])
     rows = await storage.usage.summary(group_by=["day", "model"], key_id=1)
     table = {(r.day, r.model): r for r in rows}
-    assert set(table) == {(str(today.date()), "small"), (str(today.date()), "big"),
-                          (str(yesterday.date()), "small")}
+    assert set(table) == {(str(today.date()), "small"), (str(today.date()), "big"), (str(yesterday.date()), "small")}
     assert rows[0].day == str(today.date())  # newest day first
     small_today = table[(str(today.date()), "small")]
     assert (small_today.requests, small_today.prompt_tokens, small_today.completion_tokens) == (2, 20, 10)
@@ -189,11 +213,20 @@ async def test_conversations_roundtrip_utf8mb4(storage: Storage) -> None:
     conv = await storage.conversations.create(owner, messages=[{"role": "system", "content": "Be brief."}])
     assert conv.id.startswith("conv_") and conv.num_messages == 1
     text_zh = "你好，世界！请用中文回答 🙂🚀 (emoji outside the BMP need utf8mb4)"
-    await storage.conversations.append(owner, conv.id, [
-        {"role": "user", "content": text_zh},
-        {"role": "assistant", "content": "好的 👍", "reasoning_content": "思考…", "prompt_tokens": 12,
-         "completion_tokens": 3},
-    ])
+    await storage.conversations.append(
+        owner,
+        conv.id,
+        [
+            {"role": "user", "content": text_zh},
+            {
+                "role": "assistant",
+                "content": "好的 👍",
+                "reasoning_content": "思考…",
+                "prompt_tokens": 12,
+                "completion_tokens": 3,
+            },
+        ],
+    )
     messages = await storage.conversations.messages(owner, conv.id)
     assert [m.role for m in messages] == ["system", "user", "assistant"]
     assert messages[1].content == text_zh and messages[2].content == "好的 👍"
@@ -208,10 +241,14 @@ async def test_conversations_are_private_to_their_owner(storage: Storage) -> Non
     bob = (await storage.keys.create("bob")).info.id
     conv = await storage.conversations.create(alice, title="alice's")
     anon = await storage.conversations.create(None, title="anonymous")
-    for call in (storage.conversations.get(bob, conv.id), storage.conversations.messages(bob, conv.id),
-                 storage.conversations.append(bob, conv.id, [{"role": "user", "content": "x"}]),
-                 storage.conversations.delete(bob, conv.id), storage.conversations.get(None, conv.id),
-                 storage.conversations.get(alice, anon.id)):
+    for call in (
+        storage.conversations.get(bob, conv.id),
+        storage.conversations.messages(bob, conv.id),
+        storage.conversations.append(bob, conv.id, [{"role": "user", "content": "x"}]),
+        storage.conversations.delete(bob, conv.id),
+        storage.conversations.get(None, conv.id),
+        storage.conversations.get(alice, anon.id),
+    ):
         with pytest.raises(ConversationNotFound):
             await call
     assert [c.id for c in await storage.conversations.list_for(alice)] == [conv.id]
@@ -243,13 +280,13 @@ async def test_purge_removes_only_old_rows(storage: Storage) -> None:
     old, new = now - timedelta(days=100), now - timedelta(days=10)
     await storage.usage.insert_many(
         [event_to_row(_event(f"old-{i}", 1, "m", when=old), False) for i in range(30)]
-        + [event_to_row(_event(f"new-{i}", 1, "m", when=new), False) for i in range(7)])
+        + [event_to_row(_event(f"new-{i}", 1, "m", when=new), False) for i in range(7)]
+    )
     owner = (await storage.keys.create("alice")).info.id
     stale = await storage.conversations.create(owner, messages=[{"role": "user", "content": "old"}])
     live = await storage.conversations.create(owner, messages=[{"role": "user", "content": "new"}])
     async with storage.engine.begin() as conn:
-        await conn.execute(text("UPDATE conversations SET updated_at = :t WHERE id = :i"),
-                           {"t": old, "i": stale.id})
+        await conn.execute(text("UPDATE conversations SET updated_at = :t WHERE id = :i"), {"t": old, "i": stale.id})
     result = await purge(storage.sessions, parse_duration("90d"), chunk_size=8)  # several chunks
     assert (result.usage_records, result.conversations, result.messages) == (30, 1, 1)
     assert await storage.usage.count() == 7
@@ -288,9 +325,12 @@ async def test_lookup_serves_cached_keys_while_the_database_is_down(storage: Sto
 
 async def test_daily_purge_runs_at_start(migrated_url: str, tmp_path: Path) -> None:
     st = Storage(storage_settings(tmp_path, migrated_url, purge_daily=True, retention_days=30))
-    await st.usage.insert_many([
-        event_to_row(_event("ancient", 1, "m", when=utcnow() - timedelta(days=31)), False),
-        event_to_row(_event("recent", 1, "m", when=utcnow() - timedelta(days=29)), False)])
+    await st.usage.insert_many(
+        [
+            event_to_row(_event("ancient", 1, "m", when=utcnow() - timedelta(days=31)), False),
+            event_to_row(_event("recent", 1, "m", when=utcnow() - timedelta(days=29)), False),
+        ]
+    )
     await st.start(migrate_schema=False)
     try:
         for _ in range(100):

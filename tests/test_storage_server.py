@@ -24,8 +24,13 @@ KILL_AT, RESTART_AT = 10, 25
 
 
 def _query(port: int, sql: str) -> list[str]:
-    out = subprocess.run(["mysql", "-uroot", "-h127.0.0.1", f"-P{port}", "-N", "-B", "app", "-e", sql],
-                         check=True, capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["mysql", "-uroot", "-h127.0.0.1", f"-P{port}", "-N", "-B", "app", "-e", sql],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
     return out.split()
 
 
@@ -39,20 +44,39 @@ def test_zero_usage_records_lost_when_mariadb_dies_under_load(tmp_path: Path) ->
     db.start()
     server: subprocess.Popen[bytes] | None = None
     try:
-        subprocess.run(["mysql", "-uroot", "-h127.0.0.1", f"-P{db.port}", "-e",
-                        "CREATE DATABASE app CHARACTER SET utf8mb4"], check=True, timeout=30)
+        subprocess.run(
+            ["mysql", "-uroot", "-h127.0.0.1", f"-P{db.port}", "-e", "CREATE DATABASE app CHARACTER SET utf8mb4"],
+            check=True,
+            timeout=30,
+        )
         port, admin_key = free_port(), generate_secret()
         env = {k: v for k, v in os.environ.items() if not k.startswith("DS_")}
-        env.update({"DS_DATA_DIR": str(tmp_path / "data"), "DS_DATABASE_URL": db.url("app"),
-                    "DS_DB_AUTO_MIGRATE": "true", "DS_AUTH": "on", "DS_ADMIN_KEY": admin_key,
-                    "DS_USAGE_FLUSH_INTERVAL_S": "0.2", "DS_DB_CONNECT_TIMEOUT_S": "1",
-                    "DS_REDIS_URL": "", "DS_RESPONSE_CACHE": "false", "DS_MAX_BATCH_SIZE": "4",
-                    "DS_CONTEXT_LENGTH": "2048", "DS_N_THREADS": "1", "DS_LOG_LEVEL": "warning",
-                    "DS_MODEL": "smollm2-135m-instruct"})
+        env.update(
+            {
+                "DS_DATA_DIR": str(tmp_path / "data"),
+                "DS_DATABASE_URL": db.url("app"),
+                "DS_DB_AUTO_MIGRATE": "true",
+                "DS_AUTH": "on",
+                "DS_ADMIN_KEY": admin_key,
+                "DS_USAGE_FLUSH_INTERVAL_S": "0.2",
+                "DS_DB_CONNECT_TIMEOUT_S": "1",
+                "DS_REDIS_URL": "",
+                "DS_RESPONSE_CACHE": "false",
+                "DS_MAX_BATCH_SIZE": "4",
+                "DS_CONTEXT_LENGTH": "2048",
+                "DS_N_THREADS": "1",
+                "DS_LOG_LEVEL": "warning",
+                "DS_MODEL": "smollm2-135m-instruct",
+            }
+        )
         log = (tmp_path / "server.log").open("wb")
-        server = subprocess.Popen([sys.executable, "-m", "deepseek_serve", "serve", "--host", "127.0.0.1",
-                                   "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "deepseek_serve", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while True:
@@ -65,8 +89,9 @@ def test_zero_usage_records_lost_when_mariadb_dies_under_load(tmp_path: Path) ->
             assert time.monotonic() < deadline, "server not ready"
             time.sleep(0.3)
 
-        created = httpx.post(f"{base}/admin/keys", json={"name": "load"},
-                             headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
+        created = httpx.post(
+            f"{base}/admin/keys", json={"name": "load"}, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30
+        )
         assert created.status_code == 201, created.text
         client = OpenAI(base_url=f"{base}/v1", api_key=created.json()["key"], max_retries=0, timeout=60)
         model = client.models.list().data[0].id
@@ -77,8 +102,8 @@ def test_zero_usage_records_lost_when_mariadb_dies_under_load(tmp_path: Path) ->
             if i == RESTART_AT:
                 db.start()
             answer = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=1,
-                temperature=0)
+                model=model, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=1, temperature=0
+            )
             assert answer.usage is not None and answer.usage.completion_tokens == 1
             ids.append(answer.id)
             if KILL_AT <= i < RESTART_AT:

@@ -25,14 +25,23 @@ from storage_support import BACKENDS, PrivateMariaDB, database_url, free_port, s
 
 
 def event(request_id: str, key_id: str | None = "1") -> UsageEvent:
-    return UsageEvent(request_id=request_id, key_id=key_id, model="smollm2", endpoint="chat.completions",
-                      status=200, finish_reason="length", prompt_tokens=12, completion_tokens=1,
-                      created_at=time.time())
+    return UsageEvent(
+        request_id=request_id,
+        key_id=key_id,
+        model="smollm2",
+        endpoint="chat.completions",
+        status=200,
+        finish_reason="length",
+        prompt_tokens=12,
+        completion_tokens=1,
+        created_at=time.time(),
+    )
 
 
 def make_writer(repo: UsageRepository, spool_path: Path, batch_size: int = 200) -> UsageWriter:
-    return UsageWriter(repo, Spool(spool_path), flush_interval_s=0.05, batch_size=batch_size,
-                       write_timeout_s=5, max_retry_s=0.3)
+    return UsageWriter(
+        repo, Spool(spool_path), flush_interval_s=0.05, batch_size=batch_size, write_timeout_s=5, max_retry_s=0.3
+    )
 
 
 async def wait_until(predicate: object, timeout_s: float = 30.0) -> None:
@@ -108,8 +117,13 @@ async def test_persisted_waits_for_the_write_not_the_flush_interval(repo: UsageR
 
 async def test_persisted_counts_spooled_records(tmp_path: Path) -> None:
     """With the database unreachable a record is durable once it is in the (fsync'd) spool."""
-    writer = UsageWriter(unreachable_repo(tmp_path), Spool(tmp_path / "spool.jsonl"), flush_interval_s=60,
-                         write_timeout_s=5, max_retry_s=0.3)
+    writer = UsageWriter(
+        unreachable_repo(tmp_path),
+        Spool(tmp_path / "spool.jsonl"),
+        flush_interval_s=60,
+        write_timeout_s=5,
+        max_retry_s=0.3,
+    )
     await writer.start()
     try:
         writer.record(event("s1"))
@@ -119,8 +133,7 @@ async def test_persisted_counts_spooled_records(tmp_path: Path) -> None:
         await writer.stop()
 
 
-async def test_unreachable_database_spools_and_next_start_replays(repo: UsageRepository,
-                                                                  tmp_path: Path) -> None:
+async def test_unreachable_database_spools_and_next_start_replays(repo: UsageRepository, tmp_path: Path) -> None:
     spool_path = tmp_path / "spool.jsonl"
     down = make_writer(unreachable_repo(tmp_path), spool_path, batch_size=10)
     await down.start()
@@ -145,8 +158,7 @@ async def test_unreachable_database_spools_and_next_start_replays(repo: UsageRep
     assert spooled_ids(tmp_path) == []
 
 
-async def test_replay_after_partial_failure_inserts_no_duplicates(repo: UsageRepository,
-                                                                  tmp_path: Path) -> None:
+async def test_replay_after_partial_failure_inserts_no_duplicates(repo: UsageRepository, tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool.jsonl")
     records = [{**event(f"p{i}").__dict__} for i in range(40)]
     spool.append(records[:25])

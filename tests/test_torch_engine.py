@@ -25,9 +25,7 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.mark.slow
-async def test_engine_serves_a_hf_folder_with_the_torch_runner(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> None:
+async def test_engine_serves_a_hf_folder_with_the_torch_runner(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     folder = smollm2_checkpoint(request.config)
     settings = make_settings(
         tmp_path,

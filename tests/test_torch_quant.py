@@ -93,15 +93,11 @@ def smol_tok(smol: Path) -> HFTokenizer:
 def _runner(path: Path, tok: HFTokenizer, quant: str, group_size: int = 0) -> TorchRunner:
     model = load_model(path, torch.float32, torch.device("cpu"))
     quantize_model(model, quant, group_size)  # type: ignore[arg-type]
-    return TorchRunner(
-        model, tok, num_slots=len(PROMPTS), max_len=256, device=torch.device("cpu"), dtype=torch.float32
-    )
+    return TorchRunner(model, tok, num_slots=len(PROMPTS), max_len=256, device=torch.device("cpu"), dtype=torch.float32)
 
 
 def _chat_ids(tok: HFTokenizer, text: str) -> list[int]:
-    return tok.encode(
-        f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
-    )
+    return tok.encode(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
 
 
 def _greedy(runner: TorchRunner, tok: HFTokenizer) -> list[list[int]]:

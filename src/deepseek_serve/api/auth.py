@@ -12,8 +12,10 @@ from deepseek_serve.api.errors import AuthError, ServiceUnavailableError
 from deepseek_serve.api.services import Principal
 from deepseek_serve.storage.key_lookup import KeyLookup, KeyStatus, KeyStoreUnavailable
 
-MISSING_KEY_MESSAGE = ("You didn't provide an API key. You need to provide your API key in an Authorization "
-                       "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+MISSING_KEY_MESSAGE = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization "
+    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
 
 
 def mask_key(secret: str) -> str:
@@ -48,11 +50,14 @@ class ApiKeyAuthenticator:
         except KeyStoreUnavailable:
             raise ServiceUnavailableError(
                 "API keys cannot be checked right now: the database is unreachable. Retry shortly.",
-                code="auth_unavailable", retry_after_s=5.0) from None
+                code="auth_unavailable",
+                retry_after_s=5.0,
+            ) from None
         if check.status is KeyStatus.OK and check.key is not None:
             key = check.key
-            return Principal(key_id=str(key.id), name=key.name, scopes=key.scopes,
-                             rpm_limit=key.rpm_limit, tpm_limit=key.tpm_limit)
+            return Principal(
+                key_id=str(key.id), name=key.name, scopes=key.scopes, rpm_limit=key.rpm_limit, tpm_limit=key.tpm_limit
+            )
         if check.status is KeyStatus.EXPIRED:
             raise AuthError(f"The API key {mask_key(secret)} has expired.", code="expired_api_key")
         if check.status is KeyStatus.REVOKED:

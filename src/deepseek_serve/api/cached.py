@@ -28,8 +28,12 @@ def hit_usage(usage: dict[str, Any] | None) -> UsageInfo:
     """The stored usage with the whole prompt counted as cache hits."""
     usage = usage or {}
     details = usage.get("completion_tokens_details") or {}
-    return UsageInfo.build(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
-                           int(usage.get("prompt_tokens", 0)), int(details.get("reasoning_tokens", 0)))
+    return UsageInfo.build(
+        int(usage.get("prompt_tokens", 0)),
+        int(usage.get("completion_tokens", 0)),
+        int(usage.get("prompt_tokens", 0)),
+        int(details.get("reasoning_tokens", 0)),
+    )
 
 
 def hit_body(stored: bytes, completion_id: str, created: int) -> dict[str, Any]:
@@ -56,25 +60,42 @@ def replay_sse(body: dict[str, Any], include_usage: bool) -> list[bytes]:
             message = choice.get("message") or {}
             logprobs = ChatLogprobs.model_validate(choice["logprobs"]) if choice.get("logprobs") else None
             deltas: list[tuple[ChatDelta, ChatLogprobs | None, str | None]] = [
-                (ChatDelta(role="assistant", content=""), None, None)]
+                (ChatDelta(role="assistant", content=""), None, None)
+            ]
             if message.get("reasoning_content"):
                 deltas.append((ChatDelta(reasoning_content=message["reasoning_content"]), None, None))
             deltas.append((ChatDelta(content=message.get("content") or ""), logprobs, None))
             deltas.append((ChatDelta(), None, finish))
             for delta, lp, reason in deltas:
-                events.append(model_event(ChatCompletionChunk(**common, choices=[
-                    ChatChunkChoice(index=index, delta=delta, logprobs=lp, finish_reason=reason)])))
+                events.append(
+                    model_event(
+                        ChatCompletionChunk(
+                            **common,
+                            choices=[ChatChunkChoice(index=index, delta=delta, logprobs=lp, finish_reason=reason)],
+                        )
+                    )
+                )
         else:
-            logprobs_c = (CompletionLogprobs.model_validate(choice["logprobs"]) if choice.get("logprobs")
-                          else None)
-            events.append(model_event(Completion(**common, choices=[
-                CompletionChoice(index=index, text=choice.get("text") or "", logprobs=logprobs_c,
-                                 finish_reason=finish)])))
+            logprobs_c = CompletionLogprobs.model_validate(choice["logprobs"]) if choice.get("logprobs") else None
+            events.append(
+                model_event(
+                    Completion(
+                        **common,
+                        choices=[
+                            CompletionChoice(
+                                index=index, text=choice.get("text") or "", logprobs=logprobs_c, finish_reason=finish
+                            )
+                        ],
+                    )
+                )
+            )
     if include_usage:
         usage = UsageInfo.model_validate(body["usage"])
         chunk: ChatCompletionChunk | Completion = (
-            ChatCompletionChunk(**common, choices=[], usage=usage) if chat
-            else Completion(**common, choices=[], usage=usage))
+            ChatCompletionChunk(**common, choices=[], usage=usage)
+            if chat
+            else Completion(**common, choices=[], usage=usage)
+        )
         events.append(model_event(chunk))
     events.append(DONE)
     return events

@@ -30,8 +30,9 @@ def get_engine(services: ServicesDep) -> AsyncEngine:
 EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
 
 
-async def get_principal(request: Request, services: ServicesDep,
-                        authorization: Annotated[str | None, Header()] = None) -> Principal:
+async def get_principal(
+    request: Request, services: ServicesDep, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
     """The caller: the principal `api/access.py:AccessMiddleware` authenticated from the headers,
     else `services.auth.authenticate(header)` when auth is on, else the anonymous principal (all
     scopes). Raises AuthError (401) through the authenticator."""

@@ -34,9 +34,15 @@ logger = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error with its HTTP status and OpenAI body fields. Raise it from any layer."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -52,8 +58,7 @@ class ApiError(Exception):
 class AuthError(ApiError):
     """401: missing, malformed, unknown or revoked API key."""
 
-    def __init__(self, message: str = "Incorrect API key provided.",
-                 code: str | None = "invalid_api_key") -> None:
+    def __init__(self, message: str = "Incorrect API key provided.", code: str | None = "invalid_api_key") -> None:
         super().__init__(401, message, "authentication_error", None, code, {"WWW-Authenticate": "Bearer"})
 
 
@@ -72,18 +77,24 @@ class NotFoundError(ApiError):
 class RateLimitError(ApiError):
     """429 with `Retry-After` (whole seconds, at least 1) and any x-ratelimit-* headers."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None,
-                 code: str | None = "rate_limit_exceeded",
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after_s: float | None = None,
+        code: str | None = "rate_limit_exceeded",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         merged = dict(headers or {})
         merged["Retry-After"] = str(max(1, math.ceil(retry_after_s or 1.0)))
-        super().__init__(429, message, "rate_limit_error" if code != "queue_full" else "server_overloaded",
-                         None, code, merged)
+        super().__init__(
+            429, message, "rate_limit_error" if code != "queue_full" else "server_overloaded", None, code, merged
+        )
 
 
 class ServiceUnavailableError(ApiError):
-    def __init__(self, message: str, code: str | None = "service_unavailable",
-                 retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, code: str | None = "service_unavailable", retry_after_s: float | None = None
+    ) -> None:
         headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s else None
         super().__init__(503, message, "service_unavailable", None, code, headers)
 
@@ -94,8 +105,7 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 def error_response(err: ApiError, extra_headers: Mapping[str, str] | None = None) -> Response:
     headers = {**err.headers, **(extra_headers or {})}
-    return Response(orjson.dumps(err.body()), status_code=err.status, headers=headers,
-                    media_type="application/json")
+    return Response(orjson.dumps(err.body()), status_code=err.status, headers=headers, media_type="application/json")
 
 
 def from_engine_error(exc: EngineError) -> ApiError:
@@ -110,8 +120,9 @@ def from_engine_error(exc: EngineError) -> ApiError:
         return ApiError(504, str(exc) or "The request timed out.", "timeout_error", None, "timeout")
     if isinstance(exc, EngineStoppedError):
         return ServiceUnavailableError(str(exc), code="engine_unavailable", retry_after_s=5.0)
-    return ApiError(500, "The server had an error while processing your request.", "server_error", None,
-                    "internal_error")
+    return ApiError(
+        500, "The server had an error while processing your request.", "server_error", None, "internal_error"
+    )
 
 
 def _param_path(loc: Sequence[int | str]) -> str | None:
@@ -139,30 +150,43 @@ def from_validation_error(exc: RequestValidationError) -> ApiError:
         # (e.g. a text part's `text` inside `content`) says more than "Input should be a valid string"
         first = next((e for e in errors if e.get("type") == "value_error"), first)
     if first.get("type") == "json_invalid":
-        return ApiError(400, "We could not parse the JSON body of your request. (HINT: This likely means "
-                             "you aren't using your HTTP library correctly. The API expects a JSON payload.)",
-                        "invalid_request_error", None, "invalid_json")
+        return ApiError(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means "
+            "you aren't using your HTTP library correctly. The API expects a JSON payload.)",
+            "invalid_request_error",
+            None,
+            "invalid_json",
+        )
     loc = tuple(first.get("loc", ()))
     param = _param_path(loc)
     if loc == ("body",) or param is None:
         if first.get("type") == "missing":
-            return ApiError(400, "The request body is missing. The API expects a JSON object.",
-                            "invalid_request_error", None, "invalid_json")
-        return ApiError(400, f"Invalid request body: {first.get('msg')}", "invalid_request_error", None,
-                        "invalid_type")
+            return ApiError(
+                400,
+                "The request body is missing. The API expects a JSON object.",
+                "invalid_request_error",
+                None,
+                "invalid_json",
+            )
+        return ApiError(400, f"Invalid request body: {first.get('msg')}", "invalid_request_error", None, "invalid_type")
     if first.get("type") == "missing":
-        return ApiError(400, f"Missing required parameter: '{param}'.", "invalid_request_error", param,
-                        "missing_required_parameter")
+        return ApiError(
+            400, f"Missing required parameter: '{param}'.", "invalid_request_error", param, "missing_required_parameter"
+        )
     msg = str(first.get("msg", "invalid value"))
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    return ApiError(400, f"Invalid value for '{param}': {msg}", "invalid_request_error", param,
-                    "invalid_value")
+        msg = msg[len("Value error, ") :]
+    return ApiError(400, f"Invalid value for '{param}': {msg}", "invalid_request_error", param, "invalid_value")
 
 
 _HTTP_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -170,8 +194,15 @@ _HTTP_TYPES = {
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     """The generic 500 for an exception no handler knows; the traceback goes to the log only."""
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(ApiError(500, "The server had an error while processing your request. Sorry "
-                                        "about that!", "server_error", None, "internal_error"))
+    return error_response(
+        ApiError(
+            500,
+            "The server had an error while processing your request. Sorry about that!",
+            "server_error",
+            None,
+            "internal_error",
+        )
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -199,19 +230,35 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(carried)
         status = exc.status_code
         if status == 404:
-            err = ApiError(404, f"Unknown request URL: {request.method} {request.url.path}. Please check "
-                                "the URL for typos.", "invalid_request_error", None, "unknown_url")
+            err = ApiError(
+                404,
+                f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos.",
+                "invalid_request_error",
+                None,
+                "unknown_url",
+            )
         elif status == 405:
-            err = ApiError(405, f"Method {request.method} is not allowed for {request.url.path}.",
-                           "invalid_request_error", None, "method_not_allowed",
-                           dict(exc.headers or {}))
+            err = ApiError(
+                405,
+                f"Method {request.method} is not allowed for {request.url.path}.",
+                "invalid_request_error",
+                None,
+                "method_not_allowed",
+                dict(exc.headers or {}),
+            )
         elif status == 413:
-            err = ApiError(413, str(exc.detail), "invalid_request_error", None, "request_too_large",
-                           {"Connection": "close"})
+            err = ApiError(
+                413, str(exc.detail), "invalid_request_error", None, "request_too_large", {"Connection": "close"}
+            )
         else:
-            err = ApiError(status, str(exc.detail), _HTTP_TYPES.get(status, "server_error" if status >= 500
-                                                                    else "invalid_request_error"),
-                           None, None, dict(exc.headers or {}))
+            err = ApiError(
+                status,
+                str(exc.detail),
+                _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                None,
+                None,
+                dict(exc.headers or {}),
+            )
         return error_response(err)
 
     app.add_exception_handler(ApiError, api_error)

@@ -123,8 +123,11 @@ def check_model(services: Services, model: str) -> str:
     """The served model id for a request's `model`; 404 for any other id."""
     served = services.engine.model_info.id
     if model != served:
-        raise NotFoundError(f"The model '{model}' does not exist or you do not have access to it. "
-                            f"This server serves '{served}'.", param="model", code="model_not_found")
+        raise NotFoundError(
+            f"The model '{model}' does not exist or you do not have access to it. This server serves '{served}'.",
+            param="model",
+            code="model_not_found",
+        )
     return served
 
 
@@ -187,17 +190,20 @@ class _Outcome:
 
 # --- conversions ------------------------------------------------------------------------------------
 def _chat_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> ChatLogprobs:
-    return ChatLogprobs(content=[
-        ChatTokenLogprob(
-            token=lp.token, logprob=lp.logprob, bytes=list(lp.bytes),
-            top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(b)) for t, v, b in lp.top],
-        )
-        for lp in items
-    ])
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=list(lp.bytes),
+                top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(b)) for t, v, b in lp.top],
+            )
+            for lp in items
+        ]
+    )
 
 
-def _completion_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...],
-                         offset: int) -> CompletionLogprobs:
+def _completion_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int) -> CompletionLogprobs:
     tokens: list[str] = []
     values: list[float | None] = []
     tops: list[dict[str, float] | None] = []
@@ -274,8 +280,11 @@ class _Run:
         decision = await limiter.admit(self.principal, self.reserve_tokens())
         if not decision.allowed:
             self.reject("rate_limited")
-            raise RateLimitError("Rate limit reached for requests or tokens. Retry after the indicated time.",
-                                 decision.retry_after_s, headers=decision.headers())
+            raise RateLimitError(
+                "Rate limit reached for requests or tokens. Retry after the indicated time.",
+                decision.retry_after_s,
+                headers=decision.headers(),
+            )
         self.decision = decision
 
     def reject(self, reason: str) -> None:
@@ -291,16 +300,17 @@ class _Run:
                     params = self.plan.params
                     if params.seed is not None and index:
                         params = replace(params, seed=params.seed + index)  # distinct reproducible choices
-                    stream = await engine.add_request(GenerationRequest(
-                        request_id=f"{self.plan.completion_id}-{index}",
-                        prompt=prompt.text,
-                        prompt_token_ids=prompt.token_ids,
-                        params=params,
-                        deadline_s=self.services.settings.request_timeout_s,
-                        affinity=self.plan.conversation_id,
-                    ))
-                    splitter = (ReasoningSplitter(self.plan.reasoning_prefilled)
-                                if self.plan.split_reasoning else None)
+                    stream = await engine.add_request(
+                        GenerationRequest(
+                            request_id=f"{self.plan.completion_id}-{index}",
+                            prompt=prompt.text,
+                            prompt_token_ids=prompt.token_ids,
+                            params=params,
+                            deadline_s=self.services.settings.request_timeout_s,
+                            affinity=self.plan.conversation_id,
+                        )
+                    )
+                    splitter = ReasoningSplitter(self.plan.reasoning_prefilled) if self.plan.split_reasoning else None
                     tool_stream = ToolStream(self.plan.tools) if self.plan.tools is not None else None
                     self.choices.append(_Choice(index, p_index, stream, splitter, tool_stream))
         except EngineError as exc:
@@ -325,13 +335,17 @@ class _Run:
         out.finish_reason = next((r for r in reasons if r in ("timeout", "error", "abort")), reasons[0])
         out.prompt_tokens = self.plan.num_prompt_tokens
         out.completion_tokens = sum(c.completion_tokens for c in self.choices)
-        out.cached_tokens = min(sum(c.cached_tokens for c in self.choices if c.index % self.plan.n == 0),
-                                out.prompt_tokens)
+        out.cached_tokens = min(
+            sum(c.cached_tokens for c in self.choices if c.index % self.plan.n == 0), out.prompt_tokens
+        )
         first = self.choices[0]
         if first.splitter is not None:
             out.reasoning_tokens = sum(self._reasoning_tokens(c) for c in self.choices)
-            out.answer = {"role": "assistant", "content": first.splitter.content_text,
-                          "reasoning_content": first.splitter.reasoning_text or None}
+            out.answer = {
+                "role": "assistant",
+                "content": first.splitter.content_text,
+                "reasoning_content": first.splitter.reasoning_text or None,
+            }
             out.completion_text = first.splitter.content_text
         else:
             out.completion_text = first.text
@@ -354,41 +368,54 @@ class _Run:
             await self.close_streams()
             if self.decision is not None and services.limiter is not None:
                 try:
-                    await services.limiter.settle(self.principal, self.decision,
-                                                  out.prompt_tokens + out.completion_tokens)
+                    await services.limiter.settle(
+                        self.principal, self.decision, out.prompt_tokens + out.completion_tokens
+                    )
                 except Exception:
                     logger.exception("limiter.settle failed")
-            if (out.completed and self.plan.conversation_id and services.conversations is not None
-                    and out.answer is not None):
+            if (
+                out.completed
+                and self.plan.conversation_id
+                and services.conversations is not None
+                and out.answer is not None
+            ):
                 try:
                     await services.conversations.append_turn(
-                        self.principal, self.plan.conversation_id, list(self.plan.conversation_messages),
-                        out.answer, out.prompt_tokens, out.completion_tokens)
+                        self.principal,
+                        self.plan.conversation_id,
+                        list(self.plan.conversation_messages),
+                        out.answer,
+                        out.prompt_tokens,
+                        out.completion_tokens,
+                    )
                 except Exception:
                     logger.exception("conversations.append_turn failed")
         first = self.choices[0] if self.choices else None
         timings = first.timings if first is not None else None
         if services.usage is not None:
             store = services.settings.store_content
-            services.usage.record(UsageEvent(
-                request_id=self.plan.completion_id,
-                key_id=self.principal.key_id,
-                model=self.plan.model,
-                endpoint=self.plan.endpoint,
-                status=out.status,
-                finish_reason=out.finish_reason,
-                prompt_tokens=out.prompt_tokens,
-                completion_tokens=out.completion_tokens,
-                cached_tokens=out.cached_tokens,
-                reasoning_tokens=out.reasoning_tokens,
-                queue_ms=None if timings is None else timings.queue_s * 1000,
-                first_token_ms=None if timings is None or timings.first_token_s is None
-                else timings.first_token_s * 1000,
-                total_ms=(time.monotonic() - self.started) * 1000,
-                prompt_text="\n".join(p.text for p in self.plan.prompts) if store else None,
-                completion_text=out.completion_text if store else None,
-                created_at=time.time(),
-            ))
+            services.usage.record(
+                UsageEvent(
+                    request_id=self.plan.completion_id,
+                    key_id=self.principal.key_id,
+                    model=self.plan.model,
+                    endpoint=self.plan.endpoint,
+                    status=out.status,
+                    finish_reason=out.finish_reason,
+                    prompt_tokens=out.prompt_tokens,
+                    completion_tokens=out.completion_tokens,
+                    cached_tokens=out.cached_tokens,
+                    reasoning_tokens=out.reasoning_tokens,
+                    queue_ms=None if timings is None else timings.queue_s * 1000,
+                    first_token_ms=None
+                    if timings is None or timings.first_token_s is None
+                    else timings.first_token_s * 1000,
+                    total_ms=(time.monotonic() - self.started) * 1000,
+                    prompt_text="\n".join(p.text for p in self.plan.prompts) if store else None,
+                    completion_text=out.completion_text if store else None,
+                    created_at=time.time(),
+                )
+            )
             if services.settings.usage_sync_timeout_s > 0:
                 # the client's success (its last byte) comes after the record is durable
                 with anyio.CancelScope(shield=True):
@@ -409,9 +436,16 @@ class _Run:
                 itl_s=[b - a for a, b in itertools.pairwise(arrivals)],
             )
         bind_log_fields(tokens=out.prompt_tokens + out.completion_tokens)
-        logger.info("%s %s finished: %s, %d prompt + %d completion tokens (%d cached), status %d",
-                    self.plan.endpoint, self.plan.completion_id, out.finish_reason, out.prompt_tokens,
-                    out.completion_tokens, out.cached_tokens, out.status)
+        logger.info(
+            "%s %s finished: %s, %d prompt + %d completion tokens (%d cached), status %d",
+            self.plan.endpoint,
+            self.plan.completion_id,
+            out.finish_reason,
+            out.prompt_tokens,
+            out.completion_tokens,
+            out.cached_tokens,
+            out.status,
+        )
 
 
 async def run_plan(request: Request, services: Services, principal: Principal, plan: Plan) -> Response:
@@ -421,8 +455,7 @@ async def run_plan(request: Request, services: Services, principal: Principal, p
     await run.admit()
     cache = services.response_cache
     cache_key: str | None = None
-    if (cache is not None and services.settings.response_cache and plan.use_cache
-            and plan.params.is_deterministic):
+    if cache is not None and services.settings.response_cache and plan.use_cache and plan.params.is_deterministic:
         owner = principal.key_id if services.settings.response_cache_scope == "key" else None
         cache_key = _cache_key(plan, owner)
         hit = _cache_hit(plan, await _cache_get(cache, cache_key))
@@ -434,8 +467,9 @@ async def run_plan(request: Request, services: Services, principal: Principal, p
             headers = {**run.headers, "x-cache": "hit"}
             if plan.stream:
                 events = cached.replay_sse(hit, plan.include_usage)
-                return StreamingResponse(_replay(events), media_type="text/event-stream",
-                                         headers={**_SSE_HEADERS, **headers})
+                return StreamingResponse(
+                    _replay(events), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers}
+                )
             return Response(orjson.dumps(hit), media_type="application/json", headers=headers)
     try:
         await run.submit()
@@ -450,8 +484,9 @@ async def run_plan(request: Request, services: Services, principal: Principal, p
         headers = {**_SSE_HEADERS, **run.headers}
         if cache_key is not None:
             headers["x-cache"] = "miss"
-        return StreamingResponse(_sse(run, services.settings.keepalive_interval_s),
-                                 media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            _sse(run, services.settings.keepalive_interval_s), media_type="text/event-stream", headers=headers
+        )
     try:
         await _collect(request, run)
         body = _render_body(run)
@@ -518,8 +553,11 @@ def _account_cached(run: _Run, body: dict[str, Any]) -> None:
     if run.plan.endpoint == "chat.completions":
         message = first.get("message") or {}
         content = message.get("content") or ""
-        out.answer = {"role": "assistant", "content": content,
-                      "reasoning_content": message.get("reasoning_content") or None}
+        out.answer = {
+            "role": "assistant",
+            "content": content,
+            "reasoning_content": message.get("reasoning_content") or None,
+        }
     else:
         content = first.get("text") or ""
         out.answer = {"role": "assistant", "content": content}
@@ -566,17 +604,22 @@ def _raise_for_failure(run: _Run) -> None:
     errors = [c.error for c in run.choices if c.error]
     if reason == "timeout":
         run.outcome.status = 504
-        raise from_engine_error(DeadlineExceededError(
-            f"The request timed out after {run.services.settings.request_timeout_s:g}s and was aborted."))
+        raise from_engine_error(
+            DeadlineExceededError(
+                f"The request timed out after {run.services.settings.request_timeout_s:g}s and was aborted."
+            )
+        )
     if reason == "abort":
         run.outcome.status = 503
-        raise ServiceUnavailableError("The request was aborted because the server is shutting down.",
-                                      code="engine_unavailable", retry_after_s=5.0)
+        raise ServiceUnavailableError(
+            "The request was aborted because the server is shutting down.", code="engine_unavailable", retry_after_s=5.0
+        )
     if reason == "error":
         run.outcome.status = 500
         logger.error("generation failed: %s", errors[0] if errors else "unknown")
-        raise ApiError(500, "The server had an error while generating the response.", "server_error", None,
-                       "internal_error")
+        raise ApiError(
+            500, "The server had an error while generating the response.", "server_error", None, "internal_error"
+        )
 
 
 def _render_body(run: _Run) -> bytes:
@@ -588,33 +631,43 @@ def _render_body(run: _Run) -> bytes:
                 if not plan.stream:  # NOTE: a stream has fed its splitters already
                     c.splitter.push(c.text)
                     c.splitter.flush()
-                message = AssistantMessage(content=c.splitter.content_text,
-                                           reasoning_content=c.splitter.reasoning_text or None)
+                message = AssistantMessage(
+                    content=c.splitter.content_text, reasoning_content=c.splitter.reasoning_text or None
+                )
             else:
                 message = AssistantMessage(content=c.text)
             finish_reason = c.finish_reason
             if plan.tools is not None and message.content:
                 content, calls = parse_tool_calls(message.content, plan.tools)
                 if calls:
-                    message = AssistantMessage(content=content or None, reasoning_content=message.reasoning_content,
-                                               tool_calls=calls)
+                    message = AssistantMessage(
+                        content=content or None, reasoning_content=message.reasoning_content, tool_calls=calls
+                    )
                     finish_reason = "tool_calls"
             logprobs = _chat_logprobs(c.logprobs) if plan.params.logprobs else None
-            choices.append(ChatChoice(index=c.index, message=message, logprobs=logprobs,
-                                      finish_reason=finish_reason))
+            choices.append(ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=finish_reason))
         run.summarize()  # again: the splitters now hold the final split
         usage = _usage(plan, run.choices, out.reasoning_tokens)
         body: ChatCompletion | Completion = ChatCompletion(
-            id=plan.completion_id, created=plan.created, model=plan.model, choices=choices, usage=usage)
+            id=plan.completion_id, created=plan.created, model=plan.model, choices=choices, usage=usage
+        )
     else:
         comp_choices = []
         for c in run.choices:
             prefix = plan.prompts[c.prompt_index].text if plan.echo else ""
             comp_logprobs = _completion_logprobs(c.logprobs, len(prefix)) if plan.params.logprobs else None
-            comp_choices.append(CompletionChoice(index=c.index, text=prefix + c.text, logprobs=comp_logprobs,
-                                                 finish_reason=c.finish_reason))
-        body = Completion(id=plan.completion_id, created=plan.created, model=plan.model, choices=comp_choices,
-                          usage=_usage(plan, run.choices, 0))
+            comp_choices.append(
+                CompletionChoice(
+                    index=c.index, text=prefix + c.text, logprobs=comp_logprobs, finish_reason=c.finish_reason
+                )
+            )
+        body = Completion(
+            id=plan.completion_id,
+            created=plan.created,
+            model=plan.model,
+            choices=comp_choices,
+            usage=_usage(plan, run.choices, 0),
+        )
     return body.model_dump_json().encode()
 
 
@@ -638,13 +691,25 @@ async def _sse(run: _Run, keepalive_s: float) -> AsyncIterator[bytes]:
     try:
         for c in run.choices:
             if chat:
-                yield model_event(ChatCompletionChunk(
-                    id=plan.completion_id, created=plan.created, model=plan.model,
-                    choices=[ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))]))
+                yield model_event(
+                    ChatCompletionChunk(
+                        id=plan.completion_id,
+                        created=plan.created,
+                        model=plan.model,
+                        choices=[ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))],
+                    )
+                )
             elif plan.echo:
-                yield model_event(Completion(id=plan.completion_id, created=plan.created, model=plan.model,
-                                        choices=[CompletionChoice(index=c.index, finish_reason=None,
-                                                                  text=plan.prompts[c.prompt_index].text)]))
+                yield model_event(
+                    Completion(
+                        id=plan.completion_id,
+                        created=plan.created,
+                        model=plan.model,
+                        choices=[
+                            CompletionChoice(index=c.index, finish_reason=None, text=plan.prompts[c.prompt_index].text)
+                        ],
+                    )
+                )
         scheduled = False
         while remaining:
             if not scheduled:
@@ -674,17 +739,26 @@ async def _sse(run: _Run, keepalive_s: float) -> AsyncIterator[bytes]:
             run.summarize()
             run.outcome.completed = True
             cache = run.services.response_cache
-            if (run.cache_key is not None and cache is not None
-                    and all(c.finish_reason in ("stop", "length") for c in run.choices)):
+            if (
+                run.cache_key is not None
+                and cache is not None
+                and all(c.finish_reason in ("stop", "length") for c in run.choices)
+            ):
                 await _cache_put(cache, run.cache_key, _render_body(run))
             if plan.include_usage:
                 usage = _usage(plan, run.choices, run.outcome.reasoning_tokens)
                 if chat:
-                    yield model_event(ChatCompletionChunk(id=plan.completion_id, created=plan.created,
-                                                     model=plan.model, choices=[], usage=usage))
+                    yield model_event(
+                        ChatCompletionChunk(
+                            id=plan.completion_id, created=plan.created, model=plan.model, choices=[], usage=usage
+                        )
+                    )
                 else:
-                    yield model_event(Completion(id=plan.completion_id, created=plan.created, model=plan.model,
-                                            choices=[], usage=usage))
+                    yield model_event(
+                        Completion(
+                            id=plan.completion_id, created=plan.created, model=plan.model, choices=[], usage=usage
+                        )
+                    )
             await run.finish()  # accounting (the usage record durable) before the client sees [DONE]
         yield DONE
     finally:
@@ -698,15 +772,20 @@ async def _sse(run: _Run, keepalive_s: float) -> AsyncIterator[bytes]:
 
 def _error_event(run: _Run, delta: StreamDelta) -> bytes:
     if delta.finish_reason == "timeout":
-        err = from_engine_error(DeadlineExceededError(
-            f"The request timed out after {run.services.settings.request_timeout_s:g}s and was aborted."))
+        err = from_engine_error(
+            DeadlineExceededError(
+                f"The request timed out after {run.services.settings.request_timeout_s:g}s and was aborted."
+            )
+        )
     elif delta.finish_reason == "abort":
-        err = ServiceUnavailableError("The request was aborted because the server is shutting down.",
-                                      code="engine_unavailable")
+        err = ServiceUnavailableError(
+            "The request was aborted because the server is shutting down.", code="engine_unavailable"
+        )
     else:
         logger.error("generation failed mid-stream: %s", delta.error)
-        err = ApiError(500, "The server had an error while generating the response.", "server_error", None,
-                       "internal_error")
+        err = ApiError(
+            500, "The server had an error while generating the response.", "server_error", None, "internal_error"
+        )
     return sse_event(orjson.dumps(err.body()))
 
 
@@ -731,13 +810,17 @@ def _chat_chunk(run: _Run, choice: _Choice, delta: StreamDelta) -> bytes | None:
         return None  # a tag being held back
     finish_reason = delta.finish_reason if delta.finished else None
     body = ChatCompletionChunk(
-        id=plan.completion_id, created=plan.created, model=plan.model,
-        choices=[ChatChunkChoice(
-            index=choice.index,
-            delta=ChatDelta(content=text or None if reasoning else text, reasoning_content=reasoning or None),
-            logprobs=logprobs,
-            finish_reason=None if calls else finish_reason,
-        )],
+        id=plan.completion_id,
+        created=plan.created,
+        model=plan.model,
+        choices=[
+            ChatChunkChoice(
+                index=choice.index,
+                delta=ChatDelta(content=text or None if reasoning else text, reasoning_content=reasoning or None),
+                logprobs=logprobs,
+                finish_reason=None if calls else finish_reason,
+            )
+        ],
     )
     if not calls:
         return model_event(body)
@@ -755,19 +838,37 @@ def _tool_call_events(run: _Run, index: int, calls: list[ToolCall]) -> list[byte
     plan = run.plan
 
     def event(delta: ChatDelta, finish_reason: str | None = None) -> bytes:
-        return model_event(ChatCompletionChunk(
-            id=plan.completion_id, created=plan.created, model=plan.model,
-            choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)]))
+        return model_event(
+            ChatCompletionChunk(
+                id=plan.completion_id,
+                created=plan.created,
+                model=plan.model,
+                choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)],
+            )
+        )
 
     events = []
     for i, call in enumerate(calls):
-        events.append(event(ChatDelta(tool_calls=[ToolCallDelta(
-            index=i, id=call.id, type="function", function=FunctionCallDelta(name=call.function.name, arguments=""))])))
+        events.append(
+            event(
+                ChatDelta(
+                    tool_calls=[
+                        ToolCallDelta(
+                            index=i,
+                            id=call.id,
+                            type="function",
+                            function=FunctionCallDelta(name=call.function.name, arguments=""),
+                        )
+                    ]
+                )
+            )
+        )
         args = call.function.arguments
         for start in range(0, len(args), TOOL_ARGUMENT_PIECE):
-            piece = args[start:start + TOOL_ARGUMENT_PIECE]
-            events.append(event(ChatDelta(tool_calls=[ToolCallDelta(
-                index=i, function=FunctionCallDelta(arguments=piece))])))
+            piece = args[start : start + TOOL_ARGUMENT_PIECE]
+            events.append(
+                event(ChatDelta(tool_calls=[ToolCallDelta(index=i, function=FunctionCallDelta(arguments=piece))]))
+            )
     events.append(event(ChatDelta(), "tool_calls"))
     return events
 
@@ -782,9 +883,17 @@ def _completion_chunk(run: _Run, choice: _Choice, delta: StreamDelta) -> bytes |
         offset += len(choice.text) - len(delta.text)
         logprobs = _completion_logprobs(delta.logprobs, offset)
     body = Completion(
-        id=plan.completion_id, created=plan.created, model=plan.model,
-        choices=[CompletionChoice(index=choice.index, text=delta.text, logprobs=logprobs,
-                                  finish_reason=delta.finish_reason if delta.finished else None)],
+        id=plan.completion_id,
+        created=plan.created,
+        model=plan.model,
+        choices=[
+            CompletionChoice(
+                index=choice.index,
+                text=delta.text,
+                logprobs=logprobs,
+                finish_reason=delta.finish_reason if delta.finished else None,
+            )
+        ],
     )
     return model_event(body)
 
@@ -799,8 +908,11 @@ def check_body(services: Services, body: Any, num_prompts: int = 1, num_messages
     number and length of stop strings. Raises a 400 naming the field."""
     settings = services.settings
     if num_messages > settings.max_messages:
-        raise _invalid("messages", f"{num_messages} messages; at most {settings.max_messages} are allowed "
-                                   "(stored conversation history included)")
+        raise _invalid(
+            "messages",
+            f"{num_messages} messages; at most {settings.max_messages} are allowed "
+            "(stored conversation history included)",
+        )
     choices = body.n * num_prompts
     if choices > settings.max_choices:
         raise _invalid("n", f"n x prompts = {choices} choices; at most {settings.max_choices} are allowed")
@@ -809,8 +921,9 @@ def check_body(services: Services, body: Any, num_prompts: int = 1, num_messages
         raise _invalid("stop", f"at most {settings.max_stop_sequences} stop sequences are allowed")
     for text in stop:
         if len(text) > settings.max_stop_chars:
-            raise _invalid("stop", f"a stop sequence has {len(text)} characters; at most "
-                                   f"{settings.max_stop_chars} are allowed")
+            raise _invalid(
+                "stop", f"a stop sequence has {len(text)} characters; at most {settings.max_stop_chars} are allowed"
+            )
 
 
 def check_plan(services: Services, plan: Plan) -> None:
@@ -820,8 +933,7 @@ def check_plan(services: Services, plan: Plan) -> None:
     carries the rate-limit headers; the schema bounds max_tokens, so the reservation stays finite."""
     choices = plan.n * len(plan.prompts)
     if choices > services.settings.max_choices:
-        raise _invalid("n", f"n x prompts = {choices} choices; at most {services.settings.max_choices} "
-                            "are allowed")
+        raise _invalid("n", f"n x prompts = {choices} choices; at most {services.settings.max_choices} are allowed")
     for prompt in plan.prompts:
         services.engine.check_request(plan.params, prompt.token_ids, context=False)
 
@@ -838,8 +950,9 @@ def _logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(out))
 
 
-def sampling_params(body: Any, max_tokens: int | None, logprobs: bool, top_logprobs: int,
-                    defaults: SamplingDefaults | None = None) -> SamplingParams:
+def sampling_params(
+    body: Any, max_tokens: int | None, logprobs: bool, top_logprobs: int, defaults: SamplingDefaults | None = None
+) -> SamplingParams:
     """Map the OpenAI body fields (plus extensions) to `SamplingParams`; what the body leaves open
     takes the model's recommended sampling (`defaults`)."""
     stop: tuple[str, ...] = ()
@@ -848,8 +961,12 @@ def sampling_params(body: Any, max_tokens: int | None, logprobs: bool, top_logpr
     elif body.stop:
         stop = tuple(body.stop)
     picked = (defaults or SamplingDefaults()).fill(
-        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        repetition_penalty=body.repetition_penalty)
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+    )
     return SamplingParams(
         max_tokens=max_tokens,
         **picked,
@@ -885,5 +1002,6 @@ async def render_chat(services: Services, messages: list[dict[str, Any]], extra:
     if extra:
         size += len(orjson.dumps(extra))
     fn: Callable[[], str] = lambda: services.engine.render_chat(  # noqa: E731
-        messages, add_generation_prompt=True, **(extra or {}))
+        messages, add_generation_prompt=True, **(extra or {})
+    )
     return fn() if size < INLINE_CHARS else await asyncio.to_thread(fn)

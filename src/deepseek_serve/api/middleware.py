@@ -112,13 +112,25 @@ class BodySizeLimitMiddleware:
         self.max_body_bytes = max_body_bytes
 
     async def _reject(self, send: Send) -> None:
-        body = orjson.dumps(error_body(
-            f"Request body too large: the limit is {self.max_body_bytes} bytes.",
-            "invalid_request_error", None, "request_too_large"))
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        body = orjson.dumps(
+            error_body(
+                f"Request body too large: the limit is {self.max_body_bytes} bytes.",
+                "invalid_request_error",
+                None,
+                "request_too_large",
+            )
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -57,7 +57,7 @@ class ReasoningSplitter:
             if self._state is _State.START:
                 stripped = buf.lstrip()
                 if stripped.startswith(OPEN_TAG):
-                    buf = stripped[len(OPEN_TAG):]
+                    buf = stripped[len(OPEN_TAG) :]
                     self._state = _State.REASONING_START
                 elif OPEN_TAG.startswith(stripped):
                     self._held = buf  # could still become <think>
@@ -72,12 +72,12 @@ class ReasoningSplitter:
                 end = buf.find(CLOSE_TAG)
                 if end >= 0:
                     reasoning.append(buf[:end])
-                    buf = buf[end + len(CLOSE_TAG):]
+                    buf = buf[end + len(CLOSE_TAG) :]
                     self._state = _State.AFTER
                 else:
                     keep = _partial_suffix(buf, CLOSE_TAG)
                     reasoning.append(buf[: len(buf) - keep])
-                    self._held = buf[len(buf) - keep:]
+                    self._held = buf[len(buf) - keep :]
                     buf = ""
             elif self._state is _State.AFTER:
                 buf = buf.lstrip()

@@ -90,8 +90,9 @@ class _SamplingFields(_Request):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS,
-                                                description="token id -> bias in [-100, 100]")
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="token id -> bias in [-100, 100]"
+    )
     user: Text | None = Field(None, max_length=256)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -169,8 +170,10 @@ def _prompt_kind(value: Any) -> str:
 
 class CompletionRequest(_SamplingFields):
     prompt: Annotated[
-        Annotated[Text, Tag("str")] | Annotated[list[Text], Tag("list[str]")]
-        | Annotated[list[StrictInt], Tag("list[int]")] | Annotated[list[list[StrictInt]], Tag("list[list[int]]")],
+        Annotated[Text, Tag("str")]
+        | Annotated[list[Text], Tag("list[str]")]
+        | Annotated[list[StrictInt], Tag("list[int]")]
+        | Annotated[list[list[StrictInt]], Tag("list[list[int]]")],
         Discriminator(_prompt_kind),
     ]
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
@@ -207,8 +210,9 @@ class UsageInfo(_Response):
     completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
 
     @classmethod
-    def build(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
-              reasoning_tokens: int = 0) -> UsageInfo:
+    def build(
+        cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int = 0
+    ) -> UsageInfo:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,

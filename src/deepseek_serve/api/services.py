@@ -77,8 +77,15 @@ class ConversationStore(Protocol):
         """Messages of a conversation owned by `principal` (OpenAI message dicts); 404 error if not theirs."""
         ...
 
-    async def append_turn(self, principal: Principal, conversation_id: str, user_messages: list[dict[str, Any]],
-                          answer: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> None: ...
+    async def append_turn(
+        self,
+        principal: Principal,
+        conversation_id: str,
+        user_messages: list[dict[str, Any]],
+        answer: dict[str, Any],
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> None: ...
 
 
 # --- limits and cache -------------------------------------------------------------------------------
@@ -139,9 +146,19 @@ class SessionStore(Protocol):
 
 # --- metrics ----------------------------------------------------------------------------------------
 class Metrics(Protocol):
-    def observe_request(self, *, endpoint: str, finish_reason: str | None, prompt_tokens: int,
-                        completion_tokens: int, cached_tokens: int, queue_s: float | None,
-                        ttft_s: float | None, e2e_s: float | None, itl_s: list[float]) -> None: ...
+    def observe_request(
+        self,
+        *,
+        endpoint: str,
+        finish_reason: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+        queue_s: float | None,
+        ttft_s: float | None,
+        e2e_s: float | None,
+        itl_s: list[float],
+    ) -> None: ...
 
     def rejected(self, reason: str) -> None:
         """reason: queue_full | rate_limited | timeout | circuit_open | auth"""

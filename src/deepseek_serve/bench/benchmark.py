@@ -51,8 +51,9 @@ def make_client(config: BenchConfig, max_connections: int) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     timeout = httpx.Timeout(config.timeout_s, connect=min(config.timeout_s, 30.0))
-    return httpx.AsyncClient(base_url=normalize_base_url(config.base_url), headers=headers, limits=limits,
-                             timeout=timeout)
+    return httpx.AsyncClient(
+        base_url=normalize_base_url(config.base_url), headers=headers, limits=limits, timeout=timeout
+    )
 
 
 async def first_model(client: httpx.AsyncClient) -> str:
@@ -62,8 +63,9 @@ async def first_model(client: httpx.AsyncClient) -> str:
     except httpx.HTTPError as exc:
         raise BenchError(f"cannot reach {client.base_url}: {type(exc).__name__}: {exc}") from None
     if response.status_code != 200:
-        raise BenchError(f"GET {client.base_url}/models answered {response.status_code}: "
-                         f"{error_message(response.content)}")
+        raise BenchError(
+            f"GET {client.base_url}/models answered {response.status_code}: {error_message(response.content)}"
+        )
     data = response.json().get("data") or []
     if not data:
         raise BenchError(f"GET {client.base_url}/models lists no model; pass --model")
@@ -75,19 +77,28 @@ def _max_connections(phases: tuple[Phase, ...]) -> int:
     return max(int(p.value) if p.mode == "closed" else 1000 for p in phases)
 
 
-async def run_benchmark(config: BenchConfig, on_result: OnResult | None = None,
-                        on_phase: Any = None) -> dict[str, Any]:
+async def run_benchmark(config: BenchConfig, on_result: OnResult | None = None, on_phase: Any = None) -> dict[str, Any]:
     """Run every phase of `config` in order; returns the results document (see report.py)."""
     if not config.phases:
         raise BenchError("nothing to run: give --concurrency and/or --rate")
     async with make_client(config, _max_connections(config.phases)) as client:
         model = config.model or await first_model(client)
-        workload = Workload(config.workload, seed=config.seed, max_tokens=config.max_tokens,
-                            temperature=config.temperature, endpoint=config.endpoint,
-                            prompt_words=config.prompt_words)
-        options = ClientOptions(model=model, endpoint=config.endpoint, ignore_eos=config.ignore_eos,
-                                stream_usage=config.stream_usage, timeout_s=config.timeout_s,
-                                extra_body=config.extra_body)
+        workload = Workload(
+            config.workload,
+            seed=config.seed,
+            max_tokens=config.max_tokens,
+            temperature=config.temperature,
+            endpoint=config.endpoint,
+            prompt_words=config.prompt_words,
+        )
+        options = ClientOptions(
+            model=model,
+            endpoint=config.endpoint,
+            ignore_eos=config.ignore_eos,
+            stream_usage=config.stream_usage,
+            timeout_s=config.timeout_s,
+            extra_body=config.extra_body,
+        )
         for i in range(config.warmup):
             # NOTE: warm-up requests use indexes no phase uses, so they do not pre-fill caches for them.
             warm = await send(client, workload.request(10_000_000 + i), options, sent_at=0.0)
@@ -98,9 +109,16 @@ async def run_benchmark(config: BenchConfig, on_result: OnResult | None = None,
         for phase in config.phases:
             if on_phase:
                 on_phase(phase)
-            result = await run_phase(client, workload, options, phase, seed=config.seed,
-                                     first_index=first_index, on_result=on_result,
-                                     server_pid=config.server_pid)
+            result = await run_phase(
+                client,
+                workload,
+                options,
+                phase,
+                seed=config.seed,
+                first_index=first_index,
+                on_result=on_result,
+                server_pid=config.server_pid,
+            )
             results.append(result)
             first_index += len(result.requests)
     meta = {k: v for k, v in asdict(config).items() if k not in ("phases", "api_key")}

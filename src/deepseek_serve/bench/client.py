@@ -77,16 +77,18 @@ def request_body(spec: RequestSpec, options: ClientOptions) -> dict[str, Any]:
     return body
 
 
-async def send(client: httpx.AsyncClient, spec: RequestSpec, options: ClientOptions, sent_at: float,
-               keep_text: bool = False) -> RequestResult:
+async def send(
+    client: httpx.AsyncClient, spec: RequestSpec, options: ClientOptions, sent_at: float, keep_text: bool = False
+) -> RequestResult:
     """Send `spec` as a streaming request; never raises for server or network failures."""
     result = RequestResult(index=spec.index, sent_at=sent_at, status="")  # "" until a response arrives
     path = "/chat/completions" if options.endpoint == "chat" else "/completions"
     start = time.perf_counter()
     for attempt in (1, 2):
         try:
-            await asyncio.wait_for(_stream(client, path, request_body(spec, options), result, start, keep_text),
-                                   timeout=options.timeout_s)
+            await asyncio.wait_for(
+                _stream(client, path, request_body(spec, options), result, start, keep_text), timeout=options.timeout_s
+            )
         except asyncio.TimeoutError:
             result.status, result.error = STATUS_TIMEOUT, f"no complete answer within {options.timeout_s:g}s"
         except httpx.TimeoutException as exc:
@@ -106,8 +108,9 @@ async def send(client: httpx.AsyncClient, spec: RequestSpec, options: ClientOpti
     return result
 
 
-async def _stream(client: httpx.AsyncClient, path: str, body: dict[str, Any], result: RequestResult,
-                  start: float, keep_text: bool) -> None:
+async def _stream(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], result: RequestResult, start: float, keep_text: bool
+) -> None:
     async with client.stream("POST", path, json=body) as response:
         result.status = str(response.status_code)
         if response.status_code != 200:

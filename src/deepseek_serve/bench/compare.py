@@ -42,7 +42,7 @@ class CompareRow:
 
     @property
     def better(self) -> str:
-        """"A", "B" or "=" (equal, or not comparable)."""
+        """ "A", "B" or "=" (equal, or not comparable)."""
         if self.a is None or self.b is None or self.a == self.b:
             return "="
         return "B" if (self.b > self.a) == self.higher_is_better else "A"
@@ -69,8 +69,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> list[CompareRow]:
         if pb is None:
             continue
         for key, label, higher in COMPARED:
-            rows.append(CompareRow(pa["label"], label, _value(pa["metrics"], key), _value(pb["metrics"], key),
-                                   higher))
+            rows.append(CompareRow(pa["label"], label, _value(pa["metrics"], key), _value(pb["metrics"], key), higher))
     return rows
 
 

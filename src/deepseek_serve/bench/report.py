@@ -43,17 +43,28 @@ def machine_info() -> dict[str, Any]:
         mem_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         pass
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "memory_bytes": mem_bytes,
-            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "memory_bytes": mem_bytes,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
 
 
 def git_commit() -> str | None:
     """Short commit of the working tree the command runs in, with `-dirty` if it has changes."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}-dirty" if dirty else commit
@@ -119,20 +130,46 @@ def phase_rows(document: dict[str, Any]) -> list[list[str]]:
     for p in document["phases"]:
         m = p["metrics"]
         errors = ", ".join(f"{k}: {v}" for k, v in m["errors_by_status"].items()) or "-"
-        rows.append([
-            p["label"], str(m["num_requests"]), f"{m['error_rate'] * 100:.1f}%", errors,
-            f"{m['request_throughput']:.2f}", f"{m['output_token_throughput']:.1f}",
-            _ms(m["ttft"], "mean"), _ms(m["ttft"], "p50"), _ms(m["ttft"], "p99"),
-            _ms(m["tpot"], "mean"), _ms(m["tpot"], "p99"), _ms(m["itl"], "p50"), _ms(m["itl"], "p99"),
-            _ms(m["e2e"], "p50"), _ms(m["e2e"], "p99"), _mib(p.get("server_peak_rss_bytes")),
-        ])
+        rows.append(
+            [
+                p["label"],
+                str(m["num_requests"]),
+                f"{m['error_rate'] * 100:.1f}%",
+                errors,
+                f"{m['request_throughput']:.2f}",
+                f"{m['output_token_throughput']:.1f}",
+                _ms(m["ttft"], "mean"),
+                _ms(m["ttft"], "p50"),
+                _ms(m["ttft"], "p99"),
+                _ms(m["tpot"], "mean"),
+                _ms(m["tpot"], "p99"),
+                _ms(m["itl"], "p50"),
+                _ms(m["itl"], "p99"),
+                _ms(m["e2e"], "p50"),
+                _ms(m["e2e"], "p99"),
+                _mib(p.get("server_peak_rss_bytes")),
+            ]
+        )
     return rows
 
 
 PHASE_HEADERS = [
-    "phase", "requests", "errors", "errors by status", "req/s", "out tok/s",
-    "TTFT mean", "TTFT p50", "TTFT p99", "TPOT mean", "TPOT p99", "ITL p50", "ITL p99",
-    "E2E p50", "E2E p99", "server RSS MiB",
+    "phase",
+    "requests",
+    "errors",
+    "errors by status",
+    "req/s",
+    "out tok/s",
+    "TTFT mean",
+    "TTFT p50",
+    "TTFT p99",
+    "TPOT mean",
+    "TPOT p99",
+    "ITL p50",
+    "ITL p99",
+    "E2E p50",
+    "E2E p99",
+    "server RSS MiB",
 ]
 
 
@@ -159,8 +196,7 @@ def write_plots(document: dict[str, Any], out_dir: Path) -> list[Path]:
         if not sel:
             continue
         xs = [p["value"] for p in sel]
-        ax.plot(xs, [p["metrics"]["output_token_throughput"] for p in sel], "o-",
-                label=f"output tokens/s ({xlabel})")
+        ax.plot(xs, [p["metrics"]["output_token_throughput"] for p in sel], "o-", label=f"output tokens/s ({xlabel})")
         ax.set_xlabel(xlabel)
     ax.set_ylabel("output tokens/s")
     ax.set_title(f"Throughput: {document['meta'].get('label') or document['meta'].get('workload', '')}")
@@ -200,8 +236,9 @@ def write_markdown(document: dict[str, Any], out_dir: Path, plots: list[Path] | 
         f"# Benchmark: {meta.get('label') or meta.get('workload')}",
         "",
         f"- date: {meta.get('date')}",
-        f"- machine: {machine.get('cpu')}, {machine.get('logical_cores')} logical cores, "
-        f"{mem / 2**30:.1f} GiB RAM" if mem else f"- machine: {machine.get('cpu')}",
+        f"- machine: {machine.get('cpu')}, {machine.get('logical_cores')} logical cores, {mem / 2**30:.1f} GiB RAM"
+        if mem
+        else f"- machine: {machine.get('cpu')}",
         f"- commit: {meta.get('commit')}",
         f"- command: `{meta.get('command')}`",
         f"- server: {meta.get('base_url')}, model `{meta.get('model')}`",
@@ -216,8 +253,10 @@ def write_markdown(document: dict[str, Any], out_dir: Path, plots: list[Path] | 
         "",
     ]
     loads = [(p["label"], p.get("loadavg_before"), p.get("loadavg_after")) for p in document["phases"]]
-    lines.append("Load average (1 min) before/after each phase: "
-                 + ", ".join(f"{label}: {b[0]:.2f}/{a[0]:.2f}" for label, b, a in loads if b and a))
+    lines.append(
+        "Load average (1 min) before/after each phase: "
+        + ", ".join(f"{label}: {b[0]:.2f}/{a[0]:.2f}" for label, b, a in loads if b and a)
+    )
     lines.append("")
     for path in plots or []:
         lines.append(f"![{path.stem}]({path.name})")

@@ -95,9 +95,17 @@ def compute_metrics(requests: list[RequestResult], elapsed_s: float) -> dict[str
 OnResult = Callable[[RequestResult], None]
 
 
-async def run_phase(client: httpx.AsyncClient, workload: Workload, options: ClientOptions, phase: Phase, *,
-                    seed: int = 0, first_index: int = 0, on_result: OnResult | None = None,
-                    server_pid: int | None = None) -> PhaseResult:
+async def run_phase(
+    client: httpx.AsyncClient,
+    workload: Workload,
+    options: ClientOptions,
+    phase: Phase,
+    *,
+    seed: int = 0,
+    first_index: int = 0,
+    on_result: OnResult | None = None,
+    server_pid: int | None = None,
+) -> PhaseResult:
     """Run one phase. Request indexes start at `first_index` so phases of a run do not repeat prompts."""
     loadavg_before = os.getloadavg()
     sampler = _RssSampler(server_pid) if server_pid else None
@@ -143,8 +151,14 @@ async def run_phase(client: httpx.AsyncClient, workload: Workload, options: Clie
     elapsed = time.perf_counter() - start
     peak = await sampler.stop() if sampler else None
     results.sort(key=lambda r: r.index)
-    return PhaseResult(phase=phase, elapsed_s=elapsed, requests=results, server_peak_rss_bytes=peak,
-                       loadavg_before=loadavg_before, loadavg_after=os.getloadavg())
+    return PhaseResult(
+        phase=phase,
+        elapsed_s=elapsed,
+        requests=results,
+        server_peak_rss_bytes=peak,
+        loadavg_before=loadavg_before,
+        loadavg_after=os.getloadavg(),
+    )
 
 
 class _RssSampler:

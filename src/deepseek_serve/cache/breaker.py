@@ -22,8 +22,9 @@ STATE_VALUES: dict[BreakerState, int] = {"closed": 0, "half_open": 1, "open": 2}
 class CircuitBreaker:
     """Counts consecutive failures; not thread-safe (one event loop owns it)."""
 
-    def __init__(self, failure_threshold: int, reset_s: float, name: str = "redis",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, failure_threshold: int, reset_s: float, name: str = "redis", clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.failure_threshold = failure_threshold
         self.reset_s = reset_s
         self.name = name
@@ -94,9 +95,13 @@ class CircuitBreaker:
         if old == new:
             return
         if new == "open":
-            logger.warning("%s circuit breaker open (%s): rate limits fall back to per-process counters, "
-                           "response cache bypassed; next trial in %.1fs", self.name, reason or "failures",
-                           self.reset_s)
+            logger.warning(
+                "%s circuit breaker open (%s): rate limits fall back to per-process counters, "
+                "response cache bypassed; next trial in %.1fs",
+                self.name,
+                reason or "failures",
+                self.reset_s,
+            )
         elif new == "closed":
             logger.warning("%s circuit breaker closed: %s is back", self.name, self.name)
         else:

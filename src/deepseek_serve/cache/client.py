@@ -33,8 +33,16 @@ class RedisClient:
     `2 * timeout_s` (socket, connect and pool-wait timeouts are `timeout_s`; one retry).
     """
 
-    def __init__(self, url: str, *, prefix: str = "ds:", timeout_s: float = 0.25, pool_size: int = 50,
-                 failure_threshold: int = 3, reset_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "ds:",
+        timeout_s: float = 0.25,
+        pool_size: int = 50,
+        failure_threshold: int = 3,
+        reset_s: float = 5.0,
+    ) -> None:
         self.prefix = prefix
         self.timeout_s = timeout_s
         # NOTE: BlockingConnectionPool waits (up to timeout_s) for a free connection instead of failing
@@ -54,9 +62,14 @@ class RedisClient:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisClient:
-        return cls(settings.redis_url, prefix=settings.redis_key_prefix, timeout_s=settings.redis_timeout_s,
-                   pool_size=settings.redis_pool_size, failure_threshold=settings.breaker_failure_threshold,
-                   reset_s=settings.breaker_reset_s)
+        return cls(
+            settings.redis_url,
+            prefix=settings.redis_key_prefix,
+            timeout_s=settings.redis_timeout_s,
+            pool_size=settings.redis_pool_size,
+            failure_threshold=settings.breaker_failure_threshold,
+            reset_s=settings.breaker_reset_s,
+        )
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)

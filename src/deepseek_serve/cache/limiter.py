@@ -149,8 +149,7 @@ class LocalRateLimiter:
 
     backend = "local"
 
-    def __init__(self, default_rpm: int, default_tpm: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, default_rpm: int, default_tpm: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.default_rpm = default_rpm
         self.default_tpm = default_tpm
         self._clock = clock
@@ -210,8 +209,9 @@ class LocalRateLimiter:
             del self._buckets[k]
 
 
-def _decision(limits: Limits, allowed: bool, lr: float, lt: float, retry_s: float, backend: str,
-              reserve: int) -> RateLimitDecision:
+def _decision(
+    limits: Limits, allowed: bool, lr: float, lt: float, retry_s: float, backend: str, reserve: int
+) -> RateLimitDecision:
     def reset(cap: int | None, level: float) -> float | None:
         return None if not cap else max(0.0, cap - level) * WINDOW_S / cap
 
@@ -308,8 +308,7 @@ class FailoverRateLimiter:
             pass  # NOTE: the refund is lost; the bucket refills within a window anyway
 
 
-def build_rate_limiter(settings: Settings,
-                       client: RedisClient | None) -> LocalRateLimiter | FailoverRateLimiter:
+def build_rate_limiter(settings: Settings, client: RedisClient | None) -> LocalRateLimiter | FailoverRateLimiter:
     local = LocalRateLimiter(settings.default_rpm, settings.default_tpm)
     if client is None:
         return local

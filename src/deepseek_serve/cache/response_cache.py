@@ -41,8 +41,13 @@ def cache_key(*, model: str, endpoint: str, prompt: str | list[int], params: Map
     `params` must hold every sampling parameter (max_tokens, temperature, top_p, top_k, min_p,
     penalties, seed, stop, logprobs, n...); key order does not matter.
     """
-    payload = {"v": CACHE_FORMAT_VERSION, "model": model, "endpoint": endpoint, "prompt": prompt,
-               "params": dict(params)}
+    payload = {
+        "v": CACHE_FORMAT_VERSION,
+        "model": model,
+        "endpoint": endpoint,
+        "prompt": prompt,
+        "params": dict(params),
+    }
     blob = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     return hashlib.sha256(blob).hexdigest()
 
@@ -83,8 +88,13 @@ class CachedCompletion:
 class LocalResponseCache:
     """In-process LRU with TTL, bounded by entry size and total bytes."""
 
-    def __init__(self, ttl_s: float, max_entry_bytes: int, max_total_bytes: int = LOCAL_CACHE_MAX_TOTAL_BYTES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl_s: float,
+        max_entry_bytes: int,
+        max_total_bytes: int = LOCAL_CACHE_MAX_TOTAL_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
         self.max_total_bytes = max_total_bytes
@@ -150,8 +160,7 @@ class RedisResponseCache:
             pass
 
 
-def build_response_cache(settings: Settings,
-                         client: RedisClient | None) -> LocalResponseCache | RedisResponseCache:
+def build_response_cache(settings: Settings, client: RedisClient | None) -> LocalResponseCache | RedisResponseCache:
     if client is None:
         return LocalResponseCache(settings.response_cache_ttl_s, settings.response_cache_max_bytes)
     return RedisResponseCache(client, settings.response_cache_ttl_s, settings.response_cache_max_bytes)

@@ -27,8 +27,13 @@ def new_session_id() -> str:
 
 
 def _record(session_id: str, principal: Principal, conversation_id: str, created_at: float) -> dict[str, Any]:
-    return {"session_id": session_id, "conversation_id": conversation_id, "key_id": principal.key_id,
-            "name": principal.name, "created_at": created_at}
+    return {
+        "session_id": session_id,
+        "conversation_id": conversation_id,
+        "key_id": principal.key_id,
+        "name": principal.name,
+        "created_at": created_at,
+    }
 
 
 class LocalSessionStore:
@@ -40,8 +45,10 @@ class LocalSessionStore:
     async def create(self, principal: Principal, conversation_id: str) -> str:
         self._prune()
         session_id = new_session_id()
-        self._sessions[session_id] = (self._clock() + self.ttl_s,
-                                      _record(session_id, principal, conversation_id, time.time()))
+        self._sessions[session_id] = (
+            self._clock() + self.ttl_s,
+            _record(session_id, principal, conversation_id, time.time()),
+        )
         return session_id
 
     async def get(self, session_id: str) -> dict[str, Any] | None:
@@ -101,10 +108,13 @@ class RedisSessionStore:
         if not raw:
             return None
         data = {k.decode(): v.decode() for k, v in raw.items()}
-        return {"session_id": data.get("session_id", session_id),
-                "conversation_id": data.get("conversation_id", ""),
-                "key_id": data.get("key_id") or None, "name": data.get("name", ""),
-                "created_at": float(data.get("created_at") or 0.0)}
+        return {
+            "session_id": data.get("session_id", session_id),
+            "conversation_id": data.get("conversation_id", ""),
+            "key_id": data.get("key_id") or None,
+            "name": data.get("name", ""),
+            "created_at": float(data.get("created_at") or 0.0),
+        }
 
     async def delete(self, session_id: str) -> None:
         name = self._key(session_id)
@@ -139,8 +149,7 @@ class FailoverSessionStore:
             pass
 
 
-def build_session_store(settings: Settings,
-                        client: RedisClient | None) -> LocalSessionStore | FailoverSessionStore:
+def build_session_store(settings: Settings, client: RedisClient | None) -> LocalSessionStore | FailoverSessionStore:
     local = LocalSessionStore(settings.session_ttl_s)
     if client is None:
         return local

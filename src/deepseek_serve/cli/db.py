@@ -20,12 +20,10 @@ db_app = typer.Typer(help="Database schema (Alembic migrations) and retention.",
 console = Console()
 T = TypeVar("T")
 
-DatabaseUrlOpt = Annotated[str | None,
-                           typer.Option("--database-url", help="SQLAlchemy URL; default DS_DATABASE_URL")]
+DatabaseUrlOpt = Annotated[str | None, typer.Option("--database-url", help="SQLAlchemy URL; default DS_DATABASE_URL")]
 
 
-def run_db(settings: Settings, work: Callable[[AsyncEngine], Awaitable[T]], *,
-           auto_migrate: bool = False) -> T:
+def run_db(settings: Settings, work: Callable[[AsyncEngine], Awaitable[T]], *, auto_migrate: bool = False) -> T:
     """Run `work` with a database engine; with `auto_migrate`, upgrade first when the settings say so
     (SQLite by default). Database errors exit with a one-line message, not a traceback."""
     from sqlalchemy.exc import SQLAlchemyError
@@ -56,8 +54,9 @@ def _safe_url(url: str) -> str:
 
 
 @db_app.command("upgrade")
-def upgrade(revision: Annotated[str, typer.Argument(help="target revision")] = "head",
-            database_url: DatabaseUrlOpt = None) -> None:
+def upgrade(
+    revision: Annotated[str, typer.Argument(help="target revision")] = "head", database_url: DatabaseUrlOpt = None
+) -> None:
     """Upgrade the schema (default: to the newest revision)."""
     from deepseek_serve.storage import migrate
 
@@ -71,9 +70,11 @@ def upgrade(revision: Annotated[str, typer.Argument(help="target revision")] = "
 
 
 @db_app.command("downgrade")
-def downgrade(revision: Annotated[str, typer.Argument(help="target revision; 'base' drops all")] = "-1",
-              yes: Annotated[bool, typer.Option("--yes", help="confirm dropping data")] = False,
-              database_url: DatabaseUrlOpt = None) -> None:
+def downgrade(
+    revision: Annotated[str, typer.Argument(help="target revision; 'base' drops all")] = "-1",
+    yes: Annotated[bool, typer.Option("--yes", help="confirm dropping data")] = False,
+    database_url: DatabaseUrlOpt = None,
+) -> None:
     """Downgrade the schema (default: one revision). Dropped tables lose their data: needs --yes."""
     from deepseek_serve.storage import migrate
 
@@ -101,9 +102,12 @@ def current(database_url: DatabaseUrlOpt = None) -> None:
 
 
 @db_app.command("purge")
-def purge(older_than: Annotated[str | None, typer.Option(
-              "--older-than", help="age such as 90d, 12h, 2w; default DS_RETENTION_DAYS")] = None,
-          database_url: DatabaseUrlOpt = None) -> None:
+def purge(
+    older_than: Annotated[
+        str | None, typer.Option("--older-than", help="age such as 90d, 12h, 2w; default DS_RETENTION_DAYS")
+    ] = None,
+    database_url: DatabaseUrlOpt = None,
+) -> None:
     """Delete usage records and conversations (by last update) older than the given age."""
     from datetime import timedelta
 
@@ -121,8 +125,10 @@ def purge(older_than: Annotated[str | None, typer.Option(
         return await run_purge(create_session_factory(engine), age)
 
     result = run_db(settings, work)
-    console.print(f"deleted {result.usage_records} usage records, {result.conversations} conversations "
-                  f"({result.messages} messages) older than {result.cutoff.isoformat(timespec='seconds')}Z")
+    console.print(
+        f"deleted {result.usage_records} usage records, {result.conversations} conversations "
+        f"({result.messages} messages) older than {result.cutoff.isoformat(timespec='seconds')}Z"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="GGUF file, HF folder or hub id (DS_MODEL)")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="completion budget")]
-TempOpt = Annotated[float | None, typer.Option("--temperature", "-t", min=0.0, max=2.0,
-                                               help="0 = greedy; default: the model's recommended sampling")]
+TempOpt = Annotated[
+    float | None,
+    typer.Option("--temperature", "-t", min=0.0, max=2.0, help="0 = greedy; default: the model's recommended sampling"),
+]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="fixed seed: same output every run")]
 SystemOpt = Annotated[str | None, typer.Option("--system", help="system prompt")]
 
@@ -57,8 +59,14 @@ def _typing_hidden() -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSAFLUSH, before)
 
 
-async def _stream(engine: AsyncEngine, messages: list[dict[str, Any]] | None, prompt: str | None,
-                  max_tokens: int, temperature: float | None, seed: int | None) -> str:
+async def _stream(
+    engine: AsyncEngine,
+    messages: list[dict[str, Any]] | None,
+    prompt: str | None,
+    max_tokens: int,
+    temperature: float | None,
+    seed: int | None,
+) -> str:
     """Generate and print as tokens arrive; returns the full text. Fields not given take the model's
     recommended sampling (`ModelInfo.sampling`)."""
     from deepseek_serve.engine.types import GenerationRequest, SamplingParams
@@ -71,8 +79,9 @@ async def _stream(engine: AsyncEngine, messages: list[dict[str, Any]] | None, pr
     request = GenerationRequest(
         request_id=f"cli-{uuid.uuid4().hex[:8]}",
         prompt=text,
-        params=SamplingParams(max_tokens=max_tokens, seed=seed,
-                              **engine.model_info.sampling.fill(temperature=temperature)),
+        params=SamplingParams(
+            max_tokens=max_tokens, seed=seed, **engine.model_info.sampling.fill(temperature=temperature)
+        ),
         add_special_tokens=special,
     )
     parts: list[str] = []
@@ -107,7 +116,8 @@ def generate(
             messages = None
             if not raw:
                 messages = ([{"role": "system", "content": system}] if system else []) + [
-                    {"role": "user", "content": prompt}]
+                    {"role": "user", "content": prompt}
+                ]
             await _stream(engine, messages, prompt if raw else None, max_tokens, temperature, seed)
         finally:
             await engine.shutdown()

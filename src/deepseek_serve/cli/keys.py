@@ -29,12 +29,13 @@ console = Console()
 def create(
     name: Annotated[str, typer.Option(help="who or what the key is for")] = "default",
     admin: Annotated[bool, typer.Option("--admin", help="add the admin scope (keys, usage)")] = False,
-    rpm: Annotated[int | None, typer.Option(min=0, max=INT32_MAX,
-                                            help="requests/minute; default DS_DEFAULT_RPM")] = None,
-    tpm: Annotated[int | None, typer.Option(min=0, max=INT32_MAX,
-                                            help="tokens/minute; default DS_DEFAULT_TPM")] = None,
-    expires_in: Annotated[str | None, typer.Option(help="lifetime such as 30d or 12h (at most 100 years); "
-                                                        "default never")] = None,
+    rpm: Annotated[
+        int | None, typer.Option(min=0, max=INT32_MAX, help="requests/minute; default DS_DEFAULT_RPM")
+    ] = None,
+    tpm: Annotated[int | None, typer.Option(min=0, max=INT32_MAX, help="tokens/minute; default DS_DEFAULT_TPM")] = None,
+    expires_in: Annotated[
+        str | None, typer.Option(help="lifetime such as 30d or 12h (at most 100 years); default never")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     database_url: DatabaseUrlOpt = None,
 ) -> None:
@@ -65,8 +66,10 @@ def create(
         typer.echo(json.dumps({**created.info.to_dict(), "key": created.secret}))
         return
     info = created.info
-    console.print(f"created key {info.id} '{info.name}' scopes={','.join(sorted(info.scopes))}"
-                  + (f" expires={info.expires_at.isoformat(timespec='seconds')}Z" if info.expires_at else ""))
+    console.print(
+        f"created key {info.id} '{info.name}' scopes={','.join(sorted(info.scopes))}"
+        + (f" expires={info.expires_at.isoformat(timespec='seconds')}Z" if info.expires_at else "")
+    )
     console.print("secret (shown only once):")
     typer.echo(created.secret)
 
@@ -90,19 +93,29 @@ def list_keys(
     if as_json:
         typer.echo(json.dumps([k.to_dict() for k in keys]))
         return
-    table = Table("id", "name", "prefix", "scopes", "rpm", "tpm", "created", "expires", "last used",
-                  "revoked")
+    table = Table("id", "name", "prefix", "scopes", "rpm", "tpm", "created", "expires", "last used", "revoked")
     for k in keys:
         d = k.to_dict()
-        table.add_row(str(k.id), k.name, k.display_prefix, ",".join(sorted(k.scopes)),
-                      str(k.rpm_limit or "-"), str(k.tpm_limit or "-"), str(d["created_at"]),
-                      str(d["expires_at"] or "-"), str(d["last_used_at"] or "-"), str(d["revoked_at"] or "-"))
+        table.add_row(
+            str(k.id),
+            k.name,
+            k.display_prefix,
+            ",".join(sorted(k.scopes)),
+            str(k.rpm_limit or "-"),
+            str(k.tpm_limit or "-"),
+            str(d["created_at"]),
+            str(d["expires_at"] or "-"),
+            str(d["last_used_at"] or "-"),
+            str(d["revoked_at"] or "-"),
+        )
     console.print(table)
 
 
 @keys_app.command("revoke")
-def revoke(key_id: Annotated[int, typer.Argument(min=1, max=MAX_KEY_ID, help="key id, as shown by `keys list`")],
-           database_url: DatabaseUrlOpt = None) -> None:
+def revoke(
+    key_id: Annotated[int, typer.Argument(min=1, max=MAX_KEY_ID, help="key id, as shown by `keys list`")],
+    database_url: DatabaseUrlOpt = None,
+) -> None:
     """Revoke a key. Running servers refuse it within DS_KEY_CACHE_TTL_S seconds."""
     from deepseek_serve.storage.db import create_session_factory
     from deepseek_serve.storage.keys import KeyRepository

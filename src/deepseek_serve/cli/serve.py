@@ -25,15 +25,22 @@ APP_FACTORY = "deepseek_serve.api.app:create_app_from_env"
 def serve(
     host: Annotated[str | None, typer.Option("--host", help="bind address (DS_HOST)")] = None,
     port: Annotated[int | None, typer.Option("--port", "-p", help="TCP port (DS_PORT)")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", "-w", help="worker processes, each loads "
-                                                                        "the model (DS_WORKERS)")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="GGUF file, HF folder or hub id "
-                                                                    "(DS_MODEL)")] = None,
-    log_level: Annotated[str | None, typer.Option("--log-level", help="debug|info|warning|error "
-                                                                      "(DS_LOG_LEVEL)")] = None,
-    role: Annotated[str | None, typer.Option("--role", help="all (API + engine) | engine (internal API, load "
-                                                            "report) | gateway (API over DS_UPSTREAMS) "
-                                                            "(DS_ROLE)")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-w", help="worker processes, each loads the model (DS_WORKERS)")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="GGUF file, HF folder or hub id (DS_MODEL)")
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option("--log-level", help="debug|info|warning|error (DS_LOG_LEVEL)")
+    ] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            "--role",
+            help="all (API + engine) | engine (internal API, load report) | gateway (API over DS_UPSTREAMS) (DS_ROLE)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API (or one role of a scaled-out deployment: --role)."""
     import uvicorn
@@ -41,8 +48,7 @@ def serve(
     from deepseek_serve.api.http_protocol import protocol_factory
     from deepseek_serve.observability.logs import uvicorn_log_config
 
-    overrides = {"host": host, "port": port, "workers": workers, "model": model, "log_level": log_level,
-                 "role": role}
+    overrides = {"host": host, "port": port, "workers": workers, "model": model, "log_level": log_level, "role": role}
     settings = settings_from_cli(**overrides)
     pull_pack_first(settings)
     # NOTE: workers re-read the environment, so flags travel as DS_* variables.

@@ -64,9 +64,16 @@ def summary(
     for r in rows:
         key = str(r.key_id) if r.key_id is not None else "anonymous"
         values = {"day": r.day, "model": r.model, "key": key, "endpoint": r.endpoint}
-        table.add_row(*(str(values[c]) for c in columns), str(r.requests), str(r.prompt_tokens),
-                      str(r.completion_tokens), str(r.cached_tokens), str(r.reasoning_tokens),
-                      str(r.total_tokens), str(r.errors))
+        table.add_row(
+            *(str(values[c]) for c in columns),
+            str(r.requests),
+            str(r.prompt_tokens),
+            str(r.completion_tokens),
+            str(r.cached_tokens),
+            str(r.reasoning_tokens),
+            str(r.total_tokens),
+            str(r.errors),
+        )
     console.print(table)
 
 

@@ -80,8 +80,13 @@ class RequestStream(AsyncIterator[StreamDelta]):
 class AsyncEngine:
     """Owns the scheduler core and its worker thread. Create with `from_settings`, then `start()`."""
 
-    def __init__(self, core: LLMEngine, model_info: ModelInfo, chat_template: ChatTemplate | None,
-                 default_system_prompt: str | None = None) -> None:
+    def __init__(
+        self,
+        core: LLMEngine,
+        model_info: ModelInfo,
+        chat_template: ChatTemplate | None,
+        default_system_prompt: str | None = None,
+    ) -> None:
         self._core = core
         # NOTE: added when a conversation has no system message; None keeps the template's own default.
         self._default_system = default_system_prompt
@@ -211,8 +216,7 @@ class AsyncEngine:
         budget. Routes call it before the rate limiter or the response cache see the request."""
         return self._core.check_request(params, list(prompt_token_ids), context)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    **extra: Any) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
         """Render messages with the model's chat template (sandboxed Jinja, Hugging Face semantics).
 
         NOTE: the rendered text already holds the template's special tokens (BOS...): submit it with

@@ -170,8 +170,12 @@ def make_sampler_chain(p: SamplingParams, n_vocab: int) -> lc.llama_sampler_p:
             biases[i].bias = bias
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), biases))
     if p.has_penalties:
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
-            n_vocab, p.penalty_last_n, p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
+        lc.llama_sampler_chain_add(
+            chain,
+            lc.llama_sampler_init_penalties(
+                n_vocab, p.penalty_last_n, p.repetition_penalty, p.frequency_penalty, p.presence_penalty
+            ),
+        )
     if p.is_greedy:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
         return chain
@@ -201,8 +205,15 @@ _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 def uses_temperature_sampler(p: SamplingParams) -> bool:
     """Plain temperature sampling (no top-k/top-p/min-p cut, penalties, logit bias or grammar):
     `TemperatureSampler`."""
-    return (not p.is_greedy and not p.has_penalties and not p.logit_bias and p.grammar is None and p.top_k == 0
-            and p.top_p >= 1.0 and p.min_p == 0.0)
+    return (
+        not p.is_greedy
+        and not p.has_penalties
+        and not p.logit_bias
+        and p.grammar is None
+        and p.top_k == 0
+        and p.top_p >= 1.0
+        and p.min_p == 0.0
+    )
 
 
 class TemperatureSampler:
@@ -267,10 +278,20 @@ class LlamaCppRunner(Runner):
     name = "llamacpp"
     supports_grammar = True
 
-    def __init__(self, model_path: Path, *, context_length: int = 8192, max_batch_size: int = 8,
-                 max_model_len: int = 0, n_threads: int = 0, prefill_chunk_tokens: int = 512,
-                 prefix_cache: bool = True, prefix_cache_tokens: int = 4096, flash_attn: bool = True,
-                 repack: bool = False) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        context_length: int = 8192,
+        max_batch_size: int = 8,
+        max_model_len: int = 0,
+        n_threads: int = 0,
+        prefill_chunk_tokens: int = 512,
+        prefix_cache: bool = True,
+        prefix_cache_tokens: int = 4096,
+        flash_attn: bool = True,
+        repack: bool = False,
+    ) -> None:
         _init_backend()
         mparams = lc.llama_model_default_params()  # memory-mapped weights (load mode "auto")
         # NOTE: llama.cpp's repacked CPU layout (use_extra_bufts) makes prompt processing of Q4_K weights
@@ -384,8 +405,9 @@ class LlamaCppRunner(Runner):
         slot, reuse, source = self._pick_slot(prompt)
         # make room: idle entries are evicted (least recently used first) until the reservation fits
         need = self._reserved + seq.max_total_tokens
-        for victim in sorted((s for s in self._slots if s.is_idle and s is not slot and s.tokens),
-                             key=lambda s: s.last_used):
+        for victim in sorted(
+            (s for s in self._slots if s.is_idle and s is not slot and s.tokens), key=lambda s: s.last_used
+        ):
             if need + self._cached_tokens() - len(slot.tokens) <= self._n_ctx:
                 break
             self._clear(victim)
@@ -447,7 +469,7 @@ class LlamaCppRunner(Runner):
             token = seq.token_at(start)
             ok = 0 <= token < self._n_vocab
         else:
-            chunk = np.asarray(seq.all_token_ids[start:start + k])
+            chunk = np.asarray(seq.all_token_ids[start : start + k])
             ok = bool(chunk.min() >= 0 and chunk.max() < self._n_vocab)
         return None if ok else f"a token id outside the vocabulary [0, {self._n_vocab})"
 
@@ -632,10 +654,14 @@ class LlamaCppRunner(Runner):
         if top_n > 0:
             ids = np.argpartition(-logits, top_n)[:top_n]
             ids = ids[np.argsort(-logits[ids])]
-            top = tuple((tok.token_text(int(t)), float(logits[t] - lse), tuple(tok.token_bytes(int(t))))
-                        for t in ids)
-        return TokenLogprob(token_id=token, token=tok.token_text(token), logprob=float(logits[token] - lse),
-                            bytes=tuple(tok.token_bytes(token)), top=top)
+            top = tuple((tok.token_text(int(t)), float(logits[t] - lse), tuple(tok.token_bytes(int(t)))) for t in ids)
+        return TokenLogprob(
+            token_id=token,
+            token=tok.token_text(token),
+            logprob=float(logits[token] - lse),
+            bytes=tuple(tok.token_bytes(token)),
+            top=top,
+        )
 
     def free(self, seq: Sequence) -> None:
         if seq.slot is None:
@@ -663,8 +689,13 @@ class LlamaCppRunner(Runner):
         """Drop idle entries that `newest` makes redundant, then the least recently used beyond the budget."""
         n = len(newest.tokens)
         for s in self._slots:
-            if s is not newest and s.is_idle and s.tokens and len(s.tokens) <= n \
-                    and newest.tokens[: len(s.tokens)] == s.tokens:
+            if (
+                s is not newest
+                and s.is_idle
+                and s.tokens
+                and len(s.tokens) <= n
+                and newest.tokens[: len(s.tokens)] == s.tokens
+            ):
                 self._clear(s)
         idle = sorted((s for s in self._slots if s.is_idle and s.tokens), key=lambda s: s.last_used)
         cached = sum(len(s.tokens) for s in idle)

@@ -68,19 +68,29 @@ def check_token_ids(ids: Iterable[int], vocab_size: int, param: str = "prompt") 
     """Raise InvalidRequestError unless every id is a token of the vocabulary."""
     bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab_size)), None)
     if bad is not None:
-        raise InvalidRequestError(f"Invalid value for '{param}': token id {bad} is outside the vocabulary "
-                                  f"[0, {vocab_size})", param=param)
+        raise InvalidRequestError(
+            f"Invalid value for '{param}': token id {bad} is outside the vocabulary [0, {vocab_size})", param=param
+        )
 
 
-def check_request(params: SamplingParams, ids: list[int], *, vocab_size: int, max_model_len: int,
-                  default_max_tokens: int, context: bool = True) -> int:
+def check_request(
+    params: SamplingParams,
+    ids: list[int],
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    default_max_tokens: int,
+    context: bool = True,
+) -> int:
     """Everything that only the model knows (vocabulary, context); returns the completion budget.
     Raises InvalidRequestError / ContextLengthError naming the field. `context=False` leaves out
     prompt + max_tokens against the context (the budget is then not meaningful). Any thread."""
     params.validate()
     if params.top_k > vocab_size:
-        raise InvalidRequestError(f"Invalid value for 'top_k': {params.top_k} is greater than the vocabulary "
-                                  f"size ({vocab_size})", param="top_k")
+        raise InvalidRequestError(
+            f"Invalid value for 'top_k': {params.top_k} is greater than the vocabulary size ({vocab_size})",
+            param="top_k",
+        )
     check_token_ids((t for t, _ in params.logit_bias), vocab_size, "logit_bias")
     check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
     if not ids:
@@ -145,13 +155,20 @@ class LLMEngine:
         """`check_request` (below) with this engine's vocabulary, context and default budget, and
         whether its runner can constrain decoding."""
         if params.grammar is not None and not self.runner.supports_grammar:
-            raise InvalidRequestError(f"The {self.runner.name} runner does not support constrained decoding "
-                                      "(response_format json_object/json_schema, forced tool calls); "
-                                      "serve a GGUF model with the llamacpp runner for it.",
-                                      param="response_format")
-        return check_request(params, ids, vocab_size=self.tokenizer.vocab_size,
-                             max_model_len=self.runner.max_model_len,
-                             default_max_tokens=self.config.default_max_tokens, context=context)
+            raise InvalidRequestError(
+                f"The {self.runner.name} runner does not support constrained decoding "
+                "(response_format json_object/json_schema, forced tool calls); "
+                "serve a GGUF model with the llamacpp runner for it.",
+                param="response_format",
+            )
+        return check_request(
+            params,
+            ids,
+            vocab_size=self.tokenizer.vocab_size,
+            max_model_len=self.runner.max_model_len,
+            default_max_tokens=self.config.default_max_tokens,
+            context=context,
+        )
 
     def add_sequence(self, seq: Sequence) -> None:
         """Enqueue; raises QueueFullError."""
@@ -271,8 +288,15 @@ class LLMEngine:
             logprobs=tuple(state.pending_logprobs) if state.seq.params.logprobs else None,
         )
 
-    def _finish(self, seq: Sequence, reason: FinishReason, outputs: list[Output], text: str = "",
-                error: str | None = None, flush: bool = False) -> None:
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        outputs: list[Output],
+        text: str = "",
+        error: str | None = None,
+        flush: bool = False,
+    ) -> None:
         state = self._states.pop(seq.request_id, None)
         self.scheduler.finish(seq)
         seq.finish_reason = reason

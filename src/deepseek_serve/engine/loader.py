@@ -53,8 +53,7 @@ def build_runner(settings: Settings, model: ResolvedModel) -> Runner:
     try:
         from deepseek_serve.engine.torch_runner import TorchRunner
     except ImportError as exc:
-        raise RuntimeError(
-            f"the PyTorch runner needs `pip install 'deepseek-serve[torch]'` ({exc})") from exc
+        raise RuntimeError(f"the PyTorch runner needs `pip install 'deepseek-serve[torch]'` ({exc})") from exc
     return TorchRunner.from_settings(settings, model.path)
 
 
@@ -75,19 +74,27 @@ def read_sampling_defaults(model: ResolvedModel, runner: Runner) -> SamplingDefa
 
 def load_engine(settings: Settings) -> AsyncEngine:
     started = time.monotonic()
-    model = resolve_model(settings.model, cache_dir=settings.models_dir, source=settings.model_source,
-                          revision=settings.model_revision, served_name=settings.served_model_name,
-                          index_url=settings.pack_index_url)
+    model = resolve_model(
+        settings.model,
+        cache_dir=settings.models_dir,
+        source=settings.model_source,
+        revision=settings.model_revision,
+        served_name=settings.served_model_name,
+        index_url=settings.pack_index_url,
+    )
     runner = build_runner(settings, model)
     template = load_template(settings, runner)
-    core = LLMEngine(runner, EngineConfig(
-        max_batch_size=settings.max_batch_size,
-        max_queue_size=settings.max_queue_size,
-        prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        default_max_tokens=settings.default_max_tokens,
-        request_timeout_s=settings.request_timeout_s,
-        burst_wait_s=settings.burst_wait_ms / 1000.0,
-    ))
+    core = LLMEngine(
+        runner,
+        EngineConfig(
+            max_batch_size=settings.max_batch_size,
+            max_queue_size=settings.max_queue_size,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            default_max_tokens=settings.default_max_tokens,
+            request_timeout_s=settings.request_timeout_s,
+            burst_wait_s=settings.burst_wait_ms / 1000.0,
+        ),
+    )
     tok = runner.tokenizer
     info = ModelInfo(
         id=model.model_id,
@@ -104,6 +111,11 @@ def load_engine(settings: Settings) -> AsyncEngine:
         created=int(time.time()),
         sampling=read_sampling_defaults(model, runner),
     )
-    logger.info("model %s loaded from %s with the %s runner in %.1fs", info.id, info.path, info.runner,
-                time.monotonic() - started)
+    logger.info(
+        "model %s loaded from %s with the %s runner in %.1fs",
+        info.id,
+        info.path,
+        info.runner,
+        time.monotonic() - started,
+    )
     return AsyncEngine(core, info, template, default_system_prompt=model.default_system_prompt)

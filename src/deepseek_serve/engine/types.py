@@ -84,8 +84,10 @@ class SamplingParams:
         if self.top_k > 2**31 - 1:
             raise bad("top_k", "out of range")
         if self.grammar is not None and (self.ignore_eos or self.min_tokens):
-            raise bad("ignore_eos" if self.ignore_eos else "min_tokens",
-                      "cannot be combined with a response_format or a forced tool call")
+            raise bad(
+                "ignore_eos" if self.ignore_eos else "min_tokens",
+                "cannot be combined with a response_format or a forced tool call",
+            )
         for token, bias in self.logit_bias:
             if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
                 raise bad("logit_bias", f"the bias of token {token} ({bias}) is not between -100 and 100")
@@ -112,8 +114,15 @@ class SamplingDefaults:
     repetition_penalty: float = 1.05
     source: str = "fallback"  # generation_config.json | gguf metadata | fallback
 
-    def fill(self, *, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-             min_p: float | None = None, repetition_penalty: float | None = None) -> SamplingChoice:
+    def fill(
+        self,
+        *,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+    ) -> SamplingChoice:
         """SamplingParams fields for a request: what it set, the recommendation for what it left open
         (None). A greedy request (temperature 0) gets neutral values for what it left open."""
         temp = self.temperature if temperature is None else temperature
@@ -123,8 +132,9 @@ class SamplingDefaults:
             "top_p": (1.0 if greedy else self.top_p) if top_p is None else top_p,
             "top_k": (0 if greedy else self.top_k) if top_k is None else top_k,
             "min_p": (0.0 if greedy else self.min_p) if min_p is None else min_p,
-            "repetition_penalty": ((1.0 if greedy else self.repetition_penalty) if repetition_penalty is None
-                                   else repetition_penalty),
+            "repetition_penalty": (
+                (1.0 if greedy else self.repetition_penalty) if repetition_penalty is None else repetition_penalty
+            ),
         }
 
 

@@ -247,10 +247,12 @@ class GatewayEngine(AsyncEngine):
         """The engine's own checks against the model the gateway tokenizes with; constrained decoding
         is refused, since upstreams are reached through the plain completions API."""
         if params.grammar is not None:
-            raise InvalidRequestError("The gateway does not forward constrained decoding (response_format "
-                                      "json_object/json_schema, forced tool calls) to its upstreams yet; "
-                                      "call an engine with the llamacpp runner directly for it.",
-                                      param="response_format")
+            raise InvalidRequestError(
+                "The gateway does not forward constrained decoding (response_format "
+                "json_object/json_schema, forced tool calls) to its upstreams yet; "
+                "call an engine with the llamacpp runner directly for it.",
+                param="response_format",
+            )
         return check_request(
             params,
             list(prompt_token_ids),

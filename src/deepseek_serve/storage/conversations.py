@@ -61,9 +61,14 @@ class ConversationInfo:
     num_messages: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "conversation", "title": self.title,
-                "created_at": _epoch(self.created_at), "updated_at": _epoch(self.updated_at),
-                "message_count": self.num_messages}
+        return {
+            "id": self.id,
+            "object": "conversation",
+            "title": self.title,
+            "created_at": _epoch(self.created_at),
+            "updated_at": _epoch(self.updated_at),
+            "message_count": self.num_messages,
+        }
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,13 @@ class MessageInfo:
     created_at: datetime
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": f"msg_{self.id}", "object": "conversation.message", "role": self.role,
-                               "content": self.content, "created_at": _epoch(self.created_at)}
+        out: dict[str, Any] = {
+            "id": f"msg_{self.id}",
+            "object": "conversation.message",
+            "role": self.role,
+            "content": self.content,
+            "created_at": _epoch(self.created_at),
+        }
         if self.reasoning_content is not None:
             out["reasoning_content"] = self.reasoning_content
         if self.prompt_tokens is not None or self.completion_tokens is not None:
@@ -98,12 +108,18 @@ class ConversationRepository:
     def __init__(self, sessions: SessionFactory) -> None:
         self._sessions = sessions
 
-    async def create(self, owner: int | None, title: str | None = None,
-                     messages: Sequence[dict[str, Any]] = ()) -> ConversationInfo:
+    async def create(
+        self, owner: int | None, title: str | None = None, messages: Sequence[dict[str, Any]] = ()
+    ) -> ConversationInfo:
         """A new conversation, optionally seeded with messages (e.g. a system prompt)."""
         now = utcnow()
-        conv = Conversation(id=new_conversation_id(), key_id=owner, title=(title or None) and title[:255],
-                            created_at=now, updated_at=now)
+        conv = Conversation(
+            id=new_conversation_id(),
+            key_id=owner,
+            title=(title or None) and title[:255],
+            created_at=now,
+            updated_at=now,
+        )
         async with self._sessions() as session, session.begin():
             session.add(conv)
             await session.flush()
@@ -116,44 +132,52 @@ class ConversationRepository:
             conv = await _find(session, owner, conversation_id)
             if conv is None:
                 raise ConversationNotFound(conversation_id)
-            count = (await session.execute(select(func.count()).select_from(Message)
-                                           .where(Message.conversation_id == conv.id))).scalar_one()
-            return ConversationInfo(conv.id, conv.key_id, conv.title, conv.created_at, conv.updated_at,
-                                    int(count))
+            count = (
+                await session.execute(
+                    select(func.count()).select_from(Message).where(Message.conversation_id == conv.id)
+                )
+            ).scalar_one()
+            return ConversationInfo(conv.id, conv.key_id, conv.title, conv.created_at, conv.updated_at, int(count))
 
-    async def list_for(self, owner: int | None, *, limit: int = 20, before: datetime | None = None
-                   ) -> list[ConversationInfo]:
+    async def list_for(
+        self, owner: int | None, *, limit: int = 20, before: datetime | None = None
+    ) -> list[ConversationInfo]:
         """The owner's conversations, most recently updated first."""
-        counts = (select(Message.conversation_id, func.count().label("n"))
-                  .group_by(Message.conversation_id).subquery())
-        stmt = (select(Conversation, func.coalesce(counts.c.n, 0))
-                .outerjoin(counts, counts.c.conversation_id == Conversation.id)
-                .where(_owned(owner))
-                .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
-                .limit(limit))
+        counts = select(Message.conversation_id, func.count().label("n")).group_by(Message.conversation_id).subquery()
+        stmt = (
+            select(Conversation, func.coalesce(counts.c.n, 0))
+            .outerjoin(counts, counts.c.conversation_id == Conversation.id)
+            .where(_owned(owner))
+            .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
+            .limit(limit)
+        )
         if before is not None:
             stmt = stmt.where(Conversation.updated_at < before)
         async with self._sessions() as session:
-            return [ConversationInfo(c.id, c.key_id, c.title, c.created_at, c.updated_at, int(n))
-                    for c, n in (await session.execute(stmt)).all()]
+            return [
+                ConversationInfo(c.id, c.key_id, c.title, c.created_at, c.updated_at, int(n))
+                for c, n in (await session.execute(stmt)).all()
+            ]
 
-    async def messages(self, owner: int | None, conversation_id: str, *, limit: int | None = None
-                       ) -> list[MessageInfo]:
+    async def messages(self, owner: int | None, conversation_id: str, *, limit: int | None = None) -> list[MessageInfo]:
         """Messages in order; raises ConversationNotFound for a conversation the owner lacks."""
         async with self._sessions() as session:
-            exists = (await session.execute(
-                select(Conversation.id).where(Conversation.id == conversation_id, _owned(owner)))).first()
+            exists = (
+                await session.execute(select(Conversation.id).where(Conversation.id == conversation_id, _owned(owner)))
+            ).first()
             if exists is None:
                 raise ConversationNotFound(conversation_id)
             stmt = select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id)
             if limit is not None:
                 stmt = stmt.limit(limit)
-            return [MessageInfo(m.id, m.role, m.content, m.reasoning_content, m.prompt_tokens,
-                                m.completion_tokens, m.created_at)
-                    for m in (await session.execute(stmt)).scalars()]
+            return [
+                MessageInfo(
+                    m.id, m.role, m.content, m.reasoning_content, m.prompt_tokens, m.completion_tokens, m.created_at
+                )
+                for m in (await session.execute(stmt)).scalars()
+            ]
 
-    async def append(self, owner: int | None, conversation_id: str,
-                     messages: Sequence[dict[str, Any]]) -> None:
+    async def append(self, owner: int | None, conversation_id: str, messages: Sequence[dict[str, Any]]) -> None:
         """Add messages at the end; sets the title from the first user message if there is none."""
         now = utcnow()
         async with self._sessions() as session, session.begin():
@@ -164,18 +188,17 @@ class ConversationRepository:
                 session.add(_message_row(conversation_id, m, now))
             values: dict[str, Any] = {"updated_at": now}
             if conv.title is None:
-                first_user = next(
-                    (content_text(m.get("content")) for m in messages if m.get("role") == "user"), "")
+                first_user = next((content_text(m.get("content")) for m in messages if m.get("role") == "user"), "")
                 if first_user.strip():
                     values["title"] = " ".join(first_user.split())[:TITLE_CHARS]
-            await session.execute(
-                update(Conversation).where(Conversation.id == conversation_id).values(**values))
+            await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(**values))
 
     async def delete(self, owner: int | None, conversation_id: str) -> None:
         """Delete a conversation and its messages; raises ConversationNotFound."""
         async with self._sessions() as session, session.begin():
-            found = (await session.execute(
-                select(Conversation.id).where(Conversation.id == conversation_id, _owned(owner)))).first()
+            found = (
+                await session.execute(select(Conversation.id).where(Conversation.id == conversation_id, _owned(owner)))
+            ).first()
             if found is None:
                 raise ConversationNotFound(conversation_id)
             await session.execute(delete(Message).where(Message.conversation_id == conversation_id))
@@ -192,7 +215,12 @@ def _message_row(conversation_id: str, m: dict[str, Any], now: datetime) -> Mess
     if role not in ROLES:
         raise ValueError(f"invalid message role {role!r}; valid roles: {list(ROLES)}")
     reasoning = m.get("reasoning_content")
-    return Message(conversation_id=conversation_id, role=role, content=content_text(m.get("content")),
-                   reasoning_content=str(reasoning) if reasoning is not None else None,
-                   prompt_tokens=m.get("prompt_tokens"), completion_tokens=m.get("completion_tokens"),
-                   created_at=now)
+    return Message(
+        conversation_id=conversation_id,
+        role=role,
+        content=content_text(m.get("content")),
+        reasoning_content=str(reasoning) if reasoning is not None else None,
+        prompt_tokens=m.get("prompt_tokens"),
+        completion_tokens=m.get("completion_tokens"),
+        created_at=now,
+    )

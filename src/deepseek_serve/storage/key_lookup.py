@@ -52,8 +52,15 @@ class _Entry:
 
 
 class KeyLookup:
-    def __init__(self, repo: KeyRepository, *, ttl_s: float = 30.0, touch_interval_s: float = 60.0,
-                 max_entries: int = 10_000, max_unknown: int = 10_000) -> None:
+    def __init__(
+        self,
+        repo: KeyRepository,
+        *,
+        ttl_s: float = 30.0,
+        touch_interval_s: float = 60.0,
+        max_entries: int = 10_000,
+        max_unknown: int = 10_000,
+    ) -> None:
         self._repo = repo
         self._ttl_s = ttl_s
         self._touch_interval_s = touch_interval_s

@@ -37,7 +37,7 @@ def hash_secret(secret: str) -> str:
 
 
 def visible_prefix(secret: str) -> str:
-    body = secret[len(KEY_PREFIX):] if secret.startswith(KEY_PREFIX) else secret
+    body = secret[len(KEY_PREFIX) :] if secret.startswith(KEY_PREFIX) else secret
     return body[:VISIBLE_PREFIX_CHARS]
 
 
@@ -63,9 +63,18 @@ class KeyInfo:
 
     @classmethod
     def from_row(cls, row: ApiKey) -> KeyInfo:
-        return cls(id=row.id, name=row.name, prefix=row.prefix, scopes=row.scope_set, rpm_limit=row.rpm_limit,
-                   tpm_limit=row.tpm_limit, created_at=row.created_at, expires_at=row.expires_at,
-                   revoked_at=row.revoked_at, last_used_at=row.last_used_at)
+        return cls(
+            id=row.id,
+            name=row.name,
+            prefix=row.prefix,
+            scopes=row.scope_set,
+            rpm_limit=row.rpm_limit,
+            tpm_limit=row.tpm_limit,
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            revoked_at=row.revoked_at,
+            last_used_at=row.last_used_at,
+        )
 
     def is_expired(self, now: datetime | None = None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or utcnow())
@@ -85,10 +94,17 @@ class KeyInfo:
             return value.isoformat(timespec="seconds") + "Z" if value else None
 
         return {
-            "id": str(self.id), "object": "api_key", "name": self.name, "prefix": self.display_prefix,
-            "scopes": sorted(self.scopes), "rpm_limit": self.rpm_limit, "tpm_limit": self.tpm_limit,
-            "created_at": iso(self.created_at), "expires_at": iso(self.expires_at),
-            "revoked_at": iso(self.revoked_at), "last_used_at": iso(self.last_used_at),
+            "id": str(self.id),
+            "object": "api_key",
+            "name": self.name,
+            "prefix": self.display_prefix,
+            "scopes": sorted(self.scopes),
+            "rpm_limit": self.rpm_limit,
+            "tpm_limit": self.tpm_limit,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "revoked_at": iso(self.revoked_at),
+            "last_used_at": iso(self.last_used_at),
         }
 
 
@@ -119,18 +135,33 @@ class KeyRepository:
     def __init__(self, sessions: SessionFactory) -> None:
         self._sessions = sessions
 
-    async def create(self, name: str, *, admin: bool = False, scopes: Iterable[str] | None = None,
-                     rpm_limit: int | None = None, tpm_limit: int | None = None,
-                     expires_in: timedelta | None = None, secret: str | None = None) -> CreatedKey:
+    async def create(
+        self,
+        name: str,
+        *,
+        admin: bool = False,
+        scopes: Iterable[str] | None = None,
+        rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+        expires_in: timedelta | None = None,
+        secret: str | None = None,
+    ) -> CreatedKey:
         """Insert a key; returns it with its secret (the only time the secret is available)."""
         scope_set = normalize_scopes(scopes) if scopes is not None else frozenset({SCOPE_INFERENCE})
         if admin:
             scope_set |= {SCOPE_ADMIN, SCOPE_INFERENCE}
         secret = secret or generate_secret()
         now = utcnow()
-        row = ApiKey(name=name[:128], prefix=visible_prefix(secret), key_hash=hash_secret(secret),
-                     scopes=",".join(sorted(scope_set)), rpm_limit=rpm_limit, tpm_limit=tpm_limit,
-                     created_at=now, expires_at=now + expires_in if expires_in else None)
+        row = ApiKey(
+            name=name[:128],
+            prefix=visible_prefix(secret),
+            key_hash=hash_secret(secret),
+            scopes=",".join(sorted(scope_set)),
+            rpm_limit=rpm_limit,
+            tpm_limit=tpm_limit,
+            created_at=now,
+            expires_at=now + expires_in if expires_in else None,
+        )
         async with self._sessions() as session, session.begin():
             session.add(row)
         return CreatedKey(info=KeyInfo.from_row(row), secret=secret)
@@ -182,12 +213,17 @@ class KeyRepository:
             now = utcnow()
             await session.execute(
                 update(ApiKey)
-                .where(ApiKey.name == BOOTSTRAP_KEY_NAME, ApiKey.key_hash != key_hash,
-                       ApiKey.revoked_at.is_(None))
-                .values(revoked_at=now))
+                .where(ApiKey.name == BOOTSTRAP_KEY_NAME, ApiKey.key_hash != key_hash, ApiKey.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
             if row is None:
-                row = ApiKey(name=BOOTSTRAP_KEY_NAME, prefix=visible_prefix(secret), key_hash=key_hash,
-                             scopes=",".join(sorted(ALL_SCOPES)), created_at=now)
+                row = ApiKey(
+                    name=BOOTSTRAP_KEY_NAME,
+                    prefix=visible_prefix(secret),
+                    key_hash=key_hash,
+                    scopes=",".join(sorted(ALL_SCOPES)),
+                    created_at=now,
+                )
                 session.add(row)
                 await session.flush()
             return KeyInfo.from_row(row)

@@ -44,8 +44,7 @@ def head_revision() -> str:
 
 
 @contextlib.asynccontextmanager
-async def _migration_lock(engine: AsyncEngine, conn: AsyncConnection,
-                          timeout_s: float) -> AsyncIterator[None]:
+async def _migration_lock(engine: AsyncEngine, conn: AsyncConnection, timeout_s: float) -> AsyncIterator[None]:
     if engine.dialect.name in {"mysql", "mariadb"}:
         params = {"n": _MYSQL_LOCK, "t": int(timeout_s)}
         got = (await conn.execute(text("SELECT GET_LOCK(:n, :t)"), params)).scalar()
@@ -70,8 +69,7 @@ async def _migration_lock(engine: AsyncEngine, conn: AsyncConnection,
 
 
 async def _run(engine: AsyncEngine, fn: Any, *args: Any, timeout_s: float = 120.0) -> Any:
-    async with (engine.connect() as lock_conn, _migration_lock(engine, lock_conn, timeout_s),
-                engine.begin() as conn):
+    async with engine.connect() as lock_conn, _migration_lock(engine, lock_conn, timeout_s), engine.begin() as conn:
         return await conn.run_sync(lambda sync_conn: fn(alembic_config(sync_conn), *args))
 
 

@@ -49,11 +49,13 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     try:
         parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"invalid time {text[:40]!r}: use a duration like 7d or an ISO date such as "
-                         "2026-01-31") from None
+        raise ValueError(
+            f"invalid time {text[:40]!r}: use a duration like 7d or an ISO date such as 2026-01-31"
+        ) from None
     if not MIN_DATETIME <= parsed.replace(tzinfo=None) <= MAX_DATETIME:
-        raise ValueError(f"invalid time {text[:40]!r}: dates from {MIN_DATETIME.date()} to "
-                         f"{MAX_DATETIME.date()} are supported")
+        raise ValueError(
+            f"invalid time {text[:40]!r}: dates from {MIN_DATETIME.date()} to {MAX_DATETIME.date()} are supported"
+        )
     if parsed.tzinfo is not None:
         parsed = (parsed - (parsed.utcoffset() or timedelta())).replace(tzinfo=None)
     return parsed
@@ -67,15 +69,21 @@ class PurgeResult:
     messages: int
 
 
-async def purge(sessions: SessionFactory, older_than: timedelta, *, chunk_size: int = 2000,
-                now: datetime | None = None) -> PurgeResult:
+async def purge(
+    sessions: SessionFactory, older_than: timedelta, *, chunk_size: int = 2000, now: datetime | None = None
+) -> PurgeResult:
     """Delete usage records created, and conversations last updated, before now - `older_than`."""
     cutoff = (now or utcnow()) - older_than
     usage = 0
     while True:
         async with sessions() as session, session.begin():
-            ids = list((await session.execute(
-                select(UsageRecord.id).where(UsageRecord.created_at < cutoff).limit(chunk_size))).scalars())
+            ids = list(
+                (
+                    await session.execute(
+                        select(UsageRecord.id).where(UsageRecord.created_at < cutoff).limit(chunk_size)
+                    )
+                ).scalars()
+            )
             if not ids:
                 break
             await session.execute(delete(UsageRecord).where(UsageRecord.id.in_(ids)))
@@ -84,8 +92,13 @@ async def purge(sessions: SessionFactory, older_than: timedelta, *, chunk_size: 
     conv_chunk = max(chunk_size // 20, 1)
     while True:
         async with sessions() as session, session.begin():
-            conv_ids = list((await session.execute(
-                select(Conversation.id).where(Conversation.updated_at < cutoff).limit(conv_chunk))).scalars())
+            conv_ids = list(
+                (
+                    await session.execute(
+                        select(Conversation.id).where(Conversation.updated_at < cutoff).limit(conv_chunk)
+                    )
+                ).scalars()
+            )
             if not conv_ids:
                 break
             result = await session.execute(delete(Message).where(Message.conversation_id.in_(conv_ids)))

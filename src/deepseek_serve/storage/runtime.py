@@ -49,10 +49,13 @@ class Storage:
         self.conversations = ConversationRepository(self.sessions)
         self.key_lookup = KeyLookup(self.keys, ttl_s=settings.key_cache_ttl_s)
         self.writer = UsageWriter(
-            self.usage, Spool(settings.effective_spool_path),
-            flush_interval_s=settings.usage_flush_interval_s, batch_size=settings.usage_batch_size,
+            self.usage,
+            Spool(settings.effective_spool_path),
+            flush_interval_s=settings.usage_flush_interval_s,
+            batch_size=settings.usage_batch_size,
             store_content=settings.store_content,
-            write_timeout_s=settings.db_pool_timeout_s + settings.db_connect_timeout_s)
+            write_timeout_s=settings.db_pool_timeout_s + settings.db_connect_timeout_s,
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, *, migrate_schema: bool | None = None) -> None:
@@ -76,9 +79,11 @@ class Storage:
         if self.settings.admin_key:
             await self.keys.ensure_bootstrap_admin(self.settings.admin_key)
         elif self.settings.auth_enabled and not any(
-                "admin" in k.scopes and not k.is_expired() for k in await self.keys.list()):
-            logger.warning("auth is on and no admin key exists: set DS_ADMIN_KEY or run "
-                           "`deepseek-serve keys create --admin`")
+            "admin" in k.scopes and not k.is_expired() for k in await self.keys.list()
+        ):
+            logger.warning(
+                "auth is on and no admin key exists: set DS_ADMIN_KEY or run `deepseek-serve keys create --admin`"
+            )
 
     async def close(self) -> None:
         """Stop background work, write what is pending (or spool it), release the pool."""
@@ -107,8 +112,12 @@ class Storage:
         while True:
             try:
                 result = await purge(self.sessions, timedelta(days=self.settings.retention_days))
-                logger.info("retention purge: %d usage records, %d conversations older than %s removed",
-                            result.usage_records, result.conversations, result.cutoff.isoformat())
+                logger.info(
+                    "retention purge: %d usage records, %d conversations older than %s removed",
+                    result.usage_records,
+                    result.conversations,
+                    result.cutoff.isoformat(),
+                )
             except Exception:
                 logger.warning("retention purge failed; next try in a day", exc_info=True)
             await asyncio.sleep(PURGE_INTERVAL_S)

@@ -113,9 +113,15 @@ class UsageRepository:
         async with self._sessions() as session:
             return int((await session.execute(select(func.count()).select_from(UsageRecord))).scalar_one())
 
-    async def summary(self, *, group_by: Iterable[str] = ("day", "model"), key_id: int | None = None,
-                      since: datetime | None = None, until: datetime | None = None,
-                      limit: int = 10_000) -> list[UsageRow]:
+    async def summary(
+        self,
+        *,
+        group_by: Iterable[str] = ("day", "model"),
+        key_id: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 10_000,
+    ) -> list[UsageRow]:
         """Totals grouped by any of day (UTC), model, key, endpoint; newest day first."""
         groups = [g.strip() for g in group_by if g.strip()]
         unknown = [g for g in groups if g not in GROUP_BY_FIELDS]
@@ -153,11 +159,18 @@ class UsageRepository:
             out = []
             for row in result.mappings():
                 day = row.get("day")
-                out.append(UsageRow(
-                    day=str(day) if day is not None else None, model=row.get("model"),
-                    key_id=int(row["key_id"]) if row.get("key_id") is not None else None,
-                    endpoint=row.get("endpoint"), requests=int(row["requests"]),
-                    prompt_tokens=int(row["prompt_tokens"]), completion_tokens=int(row["completion_tokens"]),
-                    cached_tokens=int(row["cached_tokens"]), reasoning_tokens=int(row["reasoning_tokens"]),
-                    errors=int(row["errors"])))
+                out.append(
+                    UsageRow(
+                        day=str(day) if day is not None else None,
+                        model=row.get("model"),
+                        key_id=int(row["key_id"]) if row.get("key_id") is not None else None,
+                        endpoint=row.get("endpoint"),
+                        requests=int(row["requests"]),
+                        prompt_tokens=int(row["prompt_tokens"]),
+                        completion_tokens=int(row["completion_tokens"]),
+                        cached_tokens=int(row["cached_tokens"]),
+                        reasoning_tokens=int(row["reasoning_tokens"]),
+                        errors=int(row["errors"]),
+                    )
+                )
             return out

@@ -32,14 +32,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # errors that mean "the database is not there", as opposed to "this row is wrong"
-_UNREACHABLE = (OperationalError, InterfaceError, DisconnectionError, OSError, TimeoutError,
-                asyncio.TimeoutError)
+_UNREACHABLE = (OperationalError, InterfaceError, DisconnectionError, OSError, TimeoutError, asyncio.TimeoutError)
 
 
 class UsageWriter:
-    def __init__(self, repo: UsageRepository, spool: Spool, *, flush_interval_s: float = 1.0,
-                 batch_size: int = 200, store_content: bool = False, write_timeout_s: float = 15.0,
-                 max_retry_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        repo: UsageRepository,
+        spool: Spool,
+        *,
+        flush_interval_s: float = 1.0,
+        batch_size: int = 200,
+        store_content: bool = False,
+        write_timeout_s: float = 15.0,
+        max_retry_s: float = 5.0,
+    ) -> None:
         self._repo = repo
         self._spool = spool
         self._flush_interval_s = flush_interval_s
@@ -229,7 +236,7 @@ class UsageWriter:
         for path in files:
             records = await asyncio.to_thread(Spool.read, path)
             for start in range(0, len(records), self._batch_size):
-                chunk = records[start:start + self._batch_size]
+                chunk = records[start : start + self._batch_size]
                 rows = [event_to_row(d, self._store_content) for d in chunk]
                 try:
                     try:

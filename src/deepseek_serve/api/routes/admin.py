@@ -26,8 +26,7 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 
 
 def bad_param(param: str, message: str) -> ApiError:
-    return ApiError(400, f"Invalid value for '{param}': {message}", "invalid_request_error", param,
-                    "invalid_value")
+    return ApiError(400, f"Invalid value for '{param}': {message}", "invalid_request_error", param, "invalid_value")
 
 
 def parse_since(value: str, param: str) -> datetime:
@@ -53,12 +52,16 @@ class CreateKeyRequest(BaseModel):
 
     name: Text = Field(min_length=1, max_length=128)
     scopes: list[Annotated[Text, Field(max_length=32)]] = Field(
-        default_factory=lambda: [SCOPE_INFERENCE], min_length=1, max_length=len(ALL_SCOPES),
-        description=f"any of {list(ALL_SCOPES)}")
+        default_factory=lambda: [SCOPE_INFERENCE],
+        min_length=1,
+        max_length=len(ALL_SCOPES),
+        description=f"any of {list(ALL_SCOPES)}",
+    )
     rpm_limit: int | None = Field(None, ge=0, le=INT32_MAX, description="requests per minute; null = server default")
     tpm_limit: int | None = Field(None, ge=0, le=INT32_MAX, description="tokens per minute; null = server default")
-    expires_in: Text | None = Field(None, max_length=32, description="lifetime such as 30d or 12h (at most 100 "
-                                                                     "years); null = never expires")
+    expires_in: Text | None = Field(
+        None, max_length=32, description="lifetime such as 30d or 12h (at most 100 years); null = never expires"
+    )
 
 
 @router.post("/keys", status_code=201)
@@ -73,14 +76,14 @@ async def create_key(body: CreateKeyRequest, storage: StorageDep, principal: Adm
             expires_in = parse_duration(body.expires_in)
         except ValueError as exc:
             raise bad_param("expires_in", str(exc)) from None
-    created = await storage.keys.create(body.name, scopes=body.scopes, rpm_limit=body.rpm_limit,
-                                        tpm_limit=body.tpm_limit, expires_in=expires_in)
+    created = await storage.keys.create(
+        body.name, scopes=body.scopes, rpm_limit=body.rpm_limit, tpm_limit=body.tpm_limit, expires_in=expires_in
+    )
     return {**created.info.to_dict(), "key": created.secret}
 
 
 @router.get("/keys")
-async def list_keys(storage: StorageDep, principal: AdminDep,
-                    include_revoked: bool = False) -> dict[str, Any]:
+async def list_keys(storage: StorageDep, principal: AdminDep, include_revoked: bool = False) -> dict[str, Any]:
     """All keys (without secrets or hashes); revoked ones only with `include_revoked=true`."""
     keys = await storage.keys.list(include_revoked=include_revoked)
     return {"object": "list", "data": [k.to_dict() for k in keys]}
@@ -97,18 +100,23 @@ async def revoke_key(key_id: str, storage: StorageDep, principal: AdminDep) -> d
 
 
 @router.get("/usage")
-async def usage_summary(storage: StorageDep, principal: AdminDep,
-                        group_by: Annotated[str, Query(description=f"comma list of {list(GROUP_BY_FIELDS)}")]
-                        = "day,model",
-                        key_id: str | None = None, since: str | None = None,
-                        until: str | None = None) -> dict[str, Any]:
+async def usage_summary(
+    storage: StorageDep,
+    principal: AdminDep,
+    group_by: Annotated[str, Query(description=f"comma list of {list(GROUP_BY_FIELDS)}")] = "day,model",
+    key_id: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+) -> dict[str, Any]:
     """Request and token totals grouped by day (UTC), model, key and/or endpoint; newest day first."""
     groups = [g.strip() for g in group_by.split(",") if g.strip()]
     unknown = [g for g in groups if g not in GROUP_BY_FIELDS]
     if unknown:
         raise bad_param("group_by", f"unknown field(s) {unknown}; valid: {list(GROUP_BY_FIELDS)}")
     rows = await storage.usage.summary(
-        group_by=groups, key_id=parse_key_id(key_id) if key_id else None,
+        group_by=groups,
+        key_id=parse_key_id(key_id) if key_id else None,
         since=parse_since(since, "since") if since else None,
-        until=parse_since(until, "until") if until else None)
+        until=parse_since(until, "until") if until else None,
+    )
     return {"object": "list", "group_by": groups, "data": [r.to_dict() for r in rows]}

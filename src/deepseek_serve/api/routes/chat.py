@@ -30,10 +30,12 @@ from deepseek_serve.api.tools import ToolSetup, forced_grammar, render_messages,
 router = APIRouter(prefix="/v1", tags=["chat"], route_class=LimitedBodyRoute)
 
 
-@router.post("/chat/completions", response_model=ChatCompletion,
-             responses={200: {"content": {"text/event-stream": {}}}})
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, services: ServicesDep,
-                                 principal: InferenceDep) -> Response:
+@router.post(
+    "/chat/completions", response_model=ChatCompletion, responses={200: {"content": {"text/event-stream": {}}}}
+)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, services: ServicesDep, principal: InferenceDep
+) -> Response:
     """OpenAI chat completions (JSON or SSE with `stream: true`), with DeepSeek's `reasoning_content`
     and usage fields. `conversation_id` (extension) prepends the stored history of that conversation."""
     model = check_model(services, body.model)
@@ -44,8 +46,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     history: list[dict[str, Any]] = []
     if body.conversation_id is not None:
         if services.conversations is None:
-            raise ApiError(400, "Conversations are not enabled on this server.", "invalid_request_error",
-                           "conversation_id", "unsupported_parameter")
+            raise ApiError(
+                400,
+                "Conversations are not enabled on this server.",
+                "invalid_request_error",
+                "conversation_id",
+                "unsupported_parameter",
+            )
         history = await services.conversations.history(principal, body.conversation_id)
         history = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in history]
         check_body(services, body, num_messages=len(history) + len(new_messages))
@@ -54,8 +61,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     extra: dict[str, Any] = {}
     if tools or any(m.role == "tool" or m.tool_calls for m in body.messages):
         fmt = tool_format(info.chat_template)
-        new_rendered, extra = render_messages(new_messages, body.messages, fmt, tools,
-                                              forced if forced != "required" else None)
+        new_rendered, extra = render_messages(
+            new_messages, body.messages, fmt, tools, forced if forced != "required" else None
+        )
         if tools and new_rendered[0].get("role") == "system" and history:
             # the tool instructions lead the conversation, ahead of the stored history
             prompt_messages = [new_rendered[0], *history, *new_rendered[1:]]
@@ -65,8 +73,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         prompt_messages = history + new_messages
     if tool_setup is not None and tool_setup.forced:
         if grammar is not None:
-            raise ApiError(400, "response_format cannot be combined with a forced tool_choice.",
-                           "invalid_request_error", "tool_choice", "invalid_value")
+            raise ApiError(
+                400,
+                "response_format cannot be combined with a forced tool_choice.",
+                "invalid_request_error",
+                "tool_choice",
+                "invalid_value",
+            )
         assert tools is not None
         grammar = forced_grammar(tools, forced if forced != "required" else None)
     prompt_text = await render_chat(services, prompt_messages, extra)
@@ -74,15 +87,25 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     token_ids = await tokenize(services, prompt_text, add_special_tokens=False)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if body.top_logprobs is not None and not body.logprobs:
-        raise ApiError(400, "Invalid value for 'top_logprobs': requires 'logprobs' to be true.",
-                       "invalid_request_error", "top_logprobs", "invalid_value")
+        raise ApiError(
+            400,
+            "Invalid value for 'top_logprobs': requires 'logprobs' to be true.",
+            "invalid_request_error",
+            "top_logprobs",
+            "invalid_value",
+        )
     params = sampling_params(body, max_tokens, bool(body.logprobs), body.top_logprobs or 0, info.sampling)
     if grammar is not None:
         if info.is_reasoning:
             param = "response_format" if body.response_format is not None else "tool_choice"
-            raise ApiError(400, f"{param} needs constrained decoding, which is not supported for reasoning models "
-                                "(their output starts with free-form <think> text).", "invalid_request_error",
-                           param, "unsupported_value")
+            raise ApiError(
+                400,
+                f"{param} needs constrained decoding, which is not supported for reasoning models "
+                "(their output starts with free-form <think> text).",
+                "invalid_request_error",
+                param,
+                "unsupported_value",
+            )
         params = replace(params, grammar=grammar)
     plan = Plan(
         endpoint="chat.completions",
@@ -103,28 +126,44 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     return await run_plan(request, services, principal, plan)
 
 
-def _tool_inputs(body: ChatCompletionRequest, template: str | None,
-                 ) -> tuple[list[dict[str, Any]] | None, ToolSetup | None, str]:
+def _tool_inputs(
+    body: ChatCompletionRequest,
+    template: str | None,
+) -> tuple[list[dict[str, Any]] | None, ToolSetup | None, str]:
     """(tools to render, how to parse the answer, "" / "required" / the forced function's name)."""
     choice = body.tool_choice
     if choice is not None and choice != "none" and not body.tools:
-        raise ApiError(400, "Invalid value for 'tool_choice': it requires 'tools'.", "invalid_request_error",
-                       "tool_choice", "invalid_value")
+        raise ApiError(
+            400,
+            "Invalid value for 'tool_choice': it requires 'tools'.",
+            "invalid_request_error",
+            "tool_choice",
+            "invalid_value",
+        )
     if not body.tools or choice == "none":
         return None, None, ""
     tools = [t.model_dump(exclude_none=True) for t in body.tools]
     names = tuple(t.function.name for t in body.tools)
     if len(set(names)) != len(names):
-        raise ApiError(400, "Invalid value for 'tools': function names must be unique.", "invalid_request_error",
-                       "tools", "invalid_value")
+        raise ApiError(
+            400,
+            "Invalid value for 'tools': function names must be unique.",
+            "invalid_request_error",
+            "tools",
+            "invalid_value",
+        )
     forced = ""
     if isinstance(choice, NamedToolChoice):
         forced = choice.function.name
         if forced not in names:
-            raise ApiError(400, f"Invalid value for 'tool_choice': the function {forced!r} is not in 'tools'.",
-                           "invalid_request_error", "tool_choice", "invalid_value")
+            raise ApiError(
+                400,
+                f"Invalid value for 'tool_choice': the function {forced!r} is not in 'tools'.",
+                "invalid_request_error",
+                "tool_choice",
+                "invalid_value",
+            )
     elif choice == "required":
         forced = "required"
-    setup = ToolSetup(tool_format(template), names, parallel=body.parallel_tool_calls is not False,
-                      forced=bool(forced))
+    setup = ToolSetup(tool_format(template), names, parallel=body.parallel_tool_calls is not False, forced=bool(forced))
     return tools, setup, forced

@@ -28,14 +28,13 @@ _DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
 def _unsupported(param: str, why: str) -> ApiError:
-    return ApiError(400, f"Unsupported value for '{param}': {why}", "invalid_request_error", param,
-                    "unsupported_value")
+    return ApiError(400, f"Unsupported value for '{param}': {why}", "invalid_request_error", param, "unsupported_value")
 
 
-@router.post("/completions", response_model=Completion,
-             responses={200: {"content": {"text/event-stream": {}}}})
-async def create_completion(body: CompletionRequest, request: Request, services: ServicesDep,
-                            principal: InferenceDep) -> Response:
+@router.post("/completions", response_model=Completion, responses={200: {"content": {"text/event-stream": {}}}})
+async def create_completion(
+    body: CompletionRequest, request: Request, services: ServicesDep, principal: InferenceDep
+) -> Response:
     """OpenAI text completions: `prompt` is a string, a list of strings, token ids or lists of token ids;
     each prompt gets `n` choices (index = prompt_index * n + i). Streams with `stream: true`."""
     model = check_model(services, body.model)
@@ -54,8 +53,13 @@ async def create_completion(body: CompletionRequest, request: Request, services:
     else:
         items = list(raw)  # type: ignore[arg-type]
     if len(items) > _MAX_PROMPTS:
-        raise ApiError(400, f"Invalid value for 'prompt': at most {_MAX_PROMPTS} prompts per request.",
-                       "invalid_request_error", "prompt", "invalid_value")
+        raise ApiError(
+            400,
+            f"Invalid value for 'prompt': at most {_MAX_PROMPTS} prompts per request.",
+            "invalid_request_error",
+            "prompt",
+            "invalid_value",
+        )
     check_body(services, body, num_prompts=len(items))
     max_len = services.engine.model_info.max_model_len
     for item in items:
@@ -63,8 +67,13 @@ async def create_completion(body: CompletionRequest, request: Request, services:
             prompts.append(PromptInput(await tokenize(services, item, add_special_tokens=True), item))
         else:
             if not item:
-                raise ApiError(400, "Invalid value for 'prompt': a token list is empty.",
-                               "invalid_request_error", "prompt", "invalid_value")
+                raise ApiError(
+                    400,
+                    "Invalid value for 'prompt': a token list is empty.",
+                    "invalid_request_error",
+                    "prompt",
+                    "invalid_value",
+                )
             if len(item) >= max_len:  # before detokenizing, which walks the whole list
                 error = ContextLengthError(len(item), body.max_tokens or 1, max_len)
                 error.param = "prompt"

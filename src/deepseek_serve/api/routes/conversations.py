@@ -30,8 +30,9 @@ def owner_of(principal: Principal) -> int | None:
 
 
 def not_found(conversation_id: str) -> NotFoundError:
-    return NotFoundError(f"No conversation found with id '{conversation_id}'.", param="conversation_id",
-                         code="conversation_not_found")
+    return NotFoundError(
+        f"No conversation found with id '{conversation_id}'.", param="conversation_id", code="conversation_not_found"
+    )
 
 
 class StoredConversations:
@@ -48,9 +49,15 @@ class StoredConversations:
             raise not_found(conversation_id) from None
         return [m.to_openai() for m in messages]
 
-    async def append_turn(self, principal: Principal, conversation_id: str,
-                          user_messages: list[dict[str, Any]], answer: dict[str, Any], prompt_tokens: int,
-                          completion_tokens: int) -> None:
+    async def append_turn(
+        self,
+        principal: Principal,
+        conversation_id: str,
+        user_messages: list[dict[str, Any]],
+        answer: dict[str, Any],
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> None:
         """Append this turn's new messages and the answer (with its token counts)."""
         stored_answer = {**answer, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         try:
@@ -69,16 +76,20 @@ async def count_write(services: Services, principal: Principal, response: Respon
     if not decision.allowed:
         if services.metrics is not None:
             services.metrics.rejected("rate_limited")
-        raise RateLimitError("Rate limit reached for requests or tokens. Retry after the indicated time.",
-                             decision.retry_after_s, headers=decision.headers())
+        raise RateLimitError(
+            "Rate limit reached for requests or tokens. Retry after the indicated time.",
+            decision.retry_after_s,
+            headers=decision.headers(),
+        )
     response.headers.update(decision.headers())
 
 
 def get_storage(services: ServicesDep) -> Storage:
     storage = services.extras.get("storage")
     if not isinstance(storage, Storage):
-        raise ApiError(404, "Persistence is not enabled on this server.", "invalid_request_error", None,
-                       "persistence_disabled")
+        raise ApiError(
+            404, "Persistence is not enabled on this server.", "invalid_request_error", None, "persistence_disabled"
+        )
     return storage
 
 
@@ -89,32 +100,37 @@ class CreateConversationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     title: Text | None = Field(None, max_length=255)
-    messages: list[ChatMessage] = Field(default_factory=list, max_length=1000,
-                                        description="seed messages, e.g. a system prompt")
+    messages: list[ChatMessage] = Field(
+        default_factory=list, max_length=1000, description="seed messages, e.g. a system prompt"
+    )
 
 
 @router.post("/conversations")
-async def create_conversation(body: CreateConversationRequest, storage: StorageDep, services: ServicesDep,
-                              principal: InferenceDep, response: Response) -> dict[str, Any]:
+async def create_conversation(
+    body: CreateConversationRequest,
+    storage: StorageDep,
+    services: ServicesDep,
+    principal: InferenceDep,
+    response: Response,
+) -> dict[str, Any]:
     """A new conversation owned by the caller, optionally seeded with messages."""
     seed = [{"role": m.role, "content": m.text()} for m in body.messages]
-    await count_write(services, principal, response,
-                      sum(len(m["content"].encode()) for m in seed) // 4 + len(seed))
+    await count_write(services, principal, response, sum(len(m["content"].encode()) for m in seed) // 4 + len(seed))
     conv = await storage.conversations.create(owner_of(principal), body.title, seed)
     return conv.to_dict()
 
 
 @router.get("/conversations")
-async def list_conversations(storage: StorageDep, principal: InferenceDep,
-                             limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
+async def list_conversations(
+    storage: StorageDep, principal: InferenceDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> dict[str, Any]:
     """The caller's conversations, most recently updated first."""
     convs = await storage.conversations.list_for(owner_of(principal), limit=limit)
     return {"object": "list", "data": [c.to_dict() for c in convs], "has_more": len(convs) == limit}
 
 
 @router.get("/conversations/{conversation_id}")
-async def get_conversation(conversation_id: str, storage: StorageDep,
-                           principal: InferenceDep) -> dict[str, Any]:
+async def get_conversation(conversation_id: str, storage: StorageDep, principal: InferenceDep) -> dict[str, Any]:
     """One of the caller's conversations; 404 for any other id."""
     try:
         return (await storage.conversations.get(owner_of(principal), conversation_id)).to_dict()
@@ -133,8 +149,9 @@ async def list_messages(conversation_id: str, storage: StorageDep, principal: In
 
 
 @router.delete("/conversations/{conversation_id}")
-async def delete_conversation(conversation_id: str, storage: StorageDep, services: ServicesDep,
-                              principal: InferenceDep, response: Response) -> dict[str, Any]:
+async def delete_conversation(
+    conversation_id: str, storage: StorageDep, services: ServicesDep, principal: InferenceDep, response: Response
+) -> dict[str, Any]:
     """Delete one of the caller's conversations with its messages; 404 for any other id."""
     await count_write(services, principal, response)
     try:

@@ -27,8 +27,9 @@ _PROBE_TIMEOUT_S = 10.0
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers={"Cache-Control": "no-store"}
+    )
 
 
 async def _probe(request: Request, engine: AsyncEngine) -> bool:
@@ -60,8 +61,7 @@ async def readiness(request: Request, engine: EngineDep) -> Response:
         "kv_cached_tokens": stats.kv_cached_tokens,
         "kv_capacity_tokens": stats.kv_capacity_tokens,
         "steps_total": stats.steps_total,
-        "seconds_since_last_step": (round(now - stats.last_step_monotonic, 3)
-                                    if stats.last_step_monotonic else None),
+        "seconds_since_last_step": (round(now - stats.last_step_monotonic, 3) if stats.last_step_monotonic else None),
     }
     if not stats.is_running or not engine.is_accepting:
         body["status"] = "unavailable"

@@ -26,16 +26,18 @@ def _token_matches(authorization: str | None, token: str) -> bool:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(services: ServicesDep,
-                  authorization: Annotated[str | None, Header()] = None) -> Response:
+async def metrics(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> Response:
     """Every metric in Prometheus' text format. 401 without the metrics token when one is set;
     404 when metrics are off."""
     token = services.settings.metrics_token
     if token and not _token_matches(authorization, token):
-        raise AuthError("A valid metrics token is required: send 'Authorization: Bearer <DS_METRICS_TOKEN>'.",
-                        code="invalid_metrics_token")
+        raise AuthError(
+            "A valid metrics token is required: send 'Authorization: Bearer <DS_METRICS_TOKEN>'.",
+            code="invalid_metrics_token",
+        )
     if not isinstance(services.metrics, PrometheusMetrics):
-        raise ApiError(404, "Metrics are not enabled on this server.", "invalid_request_error", None,
-                       "metrics_disabled")
+        raise ApiError(
+            404, "Metrics are not enabled on this server.", "invalid_request_error", None, "metrics_disabled"
+        )
     body, content_type = services.metrics.render()
     return Response(body, media_type=content_type, headers={"Cache-Control": "no-store"})

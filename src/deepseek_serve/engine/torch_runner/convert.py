@@ -27,10 +27,6 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float3
     cfg["architectures"] = [type(model).__name__]
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     tied = bool(cfg.get("tie_word_embeddings"))
-    state = {
-        k: v.detach().contiguous()
-        for k, v in model.state_dict().items()
-        if not (tied and k == "lm_head.weight")
-    }
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     save_file(state, str(out_dir / "model.safetensors"))
     return out_dir

@@ -380,7 +380,7 @@ class TorchRunner(Runner):
         if k < 1 or start + k > min(seq.num_tokens, seq.max_total_tokens, self._max_len):
             return f"{k} new tokens at position {start} do not fit the sequence's reservation"
         vocab = self.model.args.vocab_size
-        tokens = seq.all_token_ids[start:start + k]
+        tokens = seq.all_token_ids[start : start + k]
         if min(tokens) < 0 or max(tokens) >= vocab:
             return f"a token id outside the vocabulary [0, {vocab})"
         return None

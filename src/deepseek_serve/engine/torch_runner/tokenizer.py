@@ -24,11 +24,7 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte <-> printable-unicode map, inverted (unicode char -> byte)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -71,9 +67,7 @@ class HFTokenizer(Tokenizer):
             elif i in added:
                 table.append(b"" if added[i].special else added[i].content.encode("utf-8"))
             elif self.byte_level:
-                table.append(
-                    bytes(bd[c] for c in piece) if all(c in bd for c in piece) else piece.encode("utf-8")
-                )
+                table.append(bytes(bd[c] for c in piece) if all(c in bd for c in piece) else piece.encode("utf-8"))
             else:
                 m = _BYTE_PIECE.match(piece)
                 table.append(bytes([int(m.group(1), 16)]) if m else piece.replace("▁", " ").encode("utf-8"))

@@ -83,8 +83,9 @@ def upgrade() -> None:
         sa.Column("created_at", Timestamp, nullable=False),
         sa.Column("updated_at", Timestamp, nullable=False),
         sa.PrimaryKeyConstraint("id"),
-        sa.ForeignKeyConstraint(["key_id"], ["api_keys.id"], name="fk_conversations_key_id_api_keys",
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["key_id"], ["api_keys.id"], name="fk_conversations_key_id_api_keys", ondelete="CASCADE"
+        ),
         **TABLE_KW,
     )
     # GET /v1/conversations (owner's, newest first); purge by updated_at
@@ -101,8 +102,12 @@ def upgrade() -> None:
         sa.Column("completion_tokens", sa.Integer(), nullable=True),
         sa.Column("created_at", Timestamp, nullable=False),
         sa.PrimaryKeyConstraint("id"),
-        sa.ForeignKeyConstraint(["conversation_id"], ["conversations.id"],
-                                name="fk_messages_conversation_id_conversations", ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["conversation_id"],
+            ["conversations.id"],
+            name="fk_messages_conversation_id_conversations",
+            ondelete="CASCADE",
+        ),
         **TABLE_KW,
     )
     # a conversation's messages in order
