@@ -19,7 +19,7 @@ SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def unique_prefix() -> str:
-    """A key prefix of our own, so tests never touch other agents' keys on the shared Redis."""
+    """A key prefix of our own, so tests never touch other processes' keys on the shared Redis."""
     return f"test-cache-{uuid.uuid4().hex[:10]}:"
 
 
@@ -35,7 +35,7 @@ def delete_prefix(url: str, prefix: str) -> None:
 class PrivateRedis:
     """A redis-server subprocess on a free loopback port that a test may kill and restart.
 
-    NOTE: never the shared server on 6379; other agents' tests use it.
+    NOTE: never the shared server on 6379; other processes' tests use it.
     """
 
     def __init__(self, port: int | None = None) -> None:

@@ -1,7 +1,7 @@
 """Helpers for the storage tests: a private database per module on the shared MariaDB, or SQLite.
 
 NOTE: databases are named `ds_test_storage_<random>` and dropped afterwards, so tests never touch
-other agents' data on the shared server.
+other processes' data on the shared server.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def free_port() -> int:
 class PrivateMariaDB:
     """A mariadbd of our own (own datadir, free loopback port) that a test may kill and restart.
 
-    NOTE: the outage tests kill this one, never the shared server on 3306 other agents' tests use.
+    NOTE: the outage tests kill this one, never the shared server on 3306 other processes' tests use.
     It is the same MariaDB binary, reached over TCP like any other.
     """
 

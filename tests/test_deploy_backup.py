@@ -2,7 +2,7 @@
 
 Each test module run uses its own database (ds_test_backup_<random>) and starts redis-server on a
 free loopback port with the project's deploy/redis/redis.conf (only `dir` and `bind` changed), so
-the shared Redis on 6379 and other agents' databases are never touched.
+the shared Redis on 6379 and other processes' databases are never touched.
 """
 
 from __future__ import annotations
