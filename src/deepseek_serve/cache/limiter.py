@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from deepseek_serve.api.services import Principal, RateLimitDecision
 from deepseek_serve.cache.client import RedisClient, RedisUnavailable
+from deepseek_serve.contracts import Principal, RateLimitDecision
 
 if TYPE_CHECKING:
     from deepseek_serve.config import Settings

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from deepseek_serve.api.services import Principal
 from deepseek_serve.cache.client import RedisClient, RedisUnavailable
+from deepseek_serve.contracts import Principal
 
 if TYPE_CHECKING:
     from deepseek_serve.config import Settings

@@ -20,7 +20,7 @@ from deepseek_serve.storage.db import SessionFactory
 from deepseek_serve.storage.models import UsageRecord
 
 if TYPE_CHECKING:
-    from deepseek_serve.api.services import UsageEvent
+    from deepseek_serve.contracts import UsageEvent
 
 GROUP_BY_FIELDS = ("day", "model", "key", "endpoint")
 

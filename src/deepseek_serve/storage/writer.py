@@ -27,7 +27,7 @@ from deepseek_serve.storage.spool import Spool
 from deepseek_serve.storage.usage import UsageRepository, event_to_row
 
 if TYPE_CHECKING:
-    from deepseek_serve.api.services import UsageEvent
+    from deepseek_serve.contracts import UsageEvent
 
 logger = logging.getLogger(__name__)
 

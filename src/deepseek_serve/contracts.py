@@ -1,0 +1,160 @@
+"""Value types and protocols shared by the layers: who is calling (`Principal`), what a rate limit
+decided (`RateLimitDecision`), what a finished request cost (`UsageEvent`), and the small protocols
+that storage, cache and observability implement for the API (`Authenticator`, `UsageSink`,
+`ConversationStore`, `RateLimiter`, `ResponseCache`, `SessionStore`, `Metrics`).
+
+Imports nothing of this package, so `api`, `cache`, `storage` and `observability` can all import it
+(tests/test_layering.py keeps that true).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+# --- identity ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling. `key_id` is None when auth is off (anonymous, all scopes)."""
+
+    key_id: str | None
+    name: str = "anonymous"
+    scopes: frozenset[str] = frozenset({"inference", "admin"})
+    rpm_limit: int | None = None  # None = settings default
+    tpm_limit: int | None = None
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """Return the caller for an `Authorization` header value; raise api.errors.AuthError (401)."""
+        ...
+
+
+# --- usage ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UsageEvent:
+    request_id: str
+    key_id: str | None
+    model: str
+    endpoint: str  # "chat.completions" | "completions"
+    status: int  # HTTP status sent (200 for a stream that started)
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    queue_ms: float | None = None
+    first_token_ms: float | None = None
+    total_ms: float | None = None
+    prompt_text: str | None = None  # only filled when settings.store_content
+    completion_text: str | None = None
+    created_at: float = 0.0  # time.time()
+
+
+class UsageSink(Protocol):
+    def record(self, event: UsageEvent) -> None:
+        """Queue a record; never blocks, never raises (records are written later, in batches)."""
+        ...
+
+    async def persisted(self, timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) until every record queued so far is stored durably."""
+        ...
+
+
+class ConversationStore(Protocol):
+    async def history(self, principal: Principal, conversation_id: str) -> list[dict[str, Any]]:
+        """Messages of a conversation owned by `principal` (OpenAI message dicts); 404 error if not theirs."""
+        ...
+
+    async def append_turn(
+        self,
+        principal: Principal,
+        conversation_id: str,
+        user_messages: list[dict[str, Any]],
+        answer: dict[str, Any],
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> None: ...
+
+
+# --- limits and cache -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RateLimitDecision:
+    allowed: bool
+    limit_requests: int | None
+    remaining_requests: int | None
+    reset_requests_s: float | None
+    limit_tokens: int | None
+    remaining_tokens: int | None
+    reset_tokens_s: float | None
+    retry_after_s: float | None = None
+    reservation_id: str | None = None  # pass back to `settle`
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers (only the limits that are set)."""
+        out: dict[str, str] = {}
+        if self.limit_requests is not None:
+            out["x-ratelimit-limit-requests"] = str(self.limit_requests)
+            out["x-ratelimit-remaining-requests"] = str(max(self.remaining_requests or 0, 0))
+            out["x-ratelimit-reset-requests"] = f"{self.reset_requests_s or 0:.3f}s"
+        if self.limit_tokens is not None:
+            out["x-ratelimit-limit-tokens"] = str(self.limit_tokens)
+            out["x-ratelimit-remaining-tokens"] = str(max(self.remaining_tokens or 0, 0))
+            out["x-ratelimit-reset-tokens"] = f"{self.reset_tokens_s or 0:.3f}s"
+        return out
+
+
+RATE_LIMIT_HEADERS = tuple(
+    f"x-ratelimit-{kind}-{unit}" for unit in ("requests", "tokens") for kind in ("limit", "remaining", "reset")
+)
+
+
+class RateLimiter(Protocol):
+    async def admit(self, principal: Principal, reserve_tokens: int) -> RateLimitDecision:
+        """Count one request and reserve `reserve_tokens` (prompt + max_tokens) atomically."""
+        ...
+
+    async def settle(self, principal: Principal, decision: RateLimitDecision, actual_tokens: int) -> None:
+        """Correct the reservation to the tokens really used."""
+        ...
+
+
+class ResponseCache(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes) -> None: ...
+
+
+class SessionStore(Protocol):
+    async def create(self, principal: Principal, conversation_id: str) -> str: ...
+
+    async def get(self, session_id: str) -> dict[str, Any] | None: ...
+
+    async def delete(self, session_id: str) -> None: ...
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+class Metrics(Protocol):
+    def observe_request(
+        self,
+        *,
+        endpoint: str,
+        finish_reason: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+        queue_s: float | None,
+        ttft_s: float | None,
+        e2e_s: float | None,
+        itl_s: list[float],
+    ) -> None: ...
+
+    def rejected(self, reason: str) -> None:
+        """reason: queue_full | rate_limited | timeout | circuit_open | auth"""
+        ...
+
+    def response_cache(self, hit: bool) -> None: ...

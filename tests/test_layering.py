@@ -1,0 +1,75 @@
+"""The dependency rule of docs/architecture.md, checked over every import in src/ (lazy ones included).
+
+A layer may import itself and the layers listed for it; anything else fails with the file and
+the import that breaks the rule.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "deepseek_serve"
+
+ALLOWED: dict[str, set[str]] = {
+    "contracts": set(),
+    "config": set(),
+    "models": {"config", "contracts"},
+    "engine": {"config", "contracts", "models"},
+    "storage": {"config", "contracts"},
+    "cache": {"config", "contracts"},
+    "observability": {"config", "contracts", "engine"},  # reads EngineStats, never drives the engine
+    "bench": {"config", "contracts"},  # the load generator talks HTTP only
+    "api": {"config", "contracts", "models", "engine", "storage", "cache", "observability", "gateway"},
+    "gateway": {"config", "contracts", "models", "engine", "observability", "api"},
+    "cli": {"config", "contracts", "models", "engine", "storage", "cache", "observability", "api", "gateway", "bench"},
+    "__main__": {"cli"},
+    "__init__": set(),
+}
+
+
+def _layer(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            found.append((node.lineno, "<relative>"))
+        elif isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+    return found
+
+
+def test_every_layer_is_known() -> None:
+    layers = {_layer(p) for p in PACKAGE.rglob("*.py")}
+    assert layers <= set(ALLOWED), f"new layer(s) {sorted(layers - set(ALLOWED))}: give them a rule here"
+
+
+def test_imports_point_down() -> None:
+    broken = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        layer = _layer(path)
+        for line, module in _imports(path):
+            if module == "<relative>":
+                broken.append(f"{path.relative_to(PACKAGE)}:{line}: relative import (use absolute imports)")
+                continue
+            parts = module.split(".")
+            if parts[0] != "deepseek_serve" or len(parts) < 2:
+                continue
+            target = parts[1]
+            if target != layer and target not in ALLOWED[layer]:
+                broken.append(f"{path.relative_to(PACKAGE)}:{line}: {layer} imports {module}")
+    assert not broken, "imports against the dependency rule:\n" + "\n".join(broken)
+
+
+def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
+    """The checker itself: an upward import in a module is reported."""
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from deepseek_serve.api.services import Principal\n")
+    assert (2, "deepseek_serve.api.services") in _imports(module)
+    assert "api" not in ALLOWED["cache"] and "api" not in ALLOWED["storage"] and "api" not in ALLOWED["engine"]
