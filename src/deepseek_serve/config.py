@@ -59,8 +59,8 @@ class Settings(BaseSettings):
                                                                   "beyond it requests are refused (HTTP 429)")
     prefill_chunk_tokens: int = Field(512, ge=16, le=65_536, description="prompt tokens per forward step")
     n_threads: int = Field(0, ge=0, le=1024, description="CPU threads for llama.cpp; 0 = physical cores")
-    llama_repack: bool = Field(False, description="llama.cpp runner: repack quantized weights into llama.cpp's "
-                                                  "interleaved CPU layout (a private copy instead of the mmap)")
+    llama_repack: bool = Field(True, description="llama.cpp runner: repack quantized weights into llama.cpp's "
+                                                 "interleaved CPU layout (a private copy instead of the mmap)")
     prefix_cache: bool = True
     prefix_cache_tokens: int = Field(4096, ge=0, description="KV cells finished requests may keep for prefix "
                                      "reuse (llama.cpp runner); idle cells slow every decode step a little")
