@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(512, ge=16, le=65_536, description="prompt tokens per forward step")
     n_threads: int = Field(0, ge=0, le=1024, description="CPU threads for llama.cpp; 0 = physical cores")
     llama_repack: bool = Field(
-        False,
+        True,
         description="llama.cpp runner: repack quantized weights into llama.cpp's "
         "interleaved CPU layout (a private copy instead of the mmap)",
     )

@@ -290,12 +290,12 @@ class LlamaCppRunner(Runner):
         prefix_cache: bool = True,
         prefix_cache_tokens: int = 4096,
         flash_attn: bool = True,
-        repack: bool = False,
+        repack: bool = True,
     ) -> None:
         _init_backend()
         mparams = lc.llama_model_default_params()  # memory-mapped weights (load mode "auto")
-        # NOTE: llama.cpp's repacked CPU layout (use_extra_bufts) makes prompt processing of Q4_K weights
-        # slower on AVX-512 CPUs (docs/performance.md), and the copy is private memory beside the mapping.
+        # NOTE: llama.cpp's repacked CPU layout (use_extra_bufts): faster decoding, slower prompt processing
+        # of Q4_K weights on this project's AVX-512 test machine (docs/performance.md).
         mparams.use_extra_bufts = repack
         self._model = lc.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self._model:
