@@ -47,10 +47,11 @@ PROMPTS = [
 ]
 
 
-async def engine_run(engine: AsyncEngine, concurrency: int, new_tokens: int) -> tuple[float, int]:
-    """Aggregate output tokens/s with `concurrency` simultaneous requests."""
+async def engine_run(engine: AsyncEngine, concurrency: int, new_tokens: int) -> tuple[float, int, float]:
+    """Aggregate output tokens/s with `concurrency` simultaneous requests, the token count, and the decode
+    rate after the first token (tokens after the first / time after it, summed over the streams)."""
 
-    async def one(i: int) -> int:
+    async def one(i: int) -> tuple[int, float]:
         prompt = engine.render_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
         req = GenerationRequest(
             request_id=f"bench-{concurrency}-{i}-{time.monotonic_ns()}",
@@ -59,13 +60,15 @@ async def engine_run(engine: AsyncEngine, concurrency: int, new_tokens: int) -> 
             params=SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True),
         )
         _, last = await engine.complete(req)
-        assert last.usage is not None
-        return last.usage.completion_tokens
+        assert last.usage is not None and last.timings is not None and last.timings.first_token_s is not None
+        n = last.usage.completion_tokens
+        return n, (n - 1) / (last.timings.total_s - last.timings.first_token_s)
 
     start = time.perf_counter()
-    counts = await asyncio.gather(*(one(i) for i in range(concurrency)))
+    done = await asyncio.gather(*(one(i) for i in range(concurrency)))
     elapsed = time.perf_counter() - start
-    return sum(counts) / elapsed, sum(counts)
+    counts = [n for n, _ in done]
+    return sum(counts) / elapsed, sum(counts), sum(r for _, r in done)
 
 
 # --- the baseline runs in a child process ---------------------------------------------------------------
@@ -147,6 +150,7 @@ async def main() -> None:
     base_fa: list[float] = []
     tg: list[float] = []
     runs: dict[int, list[float]] = {c: [] for c in levels}
+    decode: dict[int, list[float]] = {c: [] for c in levels}
     # NOTE: rounds interleave every configuration, so a slow minute on a shared VM hits all of them
     # alike instead of skewing one row.
     for r in range(args.repeats):
@@ -159,7 +163,9 @@ async def main() -> None:
             # NOTE: every run starts cold, as the baseline does: no prompt reuse from an earlier run, and
             # no idle prefix-cache cells left by it (they would widen the KV span each step scans).
             await engine.clear_prefix_cache()
-            runs[c].append((await engine_run(engine, c, args.new_tokens))[0])
+            rate, _, decode_rate = await engine_run(engine, c, args.new_tokens)
+            runs[c].append(rate)
+            decode[c].append(decode_rate)
         print(
             f"round {r + 1}: create_completion {base[-1]:.1f}, with flash_attn {base_fa[-1]:.1f}, "
             + (f"llama-bench tg {tg[-1]:.1f}, " if tg else "")
@@ -171,6 +177,7 @@ async def main() -> None:
     plain.shutdown()
     base_rate, base_fa_rate = statistics.median(base), statistics.median(base_fa)
     results = {c: statistics.median(v) for c, v in runs.items()}
+    decode_results = {c: statistics.median(v) for c, v in decode.items()}
 
     commit = subprocess.run(  # noqa: ASYNC221
         ["git", "rev-parse", "--short", "HEAD"],
@@ -204,6 +211,11 @@ async def main() -> None:
         print(
             f"| deepseek-serve engine | {c} | {rate:.1f} | {rate / base_rate:.2f}x | {rate / one if one else 0:.2f}x |"
             + vs_tg(rate)
+        )
+    for c, rate in decode_results.items():
+        # NOTE: llama-bench's tg counts decode steps only; these rows leave out each stream's prompt and first token
+        print(
+            f"| deepseek-serve engine, decode only (after the first token) | {c} | {rate:.1f} | - | - |" + vs_tg(rate)
         )
 
 
