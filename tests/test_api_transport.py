@@ -118,10 +118,20 @@ def test_keepalive_connection_serves_requests_then_closes_when_idle(server: Serv
     with connect(server) as sock:
         for _ in range(2):  # two requests on one connection, each within the idle window
             sock.sendall(request)
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += sock.recv(65536)
+            raw = b""
+            while b"\r\n\r\n" not in raw:
+                raw += sock.recv(65536)
+            head, _, body = raw.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200")
+            length = int(
+                next(
+                    v
+                    for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
+                    if k.strip().lower() == b"content-length"
+                )
+            )
+            while len(body) < length:  # the body may come in a later segment than the head
+                body += sock.recv(65536)
             time.sleep(KEEPALIVE_S / 3)
         answered = time.monotonic()
         _, closed = read_until_closed(sock)
