@@ -34,9 +34,9 @@ from tempfile import TemporaryDirectory
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
-from cache_helpers import (  # noqa: E402 - the test helpers are the one place that starts servers
+from tests.support.cache import (  # noqa: E402 - the test helpers are the one place that starts servers
     SHARED_REDIS_URL,
     CacheAppServer,
     PrivateRedis,

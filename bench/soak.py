@@ -44,9 +44,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
-from serve_process import ServeProcess  # noqa: E402 - the test helper is the one place that starts servers
+from tests.support.server import ServeProcess  # noqa: E402 - the test helper is the one place that starts servers
 
 SEED = 777
 MODEL = {"id": ""}  # the served model's id, read from /v1/models at start ("default" in BAD stands for it)

@@ -22,8 +22,6 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from tests.conftest import make_settings
-from tests.test_engine import TOP_K, assert_same_or_near_tie
 
 from deepseek_serve.api.app import create_app
 from deepseek_serve.config import Settings
@@ -31,6 +29,8 @@ from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.sampling_defaults import FALLBACK
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams, StreamDelta
 from deepseek_serve.models.packs import PACKS, pull_pack
+from tests.engine.test_engine import TOP_K, assert_same_or_near_tie
+from tests.support.settings import make_settings
 
 PACK = PACKS["qwen2.5-coder-0.5b-instruct"]
 CACHE = Path(os.environ.get("DS_TEST_MODEL_CACHE", Path.home() / ".cache" / "deepseek-serve" / "test-models"))

@@ -1,7 +1,7 @@
 """Write the provisioned Grafana dashboard (provisioning/dashboards/deepseek-serve.json).
 
 Edit the panels here, then run `python deploy/monitoring/grafana/make_dashboard.py`; the test
-tests/test_monitoring_names.py checks every metric the JSON uses is exposed by the app or an exporter.
+tests/observability/test_names.py checks every metric the JSON uses is exposed by the app or an exporter.
 """
 
 from __future__ import annotations

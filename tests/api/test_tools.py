@@ -1,0 +1,350 @@
+"""Tool calls: rendering for the DeepSeek template (real fixture), parsing answers, and a round trip
+(call, tool result, final answer) with the openai SDK against a real server, streaming and not."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from deepseek_serve.api.schemas import ChatCompletionRequest
+from deepseek_serve.api.tools import (
+    ToolSetup,
+    ToolStream,
+    forced_grammar,
+    parse_tool_calls,
+    render_messages,
+    tool_format,
+)
+from deepseek_serve.engine.chat_template import ChatTemplate
+from tests.support.server import ServeProcess
+
+FIXTURES = Path(
+    os.environ.get("DEEPSEEK_FIXTURES", Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "deepseek")
+)
+MODEL = "SmolLM2-135M-Instruct"
+
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]},
+    },
+}
+
+
+def _history() -> list[dict[str, Any]]:
+    return [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees, sunny"},
+    ]
+
+
+def _render(template_source: str, tools: list[dict[str, Any]] | None) -> str:
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": _history()})
+    from deepseek_serve.api.reasoning import prepare_messages
+
+    fmt = tool_format(template_source)
+    messages, extra = render_messages(prepare_messages(body.messages), body.messages, fmt, tools)
+    return ChatTemplate(template_source, bos_token="<｜begin▁of▁sentence｜>").render(messages, **extra)
+
+
+@pytest.mark.skipif(not FIXTURES.exists(), reason="DeepSeek fixtures not present")
+def test_deepseek_template_renders_tool_history_with_its_tokens() -> None:
+    source = json.loads((FIXTURES / "deepseek-r1-distill-qwen-1.5b" / "tokenizer_config.json").read_text())[
+        "chat_template"
+    ]
+    assert tool_format(source) == "deepseek"
+    text = _render(source, [WEATHER])
+    assert (
+        "<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+        '{"city": "Paris", "unit": "celsius"}\n```<｜tool▁call▁end｜>'
+    ) in text
+    assert "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>21 degrees, sunny<｜tool▁output▁end｜>" in text
+    # the template has no tool list of its own: the tools and how to call them lead the prompt
+    assert text.index('"name": "get_weather"') < text.index("<｜User｜>")
+    assert "<tool_call>" in text
+
+
+def _qwen_gguf() -> Path | None:
+    """The default pack's GGUF when this machine has it (its template is Qwen2.5's own)."""
+    candidates = [
+        os.environ.get("DS_TEST_QWEN_GGUF", ""),
+        str(
+            Path.home()
+            / ".cache/deepseek-serve/test-models/packs/qwen2.5-coder-0.5b-instruct"
+            / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+        ),
+        "/work/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    ]
+    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+
+
+@pytest.mark.skipif(_qwen_gguf() is None, reason="no Qwen2.5 GGUF on this machine")
+def test_qwen_template_renders_tools_and_history_itself() -> None:
+    import llama_cpp as lc
+
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    model = lc.llama_model_load_from_file(str(_qwen_gguf()).encode(), params)
+    try:
+        source = lc.llama_model_chat_template(model, None).decode()
+    finally:
+        lc.llama_model_free(model)
+    assert tool_format(source) == "hermes"
+    text = _render(source, [WEATHER])
+    assert '"name": "get_weather", "description": "Current weather of a city"' in text  # the template's tool list
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+    assert f"<|im_start|>assistant\n{call}<|im_end|>" in text
+    assert "<tool_response>\n21 degrees, sunny\n</tool_response>" in text
+    assert "You can call these functions" not in text  # no generic instructions on top of the template's
+
+
+def test_generic_template_renders_calls_and_results_as_text() -> None:
+    source = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    assert tool_format(source) == "generic"
+    text = _render(source, [WEATHER])
+    assert text.startswith("<|system|>You can call these functions")
+    assert (
+        '<|assistant|><tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' in text
+    )
+    assert "<|user|><tool_response>\n21 degrees, sunny\n</tool_response>" in text
+
+
+def test_parse_hermes_and_deepseek_shapes() -> None:
+    setup = ToolSetup("generic", ("get_weather", "get_time"))
+    content, calls = parse_tool_calls(
+        'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>\n'
+        '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>',
+        setup,
+    )
+    assert content == "Sure."
+    assert [c.function.name for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0].function.arguments) == {"city": "Oslo", "unit": "celsius"}
+    assert calls[0].id != calls[1].id and calls[0].id.startswith("call_")
+    # parallel_tool_calls false keeps the first; unknown names and broken JSON stay content
+    _, one = parse_tool_calls(
+        "<tool_call>" + '{"name": "get_time", "arguments": {}}</tool_call>' * 2,
+        ToolSetup("generic", ("get_time",), parallel=False),
+    )
+    assert len(one) == 1
+    text = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call> <tool_call>{oops</tool_call>'
+    assert parse_tool_calls(text, setup) == (text, [])
+    ds = (
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n```json\n"
+        '{"zone": "CET"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+    )
+    content, calls = parse_tool_calls(ds, ToolSetup("deepseek", ("get_time",)))
+    assert content == "" and calls[0].function.name == "get_time"
+
+
+def test_tool_stream_holds_back_a_possible_marker() -> None:
+    stream = ToolStream(ToolSetup("generic", ("get_time",)))
+    out = "".join(stream.push(p) for p in ["Hello <", "tool", "_call>", '{"name": "get_time", "arguments": {}}'])
+    assert out == "Hello "
+    rest, calls = stream.finish()
+    assert rest == "" and calls[0].function.name == "get_time"
+    plain = ToolStream(ToolSetup("generic", ("get_time",)))
+    assert plain.push("a < b") == "a < b" and plain.push(" <tool") == " " and plain.finish() == ("<tool", [])
+
+
+def test_forced_grammar_names_the_bad_tool_schema() -> None:
+    grammar = forced_grammar([WEATHER, TIME], None)
+    assert grammar.startswith('root ::= "<tool_call>\\n" tool-call')
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}
+    with pytest.raises(Exception) as info:
+        forced_grammar([WEATHER, bad], None)
+    assert "tools[1].function.parameters.not" in str(info.value)
+
+
+# --- against a real server ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    with ServeProcess(Path(tmp_path_factory.mktemp("tools"))) as srv:
+        yield srv
+
+
+def _client(server: ServeProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def test_round_trip_with_the_sdk(server: ServeProcess) -> None:
+    client = _client(server)
+    messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=80,
+        temperature=0,
+    )
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1 and calls[0].type == "function" and calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": calls[0].id, "content": "21 degrees and sunny"},
+    ]
+    final = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        tools=[WEATHER, TIME],
+        max_tokens=20,
+        temperature=0,
+    )
+    assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert final.usage is not None and first.usage is not None
+    assert final.usage.prompt_tokens > first.usage.prompt_tokens + 10  # the call and its result are in the prompt
+    # with tool_choice none the tools are neither offered nor parsed
+    plain = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice="none",
+        max_tokens=8,
+        temperature=0,
+    )
+    assert plain.choices[0].message.tool_calls is None
+
+
+def test_required_streams_tool_call_deltas(server: ServeProcess) -> None:
+    client = _client(server)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Time in Berlin?"}],
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        max_tokens=80,
+        temperature=0.7,
+        seed=3,
+        stream=True,
+    )
+    deltas, reasons = [], []
+    for chunk in stream:
+        for c in chunk.choices:
+            if c.delta.tool_calls:
+                deltas.extend(c.delta.tool_calls)
+            if c.finish_reason:
+                reasons.append(c.finish_reason)
+    assert reasons == ["tool_calls"]
+    assert deltas[0].index == 0 and deltas[0].id and deltas[0].function and deltas[0].function.name
+    name = deltas[0].function.name
+    arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
+    assert len(deltas) >= 2 and all(d.id is None for d in deltas[1:])
+    tool = {"get_weather": WEATHER, "get_time": TIME}[name]
+    jsonschema.validate(json.loads(arguments), tool["function"]["parameters"])
+
+
+def test_tool_requests_the_server_cannot_honour_are_400(server: ServeProcess) -> None:
+    def post(**fields: Any) -> httpx.Response:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, **fields}
+        return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+
+    cases = [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
+        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ]
+    for fields, param in cases:
+        r = post(**fields)
+        assert r.status_code == 400, (fields, r.text)
+        assert (r.json()["error"]["param"] or "").startswith(param), (fields, r.text)
+    history = [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}],
+        }
+    ]
+    r = post(messages=[{"role": "user", "content": "x"}, *history])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
+def test_langchain_bind_tools_and_structured_output(server: ServeProcess) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from pydantic import BaseModel, Field
+
+    llm = langchain_openai.ChatOpenAI(
+        base_url=f"{server.url}/v1",
+        api_key="none",
+        model=MODEL,
+        temperature=0,
+        max_tokens=80,
+        max_retries=0,
+        timeout=120,
+    )
+    bound = llm.bind_tools([WEATHER, TIME], tool_choice="get_weather")
+    question = HumanMessage("What is the weather in Rome?")
+    ai = bound.invoke([question])
+    assert isinstance(ai, AIMessage) and len(ai.tool_calls) == 1
+    call = ai.tool_calls[0]
+    assert call["name"] == "get_weather"
+    jsonschema.validate(call["args"], WEATHER["function"]["parameters"])
+    final = bound.bind(tool_choice="auto").invoke(
+        [question, ai, ToolMessage(content="18 degrees, cloudy", tool_call_id=call["id"])]
+    )
+    assert isinstance(final, AIMessage)
+    # streaming: the chunks add up to one complete call
+    merged = None
+    for chunk in bound.stream([question]):
+        merged = chunk if merged is None else merged + chunk
+    assert merged is not None and len(merged.tool_calls) == 1
+    jsonschema.validate(merged.tool_calls[0]["args"], WEATHER["function"]["parameters"])
+
+    class Answer(BaseModel):
+        city: str = Field(max_length=20)
+        sunny: bool
+
+    for method in ("json_schema", "function_calling"):
+        result = llm.with_structured_output(Answer, method=method).invoke("Is it sunny in Rome?")
+        assert isinstance(result, Answer), method

@@ -1,0 +1,312 @@
+"""The cache layer's services, one suite run twice: on the real Redis (127.0.0.1:6379, a random key
+prefix) and on the in-process fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+
+from deepseek_serve.api.services import Principal
+from deepseek_serve.cache import (
+    CachedChoice,
+    CachedCompletion,
+    FailoverSessionStore,
+    LocalRateLimiter,
+    LocalResponseCache,
+    LocalSessionStore,
+    RedisClient,
+    RedisRateLimiter,
+    RedisResponseCache,
+    cache_key,
+    is_cacheable,
+)
+from deepseek_serve.cache.sessions import RedisSessionStore
+from tests.support.cache import SHARED_REDIS_URL, delete_prefix, unique_prefix
+
+Limiter = LocalRateLimiter | RedisRateLimiter
+
+
+@dataclass
+class Backend:
+    name: str
+    client: RedisClient | None
+
+    def limiter(self, rpm: int = 0, tpm: int = 0) -> Limiter:
+        if self.client is None:
+            return LocalRateLimiter(rpm, tpm)
+        return RedisRateLimiter(self.client, rpm, tpm)
+
+    def cache(self, ttl_s: int = 60, max_entry_bytes: int = 4096) -> LocalResponseCache | RedisResponseCache:
+        if self.client is None:
+            return LocalResponseCache(ttl_s, max_entry_bytes)
+        return RedisResponseCache(self.client, ttl_s, max_entry_bytes)
+
+    def sessions(self, ttl_s: int = 60) -> LocalSessionStore | RedisSessionStore:
+        if self.client is None:
+            return LocalSessionStore(ttl_s)
+        return RedisSessionStore(self.client, ttl_s)
+
+
+@pytest_asyncio.fixture(params=["redis", "local"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "local":
+        yield Backend("local", None)
+        return
+    prefix = unique_prefix()
+    client = RedisClient(SHARED_REDIS_URL, prefix=prefix, timeout_s=2.0)
+    assert await client.ping(), "the shared Redis on 127.0.0.1:6379 is not answering"
+    yield Backend("redis", client)
+    await client.close()
+    delete_prefix(SHARED_REDIS_URL, prefix)
+
+
+def key(name: str, rpm: int | None = None, tpm: int | None = None) -> Principal:
+    return Principal(key_id=name, name=name, rpm_limit=rpm, tpm_limit=tpm)
+
+
+# --- rate limits -----------------------------------------------------------------------------------
+async def test_requests_per_minute(backend: Backend) -> None:
+    limiter = backend.limiter(rpm=3)
+    alice = key("alice")
+    remaining = []
+    for _ in range(3):
+        decision = await limiter.admit(alice, 0)
+        assert decision.allowed
+        remaining.append(decision.remaining_requests)
+    assert remaining == [2, 1, 0]
+    rejected = await limiter.admit(alice, 0)
+    assert not rejected.allowed
+    assert rejected.reservation_id is None
+    # one request refills in 60/3 = 20 s, less the (short) time since the first admission
+    assert rejected.retry_after_s is not None and 15.0 < rejected.retry_after_s <= 20.0
+    headers = rejected.headers()
+    assert headers["x-ratelimit-limit-requests"] == "3"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert 55.0 < float(headers["x-ratelimit-reset-requests"].rstrip("s")) <= 60.0
+    assert "x-ratelimit-limit-tokens" not in headers
+
+
+async def test_keys_have_separate_budgets(backend: Backend) -> None:
+    limiter = backend.limiter(rpm=1)
+    assert (await limiter.admit(key("a"), 0)).allowed
+    assert not (await limiter.admit(key("a"), 0)).allowed
+    assert (await limiter.admit(key("b"), 0)).allowed
+    anonymous = Principal(key_id=None)
+    assert (await limiter.admit(anonymous, 0)).allowed
+    assert not (await limiter.admit(anonymous, 0)).allowed
+
+
+async def test_per_key_override_and_unlimited(backend: Backend) -> None:
+    limiter = backend.limiter(rpm=5, tpm=1000)
+    strict = key("strict", rpm=1)
+    assert (await limiter.admit(strict, 10)).limit_requests == 1
+    assert not (await limiter.admit(strict, 10)).allowed
+    free = key("free", rpm=0, tpm=0)
+    for _ in range(10):
+        decision = await limiter.admit(free, 10_000)
+        assert decision.allowed
+        assert decision.headers() == {}
+    default = await limiter.admit(key("default"), 10)
+    assert (default.limit_requests, default.limit_tokens) == (5, 1000)
+
+
+async def test_tokens_reserved_then_settled(backend: Backend) -> None:
+    limiter = backend.limiter(tpm=100)
+    bob = key("bob")
+    first = await limiter.admit(bob, 60)
+    assert first.allowed and first.remaining_tokens == 40
+    assert first.headers()["x-ratelimit-remaining-tokens"] == "40"
+    refused = await limiter.admit(bob, 60)
+    assert not refused.allowed
+    # 20 missing tokens at 100/60 per second
+    assert refused.retry_after_s is not None and 8.0 < refused.retry_after_s <= 12.0
+    await limiter.settle(bob, first, actual_tokens=10)  # 50 unused tokens go back
+    second = await limiter.admit(bob, 60)
+    assert second.allowed
+    assert 29 <= (second.remaining_tokens or 0) <= 31
+
+
+async def test_settle_charges_an_overrun(backend: Backend) -> None:
+    limiter = backend.limiter(tpm=100)
+    carol = key("carol")
+    first = await limiter.admit(carol, 10)
+    await limiter.settle(carol, first, actual_tokens=70)
+    assert not (await limiter.admit(carol, 40)).allowed
+    assert (await limiter.admit(carol, 25)).allowed
+
+
+async def test_request_larger_than_budget_needs_a_full_bucket(backend: Backend) -> None:
+    limiter = backend.limiter(tpm=100)
+    dave = key("dave")
+    big = await limiter.admit(dave, 250)
+    assert big.allowed
+    assert big.remaining_tokens is not None and big.remaining_tokens < 0
+    assert big.headers()["x-ratelimit-remaining-tokens"] == "0"
+    refused = await limiter.admit(dave, 1)
+    # 150 tokens of debt + 1 at 100/60 per second: about 90.6 s
+    assert refused.retry_after_s is not None and refused.retry_after_s > 89.0
+
+
+async def test_bucket_refills_continuously(backend: Backend) -> None:
+    limiter = backend.limiter(tpm=600)  # 10 tokens per second
+    erin = key("erin")
+    assert (await limiter.admit(erin, 600)).allowed
+    assert not (await limiter.admit(erin, 30)).allowed  # 3 s of refill
+    await asyncio.sleep(0.45)
+    assert (await limiter.admit(erin, 3)).allowed
+
+
+async def test_concurrent_admissions_are_atomic(backend: Backend) -> None:
+    limiter = backend.limiter(rpm=10, tpm=10_000)
+    frank = key("frank")
+    decisions = await asyncio.gather(*(limiter.admit(frank, 100) for _ in range(25)))
+    assert sum(d.allowed for d in decisions) == 10
+
+
+async def test_two_clients_share_one_budget() -> None:
+    """Two connection pools (as two processes would have) on one prefix draw from one bucket."""
+    prefix = unique_prefix()
+    clients = [RedisClient(SHARED_REDIS_URL, prefix=prefix, timeout_s=2.0) for _ in range(2)]
+    try:
+        limiters = [RedisRateLimiter(c, 4, 0) for c in clients]
+        results = [await limiters[i % 2].admit(key("shared"), 0) for i in range(6)]
+        assert [d.allowed for d in results] == [True] * 4 + [False] * 2
+    finally:
+        for c in clients:
+            await c.close()
+        delete_prefix(SHARED_REDIS_URL, prefix)
+
+
+# --- response cache --------------------------------------------------------------------------------
+async def test_cache_put_get_and_size_limit(backend: Backend) -> None:
+    cache = backend.cache(max_entry_bytes=2048)
+    k = cache_key(model="m", endpoint="chat.completions", prompt="hi", params={"temperature": 0})
+    assert await cache.get(k) is None
+    entry = CachedCompletion(
+        model="m", choices=[CachedChoice(text="héllo", finish_reason="stop")], prompt_tokens=5, completion_tokens=2
+    )
+    await cache.put(k, entry.to_bytes())
+    got = await cache.get(k)
+    assert got is not None and CachedCompletion.from_bytes(got) == entry
+    too_big = cache_key(model="m", endpoint="chat.completions", prompt="big", params={})
+    await cache.put(too_big, b"x" * 4096)
+    assert await cache.get(too_big) is None
+
+
+async def test_cache_entries_expire(backend: Backend) -> None:
+    cache = backend.cache(ttl_s=1)
+    await cache.put("k1", b"value")
+    assert await cache.get("k1") == b"value"
+    await asyncio.sleep(1.2)
+    assert await cache.get("k1") is None
+
+
+def test_cache_key_covers_every_input() -> None:
+    base = {
+        "model": "m",
+        "endpoint": "chat.completions",
+        "prompt": "p",
+        "params": {"temperature": 0.0, "max_tokens": 16, "seed": None, "stop": ["x"]},
+    }
+    reference = cache_key(**base)  # type: ignore[arg-type]
+    assert (
+        cache_key(
+            model="m",
+            endpoint="chat.completions",
+            prompt="p",
+            params={"stop": ["x"], "seed": None, "max_tokens": 16, "temperature": 0.0},
+        )
+        == reference
+    )
+    variants = [
+        {**base, "model": "m2"},
+        {**base, "endpoint": "completions"},
+        {**base, "prompt": "p "},
+        {**base, "params": {**base["params"], "max_tokens": 17}},  # type: ignore[dict-item]
+        {**base, "params": {**base["params"], "seed": 1}},  # type: ignore[dict-item]
+        {**base, "params": {**base["params"], "stop": ["y"]}},  # type: ignore[dict-item]
+    ]
+    assert len({cache_key(**v) for v in variants} | {reference}) == len(variants) + 1  # type: ignore[arg-type]
+
+
+def test_cacheable_only_when_deterministic() -> None:
+    assert is_cacheable(0.0, None)
+    assert is_cacheable(0.8, 42)
+    assert not is_cacheable(0.8, None)
+
+
+def test_corrupt_entry_reads_as_miss() -> None:
+    assert CachedCompletion.from_bytes(b"not json") is None
+    assert CachedCompletion.from_bytes(b'{"model": "m"}') is None
+
+
+async def test_local_cache_evicts_least_recently_used() -> None:
+    cache = LocalResponseCache(ttl_s=60, max_entry_bytes=100, max_total_bytes=250)
+    for name in ("a", "b"):
+        await cache.put(name, b"x" * 100)
+    assert await cache.get("a") is not None  # "b" is now the least recently used
+    await cache.put("c", b"x" * 100)
+    assert await cache.get("b") is None
+    assert await cache.get("a") is not None and await cache.get("c") is not None
+
+
+# --- sessions --------------------------------------------------------------------------------------
+async def test_sessions_round_trip(backend: Backend) -> None:
+    store = backend.sessions()
+    owner = key("key-1")
+    session_id = await store.create(owner, "conv-1")
+    other = await store.create(owner, "conv-2")
+    assert session_id != other and session_id.startswith("sess_")
+    got = await store.get(session_id)
+    assert got is not None
+    assert (got["conversation_id"], got["key_id"], got["name"]) == ("conv-1", "key-1", "key-1")
+    await store.delete(session_id)
+    assert await store.get(session_id) is None
+    assert await store.get("sess_unknown") is None
+    assert (await store.get(other) or {}).get("conversation_id") == "conv-2"
+
+
+async def test_anonymous_session_keeps_no_key(backend: Backend) -> None:
+    store = backend.sessions()
+    got = await store.get(await store.create(Principal(key_id=None), "conv-a"))
+    assert got is not None and got["key_id"] is None
+
+
+async def test_sessions_expire_after_idle_ttl(backend: Backend) -> None:
+    store = backend.sessions(ttl_s=1)
+    session_id = await store.create(key("k"), "c")
+    await asyncio.sleep(0.6)
+    assert await store.get(session_id) is not None  # touching it extends the TTL
+    await asyncio.sleep(0.6)
+    assert await store.get(session_id) is not None
+    await asyncio.sleep(1.2)
+    assert await store.get(session_id) is None
+
+
+async def test_failover_sessions_found_after_redis_outage() -> None:
+    """A session created while Redis was out (kept in process) is still found when it is back."""
+    prefix = unique_prefix()
+    down = RedisClient("redis://127.0.0.1:1/0", prefix=prefix, timeout_s=0.2, failure_threshold=1)
+    store = FailoverSessionStore(RedisSessionStore(down, 60), LocalSessionStore(60))
+    session_id = await store.create(key("k"), "conv-x")
+    assert (await store.get(session_id) or {}).get("conversation_id") == "conv-x"
+    await down.close()
+
+
+def test_build_cache_layer_picks_backends() -> None:
+    from deepseek_serve.cache import build_cache_layer
+    from deepseek_serve.config import load_settings
+
+    embedded = build_cache_layer(load_settings(_env_file=None))
+    assert embedded.client is None and embedded.breaker is None
+    assert isinstance(embedded.limiter, LocalRateLimiter)
+    assert isinstance(embedded.response_cache, LocalResponseCache)
+    assert isinstance(embedded.sessions, LocalSessionStore)
+    off = build_cache_layer(load_settings(_env_file=None, response_cache=False, redis_url=SHARED_REDIS_URL))
+    assert off.response_cache is None
+    assert off.client is not None and off.breaker is not None and off.breaker.state == "closed"
+    assert isinstance(off.sessions, FailoverSessionStore)
