@@ -5,14 +5,15 @@
 #
 # Usage: bench/build_llama_server.sh            prints the path of the binary (built once, then cached)
 #        bench/build_llama_server.sh llama-bench  the same for llama.cpp's `llama-bench` (one build makes both)
-# Cache: $DS_LLAMA_SERVER_CACHE (default ~/.cache/deepseek-serve/llama-server/<version>)
+# Cache: $DS_LLAMA_SERVER_CACHE (default ~/.cache/deepseek-serve/llama-server/<version>-noamx)
+# Compiler flags: bench/llama_build_flags.sh (no AMX kernels), as for the llama-cpp-python wheel in .ci/run.
 set -Eeuo pipefail
 trap 'echo "build_llama_server.sh: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' "$here/pyproject.toml" | head -n 1)
 [ -n "$version" ] || { echo "build_llama_server.sh: no llama-cpp-python pin in pyproject.toml" >&2; exit 1; }
-cache=${DS_LLAMA_SERVER_CACHE:-$HOME/.cache/deepseek-serve/llama-server/$version}
+cache=${DS_LLAMA_SERVER_CACHE:-$HOME/.cache/deepseek-serve/llama-server/$version-noamx}
 tool=${1:-llama-server}
 case $tool in
   llama-server|llama-bench) ;;
@@ -35,7 +36,8 @@ src="$work/llama_cpp_python-$version/vendor/llama.cpp"
 [ -f "$src/CMakeLists.txt" ] || { echo "build_llama_server.sh: no vendored llama.cpp in the sdist" >&2; exit 1; }
 
 echo "build_llama_server.sh: building llama-server and llama-bench (a few minutes)" >&2
-cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON \
+flags=$("$here/bench/llama_build_flags.sh")
+CFLAGS="$flags" CXXFLAGS="$flags" cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF >&2
 cmake --build "$work/build" --target llama-server llama-bench -j "$(nproc)" >&2
 mkdir -p "$cache/bin"
