@@ -100,8 +100,6 @@ async def test_unreachable_redis_never_fails_a_call(caplog: pytest.LogCaptureFix
     assert layer.response_cache is not None
     await layer.response_cache.put("k", b"v")
     assert await layer.response_cache.get("k") is None  # bypassed, not an error
-    session = await layer.sessions.create(who, "conv")
-    assert (await layer.sessions.get(session) or {}).get("conversation_id") == "conv"
     await layer.close()
 
 

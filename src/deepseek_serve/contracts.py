@@ -1,7 +1,7 @@
 """Value types and protocols shared by the layers: who is calling (`Principal`), what a rate limit
 decided (`RateLimitDecision`), what a finished request cost (`UsageEvent`), and the small protocols
 that storage, cache and observability implement for the API (`Authenticator`, `UsageSink`,
-`ConversationStore`, `RateLimiter`, `ResponseCache`, `SessionStore`, `Metrics`).
+`ConversationStore`, `RateLimiter`, `ResponseCache`, `Metrics`).
 
 Imports nothing of this package, so `api`, `cache`, `storage` and `observability` can all import it
 (tests/test_layering.py keeps that true).
@@ -127,14 +127,6 @@ class ResponseCache(Protocol):
     async def get(self, key: str) -> bytes | None: ...
 
     async def put(self, key: str, value: bytes) -> None: ...
-
-
-class SessionStore(Protocol):
-    async def create(self, principal: Principal, conversation_id: str) -> str: ...
-
-    async def get(self, session_id: str) -> dict[str, Any] | None: ...
-
-    async def delete(self, session_id: str) -> None: ...
 
 
 # --- metrics ----------------------------------------------------------------------------------------

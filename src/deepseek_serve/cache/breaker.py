@@ -48,10 +48,6 @@ class CircuitBreaker:
     def state_value(self) -> int:
         return STATE_VALUES[self.state]
 
-    @property
-    def is_closed(self) -> bool:
-        return self.state == "closed"
-
     def add_listener(self, listener: Callable[[BreakerState, BreakerState], None]) -> None:
         """Call `listener(old, new)` on every transition (the metrics hook)."""
         self._listeners.append(listener)

@@ -27,7 +27,7 @@ class RedisUnavailable(Exception):
 
 
 class RedisClient:
-    """One connection pool per process, shared by the limiter, the response cache and the sessions.
+    """One connection pool per process, shared by the limiter and the response cache.
 
     Every call goes through `run`: it is refused at once while the breaker is open, and cut off after
     `2 * timeout_s` (socket, connect and pool-wait timeouts are `timeout_s`; one retry).
