@@ -162,7 +162,7 @@ def bench_limiter(num_calls: int) -> list[tuple[str, float, float]]:
                 ("in process", LocalRateLimiter(10**9, 10**12)),
                 ("Redis (Lua)", RedisRateLimiter(client, 10**9, 10**12)),
             ):
-                who = Principal(key_id="bench")
+                who = Principal(key_id=1, name="bench")
                 samples = []
                 for _ in range(num_calls):
                     start = time.perf_counter()

@@ -52,8 +52,13 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     delete_prefix(SHARED_REDIS_URL, prefix)
 
 
+KEY_IDS: dict[str, int] = {}
+
+
 def key(name: str, rpm: int | None = None, tpm: int | None = None) -> Principal:
-    return Principal(key_id=name, name=name, rpm_limit=rpm, tpm_limit=tpm)
+    """The key called `name`; each name gets its own database id."""
+    key_id = KEY_IDS.setdefault(name, len(KEY_IDS) + 1)
+    return Principal(key_id=key_id, name=name, rpm_limit=rpm, tpm_limit=tpm)
 
 
 # --- rate limits -----------------------------------------------------------------------------------
@@ -167,6 +172,17 @@ async def test_two_clients_share_one_budget() -> None:
         for c in clients:
             await c.close()
         delete_prefix(SHARED_REDIS_URL, prefix)
+
+
+async def test_redis_bucket_keys_hold_the_key_id_as_text() -> None:
+    """Key 5's buckets are `rl:{5}:req|tok`, the anonymous caller's `rl:{anonymous}:...`."""
+    client = RedisClient(SHARED_REDIS_URL, prefix="ds:")
+    try:
+        limiter = RedisRateLimiter(client, 1, 1)
+        assert limiter._keys(Principal(key_id=5)) == ["ds:rl:{5}:req", "ds:rl:{5}:tok"]
+        assert limiter._keys(Principal(key_id=None)) == ["ds:rl:{anonymous}:req", "ds:rl:{anonymous}:tok"]
+    finally:
+        await client.close()
 
 
 # --- response cache --------------------------------------------------------------------------------

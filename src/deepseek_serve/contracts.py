@@ -16,9 +16,10 @@ from typing import Any, Protocol
 # --- identity ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling. `key_id` is None when auth is off (anonymous, all scopes)."""
+    """Who is calling. `key_id` is the API key's database id; None when auth is off (anonymous, all
+    scopes)."""
 
-    key_id: str | None
+    key_id: int | None
     name: str = "anonymous"
     scopes: frozenset[str] = frozenset({"inference", "admin"})
     rpm_limit: int | None = None  # None = settings default
@@ -38,7 +39,7 @@ class Authenticator(Protocol):
 @dataclass(frozen=True)
 class UsageEvent:
     request_id: str
-    key_id: str | None
+    key_id: int | None
     model: str
     endpoint: str  # "chat.completions" | "completions"
     status: int  # HTTP status sent (200 for a stream that started)

@@ -114,7 +114,8 @@ def limits_for(principal: Principal, default_rpm: int, default_tpm: int) -> Limi
 
 
 def _bucket_name(principal: Principal) -> str:
-    return principal.key_id or ANONYMOUS_KEY
+    """The key's id as text (the Redis key `rl:{5}:req` for key 5), or `anonymous`."""
+    return ANONYMOUS_KEY if principal.key_id is None else str(principal.key_id)
 
 
 def _reservation(backend: str, reserve: int) -> str:
