@@ -15,7 +15,7 @@ from typing import Literal
 logger = logging.getLogger(__name__)
 
 BreakerState = Literal["closed", "open", "half_open"]
-# NOTE: numeric encoding for a gauge (monitoring reads `state_value`)
+# numeric encoding for a gauge (monitoring reads `state_value`)
 STATE_VALUES: dict[BreakerState, int] = {"closed": 0, "half_open": 1, "open": 2}
 
 
