@@ -61,7 +61,7 @@ RUN groupadd --system --gid ${APP_UID} app \
  && mkdir -p /data /models \
  && chown app:app /data /models
 COPY deploy/docker/healthcheck.py /usr/local/lib/deepseek-serve/healthcheck.py
-# NOTE: writable paths are /data (database, spool), /models (hub cache) and /tmp; mount them as
+# writable paths are /data (database, spool), /models (hub cache) and /tmp; mount them as
 # volumes or tmpfs when running with --read-only. HOME points at /data for libraries that want one.
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/data \

@@ -162,7 +162,7 @@ def bench_limiter(num_calls: int) -> list[tuple[str, float, float]]:
                 ("in process", LocalRateLimiter(10**9, 10**12)),
                 ("Redis (Lua)", RedisRateLimiter(client, 10**9, 10**12)),
             ):
-                who = Principal(key_id="bench")
+                who = Principal(key_id=1, name="bench")
                 samples = []
                 for _ in range(num_calls):
                     start = time.perf_counter()
@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--parts", default="cache,limiter,outage", help="comma-separated: cache, limiter, outage")
     parser.add_argument("--threads", default="1", help="DS_N_THREADS of the server (0 = physical cores)")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # NOTE: so the servers are stopped on `timeout`
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the servers are stopped on `timeout`
     random.seed(SEED)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True

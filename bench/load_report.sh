@@ -48,7 +48,7 @@ serve() {  # serve NAME [DS_X=Y...]: deepseek-serve with the given settings (Red
 }
 
 main8=(-c 8 -n 16 --max-tokens 128 --ignore-eos --warmup 1)
-# NOTE: the baseline has no response cache; runs compared with it turn ours off (the `short` workload
+# the baseline has no response cache; runs compared with it turn ours off (the `short` workload
 # repeats prompts, which our cache would answer without the model).
 nocache=(DS_RESPONSE_CACHE=false)
 
@@ -103,7 +103,7 @@ for step in "${steps[@]}"; do
       : "${LLAMA_SERVER:?set LLAMA_SERVER to a llama-server binary}"
       model=$("$py" -c 'from deepseek_serve.models.resolve import default_model_path; print(default_model_path())')
       threads=$("$py" -c 'from deepseek_serve.engine.llamacpp_runner import physical_cores; print(physical_cores())')
-      # NOTE: the same model file, threads, 8 slots and 8192 KV cells (llama-server splits them per slot);
+      # the same model file, threads, 8 slots and 8192 KV cells (llama-server splits them per slot);
       # its flash attention is "auto" as ours, continuous batching on, no prompt cache reuse across slots.
       port=$(free_port)
       start llama-server /health "$LLAMA_SERVER" -m "$model" -t "$threads" -tb "$threads" -np 8 -c 8192 \

@@ -178,7 +178,7 @@ def main() -> None:
                             )
                             attacker.start()
                             assert ready.wait(60), "the attacker could not open its connections"
-                        # NOTE: a fresh connection per phase, opened while the attack is on
+                        # a fresh connection per phase, opened while the attack is on
                         client.close()
                         client = httpx.Client(base_url=url, timeout=120)
                         got = _measure(client, model, args.phase_s, r)

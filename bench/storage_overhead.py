@@ -116,7 +116,7 @@ async def components(data_dir: Path, url: str) -> dict[str, float]:
     check_us = (time.perf_counter() - t0) / n * 1e6
     event = UsageEvent(
         request_id="x",
-        key_id="1",
+        key_id=1,
         model="m",
         endpoint="chat.completions",
         status=200,

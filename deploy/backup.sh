@@ -109,7 +109,7 @@ mysql_dump() {
 }
 
 # redis_snapshot OUT: a fresh RDB fetched from the server (the replication protocol, no file access).
-# NOTE: to a file, not `--rdb -`: on stdout redis-cli leaves the diskless-sync EOF mark after the RDB,
+# to a file, not `--rdb -`: on stdout redis-cli leaves the diskless-sync EOF mark after the RDB,
 # which Redis then rejects as the base of an AOF.
 redis_snapshot() {
     local out="$1"

@@ -28,7 +28,7 @@ for full in "$sp"/llama_cpp/lib/lib*.so.*.*; do
         fi
     done
 done
-# NOTE: only llama.cpp's own libraries, built here: stripping auditwheel-repaired libraries from
+# only llama.cpp's own libraries, built here: stripping auditwheel-repaired libraries from
 # PyPI wheels (numpy.libs/, *.libs/) breaks them ("ELF load command address/offset not page-aligned")
 find "$sp/llama_cpp" -name '*.so*' -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
 "$venv/bin/python3" -m compileall -q -j 0 --invalidation-mode unchecked-hash "$sp" >/dev/null || true

@@ -189,7 +189,7 @@ class Settings(BaseSettings):
     retention_days: int = Field(90, ge=1)
     purge_daily: bool = False
 
-    # --- Redis: limits, response cache, sessions -------------------------------------------------
+    # --- Redis: limits and response cache ---------------------------------------------------------
     redis_url: str = Field("", description="redis:// or rediss:// URL; empty = in-process fallbacks")
     redis_key_prefix: str = Field("ds:", min_length=1, description="prefix of every Redis key (one per deployment)")
     redis_timeout_s: float = Field(0.25, gt=0)
@@ -204,7 +204,6 @@ class Settings(BaseSettings):
     )
     response_cache_ttl_s: int = Field(3600, ge=1)
     response_cache_max_bytes: int = Field(256 * 1024, ge=1024)
-    session_ttl_s: int = Field(3600, ge=60)
 
     # --- scale-out: engine and gateway roles -----------------------------------------------------
     role: Literal["all", "engine", "gateway"] = Field(

@@ -1,7 +1,7 @@
 """Value types and protocols shared by the layers: who is calling (`Principal`), what a rate limit
 decided (`RateLimitDecision`), what a finished request cost (`UsageEvent`), and the small protocols
 that storage, cache and observability implement for the API (`Authenticator`, `UsageSink`,
-`ConversationStore`, `RateLimiter`, `ResponseCache`, `SessionStore`, `Metrics`).
+`ConversationStore`, `RateLimiter`, `ResponseCache`, `Metrics`).
 
 Imports nothing of this package, so `api`, `cache`, `storage` and `observability` can all import it
 (tests/test_layering.py keeps that true).
@@ -16,9 +16,10 @@ from typing import Any, Protocol
 # --- identity ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling. `key_id` is None when auth is off (anonymous, all scopes)."""
+    """Who is calling. `key_id` is the API key's database id; None when auth is off (anonymous, all
+    scopes)."""
 
-    key_id: str | None
+    key_id: int | None
     name: str = "anonymous"
     scopes: frozenset[str] = frozenset({"inference", "admin"})
     rpm_limit: int | None = None  # None = settings default
@@ -38,7 +39,7 @@ class Authenticator(Protocol):
 @dataclass(frozen=True)
 class UsageEvent:
     request_id: str
-    key_id: str | None
+    key_id: int | None
     model: str
     endpoint: str  # "chat.completions" | "completions"
     status: int  # HTTP status sent (200 for a stream that started)
@@ -127,14 +128,6 @@ class ResponseCache(Protocol):
     async def get(self, key: str) -> bytes | None: ...
 
     async def put(self, key: str, value: bytes) -> None: ...
-
-
-class SessionStore(Protocol):
-    async def create(self, principal: Principal, conversation_id: str) -> str: ...
-
-    async def get(self, session_id: str) -> dict[str, Any] | None: ...
-
-    async def delete(self, session_id: str) -> None: ...
 
 
 # --- metrics ----------------------------------------------------------------------------------------

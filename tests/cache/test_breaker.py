@@ -90,7 +90,7 @@ async def test_unreachable_redis_never_fails_a_call(caplog: pytest.LogCaptureFix
     """Nothing listens on the port: every service answers from its fallback, the breaker opens."""
     layer = build_cache_layer(settings_for(f"redis://127.0.0.1:{free_port()}/0", default_rpm=3))
     assert layer.breaker is not None
-    who = Principal(key_id="k")
+    who = Principal(key_id=1)
     with caplog.at_level(logging.WARNING, logger="deepseek_serve.cache.breaker"):
         decisions = [await layer.limiter.admit(who, 0) for _ in range(4)]
     # per-process counters still enforce the limit
@@ -100,8 +100,6 @@ async def test_unreachable_redis_never_fails_a_call(caplog: pytest.LogCaptureFix
     assert layer.response_cache is not None
     await layer.response_cache.put("k", b"v")
     assert await layer.response_cache.get("k") is None  # bypassed, not an error
-    session = await layer.sessions.create(who, "conv")
-    assert (await layer.sessions.get(session) or {}).get("conversation_id") == "conv"
     await layer.close()
 
 
@@ -121,7 +119,7 @@ async def test_open_breaker_costs_no_redis_time() -> None:
             start = loop.time()
             for _ in range(20):
                 assert await layer.response_cache.get("x") is None
-                assert (await layer.limiter.admit(Principal(key_id="k"), 0)).allowed
+                assert (await layer.limiter.admit(Principal(key_id=1), 0)).allowed
             assert loop.time() - start < 0.2  # no call waited for a timeout
         finally:
             server.proc.send_signal(18)  # SIGCONT
@@ -138,7 +136,7 @@ async def test_kill_and_restart_redis_recovers_shared_state() -> None:
         layer, peer = build_cache_layer(config), build_cache_layer(config)
         assert layer.response_cache is not None and peer.response_cache is not None
         assert layer.breaker is not None
-        who = Principal(key_id="k")
+        who = Principal(key_id=1)
         await layer.response_cache.put("answer", b"42")
         assert await peer.response_cache.get("answer") == b"42"  # shared through Redis
         assert (await layer.limiter.admit(who, 0)).allowed

@@ -28,8 +28,8 @@ async def exercise(url: str) -> bool:
         assert layer.response_cache is not None and layer.client is not None
         await layer.response_cache.put("k", b"v")
         got = await layer.response_cache.get("k")
-        first = await layer.limiter.admit(Principal(key_id="tls"), 0)
-        second = await layer.limiter.admit(Principal(key_id="tls"), 0)
+        first = await layer.limiter.admit(Principal(key_id=1), 0)
+        second = await layer.limiter.admit(Principal(key_id=1), 0)
         return got == b"v" and first.allowed and not second.allowed and layer.breaker.state == "closed"  # type: ignore[union-attr]
     finally:
         await layer.close()

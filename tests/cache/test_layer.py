@@ -12,19 +12,12 @@ import pytest_asyncio
 
 from deepseek_serve.api.services import Principal
 from deepseek_serve.cache import (
-    CachedChoice,
-    CachedCompletion,
-    FailoverSessionStore,
     LocalRateLimiter,
     LocalResponseCache,
-    LocalSessionStore,
     RedisClient,
     RedisRateLimiter,
     RedisResponseCache,
-    cache_key,
-    is_cacheable,
 )
-from deepseek_serve.cache.sessions import RedisSessionStore
 from tests.support.cache import SHARED_REDIS_URL, delete_prefix, unique_prefix
 
 Limiter = LocalRateLimiter | RedisRateLimiter
@@ -45,11 +38,6 @@ class Backend:
             return LocalResponseCache(ttl_s, max_entry_bytes)
         return RedisResponseCache(self.client, ttl_s, max_entry_bytes)
 
-    def sessions(self, ttl_s: int = 60) -> LocalSessionStore | RedisSessionStore:
-        if self.client is None:
-            return LocalSessionStore(ttl_s)
-        return RedisSessionStore(self.client, ttl_s)
-
 
 @pytest_asyncio.fixture(params=["redis", "local"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
@@ -64,8 +52,13 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     delete_prefix(SHARED_REDIS_URL, prefix)
 
 
+KEY_IDS: dict[str, int] = {}
+
+
 def key(name: str, rpm: int | None = None, tpm: int | None = None) -> Principal:
-    return Principal(key_id=name, name=name, rpm_limit=rpm, tpm_limit=tpm)
+    """The key called `name`; each name gets its own database id."""
+    key_id = KEY_IDS.setdefault(name, len(KEY_IDS) + 1)
+    return Principal(key_id=key_id, name=name, rpm_limit=rpm, tpm_limit=tpm)
 
 
 # --- rate limits -----------------------------------------------------------------------------------
@@ -181,18 +174,26 @@ async def test_two_clients_share_one_budget() -> None:
         delete_prefix(SHARED_REDIS_URL, prefix)
 
 
+async def test_redis_bucket_keys_hold_the_key_id_as_text() -> None:
+    """Key 5's buckets are `rl:{5}:req|tok`, the anonymous caller's `rl:{anonymous}:...`."""
+    client = RedisClient(SHARED_REDIS_URL, prefix="ds:")
+    try:
+        limiter = RedisRateLimiter(client, 1, 1)
+        assert limiter._keys(Principal(key_id=5)) == ["ds:rl:{5}:req", "ds:rl:{5}:tok"]
+        assert limiter._keys(Principal(key_id=None)) == ["ds:rl:{anonymous}:req", "ds:rl:{anonymous}:tok"]
+    finally:
+        await client.close()
+
+
 # --- response cache --------------------------------------------------------------------------------
 async def test_cache_put_get_and_size_limit(backend: Backend) -> None:
     cache = backend.cache(max_entry_bytes=2048)
-    k = cache_key(model="m", endpoint="chat.completions", prompt="hi", params={"temperature": 0})
+    k = "resp:" + "ab" * 32
     assert await cache.get(k) is None
-    entry = CachedCompletion(
-        model="m", choices=[CachedChoice(text="héllo", finish_reason="stop")], prompt_tokens=5, completion_tokens=2
-    )
-    await cache.put(k, entry.to_bytes())
-    got = await cache.get(k)
-    assert got is not None and CachedCompletion.from_bytes(got) == entry
-    too_big = cache_key(model="m", endpoint="chat.completions", prompt="big", params={})
+    entry = '{"object": "chat.completion", "choices": [{"message": {"content": "héllo"}}]}'.encode()
+    await cache.put(k, entry)
+    assert await cache.get(k) == entry
+    too_big = "resp:" + "cd" * 32
     await cache.put(too_big, b"x" * 4096)
     assert await cache.get(too_big) is None
 
@@ -205,45 +206,6 @@ async def test_cache_entries_expire(backend: Backend) -> None:
     assert await cache.get("k1") is None
 
 
-def test_cache_key_covers_every_input() -> None:
-    base = {
-        "model": "m",
-        "endpoint": "chat.completions",
-        "prompt": "p",
-        "params": {"temperature": 0.0, "max_tokens": 16, "seed": None, "stop": ["x"]},
-    }
-    reference = cache_key(**base)  # type: ignore[arg-type]
-    assert (
-        cache_key(
-            model="m",
-            endpoint="chat.completions",
-            prompt="p",
-            params={"stop": ["x"], "seed": None, "max_tokens": 16, "temperature": 0.0},
-        )
-        == reference
-    )
-    variants = [
-        {**base, "model": "m2"},
-        {**base, "endpoint": "completions"},
-        {**base, "prompt": "p "},
-        {**base, "params": {**base["params"], "max_tokens": 17}},  # type: ignore[dict-item]
-        {**base, "params": {**base["params"], "seed": 1}},  # type: ignore[dict-item]
-        {**base, "params": {**base["params"], "stop": ["y"]}},  # type: ignore[dict-item]
-    ]
-    assert len({cache_key(**v) for v in variants} | {reference}) == len(variants) + 1  # type: ignore[arg-type]
-
-
-def test_cacheable_only_when_deterministic() -> None:
-    assert is_cacheable(0.0, None)
-    assert is_cacheable(0.8, 42)
-    assert not is_cacheable(0.8, None)
-
-
-def test_corrupt_entry_reads_as_miss() -> None:
-    assert CachedCompletion.from_bytes(b"not json") is None
-    assert CachedCompletion.from_bytes(b'{"model": "m"}') is None
-
-
 async def test_local_cache_evicts_least_recently_used() -> None:
     cache = LocalResponseCache(ttl_s=60, max_entry_bytes=100, max_total_bytes=250)
     for name in ("a", "b"):
@@ -254,49 +216,6 @@ async def test_local_cache_evicts_least_recently_used() -> None:
     assert await cache.get("a") is not None and await cache.get("c") is not None
 
 
-# --- sessions --------------------------------------------------------------------------------------
-async def test_sessions_round_trip(backend: Backend) -> None:
-    store = backend.sessions()
-    owner = key("key-1")
-    session_id = await store.create(owner, "conv-1")
-    other = await store.create(owner, "conv-2")
-    assert session_id != other and session_id.startswith("sess_")
-    got = await store.get(session_id)
-    assert got is not None
-    assert (got["conversation_id"], got["key_id"], got["name"]) == ("conv-1", "key-1", "key-1")
-    await store.delete(session_id)
-    assert await store.get(session_id) is None
-    assert await store.get("sess_unknown") is None
-    assert (await store.get(other) or {}).get("conversation_id") == "conv-2"
-
-
-async def test_anonymous_session_keeps_no_key(backend: Backend) -> None:
-    store = backend.sessions()
-    got = await store.get(await store.create(Principal(key_id=None), "conv-a"))
-    assert got is not None and got["key_id"] is None
-
-
-async def test_sessions_expire_after_idle_ttl(backend: Backend) -> None:
-    store = backend.sessions(ttl_s=1)
-    session_id = await store.create(key("k"), "c")
-    await asyncio.sleep(0.6)
-    assert await store.get(session_id) is not None  # touching it extends the TTL
-    await asyncio.sleep(0.6)
-    assert await store.get(session_id) is not None
-    await asyncio.sleep(1.2)
-    assert await store.get(session_id) is None
-
-
-async def test_failover_sessions_found_after_redis_outage() -> None:
-    """A session created while Redis was out (kept in process) is still found when it is back."""
-    prefix = unique_prefix()
-    down = RedisClient("redis://127.0.0.1:1/0", prefix=prefix, timeout_s=0.2, failure_threshold=1)
-    store = FailoverSessionStore(RedisSessionStore(down, 60), LocalSessionStore(60))
-    session_id = await store.create(key("k"), "conv-x")
-    assert (await store.get(session_id) or {}).get("conversation_id") == "conv-x"
-    await down.close()
-
-
 def test_build_cache_layer_picks_backends() -> None:
     from deepseek_serve.cache import build_cache_layer
     from deepseek_serve.config import load_settings
@@ -305,8 +224,6 @@ def test_build_cache_layer_picks_backends() -> None:
     assert embedded.client is None and embedded.breaker is None
     assert isinstance(embedded.limiter, LocalRateLimiter)
     assert isinstance(embedded.response_cache, LocalResponseCache)
-    assert isinstance(embedded.sessions, LocalSessionStore)
     off = build_cache_layer(load_settings(_env_file=None, response_cache=False, redis_url=SHARED_REDIS_URL))
     assert off.response_cache is None
     assert off.client is not None and off.breaker is not None and off.breaker.state == "closed"
-    assert isinstance(off.sessions, FailoverSessionStore)

@@ -24,7 +24,7 @@ from deepseek_serve.storage.writer import UsageWriter
 from tests.support.storage import BACKENDS, PrivateMariaDB, database_url, free_port, storage_settings
 
 
-def event(request_id: str, key_id: str | None = "1") -> UsageEvent:
+def event(request_id: str, key_id: int | None = 1) -> UsageEvent:
     return UsageEvent(
         request_id=request_id,
         key_id=key_id,
@@ -133,12 +133,19 @@ async def test_persisted_counts_spooled_records(tmp_path: Path) -> None:
         await writer.stop()
 
 
+def test_spooled_key_id_is_read_as_int_or_text() -> None:
+    """Spool lines hold the key id as a number, or as text in lines written by earlier versions."""
+    for spooled in (7, "7"):
+        assert event_to_row({**event("r").__dict__, "key_id": spooled}, False)["key_id"] == 7
+    assert event_to_row(event("r", key_id=None), False)["key_id"] is None
+
+
 async def test_unreachable_database_spools_and_next_start_replays(repo: UsageRepository, tmp_path: Path) -> None:
     spool_path = tmp_path / "spool.jsonl"
     down = make_writer(unreachable_repo(tmp_path), spool_path, batch_size=10)
     await down.start()
     for i in range(35):
-        down.record(event(f"s{i}", key_id=None if i % 5 == 0 else "7"))
+        down.record(event(f"s{i}", key_id=None if i % 5 == 0 else 7))
     await wait_until(lambda: down.spool_backlog() == 35)
     assert not down.database_reachable and down.queue_depth() == 0
     await down.stop()  # nothing lost at shutdown either: still on disk

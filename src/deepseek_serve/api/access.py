@@ -125,23 +125,23 @@ class KeyConcurrency:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._in_flight: dict[str, int] = {}
+        self._in_flight: dict[int, int] = {}
 
-    def try_acquire(self, key_id: str) -> bool:
+    def try_acquire(self, key_id: int) -> bool:
         count = self._in_flight.get(key_id, 0)
         if self.limit and count >= self.limit:
             return False
         self._in_flight[key_id] = count + 1
         return True
 
-    def release(self, key_id: str) -> None:
+    def release(self, key_id: int) -> None:
         count = self._in_flight.get(key_id, 0) - 1
         if count > 0:
             self._in_flight[key_id] = count
         else:
             self._in_flight.pop(key_id, None)
 
-    def in_flight(self, key_id: str) -> int:
+    def in_flight(self, key_id: int) -> int:
         return self._in_flight.get(key_id, 0)
 
 
@@ -222,7 +222,7 @@ class AccessMiddleware:
         except ApiError as err:  # 503: the key store is unreachable
             await self._refuse(scope, receive, send, err)
             return
-        bind_log_fields(key_id=principal.key_id)
+        bind_log_fields(key_id=None if principal.key_id is None else str(principal.key_id))
         if not principal.has_scope(needed):
             await self._refuse(
                 scope,

@@ -60,13 +60,12 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     services.auth = ApiKeyAuthenticator(storage.key_lookup)
     services.usage = storage.writer
     services.conversations = StoredConversations(storage.conversations)
-    # --- cache (Redis issue): services.limiter, services.response_cache, services.sessions ----------
+    # --- cache: services.limiter, services.response_cache -----------------------------------------
     from deepseek_serve.cache import build_cache_layer
 
     cache_layer = build_cache_layer(settings)
     services.limiter = cache_layer.limiter
     services.response_cache = cache_layer.response_cache
-    services.sessions = cache_layer.sessions
     services.extras["cache"] = cache_layer  # .breaker: the Redis circuit breaker (None without Redis)
     # --- observability (monitoring issue): services.metrics -----------------------------------------
     metrics = PrometheusMetrics()

@@ -56,7 +56,7 @@ class ApiKeyAuthenticator:
         if check.status is KeyStatus.OK and check.key is not None:
             key = check.key
             return Principal(
-                key_id=str(key.id), name=key.name, scopes=key.scopes, rpm_limit=key.rpm_limit, tpm_limit=key.tpm_limit
+                key_id=key.id, name=key.name, scopes=key.scopes, rpm_limit=key.rpm_limit, tpm_limit=key.tpm_limit
             )
         if check.status is KeyStatus.EXPIRED:
             raise AuthError(f"The API key {mask_key(secret)} has expired.", code="expired_api_key")

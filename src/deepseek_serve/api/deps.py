@@ -46,7 +46,7 @@ async def get_principal(
             if services.metrics is not None:
                 services.metrics.rejected("auth")
             raise
-        bind_log_fields(key_id=principal.key_id)
+        bind_log_fields(key_id=None if principal.key_id is None else str(principal.key_id))
         return principal
     return ANONYMOUS
 

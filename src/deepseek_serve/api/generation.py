@@ -226,11 +226,11 @@ def _usage(plan: Plan, choices: list[_Choice], reasoning_tokens: int) -> UsageIn
     return UsageInfo.build(prompt, completion, min(cached, prompt), reasoning_tokens)
 
 
-def _cache_key(plan: Plan, owner: str | None) -> str:
+def _cache_key(plan: Plan, owner: int | None) -> str:
     """The response-cache key of a plan; `owner` (the API key id under `DS_RESPONSE_CACHE_SCOPE=key`)
     is part of it, so one key's answers are never served to another."""
     material = {
-        "owner": owner,
+        "owner": None if owner is None else str(owner),
         "endpoint": plan.endpoint,
         "model": plan.model,
         "prompts": [p.token_ids for p in plan.prompts],

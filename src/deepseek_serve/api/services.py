@@ -5,7 +5,7 @@ routes reach it through `ServicesDep` (api/deps.py). Each layer fills its slots 
 implementation of a protocol from `deepseek_serve.contracts` (re-exported here for the API):
 
 - storage: `auth`, `usage`, `conversations`
-- cache: `limiter`, `response_cache`, `sessions`
+- cache: `limiter`, `response_cache`
 - observability: `metrics`
 
 A slot left `None` means the feature is off; routes must work with every slot `None`.
@@ -25,7 +25,6 @@ from deepseek_serve.contracts import (
     RateLimitDecision,
     RateLimiter,
     ResponseCache,
-    SessionStore,
     UsageEvent,
     UsageSink,
 )
@@ -44,7 +43,6 @@ __all__ = [
     "RateLimiter",
     "ResponseCache",
     "Services",
-    "SessionStore",
     "UsageEvent",
     "UsageSink",
 ]
@@ -60,6 +58,5 @@ class Services:
     conversations: ConversationStore | None = None
     limiter: RateLimiter | None = None
     response_cache: ResponseCache | None = None
-    sessions: SessionStore | None = None
     metrics: Metrics | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # owned resources to close (db engine, redis pool)

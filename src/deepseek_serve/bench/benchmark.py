@@ -100,7 +100,7 @@ async def run_benchmark(config: BenchConfig, on_result: OnResult | None = None, 
             extra_body=config.extra_body,
         )
         for i in range(config.warmup):
-            # NOTE: warm-up requests use indexes no phase uses, so they do not pre-fill caches for them.
+            # warm-up requests use indexes no phase uses, so they do not pre-fill caches for them.
             warm = await send(client, workload.request(10_000_000 + i), options, sent_at=0.0)
             if not warm.ok:
                 raise BenchError(f"warm-up request failed ({warm.status}): {warm.error}")

@@ -71,7 +71,7 @@ def request_body(spec: RequestSpec, options: ClientOptions) -> dict[str, Any]:
     if options.stream_usage:
         body["stream_options"] = {"include_usage": True}
     if options.ignore_eos:
-        # NOTE: not an OpenAI field; vLLM, llama.cpp's server and deepseek-serve accept it.
+        # not an OpenAI field; vLLM, llama.cpp's server and deepseek-serve accept it.
         body["ignore_eos"] = True
     body.update(options.extra_body)
     return body
@@ -94,7 +94,7 @@ async def send(
         except httpx.TimeoutException as exc:
             result.status, result.error = STATUS_TIMEOUT, f"{type(exc).__name__}: {exc}"
         except httpx.RemoteProtocolError as exc:
-            # NOTE: a kept-alive connection that the server closed meanwhile (llama-server does): nothing
+            # a kept-alive connection that the server closed meanwhile (llama-server does): nothing
             # was answered, so the request goes once more, on a new connection.
             if attempt == 1 and not result.status:
                 continue
@@ -148,6 +148,6 @@ async def _stream(
         if not result.usage_reported:
             result.output_tokens = num_text_chunks
         if not result.ok and result.error is None:
-            # NOTE: a stream that ends without [DONE] was cut off (server crash, proxy timeout).
+            # a stream that ends without [DONE] was cut off (server crash, proxy timeout).
             result.status, result.error = STATUS_STREAM, "stream ended without [DONE]"
         result.text = "".join(parts)

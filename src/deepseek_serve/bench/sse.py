@@ -46,7 +46,7 @@ class SSEParser:
         if not text:
             return []
         if self._pending_cr and text.startswith("\n"):
-            # NOTE: the CR that ended the previous chunk and this LF are one CRLF line end.
+            # the CR that ended the previous chunk and this LF are one CRLF line end.
             text = text[1:]
         self._pending_cr = text.endswith("\r")
         self._buffer += text

@@ -207,7 +207,7 @@ class Workload:
         return RequestSpec(index=index, workload=self.name, body=body)
 
     def _messages(self, index: int) -> list[dict[str, str]]:
-        # NOTE: a string seed hashes deterministically (sha512), unlike hash() of a tuple.
+        # a string seed hashes deterministically (sha512), unlike hash() of a tuple.
         rng = random.Random(f"{self.seed}:{self.name}:{index}")
         topic = rng.choice(_TOPICS)
         if self.name == "short":

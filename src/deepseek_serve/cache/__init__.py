@@ -1,6 +1,6 @@
-"""Rate limits, response cache and sessions: Redis when `DS_REDIS_URL` is set, in process otherwise.
+"""Rate limits and the response cache: Redis when `DS_REDIS_URL` is set, in process otherwise.
 
-`build_cache_layer(settings)` returns the three services for `api.services.Services`; each has an
+`build_cache_layer(settings)` returns the two services for `api.services.Services`; each has an
 in-process implementation of the same interface, used as the embedded default and, behind the
 circuit breaker of `RedisClient`, while Redis is slow or down.
 """
@@ -18,37 +18,22 @@ from deepseek_serve.cache.limiter import (
     RedisRateLimiter,
     build_rate_limiter,
 )
-from deepseek_serve.cache.response_cache import (
-    CachedChoice,
-    CachedCompletion,
-    LocalResponseCache,
-    RedisResponseCache,
-    build_response_cache,
-    cache_key,
-    is_cacheable,
-)
-from deepseek_serve.cache.sessions import FailoverSessionStore, LocalSessionStore, build_session_store
+from deepseek_serve.cache.response_cache import LocalResponseCache, RedisResponseCache, build_response_cache
 
 if TYPE_CHECKING:
     from deepseek_serve.config import Settings
 
 __all__ = [
     "CacheLayer",
-    "CachedChoice",
-    "CachedCompletion",
     "CircuitBreaker",
     "FailoverRateLimiter",
-    "FailoverSessionStore",
     "LocalRateLimiter",
     "LocalResponseCache",
-    "LocalSessionStore",
     "RedisClient",
     "RedisRateLimiter",
     "RedisResponseCache",
     "RedisUnavailable",
     "build_cache_layer",
-    "cache_key",
-    "is_cacheable",
 ]
 
 
@@ -58,7 +43,6 @@ class CacheLayer:
 
     limiter: LocalRateLimiter | FailoverRateLimiter
     response_cache: LocalResponseCache | RedisResponseCache | None
-    sessions: LocalSessionStore | FailoverSessionStore
     client: RedisClient | None
 
     @property
@@ -72,7 +56,7 @@ class CacheLayer:
 
 
 def build_cache_layer(settings: Settings) -> CacheLayer:
-    """Build the limiter, response cache (None when `DS_RESPONSE_CACHE=false`) and session store.
+    """Build the limiter and the response cache (None when `DS_RESPONSE_CACHE=false`).
 
     Does no I/O: the Redis pool connects lazily, so a server starts even when Redis is down.
     """
@@ -80,6 +64,5 @@ def build_cache_layer(settings: Settings) -> CacheLayer:
     return CacheLayer(
         limiter=build_rate_limiter(settings, client),
         response_cache=build_response_cache(settings, client) if settings.response_cache else None,
-        sessions=build_session_store(settings, client),
         client=client,
     )

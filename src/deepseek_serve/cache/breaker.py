@@ -15,7 +15,7 @@ from typing import Literal
 logger = logging.getLogger(__name__)
 
 BreakerState = Literal["closed", "open", "half_open"]
-# NOTE: numeric encoding for a gauge (monitoring reads `state_value`)
+# numeric encoding for a gauge (monitoring reads `state_value`)
 STATE_VALUES: dict[BreakerState, int] = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -47,10 +47,6 @@ class CircuitBreaker:
     @property
     def state_value(self) -> int:
         return STATE_VALUES[self.state]
-
-    @property
-    def is_closed(self) -> bool:
-        return self.state == "closed"
 
     def add_listener(self, listener: Callable[[BreakerState, BreakerState], None]) -> None:
         """Call `listener(old, new)` on every transition (the metrics hook)."""

@@ -27,7 +27,7 @@ class RedisUnavailable(Exception):
 
 
 class RedisClient:
-    """One connection pool per process, shared by the limiter, the response cache and the sessions.
+    """One connection pool per process, shared by the limiter and the response cache.
 
     Every call goes through `run`: it is refused at once while the breaker is open, and cut off after
     `2 * timeout_s` (socket, connect and pool-wait timeouts are `timeout_s`; one retry).
@@ -45,7 +45,7 @@ class RedisClient:
     ) -> None:
         self.prefix = prefix
         self.timeout_s = timeout_s
-        # NOTE: BlockingConnectionPool waits (up to timeout_s) for a free connection instead of failing
+        # BlockingConnectionPool waits (up to timeout_s) for a free connection instead of failing
         self.pool: aioredis.BlockingConnectionPool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=pool_size,
@@ -53,7 +53,7 @@ class RedisClient:
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             health_check_interval=30,
-            # NOTE: one immediate retry, for a pooled connection gone stale across a Redis restart;
+            # one immediate retry, for a pooled connection gone stale across a Redis restart;
             # the whole call stays bounded by 2 * timeout_s in `run`
             retry=Retry(NoBackoff(), 1),
         )
@@ -85,7 +85,7 @@ class RedisClient:
             raise RedisUnavailable("circuit breaker open")
         try:
             result = await asyncio.wait_for(op(self.redis), self.timeout_s * 2)
-        except (RedisError, OSError, TimeoutError, asyncio.TimeoutError) as exc:  # NOTE: distinct on 3.10
+        except (RedisError, OSError, TimeoutError, asyncio.TimeoutError) as exc:  # distinct on 3.10
             self.breaker.record_failure(f"{type(exc).__name__}: {exc}")
             raise RedisUnavailable(str(exc)) from exc
         except BaseException:
@@ -102,5 +102,5 @@ class RedisClient:
             return False
 
     async def close(self) -> None:
-        # NOTE: the client does not own the pool; disconnecting the pool closes every connection
+        # the client does not own the pool; disconnecting the pool closes every connection
         await self.pool.disconnect()

@@ -114,7 +114,8 @@ def limits_for(principal: Principal, default_rpm: int, default_tpm: int) -> Limi
 
 
 def _bucket_name(principal: Principal) -> str:
-    return principal.key_id or ANONYMOUS_KEY
+    """The key's id as text (the Redis key `rl:{5}:req` for key 5), or `anonymous`."""
+    return ANONYMOUS_KEY if principal.key_id is None else str(principal.key_id)
 
 
 def _reservation(backend: str, reserve: int) -> str:
@@ -200,7 +201,7 @@ class LocalRateLimiter:
         self._store(name, "tok", min(limits.tpm, level + parsed[1] - max(0, actual_tokens)), now)
 
     def _prune(self) -> None:
-        # NOTE: a bucket untouched for a full window is full again, same as absent
+        # a bucket untouched for a full window is full again, same as absent
         if len(self._buckets) < 10_000:
             return
         now = self._clock()
@@ -246,7 +247,7 @@ class RedisRateLimiter:
         self._settle = client.redis.register_script(_SETTLE_LUA)
 
     def _keys(self, principal: Principal) -> list[str]:
-        tag = "{" + _bucket_name(principal) + "}"  # NOTE: hash tag keeps both buckets in one cluster slot
+        tag = "{" + _bucket_name(principal) + "}"  # hash tag keeps both buckets in one cluster slot
         return [self.client.key("rl", tag, "req"), self.client.key("rl", tag, "tok")]
 
     async def admit(self, principal: Principal, reserve_tokens: int) -> RateLimitDecision:
@@ -305,7 +306,7 @@ class FailoverRateLimiter:
         try:
             await self.primary.settle(principal, decision, actual_tokens)
         except RedisUnavailable:
-            pass  # NOTE: the refund is lost; the bucket refills within a window anyway
+            pass  # the refund is lost; the bucket refills within a window anyway
 
 
 def build_rate_limiter(settings: Settings, client: RedisClient | None) -> LocalRateLimiter | FailoverRateLimiter:

@@ -1,9 +1,7 @@
-"""Exact-match response cache for deterministic requests.
+"""Exact-match response cache: opaque keys to opaque bytes.
 
-A request is cacheable when its output is a function of its input: temperature 0 or an explicit
-seed (`is_cacheable`). The key hashes the model, the endpoint, the rendered prompt and every
-sampling parameter (`cache_key`); the value is whatever bytes the API stores (a serialized
-`CachedCompletion`). Entries above `max_entry_bytes` are not stored; entries expire after `ttl_s`.
+The API decides what is cacheable, computes the key and stores the finished JSON body; this module
+only keeps the bytes. Entries above `max_entry_bytes` are not stored; entries expire after `ttl_s`.
 
 Redis: plain `SET key value EX ttl`. In process: an LRU bounded by total bytes. While the Redis
 breaker is open the cache is bypassed (every `get` misses, every `put` is dropped), never swapped
@@ -12,77 +10,17 @@ for the local one: a process-local copy would serve answers the other replicas n
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-import orjson
 
 from deepseek_serve.cache.client import RedisClient, RedisUnavailable
 
 if TYPE_CHECKING:
     from deepseek_serve.config import Settings
 
-CACHE_FORMAT_VERSION = 1
 LOCAL_CACHE_MAX_TOTAL_BYTES = 64 * 1024 * 1024
-
-
-def is_cacheable(temperature: float, seed: int | None, n: int = 1) -> bool:
-    """Deterministic requests only: greedy, or sampled with an explicit seed."""
-    return (temperature == 0.0 or seed is not None) and n >= 1
-
-
-def cache_key(*, model: str, endpoint: str, prompt: str | list[int], params: Mapping[str, Any]) -> str:
-    """A stable hex digest of everything that decides the output.
-
-    `params` must hold every sampling parameter (max_tokens, temperature, top_p, top_k, min_p,
-    penalties, seed, stop, logprobs, n...); key order does not matter.
-    """
-    payload = {
-        "v": CACHE_FORMAT_VERSION,
-        "model": model,
-        "endpoint": endpoint,
-        "prompt": prompt,
-        "params": dict(params),
-    }
-    blob = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
-    return hashlib.sha256(blob).hexdigest()
-
-
-@dataclass(frozen=True)
-class CachedChoice:
-    text: str
-    finish_reason: str | None
-    reasoning_content: str | None = None
-    logprobs: Any = None  # the API's logprobs object, stored as sent
-
-
-@dataclass(frozen=True)
-class CachedCompletion:
-    """What a hit needs to answer again, streaming or not, without the engine."""
-
-    model: str
-    choices: list[CachedChoice] = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-    created: int = 0
-
-    def to_bytes(self) -> bytes:
-        return orjson.dumps(asdict(self))
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> CachedCompletion | None:
-        """None when the bytes are not a cache entry of this format (treated as a miss)."""
-        try:
-            raw = orjson.loads(data)
-            choices = [CachedChoice(**c) for c in raw.pop("choices")]
-            return cls(choices=choices, **raw)
-        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
-            return None
 
 
 class LocalResponseCache:

@@ -14,7 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# NOTE: one line per command module; heavy imports stay inside the command functions.
+# one line per command module; heavy imports stay inside the command functions.
 _COMMAND_MODULES = ("generate", "model", "bench", "serve", "db", "keys", "usage")
 
 for _name in _COMMAND_MODULES:

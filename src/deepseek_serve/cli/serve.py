@@ -51,16 +51,16 @@ def serve(
     overrides = {"host": host, "port": port, "workers": workers, "model": model, "log_level": log_level, "role": role}
     settings = settings_from_cli(**overrides)
     pull_pack_first(settings)
-    # NOTE: workers re-read the environment, so flags travel as DS_* variables.
+    # workers re-read the environment, so flags travel as DS_* variables.
     for name, value in overrides.items():
         if value is not None:
             os.environ[f"DS_{name.upper()}"] = str(value)
-    # NOTE: Uvicorn re-raises SIGTERM after its graceful shutdown; a no-op handler makes that a clean exit 0.
+    # Uvicorn re-raises SIGTERM after its graceful shutdown; a no-op handler makes that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     if settings.workers > 1:
         from deepseek_serve.observability.metrics import prepare_multiprocess_dir
 
-        # NOTE: before the workers spawn: they inherit PROMETHEUS_MULTIPROC_DIR and share /metrics files.
+        # before the workers spawn: they inherit PROMETHEUS_MULTIPROC_DIR and share /metrics files.
         prepare_multiprocess_dir(settings.data_dir)
     uvicorn.run(
         APP_FACTORY,

@@ -70,7 +70,7 @@ class GatewayEngine(AsyncEngine):
         model_info: ModelInfo,
         default_system_prompt: str | None = None,
     ) -> None:
-        # NOTE: no super().__init__(): there is no local scheduler core or worker thread.
+        # no super().__init__(): there is no local scheduler core or worker thread.
         self._settings = settings
         self._tokenizer = tokenizer
         self._template = template
@@ -195,7 +195,7 @@ class GatewayEngine(AsyncEngine):
         try:
             async for data in _sse_data(response):
                 if data == b"[DONE]":
-                    # NOTE: no break: reading on to the end of the body lets the connection go back to
+                    # no break: reading on to the end of the body lets the connection go back to
                     # the pool (a response closed early closes its connection: a new one per request).
                     continue
                 try:
@@ -457,7 +457,7 @@ def load_gateway_engine(settings: Settings) -> GatewayEngine:
         template_prefills_think=bool(template and template.prefills_think),
         created=int(time.time()),
     )
-    # NOTE: the engine's default system prompt (engine/loader.py), so gateway and engine render alike.
+    # the engine's default system prompt (engine/loader.py), so gateway and engine render alike.
     return GatewayEngine(settings, tokenizer, template, info, default_system_prompt=model.default_system_prompt)
 
 

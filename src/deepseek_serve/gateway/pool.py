@@ -91,7 +91,7 @@ class UpstreamPool:
         for name in [n for n, up in self.upstreams.items() if wanted.get(n) != up.spec]:
             up = self.upstreams.pop(name)
             self.router.drop(name)
-            # NOTE: requests in flight keep their own response objects; the client closes once they end.
+            # requests in flight keep their own response objects; the client closes once they end.
             task = asyncio.get_running_loop().create_task(_close_when_idle(up))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
@@ -186,7 +186,7 @@ class UpstreamPool:
         if busy:
             waiting = sum(int(u.report.get("waiting", 0) or 0) for n, u in self.upstreams.items() if n in tried)
             raise QueueFullError(waiting, retry_after_s=1.0)
-        # NOTE: the client sees no upstream names or addresses; the log has them.
+        # the client sees no upstream names or addresses; the log has them.
         logger.error("no upstream could take the request (tried %s; last: %s)", sorted(tried) or "none", last)
         raise EngineStoppedError("No upstream server is available to take the request.")
 
@@ -209,7 +209,7 @@ class UpstreamPool:
                 except ConnectionLost as exc:
                     if not exc.reused:
                         raise
-                    # NOTE: a pooled keep-alive connection the server closed as we reused it: the
+                    # a pooled keep-alive connection the server closed as we reused it: the
                     # request never reached the application; once more, on a fresh connection.
                     response = await up.client.request("POST", "/v1/completions", headers=headers, body=content)
         except TimeoutError:

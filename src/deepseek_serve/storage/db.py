@@ -19,10 +19,6 @@ if TYPE_CHECKING:
 SessionFactory = async_sessionmaker[AsyncSession]
 
 
-def is_sqlite_url(url: str) -> bool:
-    return make_url(url).get_backend_name() == "sqlite"
-
-
 def create_db_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
     """An async engine for `url` (default: settings.effective_database_url) with the pool settings.
 

@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# NOTE: fixed constraint names, so migrations can address them on every backend. Primary keys stay
+# fixed constraint names, so migrations can address them on every backend. Primary keys stay
 # unnamed: MySQL ignores (and warns about) primary key names.
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -84,9 +84,9 @@ class UsageRecord(Base):
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    # NOTE: unique, so replaying the spool after a partial failure inserts no duplicates.
+    # unique, so replaying the spool after a partial failure inserts no duplicates.
     request_id: Mapped[str] = mapped_column(String(64), unique=True)
-    # NOTE: no foreign key: a usage write must never fail on a key's lifecycle (keys are only revoked).
+    # no foreign key: a usage write must never fail on a key's lifecycle (keys are only revoked).
     key_id: Mapped[int | None] = mapped_column(BigInteger)
     model: Mapped[str] = mapped_column(String(128))
     endpoint: Mapped[str] = mapped_column(String(32))

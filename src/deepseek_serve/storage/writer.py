@@ -144,7 +144,7 @@ class UsageWriter:
     async def stop(self) -> None:
         """Stop the background task and write (or spool) everything still queued."""
         if self._task is not None:
-            # NOTE: no cancel: a batch being written finishes (or is spooled) before the task ends
+            # no cancel: a batch being written finishes (or is spooled) before the task ends
             self._stopping = True
             assert self._wake is not None
             self._wake.set()
@@ -176,7 +176,7 @@ class UsageWriter:
                 batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
                 self._in_flight = len(batch)
                 try:
-                    # NOTE: while the database is down (or older records wait in the spool) new records go
+                    # while the database is down (or older records wait in the spool) new records go
                     # straight to the spool, keeping the request order and sparing a dead server.
                     if self._spooled or self._db_down or not await self._write(batch):
                         await self._to_spool(batch)
@@ -227,7 +227,7 @@ class UsageWriter:
             logger.error("usage: %d record(s) rejected by the database, kept in %s", len(rejected), dead.path)
 
     async def _replay(self) -> None:
-        try:  # NOTE: before claiming, so a long outage does not leave one claimed file per retry
+        try:  # before claiming, so a long outage does not leave one claimed file per retry
             await asyncio.wait_for(self._repo.ping(), self._write_timeout_s)
         except _UNREACHABLE as exc:
             self._mark_down(exc)

@@ -26,7 +26,7 @@ router = APIRouter(prefix="/v1", tags=["conversations"])
 
 def owner_of(principal: Principal) -> int | None:
     """The storage owner id of a principal (None: the anonymous caller when auth is off)."""
-    return int(principal.key_id) if principal.key_id is not None else None
+    return principal.key_id
 
 
 def not_found(conversation_id: str) -> NotFoundError:
