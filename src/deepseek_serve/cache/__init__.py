@@ -28,6 +28,7 @@ from deepseek_serve.cache.response_cache import (
     is_cacheable,
 )
 from deepseek_serve.cache.sessions import FailoverSessionStore, LocalSessionStore, build_session_store
+from deepseek_serve.contracts import CacheState
 
 if TYPE_CHECKING:
     from deepseek_serve.config import Settings
@@ -63,8 +64,13 @@ class CacheLayer:
 
     @property
     def breaker(self) -> CircuitBreaker | None:
-        """The Redis circuit breaker (monitoring exports `breaker.state_value`); None without Redis."""
+        """The Redis circuit breaker; None without Redis."""
         return self.client.breaker if self.client is not None else None
+
+    def metrics_snapshot(self) -> CacheState:
+        """What `/metrics` exports of the cache layer: the Redis breaker's state."""
+        breaker = self.breaker
+        return CacheState(redis_circuit_state=breaker.state_value if breaker is not None else None)
 
     async def close(self) -> None:
         if self.client is not None:
