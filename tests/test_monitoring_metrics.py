@@ -161,6 +161,13 @@ async def test_engine_gauges_and_token_counters_follow_the_real_engine(engine: A
     assert after[("llm_requests_running", ())] == 0
 
 
+def test_the_engine_reports_its_stats_and_whether_it_accepts_work(engine: AsyncEngine) -> None:
+    state = engine.metrics_snapshot()
+    assert state.accepting and state.stats.is_running
+    assert state.stats.max_batch_size == engine.stats().max_batch_size
+    assert state.stats.kv_capacity_tokens > 0
+
+
 def test_redis_breaker_state_is_exported_from_the_cache_layer(settings: Settings) -> None:
     # a closed port: the real RedisClient's breaker, driven through its own protocol
     redis_settings = make_settings(
