@@ -208,6 +208,7 @@ def test_storage_state_of_the_default_sqlite_store(settings: Settings) -> None:
     storage = Storage(settings)
     state = {m.name: m.value for m in storage_state(storage.metrics_snapshot())}
     assert (state["ds_db_pool_size"], state["ds_db_pool_max_overflow"], state["ds_db_pool_in_use"]) == (5, 10, 0)
+    assert storage.engine.sync_engine.pool._max_overflow == 10  # type: ignore[attr-defined]  # SQLAlchemy's own
     assert state["ds_usage_spool_backlog"] == state["ds_usage_queue_depth"] == 0
     assert state["ds_usage_database_reachable"] == 1
     assert state["ds_usage_records_written"] == 0
