@@ -7,8 +7,8 @@ Each recorded request observes the four latency histograms (16 inter-token gaps 
 histograms, a finish reason, an HTTP request on one of 8 (method, route template) pairs with one of
 5 statuses, and every 10th a rejection and a response-cache lookup; timings come from `random.Random(0)`.
 The real engine (default model) is attached, so its stats are read at every scrape as in the server.
-Prints a Markdown table: median and p95 scrape time, exposition size, ratio to an empty registry,
-and the multiprocess aggregation against prometheus_client's own MultiProcessCollector on the same files.
+Prints a Markdown table: median and p95 scrape time, exposition size, ratio to an empty registry.
+In multiprocess mode a scrape merges the workers' files with prometheus_client's MultiProcessCollector.
 """
 
 from __future__ import annotations
@@ -52,22 +52,6 @@ def make_metrics(with_engine: bool) -> Any:
         engine = AsyncEngine.from_settings(load_settings(_env_file=None, n_threads=1))
         metrics.attach(engine)
     return metrics
-
-
-class StockMultiProcess:
-    """prometheus_client's own MultiProcessCollector on the same files: the baseline of the ratio."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        self.registry = CollectorRegistry()
-        MultiProcessCollector(self.registry)
-
-    def render(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 def record(metrics: Any, n: int, seed: int) -> None:
@@ -122,8 +106,6 @@ def run_role(args: argparse.Namespace) -> None:
         metrics.sample()
     elif args.role == "scraper":
         print(json.dumps(time_scrapes(metrics, args.scrapes)))
-    elif args.role == "stock-scraper":
-        print(json.dumps(time_scrapes(StockMultiProcess(), args.scrapes)))
 
 
 def child(args: argparse.Namespace, role: str, env: dict[str, str], **extra: Any) -> str:
@@ -142,7 +124,7 @@ def main() -> None:
     parser.add_argument("--scrapes", type=int, default=200)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--no-engine", action="store_true", help="do not attach the real engine")
-    parser.add_argument("--role", choices=("single", "worker", "scraper", "stock-scraper"), help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("single", "worker", "scraper"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -177,7 +159,6 @@ def main() -> None:
             if p.wait() != 0:
                 raise SystemExit("a worker failed")
         mp_full = json.loads(child(args, "scraper", mp_env))
-        mp_stock = json.loads(child(args, "stock-scraper", mp_env))
         files = len(os.listdir(mp_dir))
 
     mp = f"multiprocess, {args.workers} workers ({files} files)"
@@ -186,7 +167,6 @@ def main() -> None:
         ("one process", args.requests, single["full"], single["empty"]),
         (f"{mp}", 0, mp_empty, mp_empty),
         (f"{mp}", args.requests, mp_full, mp_empty),
-        (f"{mp}, prometheus_client's MultiProcessCollector", args.requests, mp_stock, mp_empty),
     ]
     print(
         f"# /metrics scrape time ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -199,10 +179,6 @@ def main() -> None:
             f"| {mode} | {n} | {r['lines']} | {r['bytes']} | {r['median_ms']:.2f} | {r['p95_ms']:.2f} | "
             f"{r['median_ms'] / base['median_ms']:.2f}x |"
         )
-    print(
-        f"\nmultiprocess aggregation, ours vs prometheus_client's: "
-        f"{mp_stock['median_ms'] / mp_full['median_ms']:.2f}x faster (median)"
-    )
     worst = max(single["full"]["p95_ms"], mp_full["p95_ms"])
     print(
         f"\ntarget: under 50 ms with {args.requests} requests recorded; worst p95 {worst:.2f} ms "

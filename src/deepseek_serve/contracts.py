@@ -2,6 +2,8 @@
 decided (`RateLimitDecision`), what a finished request cost (`UsageEvent`), and the small protocols
 that storage, cache and observability implement for the API (`Authenticator`, `UsageSink`,
 `ConversationStore`, `RateLimiter`, `ResponseCache`, `Metrics`).
+The storage and cache layers report their state to metrics through `StateReporter`
+(`metrics_snapshot()` returning `StorageState` / `CacheState`).
 
 Imports nothing of this package, so `api`, `cache`, `storage` and `observability` can all import it
 (tests/test_layering.py keeps that true).
@@ -10,7 +12,7 @@ Imports nothing of this package, so `api`, `cache`, `storage` and `observability
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 
 # --- identity ---------------------------------------------------------------------------------------
@@ -147,7 +149,58 @@ class Metrics(Protocol):
     ) -> None: ...
 
     def rejected(self, reason: str) -> None:
-        """reason: queue_full | rate_limited | timeout | circuit_open | auth"""
+        """reason: queue_full | rate_limited | timeout | auth"""
         ...
 
     def response_cache(self, hit: bool) -> None: ...
+
+
+# --- component state for metrics --------------------------------------------------------------------
+T_co = TypeVar("T_co", covariant=True)
+
+
+class StateReporter(Protocol[T_co]):
+    """A component that reports its state to metrics: `metrics_snapshot()` returns a frozen value,
+    cheap enough to call at every scrape and from any thread, never raising for a missing backend."""
+
+    def metrics_snapshot(self) -> T_co: ...
+
+
+@dataclass(frozen=True)
+class DatabasePoolState:
+    """A database connection pool: connections it keeps, checked out now, open beyond `size` now,
+    and the overflow it allows."""
+
+    size: int
+    in_use: int
+    overflow: int
+    max_overflow: int
+
+
+@dataclass(frozen=True)
+class UsageWriterState:
+    """The usage writer: records spooled on disk, records in memory (queued or being written),
+    whether the database answers, and what became of the records so far."""
+
+    spool_backlog: int
+    queue_depth: int
+    database_reachable: bool
+    written_total: int
+    spooled_total: int
+    rejected_total: int
+
+
+@dataclass(frozen=True)
+class StorageState:
+    """The storage layer; `pool` is None for a pool that does not count connections."""
+
+    pool: DatabasePoolState | None
+    usage: UsageWriterState
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """The cache layer; `redis_circuit_state` is the Redis breaker (0 closed, 1 half-open, 2 open),
+    None when running without Redis."""
+
+    redis_circuit_state: int | None

@@ -1,5 +1,6 @@
-"""Metrics: the `Metrics` hooks, state read from the real engine, Redis breaker and database pool, and
-`/metrics` served by the real app (in process, real model)."""
+"""Metrics: the `Metrics` hooks, state reported by the real engine, Redis breaker, database pool and
+usage writer, multiprocess mode across real processes, and `/metrics` served by the real app (in
+process, real model)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,20 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from deepseek_serve.api.app import create_app
-from deepseek_serve.api.services import Services
 from deepseek_serve.cache import build_cache_layer
 from deepseek_serve.config import Settings
+from deepseek_serve.contracts import CacheState
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.types import EngineStats, GenerationRequest, SamplingParams
 from deepseek_serve.observability.metrics import (
     MULTIPROC_ENV,
     PrometheusMetrics,
+    cache_state,
     engine_state,
     prepare_multiprocess_dir,
-    services_state,
+    storage_state,
 )
+from deepseek_serve.storage.runtime import Storage
 from tests.support.settings import make_settings
 
 MARIADB_URL = "mysql+asyncmy://root@127.0.0.1:3306/test"
@@ -131,7 +134,7 @@ def test_engine_state_reports_a_stalled_engine_not_ready() -> None:
     assert draining["ds_engine_ready"] == 0
 
 
-# --- state read from the real engine, Redis breaker and database pool -----------------------------------
+# --- state reported by the real engine, Redis breaker, database pool and usage writer -----------------
 async def test_engine_gauges_and_token_counters_follow_the_real_engine(engine: AsyncEngine) -> None:
     m = PrometheusMetrics(process_metrics=False)
     m.attach(engine)
@@ -158,43 +161,73 @@ async def test_engine_gauges_and_token_counters_follow_the_real_engine(engine: A
     assert after[("llm_requests_running", ())] == 0
 
 
+def test_the_engine_reports_its_stats_and_whether_it_accepts_work(engine: AsyncEngine) -> None:
+    state = engine.metrics_snapshot()
+    assert state.accepting and state.stats.is_running
+    assert state.stats.max_batch_size == engine.stats().max_batch_size
+    assert state.stats.kv_capacity_tokens > 0
+
+
 def test_redis_breaker_state_is_exported_from_the_cache_layer(settings: Settings) -> None:
-    # NOTE: a closed port: the real RedisClient's breaker, driven through its own protocol.
+    # a closed port: the real RedisClient's breaker, driven through its own protocol
     redis_settings = make_settings(
         settings.data_dir, redis_url="redis://127.0.0.1:1/0", breaker_failure_threshold=2, breaker_reset_s=60
     )
     layer = build_cache_layer(redis_settings)
-    services = Services(settings=redis_settings, engine=None, extras={"cache": layer})  # type: ignore[arg-type]
-    state = {m.name: m.value for m in services_state(services)}
-    assert state["ds_redis_circuit_state"] == 0
+    assert {m.name: m.value for m in cache_state(layer.metrics_snapshot())} == {"ds_redis_circuit_state": 0}
     assert layer.breaker is not None
     layer.breaker.record_failure("refused")
     layer.breaker.record_failure("refused")
-    assert {m.name: m.value for m in services_state(services)}["ds_redis_circuit_state"] == 2
-    no_redis = Services(settings=settings, engine=None, extras={"cache": build_cache_layer(settings)})  # type: ignore[arg-type]
-    assert [m.name for m in services_state(no_redis)] == []
+    assert {m.name: m.value for m in cache_state(layer.metrics_snapshot())}["ds_redis_circuit_state"] == 2
+    no_redis = build_cache_layer(settings)
+    assert no_redis.metrics_snapshot() == CacheState(redis_circuit_state=None)
+    assert cache_state(no_redis.metrics_snapshot()) == []
 
 
 async def test_database_pool_usage_is_read_from_the_real_pool(settings: Settings) -> None:
     from sqlalchemy import text
 
-    from deepseek_serve.storage.db import create_db_engine
-
     db_settings = make_settings(settings.data_dir, database_url=MARIADB_URL, db_pool_size=3, db_max_overflow=2)
-    db = create_db_engine(db_settings)
-    services = Services(settings=db_settings, engine=None, extras={"db": db})  # type: ignore[arg-type]
+    storage = Storage(db_settings)
     try:
-        async with db.connect() as c1, db.connect() as c2:
+        async with storage.engine.connect() as c1, storage.engine.connect() as c2:
             await c1.execute(text("SELECT 1"))
             await c2.execute(text("SELECT 1"))
-            state = {m.name: m.value for m in services_state(services)}
+            state = {m.name: m.value for m in storage_state(storage.metrics_snapshot())}
             assert state["ds_db_pool_in_use"] == 2
             assert state["ds_db_pool_size"] == 3
             assert state["ds_db_pool_max_overflow"] == 2
             assert state["ds_db_pool_overflow"] == 0
-        assert {m.name: m.value for m in services_state(services)}["ds_db_pool_in_use"] == 0
+        assert {m.name: m.value for m in storage_state(storage.metrics_snapshot())}["ds_db_pool_in_use"] == 0
     finally:
-        await db.dispose()
+        await storage.engine.dispose()
+
+
+def test_storage_state_of_the_default_sqlite_store(settings: Settings) -> None:
+    """The embedded SQLite store keeps SQLAlchemy's pool defaults (5 connections, overflow 10)."""
+    storage = Storage(settings)
+    state = {m.name: m.value for m in storage_state(storage.metrics_snapshot())}
+    assert (state["ds_db_pool_size"], state["ds_db_pool_max_overflow"], state["ds_db_pool_in_use"]) == (5, 10, 0)
+    assert storage.engine.sync_engine.pool._max_overflow == 10  # type: ignore[attr-defined]  # SQLAlchemy's own
+    assert state["ds_usage_spool_backlog"] == state["ds_usage_queue_depth"] == 0
+    assert state["ds_usage_database_reachable"] == 1
+    assert state["ds_usage_records_written"] == 0
+
+
+def test_a_component_that_fails_to_report_adds_no_metric() -> None:
+    class Broken:
+        def metrics_snapshot(self) -> CacheState:
+            raise RuntimeError("gone")
+
+    class Open:
+        def metrics_snapshot(self) -> CacheState:
+            return CacheState(redis_circuit_state=2)
+
+    m = PrometheusMetrics(process_metrics=False)
+    m.attach(None, cache=Broken())
+    assert "ds_redis_circuit_state" not in m.render()[0].decode()
+    m.attach(None, cache=Open())
+    assert value(m, "ds_redis_circuit_state") == 2
 
 
 def test_prepare_multiprocess_dir_clears_old_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,46 +240,116 @@ def test_prepare_multiprocess_dir_clears_old_files(tmp_path: Path, monkeypatch: 
     assert path.is_dir() and list(path.iterdir()) == []
 
 
+# --- multiprocess mode, across real processes -----------------------------------------------------------
+# One worker: records 50 requests and reports engine and cache state, says "ready", then ends as
+# told on stdin: "close" (a clean shutdown) or "crash" (no close()). argv: seed, Redis breaker state.
 _WORKER = """
 import sys
-from prometheus_client import Gauge
+from deepseek_serve.contracts import CacheState
+from deepseek_serve.engine.types import EngineState, EngineStats
 from deepseek_serve.observability.metrics import PrometheusMetrics
 
-m = PrometheusMetrics()
-seed = int(sys.argv[1])
+seed, circuit = int(sys.argv[1]), int(sys.argv[2])
+
+class Engine:
+    def metrics_snapshot(self):
+        stats = EngineStats(num_running=seed, num_waiting=0, max_batch_size=8, max_queue_size=64,
+                            kv_capacity_tokens=100, kv_used_tokens=10 * seed, last_step_monotonic=0.0,
+                            steps_total=seed, prompt_tokens_total=0, generation_tokens_total=100 * seed,
+                            prefix_cache_queries_tokens_total=0, prefix_cache_hits_tokens_total=0, is_running=True)
+        return EngineState(stats=stats, accepting=True)
+
+class Cache:
+    def metrics_snapshot(self):
+        return CacheState(redis_circuit_state=circuit)
+
+m = PrometheusMetrics(sample_interval_s=3600.0)
+assert m.multiprocess
+m.attach(Engine(), cache=Cache())
 for i in range(50):
     m.observe_request(endpoint="completions", finish_reason=("stop", "length")[i % 2], prompt_tokens=i,
                       completion_tokens=seed + i, cached_tokens=0, queue_s=i / 100, ttft_s=i / 10,
                       e2e_s=i / 5, itl_s=[0.01 * seed, 0.02])
     m.observe_http("POST", "/v1/completions", (200, 429)[i % 3 == 0], i / 50)
 m.rejected("queue_full")
-for mode in ("all", "liveall", "mostrecent", "min", "max", "livesum"):
-    Gauge(f"extra_{mode}", "x", ["k"], registry=None, multiprocess_mode=mode).labels("a").set(seed * 10 + 1)
+print("ready", flush=True)
+if sys.stdin.readline().strip() == "close":
+    m.close()
+"""
+
+# A scrape by another worker; argv: "attach" (as a starting worker does) or "plain".
+_SCRAPER = """
+import sys
+from deepseek_serve.observability.metrics import PrometheusMetrics
+
+m = PrometheusMetrics(sample_interval_s=3600.0)
+if sys.argv[1] == "attach":
+    m.attach(None)
+sys.stdout.write(m.render()[0].decode())
 """
 
 
-def test_multiprocess_aggregation_equals_prometheus_client(tmp_path: Path) -> None:
+def test_multiprocess_metrics_sum_the_workers_of_real_processes(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    from deepseek_serve.observability.metrics import MultiProcessFilesCollector
-
     env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
-    for seed in (1, 2, 3):  # three worker processes writing their own files
-        subprocess.run([sys.executable, "-c", _WORKER, str(seed)], env=env, check=True, timeout=60)
-    reference, ours = CollectorRegistry(), CollectorRegistry()
-    MultiProcessCollector(reference, path=str(tmp_path))
-    ours.register(MultiProcessFilesCollector(str(tmp_path)))
-    expected = samples(generate_latest(reference).decode())
-    got = samples(generate_latest(ours).decode())
-    assert got == expected
-    assert got[("llm_request_success_total", (("finish_reason", "stop"),))] == 75
-    assert got[("llm_inter_token_latency_seconds_count", ())] == 300
-    assert got[("extra_max", (("k", "a"),))] == 31
-    assert len([k for k in got if k[0] == "extra_all"]) == 3  # one series per worker pid
+
+    def scrape(how: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        done = subprocess.run(
+            [sys.executable, "-c", _SCRAPER, how], env=env, check=True, timeout=120, capture_output=True, text=True
+        )
+        return samples(done.stdout)
+
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, seed, circuit],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for seed, circuit in (("1", "2"), ("2", "1"))
+    ]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
+        both = scrape("attach")  # both alive: nothing of theirs is dropped
+        assert both[("llm_request_success_total", (("finish_reason", "stop"),))] == 50
+        assert both[("llm_request_success_total", (("finish_reason", "length"),))] == 50
+        assert both[("llm_requests_rejected_total", (("reason", "queue_full"),))] == 2
+        assert both[("llm_inter_token_latency_seconds_count", ())] == 200
+        assert both[("llm_inter_token_latency_seconds_bucket", (("le", "0.01"),))] == 50  # worker 1's 0.01 gaps
+        assert both[("llm_request_generation_tokens_sum", ())] == sum(range(50)) * 2 + 50 * 3
+        http_429 = ("ds_http_requests_total", (("method", "POST"), ("route", "/v1/completions"), ("status", "429")))
+        assert both[http_429] == 34
+        # state: counters and livesum gauges add up, livemax takes the largest
+        assert both[("llm_generation_tokens_total", ())] == 300
+        assert both[("llm_engine_steps_total", ())] == 3
+        assert both[("llm_requests_running", ())] == 3
+        assert both[("llm_max_batch_size", ())] == 16
+        assert both[("llm_kv_cache_usage_ratio", ())] == 0.2
+        assert both[("ds_redis_circuit_state", ())] == 2
+
+        workers[1].communicate("close\n", timeout=60)  # worker 2 shuts down cleanly
+        workers[0].communicate("crash\n", timeout=60)  # worker 1 ends without close()
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    # the closed worker's gauges left with it; the crashed worker's are still there
+    ended = scrape("plain")
+    assert ended[("llm_requests_running", ())] == 1
+    assert ended[("ds_redis_circuit_state", ())] == 2
+    assert ended[("llm_generation_tokens_total", ())] == 300  # counters stay: they are still true
+    # a starting worker drops the gauges of workers that are gone; counters stay
+    restarted = scrape("attach")
+    assert ("ds_redis_circuit_state", ()) not in restarted
+    assert ("llm_requests_running", ()) not in restarted
+    assert restarted[("llm_generation_tokens_total", ())] == 300
+    assert restarted[("llm_request_success_total", (("finish_reason", "stop"),))] == 50
+    assert restarted[("process_resident_memory_bytes", ())] > 0
 
 
 # --- /metrics served by the real app ----------------------------------------------------------------------

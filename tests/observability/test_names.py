@@ -10,7 +10,6 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from deepseek_serve.api.services import Services
 from deepseek_serve.cache import build_cache_layer
 from deepseek_serve.config import Settings
 from deepseek_serve.engine.async_engine import AsyncEngine
@@ -40,7 +39,7 @@ ISSUE_METRICS = {
     "llm_kv_cache_usage_ratio",
     "llm_batch_size",
 }
-# NOTE: process facts no panel needs
+# process facts no panel needs
 NOT_ON_DASHBOARD = {
     "process_virtual_memory_bytes",
     "process_start_time_seconds",
@@ -60,14 +59,8 @@ def app_metric_families(
     data = tmp_path_factory.mktemp("names")
     full = make_settings(data, redis_url="redis://127.0.0.1:6379/0")
     storage = Storage(full)
-    services = Services(
-        settings=full,
-        engine=engine,
-        usage=storage.writer,
-        extras={"cache": build_cache_layer(full), "storage": storage},
-    )
     metrics = PrometheusMetrics()
-    metrics.attach(engine, services)
+    metrics.attach(engine, storage=storage, cache=build_cache_layer(full))
     text = metrics.render()[0].decode()
     return {f.name: f.type for f in text_string_to_metric_families(text)}
 

@@ -15,6 +15,7 @@ import pytest_asyncio
 from sqlalchemy import select, text
 
 from deepseek_serve.api.services import UsageEvent
+from deepseek_serve.contracts import UsageWriterState
 from deepseek_serve.storage import migrate
 from deepseek_serve.storage.db import create_db_engine, create_session_factory
 from deepseek_serve.storage.models import UsageRecord
@@ -148,6 +149,14 @@ async def test_unreachable_database_spools_and_next_start_replays(repo: UsageRep
         down.record(event(f"s{i}", key_id=None if i % 5 == 0 else 7))
     await wait_until(lambda: down.spool_backlog() == 35)
     assert not down.database_reachable and down.queue_depth() == 0
+    assert down.metrics_snapshot() == UsageWriterState(
+        spool_backlog=35,
+        queue_depth=0,
+        database_reachable=False,
+        written_total=0,
+        spooled_total=35,
+        rejected_total=0,
+    )
     await down.stop()  # nothing lost at shutdown either: still on disk
     # on disk: the spool, plus files a failed replay attempt claimed (kept until written)
     assert sorted(spooled_ids(tmp_path)) == sorted(f"s{i}" for i in range(35))

@@ -110,7 +110,7 @@ _KEYWORDS = frozenset(
         "nan",
     }
 )
-# NOTE: metric names Prometheus makes itself
+# metric names Prometheus makes itself
 BUILTIN_METRICS = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE", "scrape_duration_seconds", "scrape_samples_scraped"})
 
 

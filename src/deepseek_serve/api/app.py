@@ -44,7 +44,7 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     services = Services(settings=settings, engine=engine)
     if settings.role == "engine":  # behind a gateway: no keys, limits, usage, cache or conversations
         metrics = PrometheusMetrics()
-        metrics.attach(engine, services)
+        metrics.attach(engine)
         services.metrics = metrics
         services.extras["metrics"] = metrics
         return services
@@ -69,7 +69,7 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     services.extras["cache"] = cache_layer  # .breaker: the Redis circuit breaker (None without Redis)
     # --- observability (monitoring issue): services.metrics -----------------------------------------
     metrics = PrometheusMetrics()
-    metrics.attach(engine, services)
+    metrics.attach(engine, storage=storage, cache=cache_layer)
     services.metrics = metrics
     services.extras["metrics"] = metrics
     if settings.role == "gateway":

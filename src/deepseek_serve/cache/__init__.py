@@ -19,6 +19,7 @@ from deepseek_serve.cache.limiter import (
     build_rate_limiter,
 )
 from deepseek_serve.cache.response_cache import LocalResponseCache, RedisResponseCache, build_response_cache
+from deepseek_serve.contracts import CacheState
 
 if TYPE_CHECKING:
     from deepseek_serve.config import Settings
@@ -47,8 +48,13 @@ class CacheLayer:
 
     @property
     def breaker(self) -> CircuitBreaker | None:
-        """The Redis circuit breaker (monitoring exports `breaker.state_value`); None without Redis."""
+        """The Redis circuit breaker; None without Redis."""
         return self.client.breaker if self.client is not None else None
+
+    def metrics_snapshot(self) -> CacheState:
+        """What `/metrics` exports of the cache layer: the Redis breaker's state."""
+        breaker = self.breaker
+        return CacheState(redis_circuit_state=breaker.state_value if breaker is not None else None)
 
     async def close(self) -> None:
         if self.client is not None:

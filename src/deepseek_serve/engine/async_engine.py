@@ -21,6 +21,7 @@ from deepseek_serve.engine.chat_template import ChatTemplate
 from deepseek_serve.engine.errors import EngineStoppedError
 from deepseek_serve.engine.llm_engine import LLMEngine
 from deepseek_serve.engine.types import (
+    EngineState,
     EngineStats,
     GenerationRequest,
     ModelInfo,
@@ -233,6 +234,10 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self._core.stats(is_running=self._thread is not None and not self._stopping)
+
+    def metrics_snapshot(self) -> EngineState:
+        """What `/metrics` exports of the engine (a gateway's `stats()` included)."""
+        return EngineState(stats=self.stats(), accepting=self._accepting)
 
     # --- worker thread -----------------------------------------------------------------------------
     def _run(self) -> None:

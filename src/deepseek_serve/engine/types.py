@@ -246,3 +246,11 @@ class EngineStats:
     @property
     def kv_usage_ratio(self) -> float:
         return self.kv_used_tokens / self.kv_capacity_tokens if self.kv_capacity_tokens else 0.0
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What the engine reports to metrics: its stats and whether it takes new requests."""
+
+    stats: EngineStats
+    accepting: bool

@@ -1,4 +1,5 @@
-"""Per-upstream Prometheus series of a gateway, read from the pool at scrape time."""
+"""Per-upstream Prometheus series of a gateway, read from each upstream's `metrics_snapshot()` at
+scrape time."""
 
 from __future__ import annotations
 
@@ -42,11 +43,12 @@ class UpstreamCollector(Collector):
         ejected = CounterMetricFamily(
             "llm_gateway_upstream_ejections", "Times its breaker opened.", labels=["upstream"]
         )
-        for name, u in list(self._upstreams.items()):
-            up.add_metric([name], 1.0 if u.available() else 0.0)
-            load.add_metric([name], u.load())
-            inflight.add_metric([name], u.inflight)
-            served.add_metric([name], u.served_total)
-            failed.add_metric([name], u.failed_total)
-            ejected.add_metric([name], u.ejections_total)
+        for upstream in list(self._upstreams.values()):
+            state = upstream.metrics_snapshot()
+            up.add_metric([state.name], 1.0 if state.available else 0.0)
+            load.add_metric([state.name], state.load)
+            inflight.add_metric([state.name], state.inflight)
+            served.add_metric([state.name], state.served_total)
+            failed.add_metric([state.name], state.failed_total)
+            ejected.add_metric([state.name], state.ejections_total)
         yield from (up, load, inflight, served, failed, ejected)

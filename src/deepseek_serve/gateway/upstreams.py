@@ -212,6 +212,19 @@ class UpstreamSource:
             return None
 
 
+@dataclass(frozen=True)
+class UpstreamState:
+    """What `/metrics` exports of one upstream."""
+
+    name: str
+    available: bool
+    load: float
+    inflight: int
+    served_total: int
+    failed_total: int
+    ejections_total: int
+
+
 @dataclass
 class Upstream:
     """One upstream's live state. Mutated only on the event loop."""
@@ -261,6 +274,17 @@ class Upstream:
             logger.warning("upstream %s ejected for %.1fs: %s", self.name, eject_s, why)
             return True
         return False
+
+    def metrics_snapshot(self) -> UpstreamState:
+        return UpstreamState(
+            name=self.name,
+            available=self.available(),
+            load=self.load(),
+            inflight=self.inflight,
+            served_total=self.served_total,
+            failed_total=self.failed_total,
+            ejections_total=self.ejections_total,
+        )
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -25,7 +25,7 @@ import orjson
 if TYPE_CHECKING:
     from deepseek_serve.config import Settings
 
-# NOTE: the request's fields; a mutable dict so what inner code binds is seen by the outer middleware.
+# The request's fields; a mutable dict so what inner code binds is seen by the outer middleware.
 _fields_var: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("log_fields", default=None)
 
 CONTEXT_FIELDS = ("request_id", "key_id", "route", "status", "latency_ms", "tokens")
@@ -74,7 +74,7 @@ def _access_fields(record: logging.LogRecord) -> dict[str, Any] | None:
     if record.name != _ACCESS_LOGGER or not isinstance(args, tuple) or len(args) != 5:
         return None
     client, method, full_path, http_version, status = args
-    path = str(full_path).split("?", 1)[0]  # NOTE: query strings may carry user text or secrets
+    path = str(full_path).split("?", 1)[0]  # query strings may carry user text or secrets
     return {
         "message": f"{method} {path} HTTP/{http_version} {status}",
         "client": str(client),

@@ -1,14 +1,15 @@
-"""Prometheus metrics: the `Metrics` hooks the API calls, plus state read from the engine and the
-service objects.
+"""Prometheus metrics: the `Metrics` hooks the API calls, plus the state the engine, the storage layer
+and the cache layer report through their `metrics_snapshot()` methods.
 
 Two modes, picked when `PrometheusMetrics` is built:
 
-- one process (no `PROMETHEUS_MULTIPROC_DIR`): a private registry; engine and service state is read
-  at scrape time by `StateCollector`, so nothing runs between scrapes.
-- several Uvicorn workers (`PROMETHEUS_MULTIPROC_DIR` set before `prometheus_client` is imported,
-  see `prepare_multiprocess_dir`): every metric is backed by prometheus_client's mmap files in that
-  folder; a sampler thread copies engine and service state into them every `sample_interval_s`,
-  and a scrape of any worker aggregates all workers' files (`MultiProcessCollector`).
+- one process (no `PROMETHEUS_MULTIPROC_DIR`): a private registry; state is read at scrape time by
+  `StateCollector`, so nothing runs between scrapes.
+- several Uvicorn workers: prometheus_client's multiprocess mode. `PROMETHEUS_MULTIPROC_DIR` is set
+  before prometheus_client is imported (`prepare_multiprocess_dir`, called by the serve command), so
+  every metric writes to this worker's files in that folder; a sampler thread copies state into
+  gauges and counters every `sample_interval_s`; a scrape of any worker merges all workers' files
+  (`MultiProcessCollector`); `close()` calls `mark_process_dead`, which drops this worker's live gauges.
 
 Labels are bounded: finish reasons, rejection reasons, HTTP method, route template and status.
 Never a key, a raw path or user text.
@@ -17,16 +18,15 @@ Never a key, a raw path or user text.
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,23 +37,26 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
+    values,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
-from deepseek_serve.engine.types import EngineStats
+from deepseek_serve.contracts import CacheState, StateReporter, StorageState
+from deepseek_serve.engine.types import EngineState, EngineStats
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 FINISH_REASONS = frozenset({"stop", "length", "abort", "timeout", "error", "cached"})
-REJECT_REASONS = frozenset({"queue_full", "rate_limited", "timeout", "circuit_open", "auth"})
+REJECT_REASONS = frozenset({"queue_full", "rate_limited", "timeout", "auth"})
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
-# NOTE: seconds; chosen for a CPU-served small model (ms per token) up to long GPU generations.
+# Seconds; chosen for a CPU-served small model (ms per token) up to long GPU generations.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
@@ -61,15 +64,11 @@ QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 HTTP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
-# NOTE: as /health/ready: an engine with work whose last step is older than this is not ready.
+# As /health/ready: an engine with work whose last step is older than this is not ready.
 STALL_AFTER_S = 30.0
 
 
-class StatsSource(Protocol):
-    def stats(self) -> EngineStats: ...
-
-
-# --- state read from the engine and the service objects ------------------------------------------------
+# --- state reported by the components ---------------------------------------------------------------
 GaugeMode = Literal["livesum", "livemax", "livemin"]
 
 
@@ -136,152 +135,66 @@ def engine_state(stats: EngineStats, accepting: bool, now: float) -> list[StateM
     ]
 
 
-def _attr(obj: object, *names: str) -> Any:
-    """The first of `names` present on `obj` (None when none is)."""
-    for name in names:
-        value = getattr(obj, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def _candidates(services: object) -> Iterator[object]:
-    """Service objects and the objects they hold one level down (clients, engines, spools)."""
-    seen: set[int] = set()
-    roots: list[object] = [
-        getattr(services, slot, None)
-        for slot in ("auth", "usage", "conversations", "limiter", "response_cache", "sessions")
-    ]
-    extras = getattr(services, "extras", None)
-    if isinstance(extras, dict):
-        roots.extend(extras.values())
-    for root in roots:
-        for obj in (
-            root,
-            *(
-                getattr(root, n, None)
-                for n in ("redis", "client", "engine", "db", "db_engine", "storage", "writer", "primary")
-            ),
-        ):
-            if obj is None or id(obj) in seen:
-                continue
-            seen.add(id(obj))
-            yield obj
-
-
-def services_state(services: object) -> list[StateMetric]:
-    """Redis breaker, database pool and usage spool state, read defensively: a slot that is off or an
-    object that exposes nothing adds no metric. Never raises."""
+def storage_state(state: StorageState) -> list[StateMetric]:
+    """Database pool gauges (when the pool counts connections) and the usage writer's state."""
     out: list[StateMetric] = []
-    breaker_value: float | None = None
-    pool_done = False
-    spool_done = False
-    for obj in _candidates(services):
-        try:
-            breaker = getattr(obj, "breaker", None)
-            if breaker is not None and breaker_value is None:
-                value = getattr(breaker, "state_value", None)
-                if isinstance(value, int | float):
-                    breaker_value = float(value)
-            if not pool_done:
-                pool_done = _pool_state(obj, out)
-            if not spool_done:
-                spool_done = _usage_state(obj, out)
-        except Exception:  # NOTE: a scrape must not fail because one object misbehaves
-            logger.debug("reading metrics state from %r failed", type(obj).__name__, exc_info=True)
-    if breaker_value is not None:
-        out.append(
+    pool = state.pool
+    if pool is not None:
+        out += [
             StateMetric(
-                "ds_redis_circuit_state",
-                "Redis circuit breaker: 0 closed, 1 half-open, 2 open (fallbacks in use).",
-                "gauge",
-                breaker_value,
-                "livemax",
-            )
-        )
-    return out
-
-
-def _pool_state(obj: object, out: list[StateMetric]) -> bool:
-    sync_engine = getattr(obj, "sync_engine", None)
-    pool = getattr(sync_engine, "pool", None) if sync_engine is not None else None
-    if pool is None or not callable(getattr(pool, "checkedout", None)):
-        return False
-    size = pool.size() if callable(getattr(pool, "size", None)) else 0
-    overflow = pool.overflow() if callable(getattr(pool, "overflow", None)) else 0
-    out.append(
-        StateMetric("ds_db_pool_size", "Database connections the pool keeps (DS_DB_POOL_SIZE).", "gauge", float(size))
-    )
-    out.append(
-        StateMetric("ds_db_pool_in_use", "Database connections checked out now.", "gauge", float(pool.checkedout()))
-    )
-    out.append(
-        StateMetric(
-            "ds_db_pool_overflow", "Connections open beyond the pool size now.", "gauge", float(max(overflow, 0))
-        )
-    )
-    max_overflow = getattr(pool, "_max_overflow", None)
-    if isinstance(max_overflow, int) and max_overflow >= 0:
-        out.append(
+                "ds_db_pool_size", "Database connections the pool keeps (DS_DB_POOL_SIZE).", "gauge", pool.size
+            ),
+            StateMetric("ds_db_pool_in_use", "Database connections checked out now.", "gauge", pool.in_use),
+            StateMetric("ds_db_pool_overflow", "Connections open beyond the pool size now.", "gauge", pool.overflow),
             StateMetric(
-                "ds_db_pool_max_overflow", "Allowed overflow (DS_DB_MAX_OVERFLOW).", "gauge", float(max_overflow)
-            )
-        )
-    return True
-
-
-def _number(value: Any) -> float | None:
-    if callable(value):
-        value = value()
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _usage_state(obj: object, out: list[StateMetric]) -> bool:
-    """The usage writer (storage.writer.UsageWriter): `spool_backlog()` (else `backlog()`),
-    `queue_depth()`, `database_reachable`, `*_total`."""
-    backlog = _number(_attr(obj, "spool_backlog", "backlog"))
-    if backlog is None:
-        return False
-    out.append(
+                "ds_db_pool_max_overflow", "Allowed overflow (DS_DB_MAX_OVERFLOW).", "gauge", pool.max_overflow
+            ),
+        ]
+    usage = state.usage
+    out += [
         StateMetric(
             "ds_usage_spool_backlog",
             "Usage records spooled on disk, waiting for the database.",
             "gauge",
-            backlog,
+            usage.spool_backlog,
+            "livemax",
+        ),
+        StateMetric(
+            "ds_usage_queue_depth", "Usage records in memory, queued or being written.", "gauge", usage.queue_depth
+        ),
+        StateMetric(
+            "ds_usage_database_reachable",
+            "1 while usage records reach the database.",
+            "gauge",
+            1.0 if usage.database_reachable else 0.0,
+            "livemin",
+        ),
+        StateMetric("ds_usage_records_written", "Usage records written.", "counter", usage.written_total),
+        StateMetric("ds_usage_records_spooled", "Usage records sent to the spool.", "counter", usage.spooled_total),
+        StateMetric(
+            "ds_usage_records_rejected", "Usage records the database refused.", "counter", usage.rejected_total
+        ),
+    ]
+    return out
+
+
+def cache_state(state: CacheState) -> list[StateMetric]:
+    """The Redis breaker gauge; nothing without Redis."""
+    if state.redis_circuit_state is None:
+        return []
+    return [
+        StateMetric(
+            "ds_redis_circuit_state",
+            "Redis circuit breaker: 0 closed, 1 half-open, 2 open (fallbacks in use).",
+            "gauge",
+            state.redis_circuit_state,
             "livemax",
         )
-    )
-    queued = _number(getattr(obj, "queue_depth", None))
-    if queued is not None:
-        out.append(
-            StateMetric("ds_usage_queue_depth", "Usage records in memory, queued or being written.", "gauge", queued)
-        )
-    reachable = _number(getattr(obj, "database_reachable", None))
-    if reachable is not None:
-        out.append(
-            StateMetric(
-                "ds_usage_database_reachable",
-                "1 while usage records reach the database.",
-                "gauge",
-                reachable,
-                "livemin",
-            )
-        )
-    for attr, name, doc in (
-        ("written_total", "ds_usage_records_written", "Usage records written."),
-        ("spooled_total", "ds_usage_records_spooled", "Usage records sent to the spool."),
-        ("rejected_total", "ds_usage_records_rejected", "Usage records the database refused."),
-    ):
-        total = _number(getattr(obj, attr, None))
-        if total is not None:
-            out.append(StateMetric(name, doc, "counter", total))
-    return True
+    ]
 
 
 class StateCollector(Collector):
-    """Scrape-time collector (one-process mode): engine and service state as metric families."""
+    """Scrape-time collector (one-process mode): component state as metric families."""
 
     def __init__(self, read: Callable[[], list[StateMetric]]) -> None:
         self._read = read
@@ -296,7 +209,7 @@ class StateCollector(Collector):
 
 
 class _Mirror:
-    """Multiprocess mode: copies state into this worker's mmap-backed metrics."""
+    """Multiprocess mode: copies state into this worker's metrics (and so into its files)."""
 
     def __init__(self) -> None:
         self._gauges: dict[str, Gauge] = {}
@@ -317,7 +230,7 @@ class _Mirror:
                 if counter is None:
                     counter = self._counters[m.name] = Counter(m.name, m.documentation, registry=None)
                 last = self._last.get(m.name, 0.0)
-                # NOTE: a total that went down means a new source (engine rebuilt): count it from zero.
+                # A total that went down comes from a new source (engine rebuilt): count it from zero.
                 delta = m.value - last if m.value >= last else m.value
                 if delta > 0:
                     counter.inc(delta)
@@ -325,8 +238,8 @@ class _Mirror:
 
 
 def _process_state(pid: int) -> list[StateMetric]:
-    """RSS, CPU seconds and open files of this process, from /proc (multiprocess mode only; one
-    process uses prometheus_client's ProcessCollector)."""
+    """RSS, CPU seconds and open files of this process, from /proc (multiprocess mode only: there
+    prometheus_client's ProcessCollector cannot sum the workers)."""
     out: list[StateMetric] = []
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -353,97 +266,16 @@ def _process_state(pid: int) -> list[StateMetric]:
     return out
 
 
-# --- multiprocess aggregation ----------------------------------------------------------------------------
-Labels = tuple[tuple[str, str], ...]
-
-
-class MultiProcessFilesCollector(Collector):
-    """Sums every worker's mmap files into one view: the same samples as prometheus_client's
-    `MultiProcessCollector`, computed in one pass with the parsed keys kept across scrapes (keys never
-    change meaning), which makes a scrape several times cheaper (bench/metrics_scrape.py)."""
-
-    _MIN = frozenset({"min", "livemin"})
-    _MAX = frozenset({"max", "livemax"})
-    _SUM = frozenset({"sum", "livesum"})
-    _RECENT = frozenset({"mostrecent", "livemostrecent"})
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._keys: dict[str, tuple[str, str, Labels, str]] = {}
-
-    def _parse(self, key: str) -> tuple[str, str, Labels, str]:
-        parsed = self._keys.get(key)
-        if parsed is None:
-            metric_name, name, labels, help_text = json.loads(key)
-            parsed = self._keys[key] = (metric_name, name, tuple(sorted(labels.items())), help_text)
-        return parsed
-
-    def collect(self) -> Iterable[Metric]:
-        # metric name -> (type, help, gauge mode, {(sample name, labels): value})
-        found: dict[str, tuple[str, str, str, dict[tuple[str, Labels], float]]] = {}
-        stamps: dict[tuple[str, Labels], float] = {}
-        for path in glob.glob(os.path.join(self._path, "*.db")):
-            parts = os.path.basename(path).split("_")
-            kind = parts[0]
-            mode = parts[1] if kind == "gauge" else ""
-            try:
-                values = MmapedDict.read_all_values_from_file(path)
-            except FileNotFoundError:
-                if kind == "gauge" and mode.startswith("live"):
-                    continue  # NOTE: removed by mark_process_dead between glob and read
-                raise
-            pid = parts[2][:-3] if kind == "gauge" else ""
-            for key, value, timestamp, _ in values:
-                metric_name, name, labels, help_text = self._parse(key)
-                entry = found.get(metric_name)
-                if entry is None:
-                    entry = found[metric_name] = (kind, help_text, mode, {})
-                acc = entry[3]
-                if kind != "gauge" or mode in self._SUM:
-                    acc[(name, labels)] = acc.get((name, labels), 0.0) + value
-                elif mode in self._MIN:
-                    current = acc.get((name, labels))
-                    acc[(name, labels)] = value if current is None else min(current, value)
-                elif mode in self._MAX:
-                    current = acc.get((name, labels))
-                    acc[(name, labels)] = value if current is None else max(current, value)
-                elif mode in self._RECENT:
-                    if stamps.get((name, labels), -1.0) < float(timestamp or 0):
-                        stamps[(name, labels)] = float(timestamp or 0)
-                        acc[(name, labels)] = value
-                else:  # all, liveall: one series per worker
-                    acc[(name, (*labels, ("pid", pid)))] = value
-        for metric_name, (kind, help_text, _, acc) in found.items():
-            metric = Metric(metric_name, help_text, kind)
-            if kind == "histogram":
-                buckets: dict[Labels, list[tuple[float, float]]] = {}
-                for (name, labels), value in acc.items():
-                    if name.endswith("_bucket"):
-                        le = dict(labels)["le"]
-                        rest = tuple(kv for kv in labels if kv[0] != "le")
-                        buckets.setdefault(rest, []).append((float(le), value))
-                    else:
-                        metric.add_sample(name, dict(labels), value)
-                for labels, pairs in buckets.items():
-                    total = 0.0
-                    base = dict(labels)
-                    for le_value, value in sorted(pairs):
-                        total += value
-                        le = floatToGoString(le_value)
-                        metric.add_sample(f"{metric_name}_bucket", {**base, "le": le}, total)
-                    metric.add_sample(f"{metric_name}_count", base, total)
-            else:
-                for (name, labels), value in acc.items():
-                    metric.add_sample(name, dict(labels), value)
-            yield metric
-
-
-# --- multiprocess folder ---------------------------------------------------------------------------------
+# --- multiprocess folder -------------------------------------------------------------------------------
 def is_multiprocess() -> bool:
-    """True when prometheus_client was imported with `PROMETHEUS_MULTIPROC_DIR` set (mmap values)."""
-    from prometheus_client import values
-
-    return bool(os.environ.get(MULTIPROC_ENV)) and getattr(values.ValueClass, "__name__", "") == "MmapedValue"
+    """True when prometheus_client was imported with `PROMETHEUS_MULTIPROC_DIR` set, so metric values
+    live in that folder's files."""
+    if not os.environ.get(MULTIPROC_ENV):
+        return False
+    if values.ValueClass is values.MutexValue:
+        logger.warning("%s was set after prometheus_client was imported; metrics stay per process", MULTIPROC_ENV)
+        return False
+    return True
 
 
 def prepare_multiprocess_dir(data_dir: Path) -> Path:
@@ -461,19 +293,44 @@ def prepare_multiprocess_dir(data_dir: Path) -> Path:
     return path
 
 
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    return True
+
+
+def forget_dead_workers(path: str) -> list[int]:
+    """`mark_process_dead` for every process that left live gauge files in `path` and is gone (a
+    worker that crashed and that Uvicorn replaced); returns their pids. Their counters stay."""
+    pids = set()
+    for file in glob.glob(os.path.join(path, "gauge_live*_*.db")):
+        suffix = os.path.basename(file)[: -len(".db")].rsplit("_", 1)[1]
+        if suffix.isdigit():
+            pids.add(int(suffix))
+    dead = sorted(pid for pid in pids if not _is_alive(pid))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, path)
+    return dead
+
+
 # --- the Metrics implementation --------------------------------------------------------------------------
 class PrometheusMetrics:
-    """Implements `api.services.Metrics`; owns the registry `/metrics` renders.
+    """Implements `contracts.Metrics`; owns the registry `/metrics` renders.
 
-    `attach(engine, services)` once the engine and services exist; `close()` at shutdown.
+    `attach(engine, storage=..., cache=...)` once the components exist; `close()` at shutdown.
     """
 
     def __init__(self, *, sample_interval_s: float = 1.0, process_metrics: bool = True) -> None:
-        disable_created_metrics()  # NOTE: process-wide; `*_created` series double the scrape for no alert
+        disable_created_metrics()  # process-wide; `*_created` series double the scrape for no alert
         self.multiprocess = is_multiprocess()
         self._sample_interval_s = sample_interval_s
-        self._engine: StatsSource | None = None
-        self._services: object | None = None
+        self._engine: StateReporter[EngineState] | None = None
+        self._storage: StateReporter[StorageState] | None = None
+        self._cache: StateReporter[CacheState] | None = None
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
         self._mirror = _Mirror() if self.multiprocess else None
@@ -482,7 +339,7 @@ class PrometheusMetrics:
 
         self.registry = CollectorRegistry()
         if self.multiprocess:
-            self.registry.register(MultiProcessFilesCollector(os.environ[MULTIPROC_ENV]))
+            multiprocess.MultiProcessCollector(self.registry, path=os.environ[MULTIPROC_ENV])
             reg: CollectorRegistry | None = None
         else:
             reg = self.registry
@@ -538,7 +395,7 @@ class PrometheusMetrics:
         self.http_in_progress = Gauge(
             "ds_http_requests_in_progress", "HTTP requests being served.", registry=reg, multiprocess_mode="livesum"
         )
-        # NOTE: children created up front so every series reads 0 before the first event.
+        # Children created up front, so every series reads 0 before the first event.
         for reason in REJECT_REASONS:
             self.rejections.labels(reason)
         for result in ("hit", "miss"):
@@ -547,11 +404,22 @@ class PrometheusMetrics:
             self.success.labels(finish)
 
     # --- wiring --------------------------------------------------------------------------------------
-    def attach(self, engine: StatsSource | None, services: object | None = None) -> None:
-        """Read state from `engine.stats()` and the service objects from now on."""
+    def attach(
+        self,
+        engine: StateReporter[EngineState] | None,
+        *,
+        storage: StateReporter[StorageState] | None = None,
+        cache: StateReporter[CacheState] | None = None,
+    ) -> None:
+        """Read state from the components' `metrics_snapshot()` from now on (a component left None
+        adds no metric)."""
         self._engine = engine
-        self._services = services
+        self._storage = storage
+        self._cache = cache
         if self.multiprocess and self._sampler is None:
+            dead = forget_dead_workers(os.environ[MULTIPROC_ENV])
+            if dead:
+                logger.info("metrics: dropped the live gauges of workers that are gone: %s", dead)
             self.sample()
             self._sampler = threading.Thread(target=self._sample_loop, name="metrics-sampler", daemon=True)
             self._sampler.start()
@@ -563,22 +431,26 @@ class PrometheusMetrics:
             self._sampler.join(timeout=5.0)
             self._sampler = None
         if self.multiprocess:
-            from prometheus_client import multiprocess
-
             multiprocess.mark_process_dead(self._pid)
 
     def _read_state(self) -> list[StateMetric]:
+        """Every component's state; one that fails adds nothing (a scrape must not fail with it)."""
         out: list[StateMetric] = []
-        engine = self._engine
-        if engine is not None:
-            try:
-                stats = engine.stats()
-                out.extend(engine_state(stats, bool(getattr(engine, "is_accepting", True)), time.monotonic()))
-            except Exception:  # NOTE: a scrape must not fail because the engine is gone
-                logger.debug("engine.stats() failed during a scrape", exc_info=True)
-        if self._services is not None:
-            out.extend(services_state(self._services))
+        if self._engine is not None:
+            out += self._read("engine", self._engine, lambda s: engine_state(s.stats, s.accepting, time.monotonic()))
+        if self._storage is not None:
+            out += self._read("storage", self._storage, storage_state)
+        if self._cache is not None:
+            out += self._read("cache", self._cache, cache_state)
         return out
+
+    @staticmethod
+    def _read(name: str, source: StateReporter[T], to_metrics: Callable[[T], list[StateMetric]]) -> list[StateMetric]:
+        try:
+            return to_metrics(source.metrics_snapshot())
+        except Exception:
+            logger.debug("reading the %s state for metrics failed", name, exc_info=True)
+            return []
 
     def sample(self) -> None:
         """Multiprocess mode: copy current state into this worker's files (the sampler's job)."""
@@ -592,7 +464,7 @@ class PrometheusMetrics:
         while not self._stop.wait(self._sample_interval_s):
             try:
                 self.sample()
-            except Exception:  # NOTE: one bad read must not stop the sampler
+            except Exception:  # one bad read must not stop the sampler
                 logger.exception("metrics sampler failed")
 
     # --- Metrics protocol ----------------------------------------------------------------------------
@@ -609,7 +481,7 @@ class PrometheusMetrics:
         e2e_s: float | None,
         itl_s: list[float],
     ) -> None:
-        """One finished request (engine-served or a response-cache hit)."""
+        """One finished request, engine-served or a response-cache hit (finish reason "cached")."""
         reason = finish_reason if finish_reason in FINISH_REASONS else "other"
         self.success.labels(reason).inc()
         self.prompt_len.observe(prompt_tokens)
@@ -624,7 +496,7 @@ class PrometheusMetrics:
             self.itl.observe(gap)
 
     def rejected(self, reason: str) -> None:
-        """reason: queue_full | rate_limited | timeout | circuit_open | auth (others count as "other")."""
+        """reason: queue_full | rate_limited | timeout | auth (others count as "other")."""
         self.rejections.labels(reason if reason in REJECT_REASONS else "other").inc()
 
     def response_cache(self, hit: bool) -> None:
@@ -645,6 +517,6 @@ class PrometheusMetrics:
     def render(self) -> tuple[bytes, str]:
         """The text exposition of every metric, and its content type."""
         if self.multiprocess:
-            # NOTE: the answering worker's state is fresh, the others' at most one interval old
+            # the answering worker's state is fresh, the others' at most one interval old
             self.sample()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

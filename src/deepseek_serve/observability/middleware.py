@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from deepseek_serve.observability.logs import request_log_scope
 
 UNMATCHED_ROUTE = "<unmatched>"
-CLIENT_CLOSED = 499  # NOTE: nginx's code for a client that left before the response started
+CLIENT_CLOSED = 499  # nginx's code for a client that left before the response started
 
 
 class HTTPMetricsSink(Protocol):

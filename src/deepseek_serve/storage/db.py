@@ -12,11 +12,17 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import QueuePool
+
+from deepseek_serve.contracts import DatabasePoolState
 
 if TYPE_CHECKING:
     from deepseek_serve.config import Settings
 
 SessionFactory = async_sessionmaker[AsyncSession]
+
+# SQLAlchemy's QueuePool default, which the SQLite engine keeps (create_db_engine sets no pool size there)
+SQLITE_MAX_OVERFLOW = 10
 
 
 def create_db_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
@@ -53,6 +59,28 @@ def create_db_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
         pool_pre_ping=settings.db_pool_pre_ping,
         pool_timeout=settings.db_pool_timeout_s,
         **kwargs,
+    )
+
+
+def is_sqlite_url(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def max_overflow_of(settings: Settings, url: str | None = None) -> int:
+    """The overflow `create_db_engine(settings, url)` allows its pool."""
+    return SQLITE_MAX_OVERFLOW if is_sqlite_url(url or settings.effective_database_url) else settings.db_max_overflow
+
+
+def pool_state(engine: AsyncEngine, max_overflow: int) -> DatabasePoolState | None:
+    """The engine's pool now; None for a pool that does not count connections (in-memory SQLite)."""
+    pool = engine.sync_engine.pool
+    if not isinstance(pool, QueuePool):
+        return None
+    return DatabasePoolState(
+        size=pool.size(),
+        in_use=pool.checkedout(),
+        overflow=max(pool.overflow(), 0),
+        max_overflow=max_overflow,
     )
 
 

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from deepseek_serve.contracts import StorageState
 from deepseek_serve.storage import migrate
 from deepseek_serve.storage.conversations import ConversationRepository
-from deepseek_serve.storage.db import create_db_engine, create_session_factory
+from deepseek_serve.storage.db import create_db_engine, create_session_factory, max_overflow_of, pool_state
 from deepseek_serve.storage.key_lookup import KeyLookup
 from deepseek_serve.storage.keys import KeyRepository
 from deepseek_serve.storage.retention import purge
@@ -57,6 +58,11 @@ class Storage:
             write_timeout_s=settings.db_pool_timeout_s + settings.db_connect_timeout_s,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._max_overflow = max_overflow_of(settings, url)
+
+    def metrics_snapshot(self) -> StorageState:
+        """What `/metrics` exports of the storage layer: the connection pool and the usage writer."""
+        return StorageState(pool=pool_state(self.engine, self._max_overflow), usage=self.writer.metrics_snapshot())
 
     async def start(self, *, migrate_schema: bool | None = None) -> None:
         """Migrate (if asked or `effective_auto_migrate`), bootstrap the admin key, start background work.

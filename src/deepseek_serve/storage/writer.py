@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
+from deepseek_serve.contracts import UsageWriterState
 from deepseek_serve.storage.spool import Spool
 from deepseek_serve.storage.usage import UsageRepository, event_to_row
 
@@ -130,6 +131,17 @@ class UsageWriter:
     @property
     def database_reachable(self) -> bool:
         return not self._db_down
+
+    def metrics_snapshot(self) -> UsageWriterState:
+        """What `/metrics` exports of the writer."""
+        return UsageWriterState(
+            spool_backlog=self._spooled,
+            queue_depth=self.queue_depth(),
+            database_reachable=not self._db_down,
+            written_total=self.written_total,
+            spooled_total=self.spooled_total,
+            rejected_total=self.rejected_total,
+        )
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
