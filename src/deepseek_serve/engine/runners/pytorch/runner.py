@@ -3,7 +3,8 @@
 One `step()`:
 1. decode rows (entries feeding one token) run together as one forward over the slot range
    [0, n): row i is slot i, rows without work write to the cache's scratch column. On CUDA this
-   forward is a CUDA graph captured per (rows bucket, KV-length bucket);
+   forward is a CUDA graph captured per (rows bucket, KV-length bucket) (`cuda_graphs`), by default
+   compiled whole (`compile.DecodeStep`);
 2. each prefill chunk (more than one token) runs as its own forward over its slot;
 3. logits of the rows that sample go through the on-device sampler; the chosen ids come back in
    one device-to-host copy.
