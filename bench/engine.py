@@ -31,7 +31,7 @@ from pathlib import Path
 from deepseek_serve.cli._common import run_loop
 from deepseek_serve.config import load_settings
 from deepseek_serve.engine.async_engine import AsyncEngine
-from deepseek_serve.engine.llamacpp_runner import physical_cores
+from deepseek_serve.engine.runners.llamacpp.backend import physical_cores
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams
 from deepseek_serve.models.resolve import default_model_path
 
@@ -72,7 +72,7 @@ async def engine_run(engine: AsyncEngine, concurrency: int, new_tokens: int) -> 
 
 
 # --- the baseline runs in a child process ---------------------------------------------------------------
-# NOTE: llama.cpp's CPU backend synchronizes its threads with OpenMP barriers. libgomp throttles its
+# llama.cpp's CPU backend synchronizes its threads with OpenMP barriers. libgomp throttles its
 # spin-wait to ~100 iterations as soon as more OpenMP threads exist in the process than CPUs, so a
 # `Llama` created on the main thread next to the engine's own thread would slow *both* by ~35% on a
 # 2-core machine (measured: 7.0 -> 10.5 ms per decode step). One process per library avoids that.
@@ -129,7 +129,7 @@ async def main() -> None:
     )
     model_path = Path(args.model) if args.model else default_model_path()
 
-    # NOTE: create_completion stops at EOS; rates are per generated token either way.
+    # create_completion stops at EOS; rates are per generated token either way.
     plain = ProcessPoolExecutor(
         max_workers=1,
         mp_context=multiprocessing.get_context("spawn"),
@@ -151,7 +151,7 @@ async def main() -> None:
     tg: list[float] = []
     runs: dict[int, list[float]] = {c: [] for c in levels}
     decode: dict[int, list[float]] = {c: [] for c in levels}
-    # NOTE: rounds interleave every configuration, so a slow minute on a shared VM hits all of them
+    # rounds interleave every configuration, so a slow minute on a shared VM hits all of them
     # alike instead of skewing one row.
     for r in range(args.repeats):
         prompt = PROMPTS[0]  # the prompt of the engine's one-stream run
@@ -160,7 +160,7 @@ async def main() -> None:
         if args.llama_bench:
             tg.append(llama_bench_tg(args.llama_bench, model_path, threads, args.new_tokens))
         for c in levels:
-            # NOTE: every run starts cold, as the baseline does: no prompt reuse from an earlier run, and
+            # every run starts cold, as the baseline does: no prompt reuse from an earlier run, and
             # no idle prefix-cache cells left by it (they would widen the KV span each step scans).
             await engine.clear_prefix_cache()
             rate, _, decode_rate = await engine_run(engine, c, args.new_tokens)
@@ -213,12 +213,12 @@ async def main() -> None:
             + vs_tg(rate)
         )
     for c, rate in decode_results.items():
-        # NOTE: llama-bench's tg counts decode steps only; these rows leave out each stream's prompt and first token
+        # llama-bench's tg counts decode steps only; these rows leave out each stream's prompt and first token
         print(
             f"| deepseek-serve engine, decode only (after the first token) | {c} | {rate:.1f} | - | - |" + vs_tg(rate)
         )
 
 
 if __name__ == "__main__":
-    # NOTE: on uvloop, as under `deepseek-serve serve` (see cli/_common.run_loop for why it matters).
+    # on uvloop, as under `deepseek-serve serve` (see cli/_common.run_loop for why it matters).
     run_loop(main())

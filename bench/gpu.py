@@ -29,11 +29,9 @@ from typing import Any
 
 import torch
 
-from deepseek_serve.engine.sequence import Sequence
-from deepseek_serve.engine.torch_runner.drive import run_to_completion
-from deepseek_serve.engine.torch_runner.loading import from_state_dict
-from deepseek_serve.engine.torch_runner.model import ModelArgs
-from deepseek_serve.engine.torch_runner.quantize import (
+from deepseek_serve.engine.runners.pytorch.config import ModelArgs
+from deepseek_serve.engine.runners.pytorch.loading import from_state_dict
+from deepseek_serve.engine.runners.pytorch.quantize import (
     Int4Linear,
     Int8Linear,
     dequantize_int4,
@@ -41,8 +39,13 @@ from deepseek_serve.engine.torch_runner.quantize import (
     quantize_model,
     weight_bytes,
 )
-from deepseek_serve.engine.torch_runner.runner import TorchRunner
+from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
+from deepseek_serve.engine.sequence import Sequence
 from deepseek_serve.engine.types import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.runner_driver import run_to_completion
 
 SHAPES: dict[str, dict[str, Any]] = {
     "r1-distill-qwen-1.5b": dict(
@@ -110,7 +113,7 @@ def hf_model(cfg: dict[str, Any], dtype: torch.dtype, seed: int) -> torch.nn.Mod
     torch.manual_seed(seed)
     with DEVICE:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # NOTE: transformers' init leaves some weights tiny; re-draw them so logits are not flat.
+    # transformers' init leaves some weights tiny; re-draw them so logits are not flat.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
@@ -126,13 +129,15 @@ def our_runner(
     max_len: int,
     quant: str = "none",
     graphs: bool = True,
+    quant_options: dict[str, Any] | None = None,
 ) -> TorchRunner:
+    """`quant_options`: more arguments of `quantize_model` (group size, CUDA kernels)."""
     args = ModelArgs.from_config(cfg)
     model = from_state_dict(args, dict(hf.state_dict()), dtype, DEVICE, "hf model")
     if quant != "none":
-        # NOTE: quantizing swaps modules in place; work on private copies of the shared tensors
+        # quantizing swaps modules in place; work on private copies of the shared tensors
         model = from_state_dict(args, {k: v.clone() for k, v in hf.state_dict().items()}, dtype, DEVICE)
-        quantize_model(model, quant)  # type: ignore[arg-type]
+        quantize_model(model, quant, **(quant_options or {}))  # type: ignore[arg-type]
     return TorchRunner(model, None, num_slots=slots, max_len=max_len, device=DEVICE, dtype=dtype, cuda_graphs=graphs)
 
 
@@ -209,7 +214,7 @@ def check_correctness(results: dict[str, Any]) -> None:
 # --- 2. bandwidth ----------------------------------------------------------------------------------
 def copy_bandwidth() -> float:
     if DEVICE.type != "cuda":
-        return 20e9  # NOTE: smoke runs on CPU only; not a measurement
+        return 20e9  # smoke runs on CPU only; not a measurement
     n = 1 << 30  # 2 GiB of bf16
     a = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
     b = torch.empty_like(a)
@@ -273,11 +278,12 @@ def bench_shape(
     log(
         f"\n{name}: weights {wbytes / 1e9:.2f} GB (embedding excluded), "
         f"roofline {roof:.0f} tok/s one stream; "
-        f"{len(runner._graphs)} graphs captured in {t_capture:.1f} s; KV {runner.cache.nbytes / 1e9:.2f} GB"
+        f"{len(runner.graphs or ())} graphs captured in {t_capture:.1f} s; KV {runner.cache.nbytes / 1e9:.2f} GB"
     )
     if DEVICE.type == "cuda":
         # GPU time of one captured decode step (1 row), without the host's share of a step
-        g = runner._graph(1, runner._kv_bucket(PROMPT_LEN + NEW_TOKENS // 2))
+        assert runner.graphs is not None
+        g = runner.graphs.get(1, runner.kv_bucket(PROMPT_LEN + NEW_TOKENS // 2))
         for _ in range(5):
             g.graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -401,11 +407,11 @@ def profile_step(runner: TorchRunner, n: int, kv_len: int) -> tuple[str, float, 
     inputs[2].fill_(kv_len // 2)
     steps = 3
     with torch.inference_mode():
-        runner._decode_forward(inputs, kv_len)
+        runner.decode_forward(inputs, kv_len)
         sync()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                runner._decode_forward(inputs, kv_len)
+                runner.decode_forward(inputs, kv_len)
             sync()
     avgs = prof.key_averages()
 
@@ -423,7 +429,7 @@ def profile_step(runner: TorchRunner, n: int, kv_len: int) -> tuple[str, float, 
 def decode_variants(name: str, cfg: dict[str, Any], names: list[str], results: dict[str, Any], out: Path) -> None:
     """Per decode-step variant: compile + capture time, 1-row and 64-row graph replay, greedy tokens
     against the first variant, and an eager kernel profile of the 1-row step (appended to profiles.txt)."""
-    from deepseek_serve.engine.torch_runner.model import DecodeStep
+    from deepseek_serve.engine.runners.pytorch.compile import DecodeStep
 
     hf = hf_model(cfg, torch.bfloat16, seed=0)
     max_len = PROMPT_LEN + NEW_TOKENS
@@ -437,12 +443,13 @@ def decode_variants(name: str, cfg: dict[str, Any], names: list[str], results: d
         try:
             torch._dynamo.reset()
             runner = our_runner(hf, cfg, torch.bfloat16, slots=max(CONCURRENCY), max_len=max_len)
-            runner.decode_step = None if opts is None else DecodeStep(runner.model, **opts)
-            # NOTE: graph inputs are inference tensors: fill them under inference_mode too
+            runner.decode_step = None if opts is None else DecodeStep(runner.model, compiler=runner.compiler, **opts)
+            # graph inputs are inference tensors: fill them under inference_mode too
             with torch.inference_mode():
                 for n in (1, max(CONCURRENCY)):
-                    row[f"capture_{n}_s"] = timed(functools.partial(runner._graph, n, kv))
-                    g = runner._graph(n, kv)
+                    assert runner.graphs is not None
+                    row[f"capture_{n}_s"] = timed(functools.partial(runner.graphs.get, n, kv))
+                    g = runner.graphs.get(n, kv)
                     g.inputs[0].random_(0, cfg["vocab_size"])
                     g.inputs[1].fill_(kv // 2)
                     g.inputs[2].fill_(kv // 2)

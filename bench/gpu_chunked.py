@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import gpu  # bench/gpu.py
-from deepseek_serve.engine.runner import ScheduledSeq
+from deepseek_serve.engine.runners import ScheduledSeq
 from deepseek_serve.engine.sequence import Sequence, SequenceStatus
 from deepseek_serve.engine.types import SamplingParams
 

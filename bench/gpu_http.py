@@ -49,8 +49,8 @@ def write_model(dst: Path, tokenizer: Path) -> None:
 
 
 def in_process(model_dir: Path) -> dict[int, float]:
-    from deepseek_serve.engine.torch_runner.loading import load_model
-    from deepseek_serve.engine.torch_runner.runner import TorchRunner
+    from deepseek_serve.engine.runners.pytorch.loading import load_model
+    from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
 
     model = load_model(model_dir, torch.bfloat16, torch.device("cuda"))
     runner = TorchRunner(model, None, num_slots=128, max_len=512, device=torch.device("cuda"), dtype=torch.bfloat16)

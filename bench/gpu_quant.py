@@ -29,8 +29,13 @@ import torch
 import torch.nn.functional as F
 
 import gpu  # bench/gpu.py: shapes, random models, the runner driver
-from deepseek_serve.engine.torch_runner import quantize
-from deepseek_serve.engine.torch_runner.quantize import pack_int4, quantize_int4, quantize_int8, weight_bytes
+from deepseek_serve.engine.runners.pytorch.quantize import (
+    INT4_INNER_K_TILES,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    weight_bytes,
+)
 
 DEVICE = torch.device("cuda")
 SHAPE = gpu.SHAPES["r1-distill-qwen-1.5b"]
@@ -82,7 +87,7 @@ def graph_time_us(fns: list[Callable[[], Any]], reps: int = 20) -> float:
 
 
 def bench_linears(results: dict[str, Any], names: list[str]) -> None:
-    from deepseek_serve.engine.torch_runner import quant_kernels
+    from deepseek_serve.engine.runners.pytorch import quant_kernels
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     rows = []
@@ -98,7 +103,7 @@ def bench_linears(results: dict[str, Any], names: list[str]) -> None:
             for w in ws:
                 codes, sz = quantize_int4(w, group)
                 packed_u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
-                tiny = torch.ops.aten._convert_weight_to_int4pack(packed_u8, quantize.INT4_INNER_K_TILES)
+                tiny = torch.ops.aten._convert_weight_to_int4pack(packed_u8, INT4_INNER_K_TILES)
                 q4[group].append((pack_int4(codes, group), tiny, sz.to(torch.bfloat16)))
         for m in ROWS:
             x = torch.randn(m, k, device=DEVICE, generator=gen, dtype=torch.bfloat16)
@@ -138,19 +143,24 @@ def bench_linears(results: dict[str, Any], names: list[str]) -> None:
 
 def bench_variant(vname: str, hf: torch.nn.Module, bw: float, results: dict[str, Any]) -> None:
     opts = VARIANTS[vname]
-    quantize.INT8_ONE_ROW = opts.get("int8_one_row", "inductor")
-    quantize.INT4_KERNEL = opts.get("kernel", "triton")
-    quantize.INT4_GROUP_SIZE = opts.get("group", 32)
+    kernels = dict(
+        int8_one_row=opts.get("int8_one_row", "inductor"),
+        int4_kernel=opts.get("kernel", "triton"),
+        group_size=opts.get("group", 32),
+    )
     torch._dynamo.reset()
     row: dict[str, Any] = {"variant": vname}
     t0 = time.perf_counter()
-    runner = gpu.our_runner(hf, SHAPE, torch.bfloat16, slots=64, max_len=256, quant=opts["quant"])
+    runner = gpu.our_runner(
+        hf, SHAPE, torch.bfloat16, slots=64, max_len=256, quant=opts["quant"], quant_options=kernels
+    )
     wbytes = weight_bytes(runner.model)
     row["weight_GB"] = wbytes / 1e9
     row["roofline_tok_s_1"] = bw / wbytes
     with torch.inference_mode():
         for n in (1, 64):
-            g = runner._graph(n, 256)
+            assert runner.graphs is not None
+            g = runner.graphs.get(n, 256)
             g.inputs[0].random_(0, SHAPE["vocab_size"])
             g.inputs[1].fill_(128)
             g.inputs[2].fill_(128)

@@ -102,7 +102,7 @@ for step in "${steps[@]}"; do
     llamacpp)
       : "${LLAMA_SERVER:?set LLAMA_SERVER to a llama-server binary}"
       model=$("$py" -c 'from deepseek_serve.models.resolve import default_model_path; print(default_model_path())')
-      threads=$("$py" -c 'from deepseek_serve.engine.llamacpp_runner import physical_cores; print(physical_cores())')
+      threads=$("$py" -c 'from deepseek_serve.engine.runners.llamacpp.backend import physical_cores; print(physical_cores())')
       # the same model file, threads, 8 slots and 8192 KV cells (llama-server splits them per slot);
       # its flash attention is "auto" as ours, continuous batching on, no prompt cache reuse across slots.
       port=$(free_port)

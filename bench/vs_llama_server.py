@@ -69,7 +69,7 @@ def memory(pid: int) -> dict[str, int]:
 
 
 def physical_cores() -> int:
-    from deepseek_serve.engine.llamacpp_runner import physical_cores as cores
+    from deepseek_serve.engine.runners.llamacpp.backend import physical_cores as cores
 
     return cores()
 

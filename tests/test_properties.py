@@ -19,7 +19,7 @@ from deepseek_serve.api.schemas import ChatChunkChoice, ChatCompletionChunk, Cha
 from deepseek_serve.api.sse import DONE, model_event, sse_event
 from deepseek_serve.bench.sse import SSEParser
 from deepseek_serve.engine.detokenizer import IncrementalDetokenizer
-from deepseek_serve.engine.runner import Tokenizer
+from deepseek_serve.engine.runners import Tokenizer
 
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -272,7 +272,7 @@ def qwen_hf(qwen_gguf: Path) -> Path:
     """The pack dequantized to fp32 safetensors through transformers' GGUF loader, converted once."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from deepseek_serve.engine.torch_runner.convert import gguf_to_hf
+    from tests.support.gguf_conversion import gguf_to_hf
 
     out = CACHE / "converted" / f"{PACK.name}-{PACK.sha256[:12]}-f32"
     if not (out / "done").is_file():
@@ -296,7 +296,7 @@ def torch_reference(qwen_hf: Path, torch_threads: None) -> tuple[Any, list[list[
     import torch
     from transformers import AutoModelForCausalLM
 
-    from deepseek_serve.engine.torch_runner.tokenizer import HFTokenizer
+    from deepseek_serve.engine.runners.pytorch.tokenizer import HFTokenizer
 
     tok = HFTokenizer(qwen_hf)
     prompts = [_torch_chat_ids(tok, p) for p in TORCH_PROMPTS]
@@ -320,9 +320,9 @@ def torch_reference(qwen_hf: Path, torch_threads: None) -> tuple[Any, list[list[
 def _torch_runner(folder: Path, tok: Any, slots: int, quant: str) -> Any:
     import torch
 
-    from deepseek_serve.engine.torch_runner.loading import load_model
-    from deepseek_serve.engine.torch_runner.quantize import quantize_model
-    from deepseek_serve.engine.torch_runner.runner import TorchRunner
+    from deepseek_serve.engine.runners.pytorch.loading import load_model
+    from deepseek_serve.engine.runners.pytorch.quantize import quantize_model
+    from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
 
     model = load_model(folder, torch.float32, torch.device("cpu"))
     if quant != "none":
@@ -332,7 +332,7 @@ def _torch_runner(folder: Path, tok: Any, slots: int, quant: str) -> Any:
 
 def test_torch_fp32_greedy_equals_transformers(qwen_hf: Path, torch_reference: tuple[Any, Any, Any]) -> None:
     from deepseek_serve.engine.sequence import Sequence
-    from deepseek_serve.engine.torch_runner.drive import run_to_completion
+    from tests.support.runner_driver import run_to_completion
 
     tok, prompts, reference = torch_reference
     runner = _torch_runner(qwen_hf, tok, len(prompts), "none")
@@ -355,11 +355,13 @@ INT8_AGREEMENT = 0.95
 
 
 def test_torch_int8_agreement(qwen_hf: Path, torch_reference: tuple[Any, Any, Any]) -> None:
+    from tests.support.torch_scoring import full_logits
+
     tok, prompts, reference = torch_reference
     q8 = _torch_runner(qwen_hf, tok, 1, "int8")
     same = 0
     for ids, ref in zip(prompts, reference, strict=True):
-        picks = q8.full_logits(ids + ref).argmax(-1)[len(ids) - 1 : -1].tolist()
+        picks = full_logits(q8, ids + ref).argmax(-1)[len(ids) - 1 : -1].tolist()
         same += sum(a == b for a, b in zip(picks, ref, strict=True))
     agreement = same / (len(prompts) * TORCH_NEW_TOKENS)
     print(f"int8 teacher-forced agreement with fp32 greedy: {agreement:.3f} ({same}/{len(prompts) * TORCH_NEW_TOKENS})")

@@ -34,7 +34,7 @@ async def wait_idle(engine: AsyncEngine, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
-# NOTE: llama.cpp does not compute a token bit-identically under every KV-cell layout and batch
+# llama.cpp does not compute a token bit-identically under every KV-cell layout and batch
 # composition (attention sums run in cell order, f16 accumulation), and the quantized 135M model has
 # near-tied top tokens (gaps of 0.01 seen). "Same output" is therefore checked as: identical up to the
 # first divergence, and that divergence only where the reference run itself was nearly tied (the other
@@ -124,7 +124,7 @@ def test_each_request_samples_from_its_own_seeded_stream() -> None:
 
     import llama_cpp as lc
 
-    from deepseek_serve.engine.llamacpp_runner import make_sampler_chain
+    from deepseek_serve.engine.runners.llamacpp.sampling import make_sampler_chain
 
     logits = np.random.default_rng(0).normal(0.0, 1.0, 64)
 
@@ -378,7 +378,7 @@ async def test_probe_generates_one_token(engine: AsyncEngine) -> None:
 
 
 async def test_prefix_cache_keeps_a_bounded_lru_and_clears_on_request() -> None:
-    # NOTE: idle entries are bounded because their KV cells widen the span every decode step attends over.
+    # idle entries are bounded because their KV cells widen the span every decode step attends over.
     eng = AsyncEngine.from_settings(make_settings(max_batch_size=2, context_length=2048, prefix_cache_tokens=120))
     await eng.start()
     try:

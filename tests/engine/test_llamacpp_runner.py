@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from deepseek_serve.engine.async_engine import AsyncEngine
-from deepseek_serve.engine.llamacpp_runner import LlamaCppRunner, TemperatureSampler, uses_temperature_sampler
-from deepseek_serve.engine.runner import SampleResult, ScheduledSeq
+from deepseek_serve.engine.runners import SampleResult, ScheduledSeq
+from deepseek_serve.engine.runners.llamacpp import LlamaCppRunner
+from deepseek_serve.engine.runners.llamacpp.sampling import TemperatureSampler, uses_temperature_sampler
 from deepseek_serve.engine.sequence import Sequence
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams
 from deepseek_serve.models.resolve import default_model_path
@@ -170,7 +171,7 @@ def test_only_plain_temperature_sampling_takes_the_numpy_path() -> None:
 
 
 async def test_a_burst_of_requests_is_admitted_into_one_step() -> None:
-    # NOTE: without the wait the first request starts a step alone (the engine thread wakes at once)
+    # without the wait the first request starts a step alone (the engine thread wakes at once)
     eng = AsyncEngine.from_settings(make_settings(burst_wait_ms=100.0, max_batch_size=4))
     await eng.start()
     try:

@@ -93,9 +93,10 @@ def info(
     table.add_row("format", resolved.format)
     table.add_row("source", resolved.source)
     if resolved.format == "gguf":
-        from deepseek_serve.engine.llamacpp_runner import LlamaCppRunner
+        from deepseek_serve.engine.runners.llamacpp import LlamaCppRunner
 
-        runner = LlamaCppRunner(resolved.path, context_length=512, max_batch_size=1)
+        small = settings.model_copy(update={"context_length": 512, "max_batch_size": 1, "max_model_len": 0})
+        runner = LlamaCppRunner.from_settings(small, resolved.path)
         for key in ("general.architecture", "general.name", "general.file_type"):
             table.add_row(key, str(runner.metadata(key)))
         table.add_row("trained context", str(runner.n_ctx_train))

@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from deepseek_serve.engine.chat_template import ChatTemplate
-from deepseek_serve.engine.errors import EngineStoppedError
+from deepseek_serve.engine.errors import EngineStoppedError, InvalidRequestError
 from deepseek_serve.engine.llm_engine import LLMEngine
+from deepseek_serve.engine.loader import load_model
 from deepseek_serve.engine.types import (
     EngineState,
     EngineStats,
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
     from deepseek_serve.config import Settings
 
 logger = logging.getLogger(__name__)
-
-_END = object()
 
 
 class RequestStream(AsyncIterator[StreamDelta]):
@@ -89,7 +88,7 @@ class AsyncEngine:
         default_system_prompt: str | None = None,
     ) -> None:
         self._core = core
-        # NOTE: added when a conversation has no system message; None keeps the template's own default.
+        # added when a conversation has no system message; None keeps the template's own default
         self._default_system = default_system_prompt
         self.model_info = model_info
         self._template = chat_template
@@ -104,9 +103,8 @@ class AsyncEngine:
     @classmethod
     def from_settings(cls, settings: Settings) -> AsyncEngine:
         """Resolve the model (downloading if needed), load it with the configured runner."""
-        from deepseek_serve.engine.loader import load_engine
-
-        return load_engine(settings)
+        loaded = load_model(settings)
+        return cls(loaded.core, loaded.info, loaded.template, default_system_prompt=loaded.default_system_prompt)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -220,13 +218,11 @@ class AsyncEngine:
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
         """Render messages with the model's chat template (sandboxed Jinja, Hugging Face semantics).
 
-        NOTE: the rendered text already holds the template's special tokens (BOS...): submit it with
+        The rendered text already holds the template's special tokens (BOS...): submit it with
         `GenerationRequest(add_special_tokens=False)`, as Hugging Face's apply_chat_template does.
         Raises InvalidRequestError when the template rejects the conversation (`raise_exception`).
         """
         if self._template is None:
-            from deepseek_serve.engine.errors import InvalidRequestError
-
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
         if self._default_system is not None and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self._default_system}, *messages]

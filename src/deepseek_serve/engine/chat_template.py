@@ -36,7 +36,7 @@ def _tojson(
     separators: tuple[str, str] | None = None,
     sort_keys: bool = False,
 ) -> str:
-    # NOTE: same defaults as transformers' template `tojson` (non-ASCII kept as is).
+    # same defaults as transformers' template `tojson` (non-ASCII kept as is).
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import codecs
 
-from deepseek_serve.engine.runner import Tokenizer
+from deepseek_serve.engine.runners import Tokenizer
 
 
 class IncrementalDetokenizer:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from deepseek_serve.engine.detokenizer import IncrementalDetokenizer
 from deepseek_serve.engine.errors import ContextLengthError, InvalidRequestError
-from deepseek_serve.engine.runner import Runner, SampleResult, Tokenizer
+from deepseek_serve.engine.runners import Runner, SampleResult, Tokenizer
 from deepseek_serve.engine.scheduler import Scheduler
 from deepseek_serve.engine.sequence import Sequence
 from deepseek_serve.engine.types import (
@@ -263,7 +263,7 @@ class LLMEngine:
         params = seq.params
         is_eos = token in self._eos and not params.ignore_eos and seq.num_output_tokens >= params.min_tokens
         if is_eos or token in params.stop_token_ids:
-            # NOTE: the end token is not part of the completion text nor its token count.
+            # the end token is not part of the completion text nor its token count.
             self._finish(seq, "stop", outputs, flush=True)
             return
         seq.output_token_ids.append(token)

@@ -1,16 +1,17 @@
-"""Build an AsyncEngine from settings: resolve the model, pick the runner, read the chat template."""
+"""Load a model from settings: resolve it, build its runner and the scheduler core over it, read its
+chat template and describe it. `AsyncEngine.from_settings` wraps the result."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.chat_template import ChatTemplate
 from deepseek_serve.engine.llm_engine import EngineConfig, LLMEngine
-from deepseek_serve.engine.runner import Runner
+from deepseek_serve.engine.runners import Runner, build_runner
 from deepseek_serve.engine.sampling_defaults import FALLBACK, from_generation_config, from_gguf_metadata
 from deepseek_serve.engine.types import ModelInfo, SamplingDefaults
 from deepseek_serve.models.resolve import ResolvedModel, resolve_model
@@ -20,41 +21,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RUNNERS = ("llamacpp", "torch")
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model, ready to serve: the scheduler core over its runner, its description, its chat
+    template, and the system prompt its pack adds to conversations that have none."""
 
-def choose_runner(settings: Settings, model: ResolvedModel) -> str:
-    if settings.runner != "auto":
-        wanted = settings.runner
-        if wanted == "llamacpp" and model.format != "gguf":
-            raise ValueError(f"DS_RUNNER=llamacpp needs a GGUF file, but {model.path} is a Hugging Face folder")
-        if wanted == "torch" and model.format != "hf":
-            raise ValueError(f"DS_RUNNER=torch needs a Hugging Face folder, but {model.path} is a GGUF file")
-        return wanted
-    return "llamacpp" if model.format == "gguf" else "torch"
-
-
-def build_runner(settings: Settings, model: ResolvedModel) -> Runner:
-    name = choose_runner(settings, model)
-    if name == "llamacpp":
-        from deepseek_serve.engine.llamacpp_runner import LlamaCppRunner
-
-        return LlamaCppRunner(
-            model.path,
-            context_length=settings.context_length,
-            max_batch_size=settings.max_batch_size,
-            max_model_len=settings.max_model_len,
-            n_threads=settings.n_threads,
-            prefill_chunk_tokens=settings.prefill_chunk_tokens,
-            prefix_cache=settings.prefix_cache,
-            prefix_cache_tokens=settings.prefix_cache_tokens,
-            repack=settings.llama_repack,
-        )
-    try:
-        from deepseek_serve.engine.torch_runner import TorchRunner
-    except ImportError as exc:
-        raise RuntimeError(f"the PyTorch runner needs `pip install 'deepseek-serve[torch]'` ({exc})") from exc
-    return TorchRunner.from_settings(settings, model.path)
+    core: LLMEngine
+    info: ModelInfo
+    template: ChatTemplate | None
+    default_system_prompt: str | None
 
 
 def load_template(settings: Settings, runner: Runner) -> ChatTemplate | None:
@@ -72,7 +48,8 @@ def read_sampling_defaults(model: ResolvedModel, runner: Runner) -> SamplingDefa
     return from_gguf_metadata(metadata) if callable(metadata) else FALLBACK
 
 
-def load_engine(settings: Settings) -> AsyncEngine:
+def load_model(settings: Settings) -> LoadedModel:
+    """Resolve the model (downloading it if needed) and load it with the configured runner."""
     started = time.monotonic()
     model = resolve_model(
         settings.model,
@@ -118,4 +95,4 @@ def load_engine(settings: Settings) -> AsyncEngine:
         info.runner,
         time.monotonic() - started,
     )
-    return AsyncEngine(core, info, template, default_system_prompt=model.default_system_prompt)
+    return LoadedModel(core, info, template, model.default_system_prompt)

@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 from deepseek_serve.engine.errors import QueueFullError
-from deepseek_serve.engine.runner import Runner, ScheduledSeq
+from deepseek_serve.engine.runners import Runner, ScheduledSeq
 from deepseek_serve.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class Scheduler:
             self.waiting.append(seq)
 
     def _retry_after(self) -> float:
-        # NOTE: a coarse hint: roughly how long until a running sequence frees its slot.
+        # a coarse hint: roughly how long until a running sequence frees its slot.
         return max(1.0, min(30.0, float(len(self.waiting) // max(self.max_batch_size, 1) + 1)))
 
     @property

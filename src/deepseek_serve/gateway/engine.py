@@ -33,7 +33,7 @@ from deepseek_serve.engine.async_engine import AsyncEngine, RequestStream
 from deepseek_serve.engine.chat_template import ChatTemplate
 from deepseek_serve.engine.errors import EngineStoppedError, InvalidRequestError
 from deepseek_serve.engine.llm_engine import check_request, check_token_ids
-from deepseek_serve.engine.runner import Tokenizer
+from deepseek_serve.engine.runners import Tokenizer
 from deepseek_serve.engine.types import (
     EngineStats,
     GenerationRequest,
@@ -464,9 +464,10 @@ def load_gateway_engine(settings: Settings) -> GatewayEngine:
 def _gguf_vocab(path: Path) -> tuple[Tokenizer, str | None, int]:
     import llama_cpp as lc
 
-    from deepseek_serve.engine.llamacpp_runner import LlamaCppTokenizer, _init_backend
+    from deepseek_serve.engine.runners.llamacpp.backend import init_backend
+    from deepseek_serve.engine.runners.llamacpp.tokenizer import LlamaCppTokenizer
 
-    _init_backend()
+    init_backend()
     params = lc.llama_model_default_params()
     params.vocab_only = True
     model = lc.llama_model_load_from_file(str(path).encode(), params)
@@ -478,7 +479,7 @@ def _gguf_vocab(path: Path) -> tuple[Tokenizer, str | None, int]:
 
 
 def _hf_vocab(path: Path) -> tuple[Tokenizer, str | None, int]:
-    from deepseek_serve.engine.torch_runner.tokenizer import HFTokenizer, read_chat_template
+    from deepseek_serve.engine.runners.pytorch.tokenizer import HFTokenizer, read_chat_template
 
     trained = 0
     with contextlib.suppress(OSError, ValueError, TypeError):

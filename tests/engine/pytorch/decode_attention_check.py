@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
-from deepseek_serve.engine.torch_runner.decode_attention import BLOCK_N, decode_attention
-from deepseek_serve.engine.torch_runner.loading import load_model
-from deepseek_serve.engine.torch_runner.model import DecodeStep, ForwardBatch, KVCache, attend_sdpa
-from deepseek_serve.engine.torch_runner.runner import additive_mask
+from deepseek_serve.engine.runners.pytorch.compile import DecodeStep
+from deepseek_serve.engine.runners.pytorch.decode_attention import BLOCK_N, decode_attention
+from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, additive_mask
+from deepseek_serve.engine.runners.pytorch.loading import load_model
+from deepseek_serve.engine.runners.pytorch.modules import KVCache
+from deepseek_serve.engine.runners.pytorch.ops import attend_sdpa
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

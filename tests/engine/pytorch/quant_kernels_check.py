@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
-from deepseek_serve.engine.torch_runner import quant_kernels
-from deepseek_serve.engine.torch_runner.loading import load_model
-from deepseek_serve.engine.torch_runner.model import DecodeStep, ForwardBatch, KVCache
-from deepseek_serve.engine.torch_runner.quantize import (
+from deepseek_serve.engine.runners.pytorch import quant_kernels
+from deepseek_serve.engine.runners.pytorch.compile import DecodeStep
+from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, additive_mask
+from deepseek_serve.engine.runners.pytorch.loading import load_model
+from deepseek_serve.engine.runners.pytorch.modules import KVCache
+from deepseek_serve.engine.runners.pytorch.quantize import (
     Int4Linear,
     dequantize_int4,
     pack_int4,
@@ -23,10 +25,9 @@ from deepseek_serve.engine.torch_runner.quantize import (
     quantize_int8,
     quantize_model,
 )
-from deepseek_serve.engine.torch_runner.runner import additive_mask
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# NOTE: Triton's CPU interpreter computes bf16 dots wrongly (bit patterns, not values): bf16 is checked
+# Triton's CPU interpreter computes bf16 dots wrongly (bit patterns, not values): bf16 is checked
 # on a GPU only (run this script there too); on a GPU float32 dots are TF32
 CUDA = DEVICE.type == "cuda"
 DTYPES = [(torch.float32, 5e-3 if CUDA else 1e-3)] + ([(torch.bfloat16, 1e-2)] if CUDA else [])

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from deepseek_serve.config import load_settings
-from deepseek_serve.engine.torch_runner import runner as runner_module
-from deepseek_serve.engine.torch_runner.loading import load_model
-from deepseek_serve.engine.torch_runner.memory import (
+from deepseek_serve.engine.runners.pytorch import runner as runner_module
+from deepseek_serve.engine.runners.pytorch.config import ModelArgs
+from deepseek_serve.engine.runners.pytorch.loading import load_model
+from deepseek_serve.engine.runners.pytorch.memory import (
     FIXED_RESERVE,
     GiB,
     MemoryPlanError,
@@ -26,8 +27,7 @@ from deepseek_serve.engine.torch_runner.memory import (
     plan_memory,
     rows_buckets,
 )
-from deepseek_serve.engine.torch_runner.model import ModelArgs
-from deepseek_serve.engine.torch_runner.runner import KV_LEN_BUCKET, TorchRunner
+from deepseek_serve.engine.runners.pytorch.runner import KV_LEN_BUCKET, TorchRunner
 from tests.support.torch_models import smollm2_checkpoint
 
 CODER_13B = ModelArgs.from_config(
@@ -122,7 +122,7 @@ def test_from_settings_sizes_and_refuses(
     # refused at start: a budget smaller than the weights
     with pytest.raises(MemoryPlanError, match="DS_GPU_MEMORY_UTILIZATION=1e-05"):
         TorchRunner.from_settings(load_settings(**common, gpu_memory_utilization=1e-5), smol)
-    # NOTE: the host's free RAM moves with whatever else runs here; a fixed figure for "free" makes the
+    # the host's free RAM moves with whatever else runs here; a fixed figure for "free" makes the
     # expected slot count exact (it is the only stand-in: the plan and the runner are real)
     model = load_model(smol, torch.float32, torch.device("cpu"))
     probe = plan_memory(

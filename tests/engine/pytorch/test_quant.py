@@ -14,10 +14,8 @@ import torch
 from torch import nn
 
 from deepseek_serve.config import load_settings
-from deepseek_serve.engine.sequence import Sequence
-from deepseek_serve.engine.torch_runner.drive import run_to_completion
-from deepseek_serve.engine.torch_runner.loading import load_model
-from deepseek_serve.engine.torch_runner.quantize import (
+from deepseek_serve.engine.runners.pytorch.loading import load_model
+from deepseek_serve.engine.runners.pytorch.quantize import (
     Int4Linear,
     Int8Linear,
     dequantize_int4,
@@ -25,15 +23,18 @@ from deepseek_serve.engine.torch_runner.quantize import (
     quantize_model,
     weight_bytes,
 )
-from deepseek_serve.engine.torch_runner.runner import TorchRunner
-from deepseek_serve.engine.torch_runner.tokenizer import HFTokenizer
+from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
+from deepseek_serve.engine.runners.pytorch.tokenizer import HFTokenizer
+from deepseek_serve.engine.sequence import Sequence
 from deepseek_serve.engine.types import SamplingParams
+from tests.support.runner_driver import run_to_completion
 from tests.support.torch_models import smollm2_checkpoint
+from tests.support.torch_scoring import full_logits, score
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    """NOTE: the CI box is shared; more torch threads only contend. Restored after the module."""
+    """The CI box is shared; more torch threads only contend. Restored after the module."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -136,7 +137,7 @@ def test_quantization_quality_guard(smol: Path, smol_tok: HFTokenizer) -> None:
     text_ids = smol_tok.encode(TEXT, add_special_tokens=False)
     base = _runner(smol, smol_tok, "none")
     ref_tokens = _greedy(base, smol_tok)
-    ppl = {"none": torch.exp(-base.score(text_ids).mean()).item()}
+    ppl = {"none": torch.exp(-score(base, text_ids).mean()).item()}
     top1: dict[str, float] = {}
     for name, quant, group in (("int8", "int8", 0), ("int4-g32", "int4", 32), ("int4-g128", "int4", 128)):
         q = _runner(smol, smol_tok, quant, group)
@@ -147,14 +148,14 @@ def test_quantization_quality_guard(smol: Path, smol_tok: HFTokenizer) -> None:
         same = 0
         for prompt, ref in zip(PROMPTS, ref_tokens, strict=True):
             ids = _chat_ids(smol_tok, prompt)
-            picks = q.full_logits(ids + ref).argmax(-1)[len(ids) - 1 : -1].tolist()
+            picks = full_logits(q, ids + ref).argmax(-1)[len(ids) - 1 : -1].tolist()
             same += sum(a == b for a, b in zip(picks, ref, strict=True))
         top1[name] = same / (len(PROMPTS) * NEW_TOKENS)
-        ppl[name] = torch.exp(-q.score(text_ids).mean()).item()
+        ppl[name] = torch.exp(-score(q, text_ids).mean()).item()
     print(f"top-1 agreement {top1}, perplexity {ppl}")
     assert top1["int8"] >= 0.90 and ppl["int8"] < 1.05 * ppl["none"], (top1, ppl)
     assert top1["int4-g32"] >= 0.75 and ppl["int4-g32"] < 1.15 * ppl["none"], (top1, ppl)
-    # NOTE: these weights come from a Q4_1 GGUF (blocks of 32): groups of 32 requantize them exactly,
+    # these weights come from a Q4_1 GGUF (blocks of 32): groups of 32 requantize them exactly,
     # groups of 128 do not (measured: top-1 0.86, perplexity 12.0 against 6.85)
     assert top1["int4-g128"] >= 0.80 and ppl["int4-g128"] < 2.0 * ppl["none"], (top1, ppl)
     assert ppl["none"] < 20, ppl  # the real model, not noise

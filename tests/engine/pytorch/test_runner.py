@@ -9,28 +9,25 @@ from typing import Any
 import pytest
 import torch
 
-from deepseek_serve.engine.runner import ScheduledSeq
+from deepseek_serve.engine.runners import ScheduledSeq
+from deepseek_serve.engine.runners.pytorch.compile import DecodeStep
+from deepseek_serve.engine.runners.pytorch.config import ModelArgs, UnsupportedModelError
+from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, additive_mask
+from deepseek_serve.engine.runners.pytorch.loading import CheckpointError, load_model
+from deepseek_serve.engine.runners.pytorch.modules import KVCache
+from deepseek_serve.engine.runners.pytorch.ops import attend_causal, attend_sdpa
+from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
+from deepseek_serve.engine.runners.pytorch.slots import KVCopy, SlotTable
 from deepseek_serve.engine.sequence import Sequence
-from deepseek_serve.engine.torch_runner.drive import run_to_completion
-from deepseek_serve.engine.torch_runner.loading import CheckpointError, load_model
-from deepseek_serve.engine.torch_runner.model import (
-    DecodeStep,
-    ForwardBatch,
-    KVCache,
-    ModelArgs,
-    UnsupportedModelError,
-    attend_causal,
-    attend_sdpa,
-)
-from deepseek_serve.engine.torch_runner.runner import TorchRunner, additive_mask
-from deepseek_serve.engine.torch_runner.slots import KVCopy, SlotTable
 from deepseek_serve.engine.types import SamplingParams
+from tests.support.runner_driver import run_to_completion
 from tests.support.torch_models import CODER, R1_32B_OLD, tiny_checkpoint
+from tests.support.torch_scoring import score
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    """NOTE: the CI box is shared; more torch threads only contend. Restored after the module."""
+    """The CI box is shared; more torch threads only contend. Restored after the module."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -144,7 +141,7 @@ def test_prefix_cache_reuses_idle_slot(tiny: tuple[Path, Any]) -> None:
 
 
 def test_slot_table_keeps_running_sequences_in_the_lowest_slots() -> None:
-    # NOTE: a decode step covers slots 0..n-1, so a lone stream must sit in slot 0 (one row).
+    # a decode step covers slots 0..n-1, so a lone stream must sit in slot 0 (one row).
     table = SlotTable(num_slots=4, max_len=100)
     a_ids, b_ids = list(range(1, 21)), list(range(50, 60))
     a = table.allocate(a_ids, 30)
@@ -293,7 +290,7 @@ def test_logprobs_are_those_of_the_model(tiny: tuple[Path, Any]) -> None:
 def test_score_gives_next_token_logprobs(tiny: tuple[Path, Any]) -> None:
     path, hf = tiny
     p = prompts((33,), seed=8)[0]
-    got = make_runner(path).score(p)
+    got = score(make_runner(path), p)
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([p])).logits[0, :-1].float(), -1).gather(
             1, torch.tensor(p[1:])[:, None]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from deepseek_serve.engine.chat_template import ChatTemplate
-from deepseek_serve.engine.torch_runner.tokenizer import HFTokenizer, read_chat_template
+from deepseek_serve.engine.runners.pytorch.tokenizer import HFTokenizer, read_chat_template
 from tests.support.torch_models import CODER, R1_15B_NEW, R1_32B_OLD, need_fixtures
 
 TEXTS = [

@@ -17,6 +17,8 @@ import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from deepseek_serve.engine.runners.common import common_prefix_len
+
 
 @dataclass(frozen=True)
 class KVCopy:
@@ -30,14 +32,6 @@ class SlotGrant:
     slot: int
     num_cached_tokens: int  # prompt tokens whose KV is in the slot once `copies` are done
     copies: tuple[KVCopy, ...] = ()  # to perform in order before the sequence runs
-
-
-def common_prefix_len(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class SlotTable:

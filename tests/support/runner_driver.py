@@ -1,11 +1,12 @@
-"""A minimal driver that runs sequences through any `Runner` without the engine's scheduler:
-for benchmarks and runner-level tests. Stops on `max_tokens` only (no EOS / stop strings)."""
+"""Runs sequences through any `Runner` without the engine's scheduler, for runner-level tests and
+the torch runner's benchmarks (bench/gpu*.py, bench/torch_cpu.py). Stops on `max_tokens` only
+(no EOS / stop strings)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from deepseek_serve.engine.runner import Runner, ScheduledSeq
+from deepseek_serve.engine.runners import Runner, ScheduledSeq
 from deepseek_serve.engine.sequence import Sequence, SequenceStatus
 
 

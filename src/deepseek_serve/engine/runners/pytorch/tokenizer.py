@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from deepseek_serve.engine.runner import Tokenizer
+from deepseek_serve.engine.runners import Tokenizer
 
 # End-of-turn markers of the chat formats we serve; each one present in a vocabulary ends generation.
 END_OF_TURN_TOKENS = ("<|EOT|>", "<|im_end|>", "<｜end▁of▁sentence｜>", "<|end_of_text|>", "<|eot_id|>")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepseek_serve.engine.torch_runner.model import ModelArgs
+from deepseek_serve.engine.runners.pytorch.config import ModelArgs
 
 GiB = 1 << 30
 FIXED_RESERVE = 512 << 20  # cuBLAS / Triton workspaces, the CUDA graph pool's own slack, fragmentation

@@ -111,7 +111,7 @@ def sample(logits: Tensor, rows: list[SampleRow], generator: torch.Generator | N
             drop = rank >= ks[:, None]
             drop |= (probs.cumsum(dim=-1) - probs) > tp[:, None]
             drop |= probs < mp[:, None] * probs[:, :1]
-            drop[:, 0] = False  # NOTE: the most likely token always survives
+            drop[:, 0] = False  # the most likely token always survives
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             sub = torch.full_like(sub, float("-inf")).scatter(1, order, sorted_logits)
         probs = sub.softmax(dim=-1)

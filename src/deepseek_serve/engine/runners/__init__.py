@@ -1,12 +1,14 @@
-"""The runner interface: the model half of the engine.
+"""Runners, the model half of the engine: the interface, and `build_runner`, the one way to make one.
 
 A runner owns the weights, the tokenizer and the KV cache of every sequence. The scheduler owns
 everything else (queues, admission order, deadlines, stop conditions, detokenization). One
 `step()` runs ONE forward pass over a batch that mixes prefill chunks and decode tokens of
 different sequences, and samples the next token for every sequence whose input is complete.
 
-Two runners implement it: `LlamaCppRunner` (GGUF on CPU, llama.cpp's unified KV cache, one
-sequence id per slot) and `TorchRunner` (Hugging Face checkpoints, a pre-allocated slot KV cache).
+Two runners implement it, each a package: `llamacpp.LlamaCppRunner` (GGUF on CPU, llama.cpp's unified
+KV cache, one sequence id per slot) and `pytorch.TorchRunner` (Hugging Face checkpoints, a
+pre-allocated slot KV cache). Both are built by `from_settings(settings, model_path)`; `build_runner`
+picks the one for a resolved model.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from deepseek_serve.config import Settings
     from deepseek_serve.engine.sequence import Sequence
     from deepseek_serve.engine.types import TokenLogprob
+    from deepseek_serve.models.resolve import ResolvedModel
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,12 @@ class Runner(abc.ABC):
 
     name: str
     supports_grammar: bool = False  # honours SamplingParams.grammar (constrained decoding)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model_path: Path) -> Runner:
+        """Load the model at `model_path` with the settings that concern this runner (what
+        `build_runner` calls; runners it does not build, such as test doubles, leave it out)."""
+        raise NotImplementedError(f"{cls.__name__} is not built from settings")
 
     @property
     @abc.abstractmethod
@@ -148,3 +160,31 @@ class Runner(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release native resources."""
+
+
+def choose_runner(settings: Settings, model: ResolvedModel) -> str:
+    """The runner for `model`: `settings.runner`, or by the model's format when it is "auto"."""
+    if settings.runner != "auto":
+        wanted = settings.runner
+        if wanted == "llamacpp" and model.format != "gguf":
+            raise ValueError(f"DS_RUNNER=llamacpp needs a GGUF file, but {model.path} is a Hugging Face folder")
+        if wanted == "torch" and model.format != "hf":
+            raise ValueError(f"DS_RUNNER=torch needs a Hugging Face folder, but {model.path} is a GGUF file")
+        return wanted
+    return "llamacpp" if model.format == "gguf" else "torch"
+
+
+def build_runner(settings: Settings, model: ResolvedModel) -> Runner:
+    """Load `model` with the runner `choose_runner` picks."""
+    cls: type[Runner]
+    if choose_runner(settings, model) == "llamacpp":
+        from deepseek_serve.engine.runners.llamacpp import LlamaCppRunner
+
+        cls = LlamaCppRunner
+    else:
+        try:
+            from deepseek_serve.engine.runners.pytorch import TorchRunner
+        except ImportError as exc:
+            raise RuntimeError(f"the PyTorch runner needs `pip install 'deepseek-serve[torch]'` ({exc})") from exc
+        cls = TorchRunner
+    return cls.from_settings(settings, model.path)

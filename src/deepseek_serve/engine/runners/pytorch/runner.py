@@ -3,7 +3,8 @@
 One `step()`:
 1. decode rows (entries feeding one token) run together as one forward over the slot range
    [0, n): row i is slot i, rows without work write to the cache's scratch column. On CUDA this
-   forward is a CUDA graph captured per (rows bucket, KV-length bucket);
+   forward is a CUDA graph captured per (rows bucket, KV-length bucket) (`cuda_graphs`), by default
+   compiled whole (`compile.DecodeStep`);
 2. each prefill chunk (more than one token) runs as its own forward over its slot;
 3. logits of the rows that sample go through the on-device sampler; the chosen ids come back in
    one device-to-host copy.
@@ -12,30 +13,28 @@ One `step()`:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from deepseek_serve.engine.runner import Runner, SampleResult, ScheduledSeq, Tokenizer
-from deepseek_serve.engine.torch_runner.memory import (
+from deepseek_serve.engine.runners import Runner, SampleResult, ScheduledSeq, Tokenizer
+from deepseek_serve.engine.runners.common import entry_refusal, split_refused
+from deepseek_serve.engine.runners.pytorch.compile import Compiler, DecodeStep
+from deepseek_serve.engine.runners.pytorch.cuda_graphs import DecodeGraphs
+from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, additive_mask
+from deepseek_serve.engine.runners.pytorch.memory import (
     GiB,
     free_memory,
     model_bytes,
     plan_memory,
     rows_buckets,
 )
-from deepseek_serve.engine.torch_runner.model import (
-    CausalLM,
-    DecodeStep,
-    ForwardBatch,
-    KVCache,
-    use_compiled_ops,
-)
-from deepseek_serve.engine.torch_runner.sampler import SampleOutput, SampleRow, sample
-from deepseek_serve.engine.torch_runner.slots import SlotTable
+from deepseek_serve.engine.runners.pytorch.modules import CausalLM, KVCache
+from deepseek_serve.engine.runners.pytorch.ops import EAGER_OPS
+from deepseek_serve.engine.runners.pytorch.sampler import SampleOutput, SampleRow, sample
+from deepseek_serve.engine.runners.pytorch.slots import SlotTable
 from deepseek_serve.engine.types import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
@@ -64,22 +63,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """bool mask -> 0 / -inf in the model dtype, built once per forward (SDPA would convert per layer)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-
-
 def _next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
-
-
-@dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    inputs: Tensor  # [3, n] int64: token, rope position, cache write position
-    host: Tensor  # [3, n] int64, pinned: staging for `inputs`
-    logits: Tensor  # [n, V]
-    greedy: Tensor  # [n] int64 argmax of logits (the fast path of all-greedy decode steps)
 
 
 class TorchRunner(Runner):
@@ -113,14 +98,14 @@ class TorchRunner(Runner):
         self.slots = SlotTable(num_slots, max_len, prefix_cache)
         self._arange = torch.arange(max_len + 1, device=device)
         self._use_graphs = cuda_graphs and device.type == "cuda"
-        if compile_ops and device.type == "cuda":
-            use_compiled_ops()
-        # the whole decode step compiled (CUDA graphs only: compiling per shape pays off once captured)
+        # what torch.compile makes for this runner: the fused elementwise ops of every forward (CUDA)
+        # and the whole decode step (CUDA graphs only: compiling per shape pays off once captured)
+        self.compiler = Compiler()
+        self.ops = self.compiler.fused_ops() if compile_ops and device.type == "cuda" else EAGER_OPS
         self.decode_step: DecodeStep | None = (
-            DecodeStep(model) if compile_ops and compile_decode and self._use_graphs else None
+            DecodeStep(model, compiler=self.compiler) if compile_ops and compile_decode and self._use_graphs else None
         )
-        self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
+        self.graphs = DecodeGraphs(self.decode_forward, device, max_len) if self._use_graphs else None
         self._generator = torch.Generator(device=device).manual_seed(seed)
         self._eos_ids = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
 
@@ -129,9 +114,9 @@ class TorchRunner(Runner):
     def from_settings(cls, settings: Settings, model_path: Path) -> TorchRunner:
         """Load a Hugging Face folder with `settings.device/dtype/quantization/max_batch_size/
         max_model_len/context_length/cuda_graphs/prefix_cache`."""
-        from deepseek_serve.engine.torch_runner.loading import load_model
-        from deepseek_serve.engine.torch_runner.quantize import quantize_model
-        from deepseek_serve.engine.torch_runner.tokenizer import HFTokenizer, read_chat_template
+        from deepseek_serve.engine.runners.pytorch.loading import load_model
+        from deepseek_serve.engine.runners.pytorch.quantize import quantize_model
+        from deepseek_serve.engine.runners.pytorch.tokenizer import HFTokenizer, read_chat_template
 
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
@@ -213,7 +198,7 @@ class TorchRunner(Runner):
         return self.slots.cached_tokens
 
     def clear_prefix_cache(self) -> int:
-        # NOTE: the KV stays in the buffer: a freed slot is overwritten by its next sequence
+        # the KV stays in the buffer: a freed slot is overwritten by its next sequence
         return self.slots.clear_idle()
 
     @property
@@ -241,7 +226,7 @@ class TorchRunner(Runner):
         seq.slot = None
 
     # --- forward -----------------------------------------------------------------------------------
-    def _decode_forward(self, inputs: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+    def decode_forward(self, inputs: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
         """inputs [3, n] (token, position, write position) -> (logits [n, V], argmax [n]); row i is
         slot i."""
         n = inputs.shape[1]
@@ -250,28 +235,8 @@ class TorchRunner(Runner):
         fb = ForwardBatch(slots=None, positions=pos[:, None], write_pos=wpos[:, None], mask=mask)
         if self.decode_step is not None:
             return self.decode_step(tok[:, None], self.cache, fb)
-        logits = self.model(tok[:, None], self.cache, fb)[:, 0]
+        logits = self.model(tok[:, None], self.cache, fb, self.ops)[:, 0]
         return logits, logits.argmax(dim=-1)
-
-    def _graph(self, n: int, kv_len: int) -> _Graph:
-        key = (n, kv_len)
-        g = self._graphs.get(key)
-        if g is not None:
-            return g
-        inputs = torch.zeros((3, n), dtype=torch.int64, device=self.device)
-        inputs[2].fill_(self._max_len)  # warm-up rows write to the scratch column only
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._decode_forward(inputs, kv_len)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits, greedy = self._decode_forward(inputs, kv_len)
-        g = _Graph(graph, inputs, torch.empty((3, n), dtype=torch.int64).pin_memory(), logits, greedy)
-        self._graphs[key] = g
-        return g
 
     def _decode(self, entries: list[ScheduledSeq]) -> tuple[Tensor, Tensor | None]:
         """(logits [n, V] over slots 0..n-1, their argmax [n] when a graph computed it) for entries
@@ -279,22 +244,18 @@ class TorchRunner(Runner):
         top = max(e.seq.slot for e in entries if e.seq.slot is not None) + 1
         n = min(_next_pow2(top), self.slots.num_slots) if self._use_graphs else top
         max_pos = max(e.seq.num_computed_tokens for e in entries)
-        kv_len = self._kv_bucket(max_pos + 1)
+        kv_len = self.kv_bucket(max_pos + 1)
         tok, pos, wpos = [0] * n, [0] * n, [self._max_len] * n  # idle rows: scratch column
         for e in entries:
             s, p = e.seq.slot, e.seq.num_computed_tokens
             assert s is not None
             tok[s], pos[s], wpos[s] = e.seq.token_at(p), p, p
-        if not self._use_graphs:
+        if self.graphs is None:
             host = torch.tensor([tok, pos, wpos], dtype=torch.int64)
-            return self._decode_forward(host.to(self.device), kv_len)[0], None
-        g = self._graph(n, kv_len)
-        g.host.copy_(torch.tensor([tok, pos, wpos], dtype=torch.int64))
-        g.inputs.copy_(g.host, non_blocking=True)
-        g.graph.replay()
-        return g.logits, g.greedy
+            return self.decode_forward(host.to(self.device), kv_len)[0], None
+        return self.graphs.replay(tok, pos, wpos, kv_len)
 
-    def _kv_bucket(self, length: int) -> int:
+    def kv_bucket(self, length: int) -> int:
         """KV positions a decode step reads: a multiple of KV_LEN_BUCKET (a power of two of it with
         CUDA graphs, to bound the number of graphs), capped at max_len."""
         kv_len = -(-length // KV_LEN_BUCKET) * KV_LEN_BUCKET
@@ -308,19 +269,19 @@ class TorchRunner(Runner):
         compiles of the fused ops) and the sampler's kernels. `prefill_tokens` > 0: also one prefill of
         that many tokens. Returns the number of graphs."""
         with torch.inference_mode():
-            if self._use_graphs:
+            if self.graphs is not None:
                 for rows in rows_buckets(self.slots.num_slots):
                     length = 1
                     while True:
-                        kv_len = self._kv_bucket(length)
-                        self._graph(rows, kv_len)
+                        kv_len = self.kv_bucket(length)
+                        self.graphs.get(rows, kv_len)
                         if kv_len >= self._max_len:
                             break
                         length = kv_len + 1
             self._warm_prefill(prefill_tokens)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return len(self._graphs)
+        return len(self.graphs) if self.graphs is not None else 0
 
     def _warm_prefill(self, prefill_tokens: int) -> None:
         """Prefill forwards into slots 0/1 and one sampled row of every kind. Before serving only:
@@ -338,7 +299,7 @@ class TorchRunner(Runner):
             mask = additive_mask((pos[:, :, None] >= self._arange[:t][None, None, :]).unsqueeze(1), self.dtype)
             slots = torch.arange(b, dtype=torch.int64, device=self.device)
             fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=b == 1)
-            logits = self.model.lm_head(self.model.hidden_states(tok, self.cache, fb)[:, -1])
+            logits = self.model.lm_head(self.model.hidden_states(tok, self.cache, fb, self.ops)[:, -1])
         rich = SamplingParams(
             temperature=0.7,
             top_p=0.9,
@@ -368,32 +329,17 @@ class TorchRunner(Runner):
         mask = additive_mask((self._arange[:kv_len][None, None, :] <= pos[:, :, None]).unsqueeze(1), self.dtype)
         slots = torch.tensor(slot_ids, dtype=torch.int64).to(self.device)
         fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=len(entries) == 1)
-        h = self.model.hidden_states(tok, self.cache, fb)
+        h = self.model.hidden_states(tok, self.cache, fb, self.ops)
         return self.model.lm_head(h[:, -1])
 
-    def _refuse(self, e: ScheduledSeq) -> str | None:
-        """Why this entry cannot go to the model (None when it can). An embedding index outside the
-        vocabulary is a device-side assert on CUDA, which leaves the CUDA context unusable."""
-        seq, start, k = e.seq, e.seq.num_computed_tokens, e.num_new_tokens
-        if seq.slot is None:
+    def _refusal(self, e: ScheduledSeq) -> str | None:
+        """Why this entry cannot go to the model (None when it can)."""
+        if e.seq.slot is None:
             return "the sequence holds no slot"
-        if k < 1 or start + k > min(seq.num_tokens, seq.max_total_tokens, self._max_len):
-            return f"{k} new tokens at position {start} do not fit the sequence's reservation"
-        vocab = self.model.args.vocab_size
-        tokens = seq.all_token_ids[start : start + k]
-        if min(tokens) < 0 or max(tokens) >= vocab:
-            return f"a token id outside the vocabulary [0, {vocab})"
-        return None
+        return entry_refusal(e, self._max_len, self.model.args.vocab_size)
 
     def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
-        results: list[SampleResult | None] = [None] * len(batch)
-        good: list[int] = []
-        for i, e in enumerate(batch):
-            refused = self._refuse(e)
-            if refused is None:
-                good.append(i)
-            else:
-                results[i] = SampleResult.failed(refused)
+        results, good = split_refused(batch, self._refusal)
         if good:
             done = self._step([batch[i] for i in good])
             for i, result in zip(good, done, strict=True):
@@ -504,35 +450,6 @@ class TorchRunner(Runner):
         raw = self._tokenizer.token_bytes(token_id) if self._tokenizer is not None else b""
         return raw.decode("utf-8", errors="replace"), tuple(raw)
 
-    # --- scoring (perplexity, prompt logprobs) -----------------------------------------------------
-    def score(self, token_ids: list[int]) -> Tensor:
-        """Log-probability of each token given the ones before it, float32 [len - 1]."""
-        logp = torch.log_softmax(self.full_logits(token_ids)[:-1], dim=-1)
-        return logp.gather(1, torch.tensor(token_ids[1:], device=logp.device)[:, None])[:, 0]
-
-    def full_logits(self, token_ids: list[int]) -> Tensor:
-        """Logits after every token, float32 [len, V]; uses a private one-slot cache, so running
-        sequences are untouched."""
-        t = len(token_ids)
-        cache = KVCache(self.args, 1, t, self.dtype, self.device)
-        if t > self._max_len:
-            self.model.setup_rope(t + 1, self.device)
-        try:
-            with torch.inference_mode():
-                tok = torch.tensor([token_ids], dtype=torch.int64, device=self.device)
-                pos = torch.arange(t, device=self.device)[None, :]
-                mask = additive_mask((pos[0][None, :] <= pos[0][:, None]).view(1, 1, t, t), self.dtype)
-                fb = ForwardBatch(
-                    slots=torch.zeros(1, dtype=torch.int64, device=self.device),
-                    positions=pos,
-                    write_pos=pos,
-                    mask=mask,
-                    causal_tail=True,
-                )
-                return self.model(tok, cache, fb)[0].float()
-        finally:
-            if t > self._max_len:
-                self.model.setup_rope(self._max_len + 1, self.device)
-
     def close(self) -> None:
-        self._graphs.clear()
+        if self.graphs is not None:
+            self.graphs.clear()

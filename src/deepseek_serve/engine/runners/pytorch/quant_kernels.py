@@ -15,7 +15,7 @@ ops (`deepseek_serve::w8_mm`, `deepseek_serve::w4_mm`): torch.compile keeps each
 and CUDA graphs capture its launches. CUDA, or Triton's CPU interpreter in tests.
 """
 
-# NOTE: Triton kernel parameters are untyped pointers and scalars (Triton specializes on them).
+# Triton kernel parameters are untyped pointers and scalars (Triton specializes on them).
 # Integer -> bf16 casts go through float32: exact, what the compiler emits anyway, and Triton's CPU
 # interpreter reinterprets the bits of a direct int -> bf16 cast.
 # mypy: disable-error-code="no-untyped-def"

@@ -16,7 +16,7 @@ Registered as the custom op `deepseek_serve::decode_attention`, so torch.compile
 opaque call and CUDA graphs capture both launches. Import only where Triton is installed (CUDA).
 """
 
-# NOTE: Triton kernel parameters are untyped pointers and scalars (Triton specializes on them)
+# Triton kernel parameters are untyped pointers and scalars (Triton specializes on them)
 # mypy: disable-error-code="no-untyped-def"
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from deepseek_serve.engine.torch_runner.model import CausalLM, ModelArgs, fuse_hf_state_dict
+from deepseek_serve.engine.runners.pytorch.config import ModelArgs
+from deepseek_serve.engine.runners.pytorch.modules import CausalLM, fuse_hf_state_dict
 
 
 class CheckpointError(ValueError):

@@ -7,16 +7,19 @@ every `nn.Linear` of the decoder layers with a quantized twin in place, and the 
   `quant_kernels`; CPU: `_weight_int4pack_mm_for_cpu`.
 
 CUDA kernels by rows M (the batch's tokens), measured on an H200 (docs/performance.md): one int8 row
-inside a compiled decode step is left to Inductor, whose coordinate-descent-tuned reduction fuses the
-int8 -> bf16 cast (faster there than the Triton kernel); up to TRITON_MAX_ROWS the Triton weight-only
-matmuls (weights read once, dequantized in registers, K split over programs when M is small); above
-it (prefill) the weights are dequantized and cuBLAS multiplies. int4 defaults to tinygemm (INT4_KERNEL):
-the fastest one-row kernel measured, though 3x slower than bf16 at 64 rows, where the Triton `w4_mm`
-is 1.4x slower; one packing serves all row counts, so the kernel is chosen per model.
+inside a compiled decode step is left to Inductor (`Int8OneRow` "inductor"), whose coordinate-
+descent-tuned reduction fuses the int8 -> bf16 cast (faster there than the Triton kernel); up to
+TRITON_MAX_ROWS the Triton weight-only matmuls (weights read once, dequantized in registers, K split
+over programs when M is small); above it (prefill) the weights are dequantized and cuBLAS
+multiplies. int4 defaults to tinygemm (INT4_KERNEL): the fastest one-row kernel measured, though 3x
+slower than bf16 at 64 rows, where the Triton `w4_mm` is 1.4x slower; one packing serves all row
+counts, so the kernel is chosen per model. Benchmarks pick other kernels through `quantize_model`'s
+arguments.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Literal
 
 import torch
@@ -25,24 +28,20 @@ from torch import Tensor, nn
 
 QuantMode = Literal["none", "int8", "int4"]
 Int4Kernel = Literal["triton", "tinygemm"]
+Int8OneRow = Literal["inductor", "triton"]  # the kernel of one int8 row inside torch.compile
 INT4_INNER_K_TILES = 8
 TRITON_MAX_ROWS = 128
-INT8_ONE_ROW: Literal["inductor", "triton"] = "inductor"  # one row inside torch.compile
+INT8_ONE_ROW: Int8OneRow = "inductor"
 INT4_KERNEL: Int4Kernel = "tinygemm"  # CUDA default (bfloat16; other dtypes use the Triton kernel)
-_kernels: bool | None = None
 
 
 def triton_kernels() -> bool:
     """Whether `quant_kernels` (Triton) is importable; importing it registers the custom ops."""
-    global _kernels
-    if _kernels is None:
-        try:
-            import deepseek_serve.engine.torch_runner.quant_kernels  # noqa: F401
-        except ImportError:
-            _kernels = False
-        else:
-            _kernels = True
-    return _kernels
+    try:
+        importlib.import_module("deepseek_serve.engine.runners.pytorch.quant_kernels")
+    except ImportError:
+        return False
+    return True
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,7 +91,7 @@ def dequantize_int4(codes: Tensor, sz: Tensor, group_size: int) -> Tensor:
     return g.reshape(n, k)
 
 
-INT4_GROUP_SIZE = 32  # NOTE: the block size of GGUF's Q4_0/Q4_1, so Q4 checkpoints requantize losslessly
+INT4_GROUP_SIZE = 32  # the block size of GGUF's Q4_0/Q4_1, so Q4 checkpoints requantize losslessly
 
 
 def int4_group_size(k: int, preferred: int = INT4_GROUP_SIZE) -> int:
@@ -110,11 +109,13 @@ class Int8Linear(nn.Module):
     weight: Tensor
     scales: Tensor
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, one_row: Int8OneRow = INT8_ONE_ROW) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scales = quantize_int8(linear.weight.data)
         self._cpu = linear.weight.device.type == "cpu"
+        self._one_row_inductor = one_row == "inductor"
+        self._triton = not self._cpu and triton_kernels()
         act_dtype = torch.bfloat16 if self._cpu else linear.weight.dtype
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales.to(act_dtype))
@@ -125,9 +126,9 @@ class Int8Linear(nn.Module):
         m = x2.shape[0]
         if self._cpu:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
-        elif m == 1 and INT8_ONE_ROW == "inductor" and torch.compiler.is_compiling():
+        elif m == 1 and self._one_row_inductor and torch.compiler.is_compiling():
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
-        elif m <= TRITON_MAX_ROWS and triton_kernels():
+        elif m <= TRITON_MAX_ROWS and self._triton:
             y = torch.ops.deepseek_serve.w8_mm(x2, self.weight, self.scales)
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
@@ -189,31 +190,36 @@ class Int4Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def _swap(parent: nn.Module, mode: QuantMode, group_size: int, kernel: Int4Kernel | None) -> None:
+def _swap(parent: nn.Module, mode: QuantMode, group_size: int, kernel: Int4Kernel | None, one_row: Int8OneRow) -> None:
     for name, child in parent.named_children():
         if isinstance(child, nn.Linear):
-            q = Int8Linear(child) if mode == "int8" else Int4Linear(child, group_size, kernel)
+            q = Int8Linear(child, one_row) if mode == "int8" else Int4Linear(child, group_size, kernel)
             setattr(parent, name, q)
         else:
-            _swap(child, mode, group_size, kernel)
+            _swap(child, mode, group_size, kernel, one_row)
 
 
 def quantize_model(
-    model: nn.Module, mode: QuantMode, group_size: int = 0, int4_kernel: Int4Kernel | None = None
+    model: nn.Module,
+    mode: QuantMode,
+    group_size: int = 0,
+    int4_kernel: Int4Kernel | None = None,
+    int8_one_row: Int8OneRow = INT8_ONE_ROW,
 ) -> None:
     """Swap the linear layers of `model.model.layers` for quantized ones and the LM head for int8
     (under int4 too: a 4-bit head costs more accuracy than its bytes are worth).
 
     The embedding table and norms stay in the model dtype. For a tied LM head, the head quantizes a
     copy of the embedding (the embedding itself is read by row and stays unquantized).
-    `group_size`: int4 group along K (0 = INT4_GROUP_SIZE).
+    `group_size`: int4 group along K (0 = INT4_GROUP_SIZE); `int4_kernel` and `int8_one_row`: the CUDA
+    kernels (see `Int4Linear` and the module docstring).
     """
     if mode == "none":
         return
     if mode not in ("int8", "int4"):
         raise ValueError(f"unknown quantization {mode!r} (none, int8, int4)")
-    _swap(model.model.layers, mode, group_size, int4_kernel)  # type: ignore[union-attr, arg-type]
-    model.lm_head = Int8Linear(model.lm_head)  # type: ignore[arg-type]
+    _swap(model.model.layers, mode, group_size, int4_kernel, int8_one_row)  # type: ignore[union-attr, arg-type]
+    model.lm_head = Int8Linear(model.lm_head, int8_one_row)  # type: ignore[arg-type]
 
 
 def weight_bytes(model: nn.Module, include_embedding: bool = False) -> int:

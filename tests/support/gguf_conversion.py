@@ -1,7 +1,8 @@
 """GGUF -> Hugging Face folder (dequantized safetensors + tokenizer), through transformers' GGUF loader.
 
 Slow (transformers parses the GGUF metadata in Python: minutes for a 100k-token vocabulary on a
-busy CPU); callers cache the result.
+busy CPU); callers cache the result. Makes Hugging Face checkpoints of GGUF packs for the torch
+runner's tests and benchmarks.
 """
 
 from __future__ import annotations
