@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         description="llama.cpp runner: repack quantized weights into llama.cpp's "
         "interleaved CPU layout (a private copy instead of the mmap)",
     )
+    llama_amx: bool = Field(
+        False,
+        description="llama.cpp runner: allow llama.cpp's AMX kernels when the installed library was built "
+        "with them; off, such a library loads without its extra buffer types (no AMX, no repacking), since "
+        "on virtual machines whose CPU reports AMX without supporting it they die with SIGILL",
+    )
     prefix_cache: bool = True
     prefix_cache_tokens: int = Field(
         4096,

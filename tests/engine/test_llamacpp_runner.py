@@ -190,3 +190,31 @@ async def test_a_burst_of_requests_is_admitted_into_one_step() -> None:
         assert eng.stats().steps_total - steps == 1
     finally:
         await eng.shutdown()
+
+
+def test_a_library_with_amx_kernels_loads_without_extra_buffer_types(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A llama.cpp built with AMX kernels (a native build on a CPU that reports AMX) would route matrix
+    products to AMX through the extra buffer types; unless allowed, the model loads without them."""
+    import llama_cpp as lc
+
+    from deepseek_serve.engine.runners.llamacpp import backend
+
+    assert backend.amx_compiled() == ("AMX_INT8 = 1" in lc.llama_print_system_info().decode())
+    loaded_with: list[bool] = []
+    real_load = lc.llama_model_load_from_file
+
+    def recording_load(path: bytes, params: lc.llama_model_params) -> lc.llama_model_p:
+        loaded_with.append(bool(params.use_extra_bufts))
+        return real_load(path, params)
+
+    monkeypatch.setattr(backend, "amx_compiled", lambda: True)
+    monkeypatch.setattr(backend.lc, "llama_model_load_from_file", recording_load)
+    path = default_model_path()
+    with caplog.at_level("WARNING", logger=backend.logger.name):
+        for allow_amx in (False, True):
+            lc.llama_model_free(backend.load_model(path, repack=True, allow_amx=allow_amx))
+        lc.llama_model_free(backend.load_model(path, repack=False, allow_amx=False))
+    assert loaded_with == [False, True, False]
+    assert sum("AMX" in r.getMessage() for r in caplog.records) == 1

@@ -53,11 +53,26 @@ def physical_cores() -> int:
     return max(1, min(len(cores) or len(cpus), len(cpus)))
 
 
-def load_model(model_path: Path, repack: bool) -> lc.llama_model_p:
+@functools.cache
+def amx_compiled() -> bool:
+    """Whether the loaded llama.cpp library has its AMX matrix kernels compiled in (a native build on a
+    CPU that reports AMX). They are reached only through llama.cpp's extra buffer types."""
+    return "AMX_INT8 = 1" in lc.llama_print_system_info().decode("utf-8", "replace")
+
+
+def load_model(model_path: Path, repack: bool, allow_amx: bool = False) -> lc.llama_model_p:
     """Load a GGUF file with memory-mapped weights. `repack`: llama.cpp's repacked CPU layout
     (use_extra_bufts): faster decoding, slower prompt processing of Q4_K weights on this project's
-    AVX-512 test machine (docs/performance.md)."""
+    AVX-512 test machine (docs/performance.md). When the library has AMX kernels and `allow_amx` is
+    off, the extra buffer types stay off (they would route matrix products to AMX, which dies with
+    SIGILL on virtual machines that report AMX without supporting it)."""
     init_backend()
+    if repack and amx_compiled() and not allow_amx:
+        logger.warning(
+            "llama.cpp was built with AMX kernels: loading without repacked weights (DS_LLAMA_AMX=true "
+            "allows AMX; a build without it keeps repacking: CFLAGS=$(bench/llama_build_flags.sh))"
+        )
+        repack = False
     params = lc.llama_model_default_params()  # memory-mapped weights (load mode "auto")
     params.use_extra_bufts = repack
     model = lc.llama_model_load_from_file(str(model_path).encode(), params)

@@ -51,8 +51,9 @@ class LlamaCppRunner(Runner):
         prefix_cache_tokens: int = 4096,
         flash_attn: bool = True,
         repack: bool = True,
+        allow_amx: bool = False,
     ) -> None:
-        self._model = load_model(model_path, repack)
+        self._model = load_model(model_path, repack, allow_amx)
         self._tokenizer = LlamaCppTokenizer(self._model)
         self._n_vocab = self._tokenizer.vocab_size
         self.n_ctx_train = lc.llama_model_n_ctx_train(self._model)
@@ -84,7 +85,7 @@ class LlamaCppRunner(Runner):
     @classmethod
     def from_settings(cls, settings: Settings, model_path: Path) -> LlamaCppRunner:
         """Load a GGUF file with `settings.context_length/max_batch_size/max_model_len/n_threads/
-        prefill_chunk_tokens/prefix_cache/prefix_cache_tokens/llama_repack`."""
+        prefill_chunk_tokens/prefix_cache/prefix_cache_tokens/llama_repack/llama_amx`."""
         return cls(
             model_path,
             context_length=settings.context_length,
@@ -95,6 +96,7 @@ class LlamaCppRunner(Runner):
             prefix_cache=settings.prefix_cache,
             prefix_cache_tokens=settings.prefix_cache_tokens,
             repack=settings.llama_repack,
+            allow_amx=settings.llama_amx,
         )
 
     # --- Runner properties -------------------------------------------------------------------------
