@@ -22,7 +22,7 @@ from deepseek_serve.engine.async_engine import AsyncEngine
 from serve_process import ServeProcess
 
 GENERATED = re.compile(r"^req-[0-9a-f]{32}$")
-_FINISHED = "deepseek_serve.api.generation"
+_FINISHED = "deepseek_serve.serving.accounting"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -11,9 +11,9 @@ import logging
 import pytest
 
 from cache_helpers import PrivateRedis, free_port, private_redis, unique_prefix
-from deepseek_serve.api.services import Principal
 from deepseek_serve.cache import CircuitBreaker, build_cache_layer
 from deepseek_serve.config import Settings, load_settings
+from deepseek_serve.contracts import Principal
 
 
 class FakeClock:

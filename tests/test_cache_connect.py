@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from cache_helpers import PrivateRedis, unique_prefix
-from deepseek_serve.api.services import Principal
 from deepseek_serve.cache import build_cache_layer
 from deepseek_serve.config import load_settings
+from deepseek_serve.contracts import Principal
 
 
 async def exercise(url: str) -> bool:

@@ -11,7 +11,6 @@ import pytest
 import pytest_asyncio
 
 from cache_helpers import SHARED_REDIS_URL, delete_prefix, unique_prefix
-from deepseek_serve.api.services import Principal
 from deepseek_serve.cache import (
     CachedChoice,
     CachedCompletion,
@@ -26,6 +25,7 @@ from deepseek_serve.cache import (
     is_cacheable,
 )
 from deepseek_serve.cache.sessions import RedisSessionStore
+from deepseek_serve.contracts import Principal
 
 Limiter = LocalRateLimiter | RedisRateLimiter
 

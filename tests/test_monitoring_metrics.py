@@ -16,7 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import make_settings
 from deepseek_serve.api.app import create_app
-from deepseek_serve.api.services import Services
 from deepseek_serve.cache import build_cache_layer
 from deepseek_serve.config import Settings
 from deepseek_serve.engine.async_engine import AsyncEngine
@@ -28,6 +27,7 @@ from deepseek_serve.observability.metrics import (
     prepare_multiprocess_dir,
     services_state,
 )
+from deepseek_serve.serving.services import Services
 
 MARIADB_URL = "mysql+asyncmy://root@127.0.0.1:3306/test"
 

@@ -11,11 +11,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import make_settings
-from deepseek_serve.api.services import Services
 from deepseek_serve.cache import build_cache_layer
 from deepseek_serve.config import Settings
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.observability.metrics import PrometheusMetrics
+from deepseek_serve.serving.services import Services
 from monitoring_helpers import (
     BUILTIN_METRICS,
     MONITORING,

@@ -15,8 +15,9 @@ import openai
 import pytest
 from tests.serve_process import ServeProcess
 
-from deepseek_serve.api.schemas import ChatCompletionRequest
-from deepseek_serve.api.tools import (
+from deepseek_serve.engine.chat_template import ChatTemplate
+from deepseek_serve.serving.schemas import ChatCompletionRequest
+from deepseek_serve.serving.tools import (
     ToolSetup,
     ToolStream,
     forced_grammar,
@@ -24,7 +25,6 @@ from deepseek_serve.api.tools import (
     render_messages,
     tool_format,
 )
-from deepseek_serve.engine.chat_template import ChatTemplate
 
 FIXTURES = Path(
     os.environ.get("DEEPSEEK_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepseek")
@@ -76,7 +76,7 @@ def _history() -> list[dict[str, Any]]:
 
 def _render(template_source: str, tools: list[dict[str, Any]] | None) -> str:
     body = ChatCompletionRequest.model_validate({"model": "m", "messages": _history()})
-    from deepseek_serve.api.reasoning import prepare_messages
+    from deepseek_serve.serving.reasoning import prepare_messages
 
     fmt = tool_format(template_source)
     messages, extra = render_messages(prepare_messages(body.messages), body.messages, fmt, tools)
