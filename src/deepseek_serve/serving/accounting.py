@@ -7,7 +7,8 @@
    `summarize_cache_hit` from a response-cache hit; it fills the `RequestOutcome`, whose `usage()`
    is the usage the client sees;
 3. `settle`, once per request, also when the client went away: `limiter.settle`,
-   `conversations.append_turn`, `usage.record`, `metrics.observe_request` and the log line.
+   `conversations.append_turn`, `usage.record`, `metrics.observe_request` (cache hits included,
+   with the finish reason "cached") and the log line.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ class RequestAccounting:
                 # the client's success (its last byte) comes after the record is durable
                 with anyio.CancelScope(shield=True):
                     await services.usage.persisted(services.settings.usage_sync_timeout_s)
-        if services.metrics is not None and choices:
+        if services.metrics is not None and (choices or out.from_cache):
             if out.finish_reason == "timeout":
                 services.metrics.rejected("timeout")
             arrivals = first.arrivals if first is not None else []
