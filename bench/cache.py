@@ -150,8 +150,8 @@ def bench_limiter(num_calls: int) -> list[tuple[str, float, float]]:
     """Admission cost in one process: (backend, p50 us, p99 us) of `admit` + `settle`."""
     import asyncio
 
-    from deepseek_serve.api.services import Principal
     from deepseek_serve.cache import LocalRateLimiter, RedisClient, RedisRateLimiter
+    from deepseek_serve.contracts import Principal
 
     async def run() -> list[tuple[str, float, float]]:
         prefix = unique_prefix()

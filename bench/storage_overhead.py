@@ -100,8 +100,8 @@ def bootstrap_median(values: list[float], rounds: int = 2000, seed: int = 0) -> 
 async def components(data_dir: Path, url: str) -> dict[str, float]:
     """In-process, on the benchmark's database: µs per cached key check and per usage record(), and ms
     of one background flush of a single record (at low QPS each flush carries about one)."""
-    from deepseek_serve.api.services import UsageEvent
     from deepseek_serve.config import load_settings
+    from deepseek_serve.contracts import UsageEvent
     from deepseek_serve.storage import Storage
 
     settings = load_settings(_env_file=None, data_dir=data_dir, database_url=url, usage_flush_interval_s=3600)

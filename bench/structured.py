@@ -24,13 +24,13 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
-from deepseek_serve.api.structured import schema_grammar
 from deepseek_serve.cli._common import run_loop
 from deepseek_serve.config import load_settings
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.runners.llamacpp.backend import physical_cores
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams
 from deepseek_serve.models.resolve import default_model_path
+from deepseek_serve.serving.structured import schema_grammar
 
 SCHEMA = {
     "type": "object",

@@ -20,9 +20,23 @@ ALLOWED: dict[str, set[str]] = {
     "cache": {"config", "contracts"},
     "observability": {"config", "contracts", "engine"},  # reads EngineStats, never drives the engine
     "bench": {"config", "contracts"},  # the load generator talks HTTP only
-    "api": {"config", "contracts", "models", "engine", "storage", "cache", "observability", "gateway"},
-    "gateway": {"config", "contracts", "models", "engine", "observability", "api"},
-    "cli": {"config", "contracts", "models", "engine", "storage", "cache", "observability", "api", "gateway", "bench"},
+    # the request path between the routes and the engine; no web framework, never the HTTP layer
+    "serving": {"config", "contracts", "engine", "observability"},
+    "api": {"config", "contracts", "models", "engine", "storage", "cache", "observability", "serving", "gateway"},
+    "gateway": {"config", "contracts", "models", "engine", "observability", "serving", "api"},
+    "cli": {
+        "config",
+        "contracts",
+        "models",
+        "engine",
+        "storage",
+        "cache",
+        "observability",
+        "serving",
+        "api",
+        "gateway",
+        "bench",
+    },
     "__main__": {"cli"},
     "__init__": set(),
 }
@@ -116,6 +130,7 @@ def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
     ]:
         assert expected in found
     assert "api" not in ALLOWED["cache"] and "api" not in ALLOWED["storage"] and "api" not in ALLOWED["engine"]
+    assert "api" not in ALLOWED["serving"]
 
 
 # The app mounts the gateway's routes, and those routes use the API's dependencies and errors.
@@ -136,3 +151,15 @@ def test_layers_are_ordered() -> None:
 
     for layer in edges:
         visit(layer, ())
+
+
+def test_serving_is_free_of_the_web_framework() -> None:
+    """The request path takes plain values (a plan, an ASGI `receive`) and returns an `Answer`; only the
+    HTTP layer (api/) knows FastAPI and Starlette."""
+    found = [
+        f"{path.relative_to(PACKAGE)}:{line}: {module}"
+        for path in sorted((PACKAGE / "serving").rglob("*.py"))
+        for line, module in _imports(path)
+        if module.split(".")[0] in ("fastapi", "starlette")
+    ]
+    assert not found, "serving imports the web framework:\n" + "\n".join(found)

@@ -14,12 +14,12 @@ import orjson
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from deepseek_serve.api.reasoning import ReasoningSplitter
-from deepseek_serve.api.schemas import ChatChunkChoice, ChatCompletionChunk, ChatDelta
-from deepseek_serve.api.sse import DONE, model_event, sse_event
 from deepseek_serve.bench.sse import SSEParser
 from deepseek_serve.engine.detokenizer import IncrementalDetokenizer
 from deepseek_serve.engine.runners import Tokenizer
+from deepseek_serve.serving.reasoning import ReasoningSplitter
+from deepseek_serve.serving.schemas import ChatChunkChoice, ChatCompletionChunk, ChatDelta
+from deepseek_serve.serving.sse import DONE, model_event, sse_event
 
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

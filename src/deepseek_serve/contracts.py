@@ -33,7 +33,7 @@ class Principal:
 
 class Authenticator(Protocol):
     async def authenticate(self, authorization: str | None) -> Principal:
-        """Return the caller for an `Authorization` header value; raise api.errors.AuthError (401)."""
+        """Return the caller for an `Authorization` header value; raise serving.failures.AuthError (401)."""
         ...
 
 

@@ -95,7 +95,7 @@ async def test_cors_configured_origin(engine: AsyncEngine, tmp_path: Path) -> No
         exposed = {h.strip() for h in ok.headers["access-control-expose-headers"].split(",")}
         assert "x-request-id" in exposed
         # every header the rate limiter sets is readable by the page
-        from deepseek_serve.api.services import RateLimitDecision
+        from deepseek_serve.contracts import RateLimitDecision
 
         full = RateLimitDecision(True, 1, 1, 1.0, 1, 1, 1.0).headers()
         assert set(full) <= exposed and len(full) == 6

@@ -11,9 +11,9 @@ import pytest
 import pytest_asyncio
 
 from deepseek_serve.api.app import create_app
-from deepseek_serve.api.reasoning import ReasoningSplitter, prepare_messages, split_reasoning
-from deepseek_serve.api.schemas import ChatMessage
 from deepseek_serve.engine.async_engine import AsyncEngine
+from deepseek_serve.serving.reasoning import ReasoningSplitter, prepare_messages, split_reasoning
+from deepseek_serve.serving.schemas import ChatMessage
 from tests.support.settings import make_settings
 
 

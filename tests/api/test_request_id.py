@@ -22,7 +22,7 @@ from tests.support.server import ServeProcess
 from tests.support.settings import make_settings
 
 GENERATED = re.compile(r"^req-[0-9a-f]{32}$")
-_FINISHED = "deepseek_serve.api.generation"
+_FINISHED = "deepseek_serve.serving.accounting"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -7,7 +7,7 @@ import json
 import httpx
 import orjson
 
-from deepseek_serve.api.sse import DONE, sse_event
+from deepseek_serve.serving.sse import DONE, sse_event
 
 
 def test_line_separators_inside_strings_are_escaped_and_the_json_is_unchanged() -> None:

@@ -14,8 +14,9 @@ import jsonschema
 import openai
 import pytest
 
-from deepseek_serve.api.schemas import ChatCompletionRequest
-from deepseek_serve.api.tools import (
+from deepseek_serve.engine.chat_template import ChatTemplate
+from deepseek_serve.serving.schemas import ChatCompletionRequest
+from deepseek_serve.serving.tools import (
     ToolSetup,
     ToolStream,
     forced_grammar,
@@ -23,7 +24,6 @@ from deepseek_serve.api.tools import (
     render_messages,
     tool_format,
 )
-from deepseek_serve.engine.chat_template import ChatTemplate
 from tests.support.server import ServeProcess
 
 FIXTURES = Path(
@@ -76,7 +76,7 @@ def _history() -> list[dict[str, Any]]:
 
 def _render(template_source: str, tools: list[dict[str, Any]] | None) -> str:
     body = ChatCompletionRequest.model_validate({"model": "m", "messages": _history()})
-    from deepseek_serve.api.reasoning import prepare_messages
+    from deepseek_serve.serving.reasoning import prepare_messages
 
     fmt = tool_format(template_source)
     messages, extra = render_messages(prepare_messages(body.messages), body.messages, fmt, tools)

@@ -10,9 +10,9 @@ import logging
 
 import pytest
 
-from deepseek_serve.api.services import Principal
 from deepseek_serve.cache import CircuitBreaker, build_cache_layer
 from deepseek_serve.config import Settings, load_settings
+from deepseek_serve.contracts import Principal
 from tests.support.cache import PrivateRedis, free_port, private_redis, unique_prefix
 
 

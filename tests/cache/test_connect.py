@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from deepseek_serve.api.services import Principal
 from deepseek_serve.cache import build_cache_layer
 from deepseek_serve.config import load_settings
+from deepseek_serve.contracts import Principal
 from tests.support.cache import PrivateRedis, unique_prefix
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 
-from deepseek_serve.api.services import Principal
 from deepseek_serve.cache import (
     LocalRateLimiter,
     LocalResponseCache,
@@ -18,6 +17,7 @@ from deepseek_serve.cache import (
     RedisRateLimiter,
     RedisResponseCache,
 )
+from deepseek_serve.contracts import Principal
 from tests.support.cache import SHARED_REDIS_URL, delete_prefix, unique_prefix
 
 Limiter = LocalRateLimiter | RedisRateLimiter

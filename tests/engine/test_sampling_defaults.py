@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from deepseek_serve.api.generation import sampling_params
 from deepseek_serve.engine.sampling_defaults import FALLBACK, from_generation_config, from_gguf_metadata
 from deepseek_serve.engine.types import SamplingDefaults
+from deepseek_serve.serving.plan import sampling_params
 
 FIXTURES = Path(
     os.environ.get("DEEPSEEK_FIXTURES", Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "deepseek")

@@ -14,8 +14,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import select, text
 
-from deepseek_serve.api.services import UsageEvent
-from deepseek_serve.contracts import UsageWriterState
+from deepseek_serve.contracts import UsageEvent, UsageWriterState
 from deepseek_serve.storage import migrate
 from deepseek_serve.storage.db import create_db_engine, create_session_factory
 from deepseek_serve.storage.models import UsageRecord

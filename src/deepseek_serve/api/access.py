@@ -30,16 +30,12 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deepseek_serve.api.errors import (
-    ApiError,
-    AuthError,
-    PermissionDeniedError,
-    RateLimitError,
-    error_response,
-)
-from deepseek_serve.api.services import Principal, Services
+from deepseek_serve.api.error_handlers import error_response
 from deepseek_serve.config import Settings
+from deepseek_serve.contracts import Principal
 from deepseek_serve.observability.logs import bind_log_fields
+from deepseek_serve.serving.failures import ApiError, AuthError, PermissionDeniedError, RateLimitError
+from deepseek_serve.serving.services import Services
 
 logger = logging.getLogger(__name__)
 

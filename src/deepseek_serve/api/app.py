@@ -2,7 +2,7 @@
 
 Request path: middleware (metrics, request id, CORS, access, body limit, unhandled errors) ->
 `api/routes/<resource>.py` (routers listed in `api/routes/__init__.py`) -> `api/deps.py` ->
-`api/generation.py` -> `AsyncEngine`.
+`serving/` (`serving/generate.py:serve_generation` for completions) -> `AsyncEngine`.
 
 Other layers plug in at two places: `build_services` (fill a `Services` slot) and the router list.
 No module-level state: everything a request needs hangs off `app.state.services`.
@@ -19,7 +19,7 @@ from fastapi import APIRouter, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from deepseek_serve.api.access import AccessMiddleware
-from deepseek_serve.api.errors import install_error_handlers
+from deepseek_serve.api.error_handlers import install_error_handlers
 from deepseek_serve.api.middleware import (
     BodySizeLimitMiddleware,
     RequestIdMiddleware,
@@ -28,11 +28,12 @@ from deepseek_serve.api.middleware import (
 )
 from deepseek_serve.api.openapi import install_openapi
 from deepseek_serve.api.roles import EngineSecretMiddleware, load_router
-from deepseek_serve.api.services import RATE_LIMIT_HEADERS, Services
 from deepseek_serve.config import Settings, load_settings
+from deepseek_serve.contracts import RATE_LIMIT_HEADERS
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.observability.metrics import PrometheusMetrics
 from deepseek_serve.observability.middleware import HTTPMetricsMiddleware
+from deepseek_serve.serving.services import Services
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
         services.metrics = metrics
         services.extras["metrics"] = metrics
         return services
-    # --- storage (persistence issue): services.auth, services.usage, services.conversations ---------
+    # --- storage: services.auth, services.usage, services.conversations ---------
     from deepseek_serve.api.auth import ApiKeyAuthenticator
     from deepseek_serve.api.routes.conversations import StoredConversations
     from deepseek_serve.storage import Storage
@@ -56,7 +57,7 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     storage = Storage(settings)
     await storage.start()  # migrates when DS_DB_AUTO_MIGRATE, upserts DS_ADMIN_KEY, replays the spool
     services.extras["storage"] = storage  # closed last: flushes queued usage (or spools it)
-    # NOTE: built even when auth is off for /v1: with DS_AUTH=auto on loopback /admin still needs a key.
+    # built even when auth is off for /v1: with DS_AUTH=auto on loopback /admin still needs a key.
     services.auth = ApiKeyAuthenticator(storage.key_lookup)
     services.usage = storage.writer
     services.conversations = StoredConversations(storage.conversations)
@@ -67,7 +68,7 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     services.limiter = cache_layer.limiter
     services.response_cache = cache_layer.response_cache
     services.extras["cache"] = cache_layer  # .breaker: the Redis circuit breaker (None without Redis)
-    # --- observability (monitoring issue): services.metrics -----------------------------------------
+    # --- observability: services.metrics -----------------------------------------
     metrics = PrometheusMetrics()
     metrics.attach(engine, storage=storage, cache=cache_layer)
     services.metrics = metrics
@@ -130,7 +131,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None) -> FastAPI
     for router in routers_for(settings.role, api_routers):
         app.include_router(router)
     install_openapi(app)
-    # NOTE: add_middleware prepends: the last added is the outermost. Outside in: metrics, request id,
+    # add_middleware prepends: the last added is the outermost. Outside in: metrics, request id,
     # CORS, access (key, before the body), body limit, unhandled errors; so a 401, 413 or 500 still gets
     # the request id and CORS headers.
     app.add_middleware(UnhandledErrorMiddleware)

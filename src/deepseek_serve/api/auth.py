@@ -8,8 +8,8 @@ store is unreachable and the key is not cached, the answer is 503 (the key may w
 
 from __future__ import annotations
 
-from deepseek_serve.api.errors import AuthError, ServiceUnavailableError
-from deepseek_serve.api.services import Principal
+from deepseek_serve.contracts import Principal
+from deepseek_serve.serving.failures import UNAVAILABLE_RETRY_AFTER_S, AuthError, ServiceUnavailableError
 from deepseek_serve.storage.key_lookup import KeyLookup, KeyStatus, KeyStoreUnavailable
 
 MISSING_KEY_MESSAGE = (
@@ -35,7 +35,7 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 class ApiKeyAuthenticator:
-    """Implements api.services.Authenticator over a KeyLookup."""
+    """Implements contracts.Authenticator over a KeyLookup."""
 
     def __init__(self, lookup: KeyLookup) -> None:
         self.lookup = lookup
@@ -51,7 +51,7 @@ class ApiKeyAuthenticator:
             raise ServiceUnavailableError(
                 "API keys cannot be checked right now: the database is unreachable. Retry shortly.",
                 code="auth_unavailable",
-                retry_after_s=5.0,
+                retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
             ) from None
         if check.status is KeyStatus.OK and check.key is not None:
             key = check.key

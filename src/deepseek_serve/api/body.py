@@ -10,7 +10,7 @@
   single item. A large body is counted before it is parsed: msgspec decodes it into a struct holding
   one empty, untracked object per message, several times cheaper than orjson building 60,000 dicts,
   so a 2 MB body of 60,000 messages holds the event loop for a few ms and is refused unparsed
-  (it used to be validated, templated and tokenized first, for about a minute).
+  (validating, templating and tokenizing it first would take about a minute).
 
 A refusal is an `ApiError` (OpenAI's error shape, the field named) carried through FastAPI's body
 parsing as an HTTP exception (`BodyRefused`), which the error handlers unwrap.
@@ -29,8 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from deepseek_serve.api.errors import ApiError
 from deepseek_serve.config import Settings
+from deepseek_serve.serving.failures import ApiError
 
 # top-level list field -> the setting bounding its length
 LIST_LIMITS: dict[str, Callable[[Settings], int]] = {

@@ -7,10 +7,11 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from deepseek_serve.api.errors import AuthError, PermissionDeniedError
-from deepseek_serve.api.services import Principal, Services
+from deepseek_serve.contracts import Principal
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.observability.logs import bind_log_fields
+from deepseek_serve.serving.failures import AuthError, PermissionDeniedError
+from deepseek_serve.serving.services import Services
 
 ANONYMOUS = Principal(key_id=None)
 

@@ -35,8 +35,8 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from deepseek_serve.api.errors import error_body
 from deepseek_serve.config import Settings
+from deepseek_serve.serving.failures import ApiError, headers_too_large, invalid_http_request, request_timeout
 
 logger = logging.getLogger("deepseek_serve.api")
 
@@ -63,22 +63,17 @@ class TransportLimits:
 
 
 class _Refusal(Exception):
-    """Raised from a parser callback: stop parsing, answer `status`, close. (`data_received` replaces
+    """Raised from a parser callback: stop parsing, answer `error`, close. (`data_received` replaces
     Uvicorn's, which would answer any callback error with its plain-text 400.)"""
 
-    def __init__(self, status: int, message: str, code: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.message = error.message
 
 
 def _header_too_large(limit: int) -> _Refusal:
-    return _Refusal(
-        431,
-        f"Request headers too large: the limit is {limit} bytes for the request line and headers together.",
-        "request_header_fields_too_large",
-    )
+    return _Refusal(headers_too_large(limit))
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -105,16 +100,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._deadline = None
         self._refuse(
-            _Refusal(408, f"Request headers not received within {self.limits.header_timeout_s:g} s.", "request_timeout")
+            _Refusal(request_timeout(f"Request headers not received within {self.limits.header_timeout_s:g} s."))
         )
 
     def _body_timed_out(self) -> None:
         self._deadline = None
         self._refuse(
             _Refusal(
-                408,
-                f"Request body not received within {self.limits.body_timeout_s:g} s of the headers.",
-                "request_timeout",
+                request_timeout(f"Request body not received within {self.limits.body_timeout_s:g} s of the headers.")
             )
         )
 
@@ -153,7 +146,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         logger.warning(
             "connection from %s dropped: the client read nothing for %g s", client, self.limits.send_timeout_s
         )
-        # NOTE: abort, not close: close() would wait for the full buffer to drain first.
+        # abort, not close: close() would wait for the full buffer to drain first.
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
@@ -171,11 +164,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserError as exc:
             # httptools re-raises a callback's exception as HttpParserCallbackError, the original as context
             cause = exc.__context__
-            self._refuse(
-                cause
-                if isinstance(cause, _Refusal)
-                else _Refusal(400, "Invalid HTTP request received.", "invalid_http_request")
-            )
+            self._refuse(cause if isinstance(cause, _Refusal) else _Refusal(invalid_http_request()))
             return
         if self._phase == "head":
             self._head_bytes += len(data)
@@ -240,11 +229,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
         logger.warning("connection from %s closed: %s", client, refusal.message)
         if can_answer:
-            body = orjson.dumps(error_body(refusal.message, "invalid_request_error", None, refusal.code))
+            body = orjson.dumps(refusal.error.body())
             self.transport.write(
                 b"".join(
                     [
-                        STATUS_LINE[refusal.status],
+                        STATUS_LINE[refusal.error.status],
                         b"content-type: application/json\r\n",
                         b"content-length: ",
                         str(len(body)).encode(),

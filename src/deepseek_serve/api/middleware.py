@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deepseek_serve.api.errors import error_body, unexpected_error
+from deepseek_serve.api.error_handlers import unexpected_error
+from deepseek_serve.serving.failures import ApiError, body_too_large
 
 _log = logging.getLogger("deepseek_serve.api")
 # Uvicorn's message when it cancels the requests still running at the end of its graceful shutdown
@@ -65,7 +66,7 @@ class RequestIdMiddleware:
             if name == b"x-request-id":
                 incoming = value.decode("latin-1")
                 break
-        # NOTE: a client id that is not a short token is replaced, so it cannot inject log lines.
+        # a client id that is not a short token is replaced, so it cannot inject log lines.
         request_id = incoming if incoming and _VALID_ID.match(incoming) else f"req-{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
@@ -86,10 +87,11 @@ class RequestIdMiddleware:
 
 class BodyTooLarge(StarletteHTTPException):
     """Raised from `receive` once the streamed body passes the limit; FastAPI re-raises HTTP errors
-    from body parsing, so the error handlers answer it as a 413."""
+    from body parsing, so the error handlers answer the 413 it carries."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"Request body too large: the limit is {limit} bytes.")
+        self.api_error = body_too_large(limit)
+        super().__init__(413, self.api_error.message)
 
 
 class _StartTracker:
@@ -106,32 +108,22 @@ class _StartTracker:
         await self._send(message)
 
 
+async def send_error(send: Send, err: ApiError) -> None:
+    """Write `err` as a whole response on a raw ASGI `send` (where no Response object is at hand)."""
+    body = orjson.dumps(err.body())
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers.extend((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in err.headers.items())
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class BodySizeLimitMiddleware:
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
 
     async def _reject(self, send: Send) -> None:
-        body = orjson.dumps(
-            error_body(
-                f"Request body too large: the limit is {self.max_body_bytes} bytes.",
-                "invalid_request_error",
-                None,
-                "request_too_large",
-            )
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, body_too_large(self.max_body_bytes))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -182,7 +174,7 @@ class UnhandledErrorMiddleware:
         try:
             await self.app(scope, receive, tracked)
         except asyncio.CancelledError as exc:
-            # NOTE: when the graceful-shutdown wait (DS_DRAIN_TIMEOUT_S) runs out, Uvicorn cancels the
+            # when the graceful-shutdown wait (DS_DRAIN_TIMEOUT_S) runs out, Uvicorn cancels the
             # requests still running and would log each as "Exception in ASGI application" with a
             # traceback at ERROR. The cut stream has been accounted already; one warning says why it ended.
             if _SHUTDOWN_CANCEL not in str(exc):

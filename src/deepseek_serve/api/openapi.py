@@ -3,7 +3,7 @@
 FastAPI derives a schema from the routes, with two gaps this module fills after generation:
 
 - errors: FastAPI documents a 422 `HTTPValidationError` that this server never sends; every refusal is
-  an OpenAI error body (`api/errors.py`) with its own status. Each operation lists the statuses it can
+  an OpenAI error body (`serving/failures.py`) with its own status. Each operation lists the statuses it can
   answer with (`ErrorResponse`), and the 422 is dropped;
 - routes that return plain dicts (conversations, admin) get their response schemas, and the links a
   client (or a stateful fuzzer) can follow: a created conversation's or key's `id` into the routes

@@ -20,7 +20,8 @@ from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deepseek_serve.api.deps import EngineDep
-from deepseek_serve.api.errors import error_body
+from deepseek_serve.api.middleware import send_error
+from deepseek_serve.serving.failures import AuthError
 
 _GATED_PREFIXES = ("/v1/", "/v1", "/internal/")
 
@@ -70,23 +71,7 @@ class EngineSecretMiddleware:
         if hmac.compare_digest(given, self.expected):
             await self.app(scope, receive, send)
             return
-        body = orjson.dumps(
-            error_body(
-                "This engine accepts requests from its gateway only (shared secret).",
-                "authentication_error",
-                None,
-                "invalid_engine_secret",
-            )
+        await send_error(
+            send,
+            AuthError("This engine accepts requests from its gateway only (shared secret).", "invalid_engine_secret"),
         )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})

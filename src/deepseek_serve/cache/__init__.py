@@ -1,6 +1,6 @@
 """Rate limits and the response cache: Redis when `DS_REDIS_URL` is set, in process otherwise.
 
-`build_cache_layer(settings)` returns the two services for `api.services.Services`; each has an
+`build_cache_layer(settings)` returns the two services for `serving.services.Services`; each has an
 in-process implementation of the same interface, used as the embedded default and, behind the
 circuit breaker of `RedisClient`, while Redis is slow or down.
 """

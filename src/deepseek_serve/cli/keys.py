@@ -40,7 +40,7 @@ def create(
     database_url: DatabaseUrlOpt = None,
 ) -> None:
     """Create a key and print its secret. It is shown only this once: store it now."""
-    from deepseek_serve.api.schemas import check_text
+    from deepseek_serve.serving.schemas import check_text
     from deepseek_serve.storage.db import create_session_factory
     from deepseek_serve.storage.keys import KeyRepository
     from deepseek_serve.storage.retention import parse_duration

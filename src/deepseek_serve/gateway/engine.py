@@ -1,6 +1,6 @@
 """GatewayEngine: an `AsyncEngine` whose tokens come from upstream servers instead of a local model.
 
-The API layer (`api/generation.py`: keys, limits, response cache, conversations, usage, metrics)
+The request path (`serving/`: keys, limits, response cache, conversations, usage, metrics)
 runs unchanged on top of it. The gateway keeps only the model's tokenizer and chat template (read
 with llama.cpp's `vocab_only`: no weights, no KV cache), so prompts are rendered and counted here
 and sent as token ids to `<upstream>/v1/completions` (streaming). Every upstream behind one

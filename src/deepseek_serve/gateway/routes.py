@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from deepseek_serve.api.deps import AdminDep, EngineDep
-from deepseek_serve.api.errors import NotFoundError
+from deepseek_serve.serving.failures import NotFoundError
 
 router = APIRouter(prefix="/admin", tags=["gateway"])
 

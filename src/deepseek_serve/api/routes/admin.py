@@ -14,9 +14,9 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from deepseek_serve.api.deps import AdminDep
-from deepseek_serve.api.errors import ApiError, NotFoundError
 from deepseek_serve.api.routes.conversations import StorageDep
-from deepseek_serve.api.schemas import INT32_MAX, Text
+from deepseek_serve.serving.failures import ApiError, NotFoundError
+from deepseek_serve.serving.schemas import INT32_MAX, Text
 from deepseek_serve.storage import retention
 from deepseek_serve.storage.models import ALL_SCOPES, SCOPE_INFERENCE
 from deepseek_serve.storage.retention import parse_duration

@@ -15,9 +15,10 @@ from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from deepseek_serve.api.deps import InferenceDep, ServicesDep
-from deepseek_serve.api.errors import ApiError, NotFoundError, RateLimitError
-from deepseek_serve.api.schemas import ChatMessage, Text
-from deepseek_serve.api.services import Principal, Services
+from deepseek_serve.contracts import Principal
+from deepseek_serve.serving.failures import ApiError, NotFoundError, RateLimitError
+from deepseek_serve.serving.schemas import ChatMessage, Text
+from deepseek_serve.serving.services import Services
 from deepseek_serve.storage.conversations import ConversationNotFound, ConversationRepository
 from deepseek_serve.storage.runtime import Storage
 
@@ -36,7 +37,7 @@ def not_found(conversation_id: str) -> NotFoundError:
 
 
 class StoredConversations:
-    """Implements api.services.ConversationStore over the conversation repository."""
+    """Implements contracts.ConversationStore over the conversation repository."""
 
     def __init__(self, repo: ConversationRepository) -> None:
         self.repo = repo

@@ -13,15 +13,15 @@ from fastapi import APIRouter, Header
 from fastapi.responses import Response
 
 from deepseek_serve.api.deps import ServicesDep
-from deepseek_serve.api.errors import ApiError, AuthError
 from deepseek_serve.observability.metrics import PrometheusMetrics
+from deepseek_serve.serving.failures import ApiError, AuthError
 
 router = APIRouter(tags=["monitoring"])
 
 
 def _token_matches(authorization: str | None, token: str) -> bool:
     scheme, _, presented = (authorization or "").partition(" ")
-    # NOTE: constant-time compare; both sides encoded so non-ASCII input cannot raise.
+    # constant-time compare; both sides encoded so non-ASCII input cannot raise.
     return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
 
 

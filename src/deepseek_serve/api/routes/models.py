@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from deepseek_serve.api.deps import EngineDep, PrincipalDep
-from deepseek_serve.api.errors import NotFoundError
-from deepseek_serve.api.schemas import ModelCard, ModelList
 from deepseek_serve.engine.async_engine import AsyncEngine
+from deepseek_serve.serving.failures import NotFoundError
+from deepseek_serve.serving.schemas import ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])
 

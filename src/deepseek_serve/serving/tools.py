@@ -23,9 +23,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from deepseek_serve.api.errors import ApiError
-from deepseek_serve.api.schemas import FunctionCall, ToolCall
-from deepseek_serve.api.structured import schema_grammar
+from deepseek_serve.serving.failures import ApiError
+from deepseek_serve.serving.schemas import FunctionCall, ToolCall
+from deepseek_serve.serving.structured import schema_grammar
 
 ToolFormat = Literal["hermes", "deepseek", "generic"]
 

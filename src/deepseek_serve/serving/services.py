@@ -2,13 +2,13 @@
 
 The app factory builds one `Services` in its lifespan and stores it on `app.state.services`;
 routes reach it through `ServicesDep` (api/deps.py). Each layer fills its slots with an
-implementation of a protocol from `deepseek_serve.contracts` (re-exported here for the API):
+implementation of a protocol from `deepseek_serve.contracts`:
 
 - storage: `auth`, `usage`, `conversations`
 - cache: `limiter`, `response_cache`
 - observability: `metrics`
 
-A slot left `None` means the feature is off; routes must work with every slot `None`.
+A slot left `None` means the feature is off; the request path works with every slot `None`.
 """
 
 from __future__ import annotations
@@ -17,15 +17,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from deepseek_serve.contracts import (
-    RATE_LIMIT_HEADERS,
     Authenticator,
     ConversationStore,
     Metrics,
-    Principal,
-    RateLimitDecision,
     RateLimiter,
     ResponseCache,
-    UsageEvent,
     UsageSink,
 )
 
@@ -33,22 +29,7 @@ if TYPE_CHECKING:
     from deepseek_serve.config import Settings
     from deepseek_serve.engine.async_engine import AsyncEngine
 
-__all__ = [
-    "RATE_LIMIT_HEADERS",
-    "Authenticator",
-    "ConversationStore",
-    "Metrics",
-    "Principal",
-    "RateLimitDecision",
-    "RateLimiter",
-    "ResponseCache",
-    "Services",
-    "UsageEvent",
-    "UsageSink",
-]
 
-
-# --- the container ----------------------------------------------------------------------------------
 @dataclass
 class Services:
     settings: Settings

@@ -1,4 +1,4 @@
-"""Answering from the response cache: a stored JSON body, re-issued as a body or as an SSE stream.
+"""The response cache on the request path: lookup, store, and a hit re-issued as a body or an SSE stream.
 
 The cache stores the complete JSON body of a finished deterministic request (`chat.completion` or
 `text_completion`). A hit gets the new request's id and timestamp and honest usage: no engine
@@ -7,11 +7,13 @@ work, so every prompt token is a cache hit (`prompt_cache_hit_tokens = prompt_to
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
 
-from deepseek_serve.api.schemas import (
+from deepseek_serve.contracts import ResponseCache
+from deepseek_serve.serving.schemas import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatDelta,
@@ -21,7 +23,26 @@ from deepseek_serve.api.schemas import (
     CompletionLogprobs,
     UsageInfo,
 )
-from deepseek_serve.api.sse import DONE, model_event
+from deepseek_serve.serving.sse import DONE, model_event
+
+logger = logging.getLogger(__name__)
+
+
+async def lookup(cache: ResponseCache, key: str) -> bytes | None:
+    """The stored body under `key`; None when absent or when the cache fails (a miss, logged)."""
+    try:
+        return await cache.get(key)
+    except Exception:
+        logger.warning("response cache get failed", exc_info=True)
+        return None
+
+
+async def store(cache: ResponseCache, key: str, body: bytes) -> None:
+    """Store a finished answer; a failing cache is logged and otherwise ignored."""
+    try:
+        await cache.put(key, body)
+    except Exception:
+        logger.warning("response cache put failed", exc_info=True)
 
 
 def hit_usage(usage: dict[str, Any] | None) -> UsageInfo:
@@ -36,9 +57,19 @@ def hit_usage(usage: dict[str, Any] | None) -> UsageInfo:
     )
 
 
-def hit_body(stored: bytes, completion_id: str, created: int) -> dict[str, Any]:
-    """The stored body as this request's answer (new id and time, hit usage). Raises ValueError
-    when `stored` is not a JSON object (the caller treats that as a miss)."""
+def hit_body(stored: bytes | None, completion_id: str, created: int) -> dict[str, Any] | None:
+    """The stored body as this request's answer (new id and time, hit usage); None (a miss) when
+    nothing is stored or the entry cannot be read."""
+    if stored is None:
+        return None
+    try:
+        return _reissue(stored, completion_id, created)
+    except (ValueError, TypeError, KeyError):
+        logger.warning("unreadable response cache entry ignored")
+        return None
+
+
+def _reissue(stored: bytes, completion_id: str, created: int) -> dict[str, Any]:
     body = orjson.loads(stored)
     if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
         raise ValueError("not a cached completion body")

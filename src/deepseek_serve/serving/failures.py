@@ -1,23 +1,19 @@
-"""The one place where exceptions become OpenAI error bodies: `{"error": {message, type, param, code}}`.
+"""Every failure as an HTTP answer: status, OpenAI error body `{"error": {message, type, param, code}}`
+and headers (Retry-After included).
 
-Other layers raise `ApiError` (or a subclass) with the status they mean; engine errors, request
-validation, HTTP routing errors and anything unexpected are mapped here. No stack trace ever
-reaches a client: unexpected exceptions are logged with the request id and answered with a
-generic 500.
+Any layer raises `ApiError` (or a subclass) with the status it means; everything else is mapped here:
+engine errors (`from_engine_error`), a generation that ended badly (`from_finish_reason`), request
+validation (`from_validation_errors`), HTTP-level refusals (`from_http_status`, `body_too_large`, the
+transport's `request_timeout`, `headers_too_large`, `invalid_http_request`) and the unexpected
+(`internal_error`).
+The HTTP layer (api/error_handlers.py, the middleware) only writes these answers out.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
 
 from deepseek_serve.engine.errors import (
     ContextLengthError,
@@ -28,7 +24,8 @@ from deepseek_serve.engine.errors import (
     QueueFullError,
 )
 
-logger = logging.getLogger(__name__)
+# Retry-After of a 503 whose cause passes on its own (engine stopping or restarting, key store unreachable)
+UNAVAILABLE_RETRY_AFTER_S = 5.0
 
 
 class ApiError(Exception):
@@ -103,13 +100,25 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(err: ApiError, extra_headers: Mapping[str, str] | None = None) -> Response:
-    headers = {**err.headers, **(extra_headers or {})}
-    return Response(orjson.dumps(err.body()), status_code=err.status, headers=headers, media_type="application/json")
+def invalid_value(param: str, why: str) -> ApiError:
+    """400 for a field whose value the server cannot take."""
+    return ApiError(400, f"Invalid value for '{param}': {why}", "invalid_request_error", param, "invalid_value")
 
 
+def internal_error() -> ApiError:
+    """The generic 500 for an exception nothing else maps; the traceback goes to the log only."""
+    return ApiError(
+        500,
+        "The server had an error while processing your request. Sorry about that!",
+        "server_error",
+        None,
+        "internal_error",
+    )
+
+
+# --- the engine ---------------------------------------------------------------------------------------
 def from_engine_error(exc: EngineError) -> ApiError:
-    """Map a typed engine error to its API error (status, type, param, code)."""
+    """Map a typed engine error to its API error (status, type, param, code, Retry-After)."""
     if isinstance(exc, ContextLengthError):
         return ApiError(400, str(exc), "invalid_request_error", exc.param, "context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
@@ -119,12 +128,36 @@ def from_engine_error(exc: EngineError) -> ApiError:
     if isinstance(exc, DeadlineExceededError):
         return ApiError(504, str(exc) or "The request timed out.", "timeout_error", None, "timeout")
     if isinstance(exc, EngineStoppedError):
-        return ServiceUnavailableError(str(exc), code="engine_unavailable", retry_after_s=5.0)
+        return ServiceUnavailableError(str(exc), code="engine_unavailable", retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
     return ApiError(
         500, "The server had an error while processing your request.", "server_error", None, "internal_error"
     )
 
 
+FAILED_FINISH_REASONS = ("timeout", "error", "abort")
+
+
+def from_finish_reason(finish_reason: str | None, timeout_s: float) -> ApiError | None:
+    """The error of a generation that ended with `finish_reason`; None when it ended well.
+
+    timeout -> 504 (the request's deadline, `timeout_s`), abort -> 503 (the server is shutting
+    down), error -> 500. A stream sends the body as its last event; a JSON answer raises it."""
+    if finish_reason == "timeout":
+        return from_engine_error(DeadlineExceededError(f"The request timed out after {timeout_s:g}s and was aborted."))
+    if finish_reason == "abort":
+        return ServiceUnavailableError(
+            "The request was aborted because the server is shutting down.",
+            code="engine_unavailable",
+            retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+        )
+    if finish_reason == "error":
+        return ApiError(
+            500, "The server had an error while generating the response.", "server_error", None, "internal_error"
+        )
+    return None
+
+
+# --- request validation -----------------------------------------------------------------------------
 def _param_path(loc: Sequence[int | str]) -> str | None:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
     parts = [p for p in loc if p != "body"]
@@ -140,8 +173,8 @@ def _param_path(loc: Sequence[int | str]) -> str | None:
     return out or None
 
 
-def from_validation_error(exc: RequestValidationError) -> ApiError:
-    errors = exc.errors()
+def from_validation_errors(errors: Sequence[Mapping[str, Any]]) -> ApiError:
+    """A 400 naming the first field that failed validation (pydantic's `errors()` list)."""
     if not errors:
         return ApiError(400, "Invalid request body.", "invalid_request_error")
     first = errors[0]
@@ -180,6 +213,7 @@ def from_validation_error(exc: RequestValidationError) -> ApiError:
     return ApiError(400, f"Invalid value for '{param}': {msg}", "invalid_request_error", param, "invalid_value")
 
 
+# --- HTTP ---------------------------------------------------------------------------------------------
 _HTTP_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -191,80 +225,67 @@ _HTTP_TYPES = {
 }
 
 
-async def unexpected_error(request: Request, exc: Exception) -> Response:
-    """The generic 500 for an exception no handler knows; the traceback goes to the log only."""
-    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(
-        ApiError(
-            500,
-            "The server had an error while processing your request. Sorry about that!",
-            "server_error",
-            None,
-            "internal_error",
-        )
+def body_too_large(limit: int) -> ApiError:
+    """413 for a body over `limit` bytes; the connection closes (the rest of the body is not read)."""
+    return ApiError(
+        413,
+        f"Request body too large: the limit is {limit} bytes.",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+        {"Connection": "close"},
     )
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers on `app`. Every error response goes through `error_response`."""
+def headers_too_large(limit: int) -> ApiError:
+    """431 for a request line and headers over `limit` bytes (answered by the transport, then closed)."""
+    return ApiError(
+        431,
+        f"Request headers too large: the limit is {limit} bytes for the request line and headers together.",
+        "invalid_request_error",
+        None,
+        "request_header_fields_too_large",
+    )
 
-    async def api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return error_response(exc)
 
-    async def engine_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, EngineError)
-        err = from_engine_error(exc)
-        if err.status >= 500:
-            logger.error("engine error: %s", exc)
-        return error_response(err)
+def invalid_http_request() -> ApiError:
+    """400 for bytes the HTTP parser refuses (answered by the transport, then closed)."""
+    return ApiError(400, "Invalid HTTP request received.", "invalid_request_error", None, "invalid_http_request")
 
-    async def validation_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        return error_response(from_validation_error(exc))
 
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        carried = getattr(exc, "api_error", None)  # api/body.py: a refusal raised while parsing the body
-        if isinstance(carried, ApiError):
-            return error_response(carried)
-        status = exc.status_code
-        if status == 404:
-            err = ApiError(
-                404,
-                f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos.",
-                "invalid_request_error",
-                None,
-                "unknown_url",
-            )
-        elif status == 405:
-            err = ApiError(
-                405,
-                f"Method {request.method} is not allowed for {request.url.path}.",
-                "invalid_request_error",
-                None,
-                "method_not_allowed",
-                dict(exc.headers or {}),
-            )
-        elif status == 413:
-            err = ApiError(
-                413, str(exc.detail), "invalid_request_error", None, "request_too_large", {"Connection": "close"}
-            )
-        else:
-            err = ApiError(
-                status,
-                str(exc.detail),
-                _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-                None,
-                None,
-                dict(exc.headers or {}),
-            )
-        return error_response(err)
+def request_timeout(message: str) -> ApiError:
+    """408 for headers or a body that did not arrive in time (answered by the transport, then closed)."""
+    return ApiError(408, message, "invalid_request_error", None, "request_timeout")
 
-    app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(EngineError, engine_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    # NOTE: Starlette hands this one to its outermost ServerErrorMiddleware, outside our middleware; the
-    # app's innermost `UnhandledErrorMiddleware` answers first, so a 500 keeps its request id and CORS.
-    app.add_exception_handler(Exception, unexpected_error)
+
+def from_http_status(
+    status: int, detail: str, method: str, path: str, headers: Mapping[str, str] | None = None
+) -> ApiError:
+    """An HTTP error raised by routing or body parsing (unknown URL, wrong method, ...)."""
+    if status == 404:
+        return ApiError(
+            404,
+            f"Unknown request URL: {method} {path}. Please check the URL for typos.",
+            "invalid_request_error",
+            None,
+            "unknown_url",
+        )
+    if status == 405:
+        return ApiError(
+            405,
+            f"Method {method} is not allowed for {path}.",
+            "invalid_request_error",
+            None,
+            "method_not_allowed",
+            headers,
+        )
+    if status == 413:
+        return ApiError(413, detail, "invalid_request_error", None, "request_too_large", {"Connection": "close"})
+    return ApiError(
+        status,
+        detail,
+        _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+        None,
+        None,
+        headers,
+    )

@@ -15,7 +15,7 @@ from typing import Any
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from deepseek_serve.api.errors import ApiError
+from deepseek_serve.serving.failures import ApiError
 
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 32

@@ -3,7 +3,7 @@
 Requests accept and ignore unknown fields (`extra="allow"`), as OpenAI does, so newer clients keep
 working. Ranges of sampling values are checked by `SamplingParams.validate` (one source of truth),
 which names the offending field; types, shapes and fixed bounds are checked here, limits that depend
-on settings or on the model (vocabulary, context) in `api/generation.py`. Every string a request
+on settings or on the model (vocabulary, context) in `serving/checks.py`. Every string a request
 carries is `Text`: valid Unicode (no lone surrogate, which JSON's `\ud800` escapes can produce and
 no UTF-8 encoder accepts) and without NUL, which C libraries read as the end of the string.
 """

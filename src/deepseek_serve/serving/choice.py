@@ -1,0 +1,59 @@
+"""One choice of a request while it generates: its engine stream and what has arrived so far."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from deepseek_serve.engine.async_engine import RequestStream
+from deepseek_serve.engine.types import RequestTimings, StreamDelta, TokenLogprob
+from deepseek_serve.serving.reasoning import ReasoningSplitter
+from deepseek_serve.serving.tools import ToolStream
+
+
+@dataclass(eq=False)
+class ChoiceState:
+    index: int
+    prompt_index: int
+    stream: RequestStream
+    splitter: ReasoningSplitter | None  # chat with a reasoning model
+    tool_stream: ToolStream | None = None  # a streamed chat with tools
+    text_parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    timings: RequestTimings | None = None
+    arrivals: list[float] = field(default_factory=list)  # monotonic time of each delta with tokens
+
+    def add_delta(self, delta: StreamDelta) -> None:
+        """Take in one delta from the engine."""
+        if delta.token_ids:
+            self.arrivals.append(time.monotonic())
+            # a running count, so a stream cut before its last delta (client gone, drain timeout) still
+            # accounts for the tokens it got; the last delta's usage replaces it
+            self.completion_tokens += len(delta.token_ids)
+        if delta.text:
+            self.text_parts.append(delta.text)
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+        if delta.finished:
+            self.finish_reason = delta.finish_reason
+            self.error = delta.error
+            self.timings = delta.timings
+            if delta.usage is not None:
+                self.prompt_tokens = delta.usage.prompt_tokens
+                self.completion_tokens = delta.usage.completion_tokens
+                self.cached_tokens = delta.usage.cached_tokens
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    def split_whole_text(self) -> None:
+        """Feed the whole text to the reasoning splitter at once (a JSON answer; a stream feeds it per delta)."""
+        if self.splitter is not None:
+            self.splitter.push(self.text)
+            self.splitter.flush()
