@@ -29,10 +29,10 @@ from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.storage import Storage
 from deepseek_serve.storage.key_lookup import KeyLookup, KeyStatus
 from deepseek_serve.storage.keys import generate_secret
-from tests.support.cache import SHARED_REDIS_URL, delete_prefix, unique_prefix
+from tests.support.cache import delete_prefix, redis_url, unique_prefix
 from tests.support.server import ServeProcess
 from tests.support.settings import make_settings
-from tests.support.storage import MARIADB_HOST, MARIADB_PORT, mariadb_exec, storage_settings
+from tests.support.storage import create_database, mariadb, mariadb_exec, storage_settings
 
 ADMIN_KEY = generate_secret()
 FAILURES_PER_MIN = 5
@@ -57,7 +57,7 @@ class Server(ServeProcess):
 
     def sql(self, query: str) -> list[list[str]]:
         out = subprocess.run(
-            ["mysql", "-uroot", f"-h{MARIADB_HOST}", f"-P{MARIADB_PORT}", "-N", "-B", self.database, "-e", query],
+            [*mariadb().mysql_args(), "-N", "-B", self.database, "-e", query],
             check=True,
             capture_output=True,
             text=True,
@@ -68,8 +68,8 @@ class Server(ServeProcess):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    database = f"ds_test_storage_{uuid.uuid4().hex[:10]}"
-    asyncio.run(mariadb_exec(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+    redis = redis_url()
+    database = asyncio.run(create_database())
     prefix = unique_prefix()
     try:
         with Server(
@@ -79,8 +79,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             DS_AUTH="on",
             DS_ADMIN_KEY=ADMIN_KEY,
             DS_DB_AUTO_MIGRATE="true",
-            DS_DATABASE_URL=f"mysql+asyncmy://root@{MARIADB_HOST}:{MARIADB_PORT}/{database}",
-            DS_REDIS_URL=SHARED_REDIS_URL,
+            DS_DATABASE_URL=mariadb().url(database),
+            DS_REDIS_URL=redis,
             DS_REDIS_KEY_PREFIX=prefix,
             DS_USAGE_FLUSH_INTERVAL_S="0.1",
             DS_AUTH_FAILURES_PER_MIN=str(FAILURES_PER_MIN),
@@ -90,7 +90,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             proc.database = database
             yield proc
     finally:
-        delete_prefix(SHARED_REDIS_URL, prefix)
+        delete_prefix(redis, prefix)
         asyncio.run(mariadb_exec(f"DROP DATABASE IF EXISTS `{database}`"))
 
 

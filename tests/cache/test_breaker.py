@@ -13,7 +13,8 @@ import pytest
 from deepseek_serve.api.services import Principal
 from deepseek_serve.cache import CircuitBreaker, build_cache_layer
 from deepseek_serve.config import Settings, load_settings
-from tests.support.cache import PrivateRedis, free_port, private_redis, unique_prefix
+from tests.support.cache import PrivateRedis, private_redis, unique_prefix
+from tests.support.net import free_port
 
 
 class FakeClock:

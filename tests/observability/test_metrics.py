@@ -28,8 +28,7 @@ from deepseek_serve.observability.metrics import (
     services_state,
 )
 from tests.support.settings import make_settings
-
-MARIADB_URL = "mysql+asyncmy://root@127.0.0.1:3306/test"
+from tests.support.storage import mariadb
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -180,7 +179,9 @@ async def test_database_pool_usage_is_read_from_the_real_pool(settings: Settings
 
     from deepseek_serve.storage.db import create_db_engine
 
-    db_settings = make_settings(settings.data_dir, database_url=MARIADB_URL, db_pool_size=3, db_max_overflow=2)
+    db_settings = make_settings(
+        settings.data_dir, database_url=mariadb().url("test"), db_pool_size=3, db_max_overflow=2
+    )
     db = create_db_engine(db_settings)
     services = Services(settings=db_settings, engine=None, extras={"db": db})  # type: ignore[arg-type]
     try:
