@@ -78,7 +78,7 @@ async def test_cors_configured_origin(engine: AsyncEngine, tmp_path: Path) -> No
         got = cors_headers(pre)
         assert got["access-control-allow-origin"] == ORIGIN
         assert "POST" in [m.strip() for m in got["access-control-allow-methods"].split(",")]
-        # NOTE: browsers never let a wildcard cover Authorization: it must be named
+        # browsers never let a wildcard cover Authorization: it must be named
         assert {h.strip() for h in got["access-control-allow-headers"].split(",")} >= {"authorization", "content-type"}
         assert got["access-control-allow-credentials"] == "true"
         assert "Origin" in pre.headers["vary"]
@@ -135,7 +135,7 @@ async def test_cors_any_origin_without_credentials(engine: AsyncEngine, tmp_path
             got = cors_headers(pre)
             assert got["access-control-allow-origin"] == "*"
             assert "authorization" in got["access-control-allow-headers"]
-            # NOTE: "*" and credentials are exclusive (browsers reject the pair)
+            # "*" and credentials are exclusive (browsers reject the pair)
             assert "access-control-allow-credentials" not in got
             resp = await client.get("/v1/models", headers={"Origin": origin, "Cookie": "a=b"})
             assert resp.headers["access-control-allow-origin"] == "*"
@@ -224,7 +224,7 @@ def test_sigterm_drains_the_in_flight_stream_and_exits_0(tmp_path: Path) -> None
 
         srv.proc.send_signal(signal.SIGTERM)
         _wait_refused(f"{srv.url}/health/ready")
-        # NOTE: Uvicorn closes its listening socket at once, so while draining readiness (and liveness)
+        # Uvicorn closes its listening socket at once, so while draining readiness (and liveness)
         # answer "connection refused", which every orchestrator reads as not ready; nothing new gets in.
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{srv.url}/health/live", timeout=10)
@@ -358,7 +358,7 @@ def test_two_workers_serve_the_openai_clients_and_stop_on_sigterm(tmp_path: Path
 
         assert asyncio.run(streams()) == [6] * 8
         metrics = httpx.get(f"{srv.url}/metrics", timeout=30).text
-        # NOTE: each worker holds its own engine of DS_MAX_BATCH_SIZE=4 slots; /metrics sums both
+        # each worker holds its own engine of DS_MAX_BATCH_SIZE=4 slots; /metrics sums both
         assert re.search(r"^llm_max_batch_size 8(\.0)?$", metrics, re.M)
 
         srv.proc.send_signal(signal.SIGTERM)

@@ -106,7 +106,7 @@ async def test_concurrent_requests_log_their_own_id(
         lines = [r for r in caplog.records if r.name == _FINISHED and completion_id in r.getMessage()]
         assert len(lines) == 1
         assert lines[0].request_id == rid  # type: ignore[attr-defined]
-    # NOTE: and nothing of these requests logged without its id
+    # and nothing of these requests logged without its id
     for record in caplog.records:
         if any(cid in record.getMessage() for _, cid in pairs):
             assert record.request_id in {rid for rid, _ in pairs}  # type: ignore[attr-defined]
@@ -164,7 +164,7 @@ def test_real_server_logs_every_line_of_a_request_with_its_id(tmp_path: Path) ->
         models = httpx.get(f"{srv.url}/v1/models", headers={"X-Request-ID": "not valid!"}, timeout=30)
         models_rid = models.headers["x-request-id"]
         assert GENERATED.match(models_rid)
-    # NOTE: read after the server stopped: every line is flushed
+    # read after the server stopped: every line is flushed
     lines = [json.loads(line) for line in srv.stderr().splitlines() if line.strip()]
 
     def access(path: str) -> list[dict[str, object]]:

@@ -141,7 +141,7 @@ async def test_disconnect_frees_capacity(server: Server) -> None:
         assert server.stats()["num_running"] == 1
     # closed mid-stream: the sequence is aborted well before its 2000 tokens
     deadline = time.monotonic() + 5
-    # NOTE: polls another process; no event to wait on
+    # polls another process; no event to wait on
     while server.stats()["num_running"] and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     assert server.stats()["num_running"] == 0

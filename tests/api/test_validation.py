@@ -96,7 +96,7 @@ async def test_completion_strings(client: httpx.AsyncClient, engine: AsyncEngine
 # --- token ids ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prompt", [[[1, 2, -1]], [1, 2, 10**6], [[5], [2**63]], [10**30], [False], [[True, 5]]])
 async def test_token_ids_outside_vocab(client: httpx.AsyncClient, engine: AsyncEngine, prompt: Any) -> None:
-    # [[1, 2, -1]] used to reach llama.cpp, which threw std::out_of_range and aborted the process;
+    # an id outside the vocabulary must never reach llama.cpp (std::out_of_range aborts the process);
     # booleans are not token ids (lax validation would read false as token 0)
     resp = await client.post(
         "/v1/completions", json={"model": engine.model_info.id, "prompt": prompt, "max_tokens": 1, "echo": True}
@@ -116,7 +116,7 @@ async def test_huge_token_list_refused_by_length(client: httpx.AsyncClient, engi
     ("extra", "param"),
     [
         ({"top_k": 10**6}, "top_k"),  # above the vocabulary
-        ({"top_k": 2**64}, "top_k"),  # used to overflow the torch sampler's int64 tensor
+        ({"top_k": 2**64}, "top_k"),  # beyond the torch sampler's int64 tensor
         ({"top_k": -1}, "top_k"),
         ({"max_tokens": 10**30}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
@@ -196,7 +196,7 @@ async def test_message_count_refused_before_validation(client: httpx.AsyncClient
     err = assert_400(resp, "messages")
     assert "60000" in err["message"] and "1024" in err["message"]
     # generous: refused by a length check, not after validating, templating and tokenizing 60,000 messages
-    # (which took about a minute); bench/loop_stall.py measures the real figure
+    # (about a minute of work); bench/loop_stall.py measures the real figure
     assert elapsed < 2.0, elapsed
     assert idle(engine)
 

@@ -18,7 +18,7 @@ from tests.support.net import free_port
 
 
 class FakeClock:
-    # NOTE: a fake clock for the pure state machine only; the Redis tests below use real time.
+    # a fake clock for the pure state machine only; the Redis tests below use real time.
     def __init__(self) -> None:
         self.now = 100.0
 

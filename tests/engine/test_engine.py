@@ -34,13 +34,13 @@ async def wait_idle(engine: AsyncEngine, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
-# NOTE: llama.cpp does not compute a token bit-identically under every KV-cell layout and batch
+# llama.cpp does not compute a token bit-identically under every KV-cell layout and batch
 # composition (attention sums run in cell order, f16 accumulation), and the quantized 135M model has
 # near-tied top tokens (gaps of 0.01 seen). "Same output" is therefore checked as: identical up to the
 # first divergence, and that divergence only where the reference run itself was nearly tied (the other
-# run's pick is in the reference's top-TOP_K within NEAR_TIE nats; three-way ties occur, so top-2 was
-# too narrow: CI once saw the reference's third choice, 0.13 nats behind). A real batching bug (attention leaking
-# across sequences, wrong positions, a reused cell with stale KV) diverges at confident positions.
+# run's pick is in the reference's top-TOP_K within NEAR_TIE nats; three-way ties occur, so the other
+# run may pick the reference's third choice). A real batching bug (attention leaking across
+# sequences, wrong positions, a reused cell with stale KV) diverges at confident positions.
 NEAR_TIE = 1.0
 TOP_K = 5
 
@@ -378,7 +378,7 @@ async def test_probe_generates_one_token(engine: AsyncEngine) -> None:
 
 
 async def test_prefix_cache_keeps_a_bounded_lru_and_clears_on_request() -> None:
-    # NOTE: idle entries are bounded because their KV cells widen the span every decode step attends over.
+    # idle entries are bounded because their KV cells widen the span every decode step attends over.
     eng = AsyncEngine.from_settings(make_settings(max_batch_size=2, context_length=2048, prefix_cache_tokens=120))
     await eng.start()
     try:

@@ -170,7 +170,7 @@ def test_only_plain_temperature_sampling_takes_the_numpy_path() -> None:
 
 
 async def test_a_burst_of_requests_is_admitted_into_one_step() -> None:
-    # NOTE: without the wait the first request starts a step alone (the engine thread wakes at once)
+    # without the wait the first request starts a step alone (the engine thread wakes at once)
     eng = AsyncEngine.from_settings(make_settings(burst_wait_ms=100.0, max_batch_size=4))
     await eng.start()
     try:

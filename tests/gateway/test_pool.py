@@ -33,7 +33,7 @@ from tests.support.net import free_port
 from tests.support.server import REPO, ServeProcess, ServerProcess
 from tests.support.storage import create_database, mariadb, mariadb_exec
 
-# NOTE: the first test's setup may build llama-server (minutes, once; .ci/run builds it beforehand).
+# the first test's setup may build llama-server (minutes, once; .ci/run builds it beforehand).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 SECRET = "engine-secret-" + uuid.uuid4().hex

@@ -110,7 +110,7 @@ def test_two_workers_share_one_view_of_the_metrics(tmp_path: Path) -> None:
                 + got.get(("llm_request_success_total", (("finish_reason", "stop"),)), 0)
                 == 6
             )
-            # NOTE: >= because /health/ready may have run a one-token probe in each worker at start
+            # >= because /health/ready may have run a one-token probe in each worker at start
             assert got[("llm_generation_tokens_total", ())] >= completion_tokens
             assert got[("llm_generation_tokens_total", ())] == views[0][("llm_generation_tokens_total", ())]
             assert got[("llm_max_batch_size", ())] == 2 * 4  # DS_MAX_BATCH_SIZE=4 in each worker

@@ -158,7 +158,7 @@ async def test_engine_gauges_and_token_counters_follow_the_real_engine(engine: A
 
 
 def test_redis_breaker_state_is_exported_from_the_cache_layer(settings: Settings) -> None:
-    # NOTE: a closed port: the real RedisClient's breaker, driven through its own protocol.
+    # a closed port: the real RedisClient's breaker, driven through its own protocol.
     redis_settings = make_settings(
         settings.data_dir, redis_url="redis://127.0.0.1:1/0", breaker_failure_threshold=2, breaker_reset_s=60
     )

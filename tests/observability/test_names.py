@@ -40,7 +40,7 @@ ISSUE_METRICS = {
     "llm_kv_cache_usage_ratio",
     "llm_batch_size",
 }
-# NOTE: process facts no panel needs
+# process facts no panel needs
 NOT_ON_DASHBOARD = {
     "process_virtual_memory_bytes",
     "process_start_time_seconds",

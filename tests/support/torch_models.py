@@ -65,7 +65,7 @@ def tiny_checkpoint(
     (dst / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(dst)), dtype=torch.float32).eval()
-    with torch.no_grad():  # NOTE: larger than transformers' init so that logits are far from ties
+    with torch.no_grad():  # larger than transformers' init so that logits are far from ties
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0.0, 0.08)
@@ -96,7 +96,7 @@ def smollm2_checkpoint(config: pytest.Config) -> Path:
 
     gguf = smollm2_gguf()
     key = f"torch-smollm2-{gguf.stat().st_size}"
-    cache = getattr(config, "cache", None)  # NOTE: the attribute is absent without the cache plugin
+    cache = getattr(config, "cache", None)  # the attribute is absent without the cache plugin
     if cache is not None:
         out = Path(cache.mkdir(key))
     else:

@@ -26,7 +26,7 @@ from deepseek_serve.engine.torch_runner.quantize import (
 from deepseek_serve.engine.torch_runner.runner import additive_mask
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# NOTE: Triton's CPU interpreter computes bf16 dots wrongly (bit patterns, not values): bf16 is checked
+# Triton's CPU interpreter computes bf16 dots wrongly (bit patterns, not values): bf16 is checked
 # on a GPU only (run this script there too); on a GPU float32 dots are TF32
 CUDA = DEVICE.type == "cuda"
 DTYPES = [(torch.float32, 5e-3 if CUDA else 1e-3)] + ([(torch.bfloat16, 1e-2)] if CUDA else [])

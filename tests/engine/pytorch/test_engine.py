@@ -17,7 +17,7 @@ from tests.support.torch_models import smollm2_checkpoint
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    """NOTE: the CI box is shared; more torch threads only contend. Restored after the module."""
+    """One torch thread: the machine is shared and more threads only contend. Restored after the module."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

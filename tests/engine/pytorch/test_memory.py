@@ -122,7 +122,7 @@ def test_from_settings_sizes_and_refuses(
     # refused at start: a budget smaller than the weights
     with pytest.raises(MemoryPlanError, match="DS_GPU_MEMORY_UTILIZATION=1e-05"):
         TorchRunner.from_settings(load_settings(**common, gpu_memory_utilization=1e-5), smol)
-    # NOTE: the host's free RAM moves with whatever else runs here; a fixed figure for "free" makes the
+    # the host's free RAM moves with whatever else runs here; a fixed figure for "free" makes the
     # expected slot count exact (it is the only stand-in: the plan and the runner are real)
     model = load_model(smol, torch.float32, torch.device("cpu"))
     probe = plan_memory(

@@ -33,7 +33,7 @@ from tests.support.torch_models import smollm2_checkpoint
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    """NOTE: the CI box is shared; more torch threads only contend. Restored after the module."""
+    """One torch thread: the machine is shared and more threads only contend. Restored after the module."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -154,7 +154,7 @@ def test_quantization_quality_guard(smol: Path, smol_tok: HFTokenizer) -> None:
     print(f"top-1 agreement {top1}, perplexity {ppl}")
     assert top1["int8"] >= 0.90 and ppl["int8"] < 1.05 * ppl["none"], (top1, ppl)
     assert top1["int4-g32"] >= 0.75 and ppl["int4-g32"] < 1.15 * ppl["none"], (top1, ppl)
-    # NOTE: these weights come from a Q4_1 GGUF (blocks of 32): groups of 32 requantize them exactly,
+    # these weights come from a Q4_1 GGUF (blocks of 32): groups of 32 requantize them exactly,
     # groups of 128 do not (measured: top-1 0.86, perplexity 12.0 against 6.85)
     assert top1["int4-g128"] >= 0.80 and ppl["int4-g128"] < 2.0 * ppl["none"], (top1, ppl)
     assert ppl["none"] < 20, ppl  # the real model, not noise

@@ -30,7 +30,7 @@ from tests.support.torch_models import CODER, R1_32B_OLD, tiny_checkpoint
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    """NOTE: the CI box is shared; more torch threads only contend. Restored after the module."""
+    """One torch thread: the machine is shared and more threads only contend. Restored after the module."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -144,7 +144,7 @@ def test_prefix_cache_reuses_idle_slot(tiny: tuple[Path, Any]) -> None:
 
 
 def test_slot_table_keeps_running_sequences_in_the_lowest_slots() -> None:
-    # NOTE: a decode step covers slots 0..n-1, so a lone stream must sit in slot 0 (one row).
+    # a decode step covers slots 0..n-1, so a lone stream must sit in slot 0 (one row).
     table = SlotTable(num_slots=4, max_len=100)
     a_ids, b_ids = list(range(1, 21)), list(range(50, 60))
     a = table.allocate(a_ids, 30)
