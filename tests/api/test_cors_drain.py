@@ -22,6 +22,7 @@ import pytest
 
 from deepseek_serve.api.app import create_app
 from deepseek_serve.engine.async_engine import AsyncEngine
+from tests.support.api import asgi_client
 from tests.support.server import ServeProcess
 from tests.support.settings import make_settings
 
@@ -39,10 +40,8 @@ async def app_client(engine: AsyncEngine, data_dir: Path, **overrides: Any) -> A
         raise RuntimeError("a bug in a route")
 
     app.add_api_route("/test/boom", boom)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-            yield client
+    async with asgi_client(app, raise_app_exceptions=False) as client:
+        yield client
 
 
 def cors_headers(resp: httpx.Response) -> dict[str, str]:

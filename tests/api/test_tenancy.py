@@ -29,6 +29,7 @@ from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.storage import Storage
 from deepseek_serve.storage.key_lookup import KeyLookup, KeyStatus
 from deepseek_serve.storage.keys import generate_secret
+from tests.support.api import asgi_client
 from tests.support.cache import delete_prefix, redis_url, unique_prefix
 from tests.support.server import ServeProcess
 from tests.support.settings import make_settings
@@ -53,7 +54,7 @@ class Server(ServeProcess):
         return str(response.json()["key"])
 
     def client(self, key: str, **kwargs: Any) -> OpenAI:
-        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120, **kwargs)
+        return self.openai_client(key, **kwargs)
 
     def sql(self, query: str) -> list[list[str]]:
         out = subprocess.run(
@@ -291,10 +292,7 @@ def test_conversation_writes_count_against_the_keys_limits(server: Server) -> No
 async def loopback_app(engine: AsyncEngine, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = make_settings(tmp_path, host="127.0.0.1", auth="auto", admin_key=ADMIN_KEY, redis_url="")
     app = create_app(settings, engine)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as client,
-    ):
+    async with asgi_client(app) as client:
         yield client
 
 
@@ -384,10 +382,7 @@ async def test_an_engine_behind_a_gateway_takes_the_shared_secret_not_api_keys(
     settings = make_settings(tmp_path, role="engine", host="0.0.0.0", engine_secret="s3cret-engine", redis_url="")
     assert settings.auth_enabled
     app = create_app(settings, engine)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as client,
-    ):
+    async with asgi_client(app) as client:
         assert (await client.get("/v1/models", headers={"Authorization": "Bearer s3cret-engine"})).status_code == 200
         refused = await client.get("/v1/models", headers={"Authorization": f"Bearer {generate_secret()}"})
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_engine_secret"

@@ -18,6 +18,7 @@ from deepseek_serve.api.app import create_app
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams
 from deepseek_serve.storage.keys import generate_secret
+from tests.support.api import asgi_client
 from tests.support.settings import make_settings
 from tests.support.storage import BACKENDS, database_url
 
@@ -29,10 +30,8 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 async def client(engine: AsyncEngine, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
     settings = make_settings(tmp_path_factory.mktemp("validation"), redis_url="", response_cache=False)
     app = create_app(settings, engine=engine)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
-            yield c
+    async with asgi_client(app, raise_app_exceptions=False) as c:
+        yield c
 
 
 def assert_400(

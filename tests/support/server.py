@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import openai
 
 from tests.support.net import free_port
 
@@ -170,6 +171,11 @@ class ServeProcess(ServerProcess):
 
     def stderr(self) -> str:
         return self.log()
+
+    def openai_client(self, api_key: str = "none", **options: Any) -> openai.OpenAI:
+        """The official client on this server's /v1: no retries, a 120 s timeout unless `options` say."""
+        options = {"max_retries": 0, "timeout": 120, **options}
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, **options)
 
     def restarted(self) -> ServeProcess:
         """A new, not yet started server with the same command, environment and address."""

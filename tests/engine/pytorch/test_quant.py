@@ -6,7 +6,6 @@ folder is cached in pytest's cache directory (the first conversion takes minutes
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,14 +29,7 @@ from deepseek_serve.engine.torch_runner.tokenizer import HFTokenizer
 from deepseek_serve.engine.types import SamplingParams
 from tests.support.torch_models import smollm2_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One torch thread: the machine is shared and more threads only contend. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PROMPTS = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,7 @@ from deepseek_serve.engine.torch_runner.slots import KVCopy, SlotTable
 from deepseek_serve.engine.types import SamplingParams
 from tests.support.torch_models import CODER, R1_32B_OLD, tiny_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One torch thread: the machine is shared and more threads only contend. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 VOCAB = 512
