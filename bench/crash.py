@@ -27,9 +27,7 @@ import json
 import os
 import platform
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -113,41 +111,13 @@ async def client_loop(url: str, key: str, model: str, stop_at: list[float], seed
 def kill_and_restart(server: ServeProcess, delay_s: float) -> tuple[ServeProcess, float]:
     """SIGKILL the server's process group, start the same command on the same port after `delay_s`;
     returns the new server and the seconds from the kill to /health/ready = 200."""
-    assert server.proc is not None
-    os.killpg(server.proc.pid, signal.SIGKILL)
-    server.proc.wait()
+    server.kill()
     killed = time.monotonic()
     time.sleep(delay_s)
-    restarted = ServeProcess(server.data_dir, timeout_s=server.timeout_s)
-    restarted.env, restarted.port, restarted.url = server.env, server.port, server.url
-    # started by hand (not __enter__) so that readiness is timed from the kill
-    command = [sys.executable, "-m", "deepseek_serve", "serve", "--host", "127.0.0.1", "--port", str(server.port)]
-    with restarted.stderr_path.open("ab") as stderr:
-        restarted.proc = subprocess.Popen(
-            command,
-            env=restarted.env,
-            cwd=server.data_dir,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            start_new_session=True,
-        )
-    wait_ready(restarted.url, restarted.proc)
+    restarted = server.restarted()
+    restarted.poll_s = 0.05
+    restarted.start()
     return restarted, time.monotonic() - killed
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 180.0) -> float:
-    """Seconds until /health/ready answers 200 (polled every 50 ms)."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                return time.monotonic() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("server not ready in time")
 
 
 async def count_rows(database_url: str, ids: set[str]) -> tuple[int, int]:

@@ -32,7 +32,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,13 +44,9 @@ from pathlib import Path
 import httpx
 import orjson
 
+from common import free_port, wait_ready
+
 PROMPTS = [f"Question {i}: describe the sky over the sea at dawn in a few sentences." for i in range(8)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(role: str, port: int, data_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -67,20 +62,6 @@ def start(role: str, port: int, data_dir: Path, env: dict[str, str]) -> subproce
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url} exited:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"{url} not ready in 180 s")
 
 
 @dataclass
@@ -265,7 +246,7 @@ def main() -> None:
         )
         gateway = None
         try:
-            wait_ready(f"http://127.0.0.1:{engine_port}", engine, root / "engine" / "server.log")
+            wait_ready(f"http://127.0.0.1:{engine_port}/health/ready", engine, root / "engine" / "server.log")
             gateway = start(
                 "gateway",
                 gateway_port,
@@ -277,7 +258,7 @@ def main() -> None:
                     "DS_CONTEXT_LENGTH": "2048",
                 },
             )
-            wait_ready(f"http://127.0.0.1:{gateway_port}", gateway, root / "gateway" / "server.log")
+            wait_ready(f"http://127.0.0.1:{gateway_port}/health/ready", gateway, root / "gateway" / "server.log")
             asyncio.run(
                 run(
                     args,

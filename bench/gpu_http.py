@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 import gpu  # bench/gpu.py
+from common import free_port
 
 SHAPE = gpu.SHAPES["deepseek-coder-1.3b"]
 STREAMS = (1, 8, 64, 128)
@@ -66,12 +66,6 @@ def in_process(model_dir: Path) -> dict[int, float]:
     del runner, model
     torch.cuda.empty_cache()
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> float:

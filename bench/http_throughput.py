@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +21,9 @@ import time
 import httpx
 import orjson
 
+from common import free_port
+
 PROMPTS = [f"Write a short story about a robot number {i}." for i in range(64)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def http_round(url: str, model: str, streams: int, tokens: int, offset: int) -> tuple[int, float]:
@@ -112,7 +107,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="DS_N_THREADS for both sides (0 = physical cores)")
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DS_")}
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         env.update(

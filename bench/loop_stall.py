@@ -26,7 +26,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,14 +38,10 @@ from pathlib import Path
 import httpx
 import orjson
 
+from common import free_port
+
 SEED = 1234
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _text(rng: random.Random, chars: int) -> str:
@@ -182,7 +177,7 @@ def inline_vs_thread(repeats: int) -> None:
 
 
 def start_server(pythonpath: str | None) -> tuple[subprocess.Popen[bytes], str, Path]:
-    port = _free_port()
+    port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="loop-stall-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DS_")}
     src = pythonpath or str(Path(__file__).resolve().parents[1] / "src")

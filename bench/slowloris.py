@@ -24,7 +24,6 @@ import asyncio
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,11 +34,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from common import free_port
 
 
 # --- the attacker (its own process, so its work does not share this process's GIL) ------------------
@@ -138,7 +133,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="DS_MODEL of the server")
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DS_")}
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     results: dict[str, dict[str, list[float]]] = {"none": {}, "attack": {}}
     attack_stats: list[dict[str, int]] = []

@@ -24,7 +24,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from common import free_port, wait_ready
 
 PROMPTS = [f"Reply with one word. Question {i}: what colour is the sky?" for i in range(8)]
 
@@ -63,26 +64,6 @@ def serve(mode: str, port: int) -> None:
         loop="uvloop",
         http="httptools",
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("server not ready")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -186,7 +167,7 @@ def main() -> None:
                 [sys.executable, __file__, "--serve", mode, str(port)], env=env, start_new_session=True
             )
             urls[mode] = f"http://127.0.0.1:{port}"
-            wait_ready(urls[mode], procs[mode])  # one at a time: both load the model
+            wait_ready(f"{urls[mode]}/health/ready", procs[mode])  # one at a time: both load the model
         headers = {"with": {"Authorization": f"Bearer {admin_key}"}, "without": {}}
         model = httpx.get(f"{urls['with']}/v1/models", headers=headers["with"]).json()["data"][0]["id"]
         times: dict[str, list[float]] = {"with": [], "without": []}

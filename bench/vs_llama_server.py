@@ -22,39 +22,17 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from common import free_port, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server not ready after {timeout_s:.0f} s; see {log}")
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -149,7 +127,7 @@ def main() -> None:
         ]
         proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
         procs.append(proc)
-        wait_ready(f"http://127.0.0.1:{port}/health", proc, log)
+        wait_ready(f"http://127.0.0.1:{port}/health", proc, log, timeout_s=600, poll_s=0.5)
         servers["llama-server"] = {"port": port, "proc": proc, "command": " ".join(cmd)}
 
         port = free_port()
@@ -165,7 +143,7 @@ def main() -> None:
         cmd = [str(VENV_BIN / "deepseek-serve"), "serve", "--host", "127.0.0.1", "--port", str(port)]
         proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
         procs.append(proc)
-        wait_ready(f"http://127.0.0.1:{port}/health/ready", proc, log)
+        wait_ready(f"http://127.0.0.1:{port}/health/ready", proc, log, timeout_s=600, poll_s=0.5)
         servers["deepseek-serve"] = {
             "port": port,
             "proc": proc,

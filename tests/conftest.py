@@ -6,13 +6,14 @@ Helpers shared by several test modules live in tests/support/."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
 
 from deepseek_serve.config import Settings
 from deepseek_serve.engine.async_engine import AsyncEngine
+from tests.support.services import folded_skip, stop_throwaway_servers
 from tests.support.settings import TEST_MODEL, make_settings
 
 # Tests never read the developer's DS_* variables by accident; DS_TEST_* are test switches (e.g.
@@ -35,3 +36,18 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     await eng.start()
     yield eng
     await eng.shutdown()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    stop_throwaway_servers()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Skips for a missing service share one location, so the summary shows one line per reason."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and isinstance(report.longrepr, tuple):
+        folded = folded_skip(report.longrepr[2])
+        if folded is not None:
+            report.longrepr = folded

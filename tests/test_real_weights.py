@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import pytest_asyncio
 
@@ -30,6 +29,8 @@ from deepseek_serve.engine.sampling_defaults import FALLBACK
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams, StreamDelta
 from deepseek_serve.models.packs import PACKS, pull_pack
 from tests.engine.test_engine import TOP_K, assert_same_or_near_tie
+from tests.support.api import asgi_client
+from tests.support.engine import generate
 from tests.support.settings import make_settings
 
 PACK = PACKS["qwen2.5-coder-0.5b-instruct"]
@@ -74,16 +75,11 @@ def _request(engine: AsyncEngine, text: str, **params: Any) -> GenerationRequest
     )
 
 
-async def _run(engine: AsyncEngine, request: GenerationRequest) -> tuple[str, list[StreamDelta]]:
-    deltas = [d async for d in engine.generate(request)]
-    return "".join(d.text for d in deltas), deltas
-
-
 async def _fresh(engine: AsyncEngine, request: GenerationRequest) -> tuple[str, list[StreamDelta]]:
     """Alone and without prefix-cache hits: runs compared token for token share one KV layout (see
     the bit-exactness note in docs/architecture.md)."""
     await engine.clear_prefix_cache()
-    return await _run(engine, request)
+    return await generate(engine, request)
 
 
 def _ids_of(deltas: list[StreamDelta]) -> list[int]:
@@ -109,7 +105,7 @@ async def test_model_identity_and_sampling_defaults(qwen: AsyncEngine) -> None:
     ],
 )
 async def test_answers_hold_the_expected_words(qwen: AsyncEngine, prompt: str, expected: tuple[str, ...]) -> None:
-    text, deltas = await _run(qwen, _request(qwen, prompt, temperature=0.0, max_tokens=32))
+    text, deltas = await generate(qwen, _request(qwen, prompt, temperature=0.0, max_tokens=32))
     assert all(word in text for word in expected), text
     assert "\ufffd" not in text
     assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == len(_ids_of(deltas))
@@ -145,7 +141,7 @@ async def test_batched_greedy_equals_alone(qwen: AsyncEngine) -> None:
 
     alone = [(await _fresh(qwen, req(p)))[1] for p in BATCH_PROMPTS]
     await qwen.clear_prefix_cache()
-    batched = [d for _, d in await asyncio.gather(*(_run(qwen, req(p)) for p in BATCH_PROMPTS))]
+    batched = [d for _, d in await asyncio.gather(*(generate(qwen, req(p)) for p in BATCH_PROMPTS))]
     exact = sum(_ids_of(a) == _ids_of(b) for a, b in zip(alone, batched, strict=True))
     for a, b in zip(alone, batched, strict=True):
         assert_same_or_near_tie(a, b)
@@ -193,10 +189,8 @@ async def openai_client(qwen: AsyncEngine, qwen_settings: Settings) -> AsyncIter
     from openai import AsyncOpenAI
 
     app = create_app(qwen_settings, engine=qwen)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
-            yield AsyncOpenAI(api_key="unused", base_url="http://test/v1", http_client=http, max_retries=0)
+    async with asgi_client(app, timeout=120) as http:
+        yield AsyncOpenAI(api_key="unused", base_url="http://test/v1", http_client=http, max_retries=0)
 
 
 async def test_api_chat_in_chinese_json_and_stream(qwen: AsyncEngine, openai_client: Any) -> None:

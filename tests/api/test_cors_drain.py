@@ -22,6 +22,7 @@ import pytest
 
 from deepseek_serve.api.app import create_app
 from deepseek_serve.engine.async_engine import AsyncEngine
+from tests.support.api import asgi_client
 from tests.support.server import ServeProcess
 from tests.support.settings import make_settings
 
@@ -39,10 +40,8 @@ async def app_client(engine: AsyncEngine, data_dir: Path, **overrides: Any) -> A
         raise RuntimeError("a bug in a route")
 
     app.add_api_route("/test/boom", boom)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-            yield client
+    async with asgi_client(app, raise_app_exceptions=False) as client:
+        yield client
 
 
 def cors_headers(resp: httpx.Response) -> dict[str, str]:
@@ -78,7 +77,7 @@ async def test_cors_configured_origin(engine: AsyncEngine, tmp_path: Path) -> No
         got = cors_headers(pre)
         assert got["access-control-allow-origin"] == ORIGIN
         assert "POST" in [m.strip() for m in got["access-control-allow-methods"].split(",")]
-        # NOTE: browsers never let a wildcard cover Authorization: it must be named
+        # browsers never let a wildcard cover Authorization: it must be named
         assert {h.strip() for h in got["access-control-allow-headers"].split(",")} >= {"authorization", "content-type"}
         assert got["access-control-allow-credentials"] == "true"
         assert "Origin" in pre.headers["vary"]
@@ -135,7 +134,7 @@ async def test_cors_any_origin_without_credentials(engine: AsyncEngine, tmp_path
             got = cors_headers(pre)
             assert got["access-control-allow-origin"] == "*"
             assert "authorization" in got["access-control-allow-headers"]
-            # NOTE: "*" and credentials are exclusive (browsers reject the pair)
+            # "*" and credentials are exclusive (browsers reject the pair)
             assert "access-control-allow-credentials" not in got
             resp = await client.get("/v1/models", headers={"Origin": origin, "Cookie": "a=b"})
             assert resp.headers["access-control-allow-origin"] == "*"
@@ -224,7 +223,7 @@ def test_sigterm_drains_the_in_flight_stream_and_exits_0(tmp_path: Path) -> None
 
         srv.proc.send_signal(signal.SIGTERM)
         _wait_refused(f"{srv.url}/health/ready")
-        # NOTE: Uvicorn closes its listening socket at once, so while draining readiness (and liveness)
+        # Uvicorn closes its listening socket at once, so while draining readiness (and liveness)
         # answer "connection refused", which every orchestrator reads as not ready; nothing new gets in.
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{srv.url}/health/live", timeout=10)
@@ -358,7 +357,7 @@ def test_two_workers_serve_the_openai_clients_and_stop_on_sigterm(tmp_path: Path
 
         assert asyncio.run(streams()) == [6] * 8
         metrics = httpx.get(f"{srv.url}/metrics", timeout=30).text
-        # NOTE: each worker holds its own engine of DS_MAX_BATCH_SIZE=4 slots; /metrics sums both
+        # each worker holds its own engine of DS_MAX_BATCH_SIZE=4 slots; /metrics sums both
         assert re.search(r"^llm_max_batch_size 8(\.0)?$", metrics, re.M)
 
         srv.proc.send_signal(signal.SIGTERM)

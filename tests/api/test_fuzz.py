@@ -28,9 +28,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.cache import SHARED_REDIS_URL, delete_prefix, unique_prefix
+from tests.support.cache import delete_prefix, redis_url, unique_prefix
 from tests.support.server import ServeProcess
-from tests.support.storage import MARIADB_HOST, MARIADB_PORT, mariadb_exec
+from tests.support.storage import create_database, mariadb, mariadb_exec
 
 pytestmark = pytest.mark.slow
 
@@ -77,16 +77,16 @@ class FuzzServer:
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer]:
-    db = f"ds_test_fuzz_{uuid.uuid4().hex[:10]}"
-    asyncio.run(mariadb_exec(f"CREATE DATABASE `{db}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+    redis = redis_url()
+    db = asyncio.run(create_database("ds_test_fuzz"))
     prefix = unique_prefix()
     admin_key = f"sk-fuzzadmin{uuid.uuid4().hex}"
     env = {
         "DS_AUTH": "on",
         "DS_ADMIN_KEY": admin_key,
-        "DS_DATABASE_URL": f"mysql+asyncmy://root@{MARIADB_HOST}:{MARIADB_PORT}/{db}",
+        "DS_DATABASE_URL": mariadb().url(db),
         "DS_DB_AUTO_MIGRATE": "true",
-        "DS_REDIS_URL": SHARED_REDIS_URL,
+        "DS_REDIS_URL": redis,
         "DS_REDIS_KEY_PREFIX": prefix,
         "DS_MAX_MODEL_LEN": "96",
         "DS_DEFAULT_MAX_TOKENS": "8",
@@ -106,7 +106,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer
             assert created.status_code == 201, created.text
             yield FuzzServer(proc, admin_key, created.json()["key"])
     finally:
-        delete_prefix(SHARED_REDIS_URL, prefix)
+        delete_prefix(redis, prefix)
         asyncio.run(mariadb_exec(f"DROP DATABASE IF EXISTS `{db}`"))
 
 

@@ -14,6 +14,7 @@ from deepseek_serve.api.app import create_app
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.serving.reasoning import ReasoningSplitter, prepare_messages, split_reasoning
 from deepseek_serve.serving.schemas import ChatMessage
+from tests.support.api import asgi_client, model_id
 from tests.support.settings import make_settings
 
 
@@ -21,10 +22,8 @@ from tests.support.settings import make_settings
 async def client(engine: AsyncEngine, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
     settings = make_settings(tmp_path_factory.mktemp("api"), max_body_bytes=4096, redis_url="", response_cache=False)
     app = create_app(settings, engine=engine)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
-            yield c
+    async with asgi_client(app, raise_app_exceptions=False) as c:
+        yield c
 
 
 def _assert_error(resp: httpx.Response, status: int, param: str | None = None) -> dict:
@@ -36,10 +35,6 @@ def _assert_error(resp: httpx.Response, status: int, param: str | None = None) -
         assert err["param"] == param
     assert "Traceback" not in resp.text
     return err
-
-
-async def _model(client: httpx.AsyncClient) -> str:
-    return (await client.get("/v1/models")).json()["data"][0]["id"]
 
 
 # --- reasoning splitter units -----------------------------------------------------------------------
@@ -75,13 +70,13 @@ async def test_health_and_models(client: httpx.AsyncClient) -> None:
     ready = await client.get("/health/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert (await client.get("/health")).status_code == 200
-    model = await _model(client)
+    model = await model_id(client)
     assert (await client.get(f"/v1/models/{model}")).json()["id"] == model
     _assert_error(await client.get("/v1/models/nope"), 404)
 
 
 async def test_chat_json(client: httpx.AsyncClient) -> None:
-    model = await _model(client)
+    model = await model_id(client)
     resp = await client.post(
         "/v1/chat/completions",
         json={
@@ -109,7 +104,7 @@ async def test_chat_json(client: httpx.AsyncClient) -> None:
 
 
 async def test_sse_framing(client: httpx.AsyncClient) -> None:
-    model = await _model(client)
+    model = await model_id(client)
     async with client.stream(
         "POST",
         "/v1/completions",
@@ -148,12 +143,12 @@ async def test_sse_framing(client: httpx.AsyncClient) -> None:
     ],
 )
 async def test_invalid_fields_400(client: httpx.AsyncClient, payload: dict, param: str) -> None:
-    payload = {"model": await _model(client), **payload}
+    payload = {"model": await model_id(client), **payload}
     _assert_error(await client.post("/v1/chat/completions", json=payload), 400, param)
 
 
 async def test_transport_errors(client: httpx.AsyncClient) -> None:
-    model = await _model(client)
+    model = await model_id(client)
     _assert_error(
         await client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}),
         400,
@@ -176,7 +171,7 @@ async def test_transport_errors(client: httpx.AsyncClient) -> None:
 
 
 async def test_context_length_400(client: httpx.AsyncClient) -> None:
-    model = await _model(client)
+    model = await model_id(client)
     err = _assert_error(
         await client.post("/v1/completions", json={"model": model, "prompt": [1] * 100, "max_tokens": 100_000}), 400
     )

@@ -18,6 +18,7 @@ import pytest_asyncio
 
 from deepseek_serve.api.app import create_app
 from deepseek_serve.engine.async_engine import AsyncEngine
+from tests.support.api import asgi_client, model_id
 from tests.support.server import ServeProcess
 from tests.support.settings import make_settings
 
@@ -34,14 +35,8 @@ async def client(engine: AsyncEngine, tmp_path_factory: pytest.TempPathFactory) 
         raise RuntimeError("a bug in a route")
 
     app.add_api_route("/test/boom", boom)  # an unexpected exception, as a real bug would raise
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
-            yield c
-
-
-async def _model(client: httpx.AsyncClient) -> str:
-    return (await client.get("/v1/models")).json()["data"][0]["id"]
+    async with asgi_client(app, raise_app_exceptions=False) as c:
+        yield c
 
 
 def _chat(model: str, text: str = "Say hi", **extra: object) -> dict[str, object]:
@@ -49,7 +44,7 @@ def _chat(model: str, text: str = "Say hi", **extra: object) -> dict[str, object
 
 
 async def test_given_id_is_returned_on_every_kind_of_response(client: httpx.AsyncClient) -> None:
-    model = await _model(client)
+    model = await model_id(client)
     requests = [
         ("GET", "/health/live", None, None),
         ("GET", "/v1/models/nope", None, None),  # 404 from a route
@@ -91,7 +86,7 @@ async def test_missing_or_unusable_id_is_replaced_by_a_generated_one(client: htt
 async def test_concurrent_requests_log_their_own_id(
     client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = await _model(client)
+    model = await model_id(client)
     caplog.set_level(logging.INFO, logger="deepseek_serve")
 
     async def one(i: int) -> tuple[str, str]:
@@ -106,7 +101,7 @@ async def test_concurrent_requests_log_their_own_id(
         lines = [r for r in caplog.records if r.name == _FINISHED and completion_id in r.getMessage()]
         assert len(lines) == 1
         assert lines[0].request_id == rid  # type: ignore[attr-defined]
-    # NOTE: and nothing of these requests logged without its id
+    # and nothing of these requests logged without its id
     for record in caplog.records:
         if any(cid in record.getMessage() for _, cid in pairs):
             assert record.request_id in {rid for rid, _ in pairs}  # type: ignore[attr-defined]
@@ -164,7 +159,7 @@ def test_real_server_logs_every_line_of_a_request_with_its_id(tmp_path: Path) ->
         models = httpx.get(f"{srv.url}/v1/models", headers={"X-Request-ID": "not valid!"}, timeout=30)
         models_rid = models.headers["x-request-id"]
         assert GENERATED.match(models_rid)
-    # NOTE: read after the server stopped: every line is flushed
+    # read after the server stopped: every line is flushed
     lines = [json.loads(line) for line in srv.stderr().splitlines() if line.strip()]
 
     def access(path: str) -> list[dict[str, object]]:

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,50 +12,22 @@ import httpx
 import openai
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.server import ServeProcess
 
 
-class Server:
+class Server(ServeProcess):
+    """The server with the engine's own defaults (batch 8, context 4096, all cores), Redis and the
+    response cache off; started on construction."""
+
     def __init__(self, tmp: Path, **env: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full = {k: v for k, v in os.environ.items() if not k.startswith("DS_")}
-        full.update(
-            {
-                "DS_DATA_DIR": str(tmp),
-                "DS_RESPONSE_CACHE": "false",
-                "DS_REDIS_URL": "",
-                "DS_LOG_LEVEL": "warning",
-                "DS_MODEL": "smollm2-135m-instruct",
-                **env,
-            }
-        )
-        command = [sys.executable, "-m", "deepseek_serve", "serve", "--port", str(self.port)]
-        self.proc = subprocess.Popen(command, env=full, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stdout.read().decode() if self.proc.stdout else ""
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise AssertionError("server never became ready")
+        defaults = {"DS_MAX_BATCH_SIZE": "8", "DS_CONTEXT_LENGTH": "4096", "DS_N_THREADS": "0"}
+        settings = {"DS_RESPONSE_CACHE": "false", "DS_REDIS_URL": "", "DS_LOG_LEVEL": "warning"}
+        super().__init__(tmp, **{**defaults, **settings, **env})
+        self.start()
         self.model = httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
 
     def stats(self) -> dict:
         return httpx.get(f"{self.url}/health").json()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +141,7 @@ async def test_disconnect_frees_capacity(server: Server) -> None:
         assert server.stats()["num_running"] == 1
     # closed mid-stream: the sequence is aborted well before its 2000 tokens
     deadline = time.monotonic() + 5
-    # NOTE: polls another process; no event to wait on
+    # polls another process; no event to wait on
     while server.stats()["num_running"] and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     assert server.stats()["num_running"] == 0
@@ -221,6 +189,6 @@ def test_overload_and_sigterm(tmp_path: Path) -> None:
 
         raw = asyncio.run(drain())
         assert b": keep-alive" in raw and raw.rstrip().endswith(b"data: [DONE]")
-        assert srv.proc.wait(300) == 0
+        assert srv.proc is not None and srv.proc.wait(300) == 0
     finally:
         srv.stop()

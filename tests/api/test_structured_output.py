@@ -98,10 +98,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         yield srv
 
 
-def _client(server: ServeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
-
-
 MODEL = "SmolLM2-135M-Instruct"
 
 
@@ -112,7 +108,7 @@ class Weather(BaseModel):
 
 
 def test_sdk_parse_with_pydantic_model(server: ServeProcess) -> None:
-    client = _client(server)
+    client = server.openai_client()
     completion = client.chat.completions.parse(
         model=MODEL,
         messages=[{"role": "user", "content": "Weather in Paris for 2 days?"}],
@@ -127,7 +123,7 @@ def test_sdk_parse_with_pydantic_model(server: ServeProcess) -> None:
 
 
 def test_json_object_mode_returns_an_object(server: ServeProcess) -> None:
-    client = _client(server)
+    client = server.openai_client()
     for seed in range(3):
         chat = client.chat.completions.create(
             model=MODEL,
@@ -142,7 +138,7 @@ def test_json_object_mode_returns_an_object(server: ServeProcess) -> None:
 
 
 def test_streamed_json_schema_output_validates(server: ServeProcess) -> None:
-    client = _client(server)
+    client = server.openai_client()
     stream = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": PROMPTS[0]}],

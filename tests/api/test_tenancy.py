@@ -29,10 +29,11 @@ from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.storage import Storage
 from deepseek_serve.storage.key_lookup import KeyLookup, KeyStatus
 from deepseek_serve.storage.keys import generate_secret
-from tests.support.cache import SHARED_REDIS_URL, delete_prefix, unique_prefix
+from tests.support.api import asgi_client
+from tests.support.cache import delete_prefix, redis_url, unique_prefix
 from tests.support.server import ServeProcess
 from tests.support.settings import make_settings
-from tests.support.storage import MARIADB_HOST, MARIADB_PORT, mariadb_exec, storage_settings
+from tests.support.storage import create_database, mariadb, mariadb_exec, storage_settings
 
 ADMIN_KEY = generate_secret()
 FAILURES_PER_MIN = 5
@@ -53,11 +54,11 @@ class Server(ServeProcess):
         return str(response.json()["key"])
 
     def client(self, key: str, **kwargs: Any) -> OpenAI:
-        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120, **kwargs)
+        return self.openai_client(key, **kwargs)
 
     def sql(self, query: str) -> list[list[str]]:
         out = subprocess.run(
-            ["mysql", "-uroot", f"-h{MARIADB_HOST}", f"-P{MARIADB_PORT}", "-N", "-B", self.database, "-e", query],
+            [*mariadb().mysql_args(), "-N", "-B", self.database, "-e", query],
             check=True,
             capture_output=True,
             text=True,
@@ -68,8 +69,8 @@ class Server(ServeProcess):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    database = f"ds_test_storage_{uuid.uuid4().hex[:10]}"
-    asyncio.run(mariadb_exec(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+    redis = redis_url()
+    database = asyncio.run(create_database())
     prefix = unique_prefix()
     try:
         with Server(
@@ -79,8 +80,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             DS_AUTH="on",
             DS_ADMIN_KEY=ADMIN_KEY,
             DS_DB_AUTO_MIGRATE="true",
-            DS_DATABASE_URL=f"mysql+asyncmy://root@{MARIADB_HOST}:{MARIADB_PORT}/{database}",
-            DS_REDIS_URL=SHARED_REDIS_URL,
+            DS_DATABASE_URL=mariadb().url(database),
+            DS_REDIS_URL=redis,
             DS_REDIS_KEY_PREFIX=prefix,
             DS_USAGE_FLUSH_INTERVAL_S="0.1",
             DS_AUTH_FAILURES_PER_MIN=str(FAILURES_PER_MIN),
@@ -90,7 +91,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             proc.database = database
             yield proc
     finally:
-        delete_prefix(SHARED_REDIS_URL, prefix)
+        delete_prefix(redis, prefix)
         asyncio.run(mariadb_exec(f"DROP DATABASE IF EXISTS `{database}`"))
 
 
@@ -291,10 +292,7 @@ def test_conversation_writes_count_against_the_keys_limits(server: Server) -> No
 async def loopback_app(engine: AsyncEngine, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = make_settings(tmp_path, host="127.0.0.1", auth="auto", admin_key=ADMIN_KEY, redis_url="")
     app = create_app(settings, engine)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as client,
-    ):
+    async with asgi_client(app) as client:
         yield client
 
 
@@ -384,10 +382,7 @@ async def test_an_engine_behind_a_gateway_takes_the_shared_secret_not_api_keys(
     settings = make_settings(tmp_path, role="engine", host="0.0.0.0", engine_secret="s3cret-engine", redis_url="")
     assert settings.auth_enabled
     app = create_app(settings, engine)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as client,
-    ):
+    async with asgi_client(app) as client:
         assert (await client.get("/v1/models", headers={"Authorization": "Bearer s3cret-engine"})).status_code == 200
         refused = await client.get("/v1/models", headers={"Authorization": f"Bearer {generate_secret()}"})
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_engine_secret"

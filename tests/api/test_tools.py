@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
 from deepseek_serve.engine.chat_template import ChatTemplate
@@ -201,12 +200,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         yield srv
 
 
-def _client(server: ServeProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
-
-
 def test_round_trip_with_the_sdk(server: ServeProcess) -> None:
-    client = _client(server)
+    client = server.openai_client()
     messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
     first = client.chat.completions.create(
         model=MODEL,
@@ -248,7 +243,7 @@ def test_round_trip_with_the_sdk(server: ServeProcess) -> None:
 
 
 def test_required_streams_tool_call_deltas(server: ServeProcess) -> None:
-    client = _client(server)
+    client = server.openai_client()
     stream = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Time in Berlin?"}],

@@ -18,6 +18,7 @@ from deepseek_serve.api.app import create_app
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams
 from deepseek_serve.storage.keys import generate_secret
+from tests.support.api import asgi_client
 from tests.support.settings import make_settings
 from tests.support.storage import BACKENDS, database_url
 
@@ -29,10 +30,8 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 async def client(engine: AsyncEngine, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
     settings = make_settings(tmp_path_factory.mktemp("validation"), redis_url="", response_cache=False)
     app = create_app(settings, engine=engine)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
-            yield c
+    async with asgi_client(app, raise_app_exceptions=False) as c:
+        yield c
 
 
 def assert_400(
@@ -96,7 +95,7 @@ async def test_completion_strings(client: httpx.AsyncClient, engine: AsyncEngine
 # --- token ids ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prompt", [[[1, 2, -1]], [1, 2, 10**6], [[5], [2**63]], [10**30], [False], [[True, 5]]])
 async def test_token_ids_outside_vocab(client: httpx.AsyncClient, engine: AsyncEngine, prompt: Any) -> None:
-    # [[1, 2, -1]] used to reach llama.cpp, which threw std::out_of_range and aborted the process;
+    # an id outside the vocabulary must never reach llama.cpp (std::out_of_range aborts the process);
     # booleans are not token ids (lax validation would read false as token 0)
     resp = await client.post(
         "/v1/completions", json={"model": engine.model_info.id, "prompt": prompt, "max_tokens": 1, "echo": True}
@@ -116,7 +115,7 @@ async def test_huge_token_list_refused_by_length(client: httpx.AsyncClient, engi
     ("extra", "param"),
     [
         ({"top_k": 10**6}, "top_k"),  # above the vocabulary
-        ({"top_k": 2**64}, "top_k"),  # used to overflow the torch sampler's int64 tensor
+        ({"top_k": 2**64}, "top_k"),  # beyond the torch sampler's int64 tensor
         ({"top_k": -1}, "top_k"),
         ({"max_tokens": 10**30}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
@@ -196,7 +195,7 @@ async def test_message_count_refused_before_validation(client: httpx.AsyncClient
     err = assert_400(resp, "messages")
     assert "60000" in err["message"] and "1024" in err["message"]
     # generous: refused by a length check, not after validating, templating and tokenizing 60,000 messages
-    # (which took about a minute); bench/loop_stall.py measures the real figure
+    # (about a minute of work); bench/loop_stall.py measures the real figure
     assert elapsed < 2.0, elapsed
     assert idle(engine)
 

@@ -11,86 +11,29 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from deepseek_serve.bench.benchmark import BenchConfig, run_benchmark
 from deepseek_serve.bench.report import load_json
 from deepseek_serve.bench.runner import Phase
+from tests.support.net import free_port
+from tests.support.server import REPO, ServeProcess, ServerProcess, clean_env
 
-REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DS_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
-    env["DS_MODEL"] = "smollm2-135m-instruct"
-    env.update(extra)
-    return env
-
-
-@contextlib.contextmanager
-def server_process(
-    command: list[str], env: dict[str, str], port: int, log: Path, ready_path: str, timeout_s: float = 240.0
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            command, env=env, cwd=log.parent, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in {timeout_s:g}s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @contextlib.contextmanager
 def deepseek_serve(tmp: Path, **settings: str) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    tmp.mkdir(parents=True, exist_ok=True)
-    env = clean_env(
-        DS_DATA_DIR=str(tmp),
-        DS_AUTH="off",
-        DS_LOG_LEVEL="warning",
-        DS_CONTEXT_LENGTH="2048",
-        DS_N_THREADS="1",
-        DS_REDIS_URL="",
-        **settings,
-    )
-    command = [sys.executable, "-m", "deepseek_serve", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with server_process(command, env, port, tmp / "server.log", "/health/ready") as proc:
-        yield f"http://127.0.0.1:{port}", proc.pid
+    """`deepseek-serve serve` with auth and Redis off; yields its URL and process id."""
+    env = {"DS_AUTH": "off", "DS_LOG_LEVEL": "warning", "DS_REDIS_URL": "", **settings}
+    with ServeProcess(tmp, timeout_s=240, **env) as server:
+        assert server.proc is not None
+        yield server.url, server.proc.pid
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +135,10 @@ async def test_baseline_server_chunk_counting_and_openai_client(tmp_path: Path) 
 
     port = free_port()
     command = [sys.executable, str(REPO / "bench" / "baseline_server.py"), "--port", str(port), "--threads", "1"]
-    with server_process(command, clean_env(), port, tmp_path / "baseline.log", "/v1/models"):
+    ready = f"http://127.0.0.1:{port}/v1/models"
+    log = tmp_path / "baseline.log"
+    baseline = ServerProcess(command, ready_url=ready, log_path=log, env=clean_env(), timeout_s=240)
+    with baseline:
         url = f"http://127.0.0.1:{port}/v1"
         config = BenchConfig(
             base_url=url,

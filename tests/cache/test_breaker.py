@@ -13,11 +13,12 @@ import pytest
 from deepseek_serve.cache import CircuitBreaker, build_cache_layer
 from deepseek_serve.config import Settings, load_settings
 from deepseek_serve.contracts import Principal
-from tests.support.cache import PrivateRedis, free_port, private_redis, unique_prefix
+from tests.support.cache import PrivateRedis, private_redis, unique_prefix
+from tests.support.net import free_port
 
 
 class FakeClock:
-    # NOTE: a fake clock for the pure state machine only; the Redis tests below use real time.
+    # a fake clock for the pure state machine only; the Redis tests below use real time.
     def __init__(self) -> None:
         self.now = 100.0
 

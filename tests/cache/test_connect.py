@@ -93,7 +93,7 @@ def make_certs(folder: Path) -> None:
 async def test_tls_url(tmp_path: Path) -> None:
     make_certs(tmp_path)
     server = PrivateRedis()
-    # NOTE: the plain port is private too; the client below only talks TLS on tls_port
+    # the plain port is private too; the client below only talks TLS on tls_port
     tls_port = PrivateRedis().port
     server.start(
         extra=(

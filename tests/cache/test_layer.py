@@ -1,4 +1,4 @@
-"""The cache layer's services, one suite run twice: on the real Redis (127.0.0.1:6379, a random key
+"""The cache layer's services, one suite run twice: on a real Redis (`redis_url()`, a random key
 prefix) and on the in-process fallbacks."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from deepseek_serve.cache import (
     RedisResponseCache,
 )
 from deepseek_serve.contracts import Principal
-from tests.support.cache import SHARED_REDIS_URL, delete_prefix, unique_prefix
+from tests.support.cache import SHARED_REDIS_URL, delete_prefix, redis_url, unique_prefix
 
 Limiter = LocalRateLimiter | RedisRateLimiter
 
@@ -45,11 +45,12 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         yield Backend("local", None)
         return
     prefix = unique_prefix()
-    client = RedisClient(SHARED_REDIS_URL, prefix=prefix, timeout_s=2.0)
-    assert await client.ping(), "the shared Redis on 127.0.0.1:6379 is not answering"
+    url = redis_url()
+    client = RedisClient(url, prefix=prefix, timeout_s=2.0)
+    assert await client.ping(), f"the Redis at {url} is not answering"
     yield Backend("redis", client)
     await client.close()
-    delete_prefix(SHARED_REDIS_URL, prefix)
+    delete_prefix(url, prefix)
 
 
 KEY_IDS: dict[str, int] = {}
@@ -163,7 +164,8 @@ async def test_concurrent_admissions_are_atomic(backend: Backend) -> None:
 async def test_two_clients_share_one_budget() -> None:
     """Two connection pools (as two processes would have) on one prefix draw from one bucket."""
     prefix = unique_prefix()
-    clients = [RedisClient(SHARED_REDIS_URL, prefix=prefix, timeout_s=2.0) for _ in range(2)]
+    url = redis_url()
+    clients = [RedisClient(url, prefix=prefix, timeout_s=2.0) for _ in range(2)]
     try:
         limiters = [RedisRateLimiter(c, 4, 0) for c in clients]
         results = [await limiters[i % 2].admit(key("shared"), 0) for i in range(6)]
@@ -171,7 +173,7 @@ async def test_two_clients_share_one_budget() -> None:
     finally:
         for c in clients:
             await c.close()
-        delete_prefix(SHARED_REDIS_URL, prefix)
+        delete_prefix(url, prefix)
 
 
 async def test_redis_bucket_keys_hold_the_key_id_as_text() -> None:

@@ -16,7 +16,7 @@ import openai
 import pytest
 import redis
 
-from tests.support.cache import SHARED_REDIS_URL, CacheAppServer, PrivateRedis, delete_prefix, unique_prefix
+from tests.support.cache import CacheAppServer, PrivateRedis, delete_prefix, redis_url, unique_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -137,8 +137,9 @@ def test_errors_after_admission_carry_rate_limit_headers(app: CacheAppServer) ->
 def test_two_processes_share_one_rate_limit(tmp_path: Path) -> None:
     """DS_DEFAULT_RPM=2 in each process: counted per process this would admit 4 of 4 requests."""
     prefix = unique_prefix()
+    url = redis_url()
     env = {
-        "DS_REDIS_URL": SHARED_REDIS_URL,
+        "DS_REDIS_URL": url,
         "DS_REDIS_KEY_PREFIX": prefix,
         "DS_DEFAULT_RPM": "2",
         "DS_RESPONSE_CACHE": "false",
@@ -165,7 +166,7 @@ def test_two_processes_share_one_rate_limit(tmp_path: Path) -> None:
             assert error["type"] == "rate_limit_error" and error["message"]
             assert set(error) >= {"message", "type", "param", "code"}
     finally:
-        delete_prefix(SHARED_REDIS_URL, prefix)
+        delete_prefix(url, prefix)
 
 
 def test_redis_killed_during_50_requests(app: CacheAppServer, private_redis_server: PrivateRedis) -> None:

@@ -1,4 +1,4 @@
-"""deploy/backup.sh and deploy/restore.sh against the real MariaDB and a Redis server of our own.
+"""deploy/backup.sh and deploy/restore.sh against the tests' MariaDB (`mariadb()`) and a Redis server of our own.
 
 Each test module run uses its own database (ds_test_backup_<random>) and starts redis-server on a
 free loopback port with the project's deploy/redis/redis.conf (only `dir` and `bind` changed), so
@@ -11,7 +11,6 @@ import hashlib
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tarfile
 import time
@@ -22,11 +21,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support.net import free_port
+from tests.support.storage import mariadb
+
 ROOT = Path(__file__).resolve().parents[2]
 BACKUP = ROOT / "deploy" / "backup.sh"
 RESTORE = ROOT / "deploy" / "restore.sh"
-MYSQL_HOST = os.environ.get("DS_TEST_MYSQL_HOST", "127.0.0.1")
-MYSQL_PORT = os.environ.get("DS_TEST_MYSQL_PORT", "3306")
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("mysql", "mysqldump", "redis-server", "redis-cli")),
@@ -35,16 +35,10 @@ pytestmark = pytest.mark.skipif(
 
 
 def _mysql(sql: str, database: str = "") -> str:
-    cmd = ["mysql", "-h", MYSQL_HOST, "-P", MYSQL_PORT, "-u", "root", "-N", "-B", "-e", sql]
+    cmd = [*mariadb().mysql_args(), "-N", "-B", "-e", sql]
     if database:
         cmd.append(database)
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -95,7 +89,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     conf.write_text(
         text.replace("\ndir /data\n", f"\ndir {data_dir}\n").replace("\nbind 0.0.0.0\n", "\nbind 127.0.0.1\n")
     )
-    server = RedisServer(conf=conf, data_dir=data_dir, port=_free_port())
+    server = RedisServer(conf=conf, data_dir=data_dir, port=free_port())
     server.start()
     try:
         yield server
@@ -188,9 +182,9 @@ def _backup(dest: Path, database: str, port: int, *extra: str) -> Path:
         "--dest",
         str(dest),
         "--mysql-host",
-        MYSQL_HOST,
+        mariadb().host,
         "--mysql-port",
-        MYSQL_PORT,
+        str(mariadb().port),
         "--mysql-database",
         database,
         "--redis-port",
@@ -210,9 +204,9 @@ def _restore(archive: Path, database: str, server: RedisServer, *extra: str) -> 
         "direct",
         "--yes",
         "--mysql-host",
-        MYSQL_HOST,
+        mariadb().host,
         "--mysql-port",
-        MYSQL_PORT,
+        str(mariadb().port),
         "--mysql-database",
         database,
         "--redis-dir",

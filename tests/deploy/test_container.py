@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -23,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("DS_TEST_IMAGE", "localhost/deepseek-serve:test")
@@ -39,12 +40,6 @@ pytestmark = [
 
 def _podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, check=check)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _build_volumes(tmp: Path) -> list[str]:
@@ -116,7 +111,7 @@ def test_image_metadata_and_size(image: str) -> None:
 @pytest.fixture
 def container(image: str) -> Iterator[tuple[str, int, str]]:
     name = f"ds-test-{secrets.token_hex(4)}"
-    port = _free_port()
+    port = free_port()
     admin_key = "sk-" + secrets.token_hex(24)
     volumes = [f"{name}-data", f"{name}-models"]
     for v in volumes:
@@ -244,7 +239,7 @@ def test_container_with_mysql_and_redis_as_in_compose(image: str, tmp_path: Path
     tag = secrets.token_hex(4)
     db, user, db_password = f"ds_test_ctr_{tag}", f"ds_ctr_{tag}", secrets.token_hex(16)
     redis_password = secrets.token_hex(16)
-    redis_port, port = _free_port(), _free_port()
+    redis_port, port = free_port(), free_port()
     admin_key = "sk-" + secrets.token_hex(24)
     # the grants deploy/mysql/init.sql gives the application user, on its own database only
     grants = "SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX, DROP, REFERENCES"

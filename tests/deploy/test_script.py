@@ -2,7 +2,7 @@
 
 The script runs for real on a copy of the project in a temporary directory, with DEPLOY_ROOT
 pointing /etc/os-release, /proc/meminfo, /etc/systemd/system and /var/log into that directory.
-NOTE: docker, ufw, systemctl, apt-get, curl and hostname are stand-ins on PATH that record their
+The commands docker, ufw, systemctl, apt-get, curl and hostname are stand-ins on PATH that record their
 calls: this machine has no Docker engine, no systemd and no firewall to change, and the script must
 never touch the real host's. The stand-in ufw keeps its rules in a file so a second run sees the first.
 """

@@ -11,6 +11,7 @@ import pytest
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams, StreamDelta
+from tests.support.engine import generate, is_valid_utf8
 from tests.support.settings import make_settings
 
 _ids = itertools.count()
@@ -23,11 +24,6 @@ def chat_request(engine: AsyncEngine, text: str, **params: object) -> Generation
     )  # type: ignore[arg-type]
 
 
-async def run(engine: AsyncEngine, request: GenerationRequest) -> tuple[str, list[StreamDelta]]:
-    deltas = [d async for d in engine.generate(request)]
-    return "".join(d.text for d in deltas), deltas
-
-
 async def wait_idle(engine: AsyncEngine, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while engine.stats().num_running or engine.stats().num_waiting:  # noqa: ASYNC110
@@ -38,9 +34,9 @@ async def wait_idle(engine: AsyncEngine, timeout: float = 5.0) -> None:
 # composition (attention sums run in cell order, f16 accumulation), and the quantized 135M model has
 # near-tied top tokens (gaps of 0.01 seen). "Same output" is therefore checked as: identical up to the
 # first divergence, and that divergence only where the reference run itself was nearly tied (the other
-# run's pick is in the reference's top-TOP_K within NEAR_TIE nats; three-way ties occur, so top-2 was
-# too narrow: CI once saw the reference's third choice, 0.13 nats behind). A real batching bug (attention leaking
-# across sequences, wrong positions, a reused cell with stale KV) diverges at confident positions.
+# run's pick is in the reference's top-TOP_K within NEAR_TIE nats; three-way ties occur, so the other
+# run may pick the reference's third choice). A real batching bug (attention leaking across
+# sequences, wrong positions, a reused cell with stale KV) diverges at confident positions.
 NEAR_TIE = 1.0
 TOP_K = 5
 
@@ -62,8 +58,8 @@ def assert_same_or_near_tie(reference: list[StreamDelta], other: list[StreamDelt
 
 async def test_greedy_is_deterministic_and_coherent(engine: AsyncEngine) -> None:
     req = lambda: chat_request(engine, "What is the capital of France?", temperature=0.0, max_tokens=24)  # noqa: E731
-    text1, deltas = await run(engine, req())
-    text2, _ = await run(engine, req())
+    text1, deltas = await generate(engine, req())
+    text2, _ = await generate(engine, req())
     assert text1 == text2
     assert "Paris" in text1
     last = deltas[-1]
@@ -106,14 +102,16 @@ async def test_seed_reproducible_alone_and_batched(engine: AsyncEngine) -> None:
             top_logprobs=TOP_K,
         )
 
-    alone, alone_deltas = await run(engine, req(1234))
-    again, _ = await run(engine, req(1234))
+    alone, alone_deltas = await generate(engine, req(1234))
+    again, _ = await generate(engine, req(1234))
     assert alone == again
     # same seed while other requests share the batch
-    others = [run(engine, chat_request(engine, f"Count to {i}.", temperature=0.9, max_tokens=32)) for i in range(4)]
-    (_, batched_deltas), *_ = await asyncio.gather(run(engine, req(1234)), *others)
+    others = [
+        generate(engine, chat_request(engine, f"Count to {i}.", temperature=0.9, max_tokens=32)) for i in range(4)
+    ]
+    (_, batched_deltas), *_ = await asyncio.gather(generate(engine, req(1234)), *others)
     assert_same_sample_or_boundary_flip(alone_deltas, batched_deltas)
-    other_seed, _ = await run(engine, req(99))
+    other_seed, _ = await generate(engine, req(99))
     assert other_seed != alone
 
 
@@ -156,13 +154,13 @@ def test_each_request_samples_from_its_own_seeded_stream() -> None:
 
 
 async def test_stop_string_ends_generation_and_is_not_emitted(engine: AsyncEngine) -> None:
-    full, _ = await run(
+    full, _ = await generate(
         engine, chat_request(engine, "List three fruits, one per line.", temperature=0.0, max_tokens=40)
     )
     words = [w for w in full.split() if len(w) > 3]
     assert words, full
     stop = words[1] if len(words) > 1 else words[0]
-    cut, deltas = await run(
+    cut, deltas = await generate(
         engine, chat_request(engine, "List three fruits, one per line.", temperature=0.0, max_tokens=40, stop=(stop,))
     )
     assert deltas[-1].finish_reason == "stop"
@@ -172,7 +170,7 @@ async def test_stop_string_ends_generation_and_is_not_emitted(engine: AsyncEngin
 
 async def test_chinese_streams_whole_characters(engine: AsyncEngine) -> None:
     req = chat_request(engine, "你好，请用中文介绍一下你自己。", temperature=0.0, max_tokens=48)
-    text, deltas = await run(engine, req)
+    text, deltas = await generate(engine, req)
     assert all("\ufffd" not in d.text for d in deltas)
     ids = [t for d in deltas for t in d.token_ids]
     assert text == engine.detokenize(ids)
@@ -182,7 +180,7 @@ async def test_chinese_streams_whole_characters(engine: AsyncEngine) -> None:
     tok = engine._core.tokenizer
     emoji_ids = tok.encode("好😀", add_special_tokens=False)
     pieces = [tok.token_bytes(t) for t in emoji_ids]
-    assert any(len(p) and p[0] >= 0x80 and not _valid_utf8(p) for p in pieces), pieces
+    assert any(len(p) and p[0] >= 0x80 and not is_valid_utf8(p) for p in pieces), pieces
     detok = IncrementalDetokenizer(tok)
     out = [detok.push(t)[0] for t in emoji_ids]
     assert "".join(out) + detok.flush() == "好😀"
@@ -201,14 +199,6 @@ async def test_flush_drops_an_incomplete_character(engine: AsyncEngine) -> None:
         text = "".join(detok.push(t)[0] for t in ids[:n]) + detok.flush()
         assert text == raw.decode("utf-8", errors="ignore") and "\ufffd" not in text
         assert detok.flush() == ""  # and the decoder starts clean
-
-
-def _valid_utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 async def test_stop_string_across_tokens_is_held_back(engine: AsyncEngine) -> None:
@@ -243,8 +233,8 @@ async def _alone_and_together(
             engine, p, temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=True, top_logprobs=TOP_K
         )
 
-    alone = [(await run(engine, req(p)))[1] for p in prompts]
-    together = await asyncio.gather(*(run(engine, req(p)) for p in prompts))
+    alone = [(await generate(engine, req(p)))[1] for p in prompts]
+    together = await asyncio.gather(*(generate(engine, req(p)) for p in prompts))
     return alone, [d for _, d in together]
 
 
@@ -297,7 +287,7 @@ async def test_prefix_reuse_reports_tokens_and_changes_nothing(engine: AsyncEngi
     r1 = GenerationRequest(
         request_id="turn1", prompt=p1, add_special_tokens=False, params=SamplingParams(temperature=0.0, max_tokens=24)
     )
-    answer, _ = await run(engine, r1)
+    answer, _ = await generate(engine, r1)
     second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And the moon?"}]
     p2 = engine.render_chat(second)
     r2 = GenerationRequest(
@@ -306,7 +296,7 @@ async def test_prefix_reuse_reports_tokens_and_changes_nothing(engine: AsyncEngi
         add_special_tokens=False,
         params=SamplingParams(temperature=0.0, max_tokens=24, logprobs=True, top_logprobs=TOP_K),
     )
-    _, deltas = await run(engine, r2)
+    _, deltas = await generate(engine, r2)
     usage = deltas[-1].usage
     assert usage is not None
     assert usage.cached_tokens >= len(engine.tokenize(p1, add_special_tokens=False)) - 2
@@ -315,7 +305,7 @@ async def test_prefix_reuse_reports_tokens_and_changes_nothing(engine: AsyncEngi
     fresh = AsyncEngine.from_settings(make_settings(prefix_cache=False, max_batch_size=1))
     await fresh.start()
     try:
-        _, fdeltas = await run(
+        _, fdeltas = await generate(
             fresh,
             GenerationRequest(
                 request_id="turn2-fresh",
@@ -357,7 +347,7 @@ async def test_deadline_times_out_and_frees(engine: AsyncEngine) -> None:
     req = GenerationRequest(
         request_id="deadline", prompt=req.prompt, add_special_tokens=False, params=req.params, deadline_s=0.3
     )
-    _, deltas = await run(engine, req)
+    _, deltas = await generate(engine, req)
     assert deltas[-1].finish_reason == "timeout" and deltas[-1].error
     await wait_idle(engine)
     assert engine.stats().kv_used_tokens == 0
@@ -368,7 +358,7 @@ async def test_bad_request_does_not_stop_others(engine: AsyncEngine) -> None:
     bad_ok = engine.add_request(GenerationRequest(request_id="bad2", prompt="", params=SamplingParams()))
     with pytest.raises(InvalidRequestError):
         await bad_ok
-    text, deltas = await run(engine, good)
+    text, deltas = await generate(engine, good)
     assert deltas[-1].finish_reason in ("stop", "length") and text
 
 
@@ -388,22 +378,22 @@ async def test_prefix_cache_keeps_a_bounded_lru_and_clears_on_request() -> None:
 
         topics = ["Name a red fruit.", "Name a blue bird.", "Name a green vegetable."]
         for topic in topics:
-            await run(eng, req(topic))
+            await generate(eng, req(topic))
             await wait_idle(eng)
             assert 0 < eng.stats().kv_cached_tokens <= 120
         # each entry holds ~50 tokens: the newest two fit the budget, the oldest was evicted (its prompt
         # now finds only the chat template's opening, shared with the other entries)
-        _, newest = await run(eng, req(topics[2]))
+        _, newest = await generate(eng, req(topics[2]))
         usage = newest[-1].usage
         assert usage is not None and usage.cached_tokens == usage.prompt_tokens - 1
-        _, oldest = await run(eng, req(topics[0]))
+        _, oldest = await generate(eng, req(topics[0]))
         usage = oldest[-1].usage
         assert usage is not None and usage.cached_tokens < usage.prompt_tokens - 5
 
         await wait_idle(eng)
         await eng.clear_prefix_cache()
         assert eng.stats().kv_cached_tokens == 0
-        _, after = await run(eng, req(topics[0]))
+        _, after = await generate(eng, req(topics[0]))
         assert after[-1].usage is not None and after[-1].usage.cached_tokens == 0
     finally:
         await eng.shutdown()

@@ -28,11 +28,12 @@ from openai import APIError, OpenAI, RateLimitError
 
 from deepseek_serve.models.resolve import default_model_path
 from deepseek_serve.storage.keys import generate_secret
-from tests.support.cache import SHARED_REDIS_URL, delete_prefix, unique_prefix
-from tests.support.server import REPO, ServeProcess, free_port
-from tests.support.storage import MARIADB_HOST, MARIADB_PORT, mariadb_exec
+from tests.support.cache import delete_prefix, redis_url, unique_prefix
+from tests.support.net import free_port
+from tests.support.server import REPO, ServeProcess, ServerProcess
+from tests.support.storage import create_database, mariadb, mariadb_exec
 
-# NOTE: the first test's setup may build llama-server (minutes, once; .ci/run builds it beforehand).
+# the first test's setup may build llama-server (minutes, once; .ci/run builds it beforehand).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 SECRET = "engine-secret-" + uuid.uuid4().hex
@@ -55,56 +56,20 @@ def _llama_server_binary() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-class LlamaServer:
+class LlamaServer(ServerProcess):
+    """llama.cpp's `llama-server` on a free port with the test model; started on construction."""
+
     def __init__(self, binary: str, log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "-m",
-                str(default_model_path()),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "-c",
-                "2048",
-                "-np",
-                "2",
-                "-t",
-                "1",
-                "--alias",
-                LLAMA_MODEL_NAME,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("wb"),
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("llama-server did not come up")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        command = [binary, "-m", str(default_model_path()), "--host", "127.0.0.1", "--port", str(self.port)]
+        options = ["-c", "2048", "-np", "2", "-t", "1", "--alias", LLAMA_MODEL_NAME]
+        super().__init__([*command, *options], ready_url=f"{self.url}/health", log_path=log, stdout=False)
+        self.start()
 
 
 def _engine(data_dir: Path, port: int | None = None) -> ServeProcess:
-    engine = ServeProcess(data_dir, args=("--role", "engine"), **ENGINE_ENV)
-    if port is not None:
-        engine.port, engine.url = port, f"http://127.0.0.1:{port}"
-    return engine.__enter__()
+    return ServeProcess(data_dir, args=("--role", "engine"), port=port, **ENGINE_ENV).__enter__()
 
 
 @dataclass
@@ -147,8 +112,8 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("pool")
-    database = f"ds_test_gateway_{uuid.uuid4().hex[:10]}"
-    asyncio.run(mariadb_exec(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+    redis = redis_url()
+    database = asyncio.run(create_database("ds_test_gateway"))
     prefix = unique_prefix()
     binary = _llama_server_binary()
     started: list[Any] = []
@@ -170,9 +135,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "DS_UPSTREAMS": str(upstreams),
             "DS_ENGINE_SECRET": SECRET,
             "DS_LOG_LEVEL": "warning",
-            "DS_DATABASE_URL": f"mysql+asyncmy://root@{MARIADB_HOST}:{MARIADB_PORT}/{database}",
+            "DS_DATABASE_URL": mariadb().url(database),
             "DS_DB_AUTO_MIGRATE": "true",
-            "DS_REDIS_URL": SHARED_REDIS_URL,
+            "DS_REDIS_URL": redis,
             "DS_REDIS_KEY_PREFIX": prefix,
             "DS_AUTH": "on",
             "DS_ADMIN_KEY": admin_key,
@@ -196,8 +161,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for proc in reversed(started):
             proc.__exit__(None, None, None)
         if "llama" in locals():
-            llama.stop()
-        delete_prefix(SHARED_REDIS_URL, prefix)
+            llama.kill()
+        delete_prefix(redis, prefix)
         asyncio.run(mariadb_exec(f"DROP DATABASE IF EXISTS `{database}`"))
 
 

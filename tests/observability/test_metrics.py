@@ -31,8 +31,7 @@ from deepseek_serve.observability.metrics import (
 )
 from deepseek_serve.storage.runtime import Storage
 from tests.support.settings import make_settings
-
-MARIADB_URL = "mysql+asyncmy://root@127.0.0.1:3306/test"
+from tests.support.storage import mariadb
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -187,7 +186,9 @@ def test_redis_breaker_state_is_exported_from_the_cache_layer(settings: Settings
 async def test_database_pool_usage_is_read_from_the_real_pool(settings: Settings) -> None:
     from sqlalchemy import text
 
-    db_settings = make_settings(settings.data_dir, database_url=MARIADB_URL, db_pool_size=3, db_max_overflow=2)
+    db_settings = make_settings(
+        settings.data_dir, database_url=mariadb().url("test"), db_pool_size=3, db_max_overflow=2
+    )
     storage = Storage(db_settings)
     try:
         async with storage.engine.connect() as c1, storage.engine.connect() as c2:

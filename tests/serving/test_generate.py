@@ -9,7 +9,6 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import make_settings
 
 from deepseek_serve.contracts import Principal
 from deepseek_serve.engine.types import SamplingParams
@@ -17,6 +16,7 @@ from deepseek_serve.observability.metrics import PrometheusMetrics
 from deepseek_serve.serving.generate import serve_generation
 from deepseek_serve.serving.plan import GenerationPlan, PromptInput
 from deepseek_serve.serving.services import Services
+from tests.support.settings import make_settings
 
 MODEL = "test-model"
 

@@ -17,6 +17,7 @@ from deepseek_serve.api.app import create_app
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.storage import Storage
 from deepseek_serve.storage.keys import generate_secret
+from tests.support.api import asgi_client
 from tests.support.settings import make_settings
 from tests.support.storage import BACKENDS, database_url
 
@@ -43,10 +44,7 @@ async def api(
         )
         app = create_app(settings, engine)
         MODEL["id"] = engine.model_info.id
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as client,
-        ):
+        async with asgi_client(app) as client:
             yield client, app.state.services.extras["storage"]
 
 

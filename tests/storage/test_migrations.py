@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from deepseek_serve.storage import migrate
 from deepseek_serve.storage.db import create_db_engine
 from deepseek_serve.storage.models import Base
-from tests.support.storage import BACKENDS, MARIADB_HOST, MARIADB_PORT, database_url, mariadb_exec, storage_settings
+from tests.support.storage import BACKENDS, database_url, mariadb, mariadb_exec, storage_settings
 
 REPO = Path(__file__).resolve().parents[2]
 APP_TABLES = {"api_keys", "usage_records", "conversations", "messages"}
@@ -167,7 +167,7 @@ def test_cli_reports_unreachable_database_without_traceback(tmp_path: Path) -> N
 
 def _mysql_root(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["mysql", "-uroot", f"-h{MARIADB_HOST}", f"-P{MARIADB_PORT}", *args],
+        [*mariadb().mysql_args(), *args],
         input=stdin,
         text=True,
         capture_output=True,
@@ -195,7 +195,8 @@ async def test_init_sql_least_privilege_user_can_migrate_and_serve(tmp_path: Pat
         text_grants = grants.stdout
         assert "ALL PRIVILEGES" not in text_grants and "GRANT OPTION" not in text_grants
         assert re.search(rf"ON `{database}`\.\*", text_grants)
-        url = f"mysql+asyncmy://{user}:{password}@{MARIADB_HOST}:{MARIADB_PORT}/{database}"
+        db = mariadb()
+        url = f"mysql+asyncmy://{user}:{password}@{db.host}:{db.port}/{database}"
         engine = create_db_engine(storage_settings(tmp_path, url), url=url)
         try:
             await migrate.upgrade(engine)  # the app user can run the migrations ...

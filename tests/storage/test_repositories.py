@@ -22,7 +22,8 @@ from deepseek_serve.storage.models import ApiKey, Conversation, Message, UsageRe
 from deepseek_serve.storage.retention import parse_duration, purge
 from deepseek_serve.storage.runtime import StorageStartError
 from deepseek_serve.storage.usage import event_to_row
-from tests.support.storage import BACKENDS, database_url, free_port, storage_settings
+from tests.support.net import free_port
+from tests.support.storage import BACKENDS, database_url, storage_settings
 
 
 @pytest_asyncio.fixture(scope="module", params=BACKENDS)

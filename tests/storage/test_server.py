@@ -3,10 +3,7 @@ of requests: every request is answered and every one is accounted for (rows == r
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +12,8 @@ import pytest
 from openai import OpenAI
 
 from deepseek_serve.storage.keys import generate_secret
-from tests.support.storage import PrivateMariaDB, free_port
+from tests.support.server import ServeProcess
+from tests.support.storage import PrivateMariaDB
 
 pytestmark = pytest.mark.slow
 
@@ -42,52 +40,28 @@ def test_zero_usage_records_lost_when_mariadb_dies_under_load(tmp_path: Path) ->
     db = PrivateMariaDB(tmp_path / "mariadb")
     db.install()
     db.start()
-    server: subprocess.Popen[bytes] | None = None
+    server: ServeProcess | None = None
     try:
         subprocess.run(
             ["mysql", "-uroot", "-h127.0.0.1", f"-P{db.port}", "-e", "CREATE DATABASE app CHARACTER SET utf8mb4"],
             check=True,
             timeout=30,
         )
-        port, admin_key = free_port(), generate_secret()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DS_")}
-        env.update(
-            {
-                "DS_DATA_DIR": str(tmp_path / "data"),
-                "DS_DATABASE_URL": db.url("app"),
-                "DS_DB_AUTO_MIGRATE": "true",
-                "DS_AUTH": "on",
-                "DS_ADMIN_KEY": admin_key,
-                "DS_USAGE_FLUSH_INTERVAL_S": "0.2",
-                "DS_DB_CONNECT_TIMEOUT_S": "1",
-                "DS_REDIS_URL": "",
-                "DS_RESPONSE_CACHE": "false",
-                "DS_MAX_BATCH_SIZE": "4",
-                "DS_CONTEXT_LENGTH": "2048",
-                "DS_N_THREADS": "1",
-                "DS_LOG_LEVEL": "warning",
-                "DS_MODEL": "smollm2-135m-instruct",
-            }
+        admin_key = generate_secret()
+        server = ServeProcess(
+            tmp_path / "data",
+            DS_DATABASE_URL=db.url("app"),
+            DS_DB_AUTO_MIGRATE="true",
+            DS_AUTH="on",
+            DS_ADMIN_KEY=admin_key,
+            DS_USAGE_FLUSH_INTERVAL_S="0.2",
+            DS_DB_CONNECT_TIMEOUT_S="1",
+            DS_REDIS_URL="",
+            DS_RESPONSE_CACHE="false",
+            DS_LOG_LEVEL="warning",
         )
-        log = (tmp_path / "server.log").open("wb")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "deepseek_serve", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server not ready"
-            time.sleep(0.3)
+        server.start()
+        base = server.url
 
         created = httpx.post(
             f"{base}/admin/keys", json={"name": "load"}, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30
@@ -115,13 +89,8 @@ def test_zero_usage_records_lost_when_mariadb_dies_under_load(tmp_path: Path) ->
         time.sleep(0.5)
         assert _count(db.port) == REQUESTS  # and no duplicates from the replay
         assert set(_query(db.port, "SELECT request_id FROM usage_records")) == set(ids)
-        log_text = (tmp_path / "server.log").read_text(errors="replace")
-        assert "spooling" in log_text  # the outage really sent records through the spool
+        assert "spooling" in server.stderr()  # the outage really sent records through the spool
     finally:
-        if server is not None and server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+        if server is not None:
+            server.stop()
         db.stop()

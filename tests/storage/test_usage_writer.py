@@ -21,7 +21,8 @@ from deepseek_serve.storage.models import UsageRecord
 from deepseek_serve.storage.spool import Spool
 from deepseek_serve.storage.usage import UsageRepository, event_to_row
 from deepseek_serve.storage.writer import UsageWriter
-from tests.support.storage import BACKENDS, PrivateMariaDB, database_url, free_port, storage_settings
+from tests.support.net import free_port
+from tests.support.storage import BACKENDS, PrivateMariaDB, database_url, storage_settings
 
 
 def event(request_id: str, key_id: int | None = 1) -> UsageEvent:

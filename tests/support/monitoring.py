@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support.server import ServeProcess, free_port
+from tests.support.net import free_port
+from tests.support.server import ServeProcess, ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "deploy" / "monitoring"
@@ -40,50 +37,24 @@ class AppServer(ServeProcess):
 
 
 # --- a real Prometheus --------------------------------------------------------------------------------
-class PrometheusServer:
-    """Debian's `prometheus` on a free port with a tmp storage folder."""
+class PrometheusServer(ServerProcess):
+    """Debian's `prometheus` on a free port with a tmp storage folder and the given configuration."""
 
     def __init__(self, workdir: Path, config: str) -> None:
-        self.binary = require_tool("prometheus")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
-        self.config = config
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> PrometheusServer:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "prometheus.yml"
-        config.write_text(self.config)
-        log = (self.workdir / "prometheus.log").open("wb")
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError((self.workdir / "prometheus.log").read_text()[-3000:])
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("prometheus not ready in 60s")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_path = workdir / "prometheus.yml"
+        config_path.write_text(config)
+        command = [
+            require_tool("prometheus"),
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
+        super().__init__(command, ready_url=f"{self.url}/-/ready", log_path=workdir / "prometheus.log", timeout_s=60)
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         body = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10).json()

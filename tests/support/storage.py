@@ -1,37 +1,90 @@
-"""Helpers for the storage tests: a private database per module on the shared MariaDB, or SQLite.
+"""Helpers for the storage tests: the MariaDB the tests use (`mariadb()`), a private database per
+module on it or on SQLite, and a private mariadbd that a test may kill.
 
-NOTE: databases are named `ds_test_storage_<random>` and dropped afterwards, so tests never touch
-other processes' data on the shared server.
+Databases are named `ds_test_storage_<random>` and dropped afterwards, so tests never touch other
+processes' data on a shared server.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import socket
+import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from deepseek_serve.config import Settings, load_settings
+from tests.support.net import free_port, port_open, wait_for_port
+from tests.support.services import installed, on_session_end, require, skip
 
+# The shared server the tests use when it answers (root, no password).
 MARIADB_HOST = os.environ.get("DS_TEST_MARIADB_HOST", "127.0.0.1")
 MARIADB_PORT = int(os.environ.get("DS_TEST_MARIADB_PORT", "3306"))
-MARIADB_ROOT = f"mysql+asyncmy://root@{MARIADB_HOST}:{MARIADB_PORT}/"
 BACKENDS = ("sqlite", "mariadb")
+MARIADB_PACKAGE = "mariadb-server"
+
+
+@dataclass(frozen=True)
+class MariaDB:
+    """Address of a MariaDB server that answers, reached as root without a password."""
+
+    host: str
+    port: int
+
+    def url(self, database: str = "") -> str:
+        return f"mysql+asyncmy://root@{self.host}:{self.port}/{database}"
+
+    def mysql_args(self) -> list[str]:
+        """The `mysql` client's arguments that reach this server as root."""
+        return ["mysql", "-uroot", f"-h{self.host}", f"-P{self.port}"]
+
+
+_mariadb: MariaDB | None = None
+_mariadb_error: BaseException | None = None
+
+
+def mariadb() -> MariaDB:
+    """The MariaDB for this session: the shared one on DS_TEST_MARIADB_HOST:DS_TEST_MARIADB_PORT
+    (127.0.0.1:3306) when it accepts connections, else a throwaway mariadbd started once (stopped
+    when the session ends); skips the test when neither is possible."""
+    global _mariadb, _mariadb_error
+    if _mariadb is not None:
+        return _mariadb
+    if _mariadb_error is not None:
+        raise _mariadb_error
+    if port_open(MARIADB_HOST, MARIADB_PORT):
+        _mariadb = MariaDB(MARIADB_HOST, MARIADB_PORT)
+        return _mariadb
+    if installed("mariadbd") is None or installed("mariadb-install-db") is None:
+        skip(
+            f"MariaDB not running on {MARIADB_HOST}:{MARIADB_PORT} and mariadbd not installed: "
+            f"apt-get install {MARIADB_PACKAGE}, or set DS_TEST_MARIADB_HOST/DS_TEST_MARIADB_PORT"
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="ds-test-mariadb-"))
+    server = PrivateMariaDB(workdir)
+    on_session_end(lambda: (server.stop(), shutil.rmtree(workdir, ignore_errors=True)))
+    try:
+        server.install()
+        server.start(init_sql="CREATE DATABASE IF NOT EXISTS test;\n")  # as the shared server has
+    except BaseException as exc:
+        _mariadb_error = exc
+        raise
+    _mariadb = MariaDB("127.0.0.1", server.port)
+    return _mariadb
 
 
 def storage_settings(data_dir: Path, url: str, **overrides: object) -> Settings:
-    # NOTE: _env_file=None: a developer's .env never leaks into tests.
     base: dict[str, object] = {
-        "_env_file": None,
+        "_env_file": None,  # a developer's .env never leaks into tests
         "data_dir": data_dir,
         "database_url": url,
         "usage_flush_interval_s": 0.05,
@@ -43,7 +96,8 @@ def storage_settings(data_dir: Path, url: str, **overrides: object) -> Settings:
 
 
 async def mariadb_exec(*statements: str) -> None:
-    engine = create_async_engine(MARIADB_ROOT, pool_size=1)
+    """Runs `statements` as root on `mariadb()` (no database selected)."""
+    engine = create_async_engine(mariadb().url(), pool_size=1)
     try:
         async with engine.begin() as conn:
             for stmt in statements:
@@ -52,16 +106,22 @@ async def mariadb_exec(*statements: str) -> None:
         await engine.dispose()
 
 
+async def create_database(prefix: str = "ds_test_storage") -> str:
+    """A new empty utf8mb4 database on `mariadb()`; returns its name (`<prefix>_<random>`)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    await mariadb_exec(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+    return name
+
+
 @asynccontextmanager
 async def database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
     """An empty database of the given backend; removed on exit."""
     if backend == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / f'test-{uuid.uuid4().hex[:8]}.db'}"
         return
-    name = f"ds_test_storage_{uuid.uuid4().hex[:10]}"
-    await mariadb_exec(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+    name = await create_database()
     try:
-        yield f"mysql+asyncmy://root@{MARIADB_HOST}:{MARIADB_PORT}/{name}"
+        yield mariadb().url(name)
     finally:
         await wait_for_mariadb(30.0)
         await mariadb_exec(f"DROP DATABASE IF EXISTS `{name}`")
@@ -80,21 +140,17 @@ async def wait_for_mariadb(timeout_s: float) -> None:
     deadline = loop.time() + timeout_s
     while not await mariadb_answers():
         if loop.time() > deadline:
-            raise TimeoutError(f"MariaDB on {MARIADB_HOST}:{MARIADB_PORT} did not answer in {timeout_s}s")
+            db = mariadb()
+            raise TimeoutError(f"MariaDB on {db.host}:{db.port} did not answer in {timeout_s}s")
         await asyncio.sleep(0.2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrivateMariaDB:
     """A mariadbd of our own (own datadir, free loopback port) that a test may kill and restart.
 
-    NOTE: the outage tests kill this one, never the shared server on 3306 other processes' tests use.
-    It is the same MariaDB binary, reached over TCP like any other.
+    The outage tests kill this one, never a shared server that other processes' tests use. It is
+    the same MariaDB binary, reached over TCP like any other. Skips the test when mariadbd is not
+    installed.
     """
 
     def __init__(self, workdir: Path) -> None:
@@ -107,10 +163,11 @@ class PrivateMariaDB:
         return f"mysql+asyncmy://root@127.0.0.1:{self.port}/{database}"
 
     def install(self) -> None:
+        require("mariadbd", MARIADB_PACKAGE)
         self.datadir.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [
-                "mariadb-install-db",
+                require("mariadb-install-db", MARIADB_PACKAGE),
                 "--no-defaults",
                 f"--datadir={self.datadir}",
                 "--user=root",
@@ -123,34 +180,41 @@ class PrivateMariaDB:
             timeout=120,
         )
 
-    def start(self, timeout_s: float = 60.0) -> None:
-        log = (self.workdir / "mariadb.log").open("ab")
-        self.proc = subprocess.Popen(
-            [
-                "mariadbd",
-                "--no-defaults",
-                f"--datadir={self.datadir}",
-                "--user=root",
-                f"--socket={self.workdir / 'mysqld.sock'}",
-                f"--port={self.port}",
-                "--bind-address=127.0.0.1",
-                "--innodb-buffer-pool-size=16M",
-                "--skip-log-bin",
-                "--skip-name-resolve",
-                "--character-set-server=utf8mb4",
-                "--collation-server=utf8mb4_unicode_ci",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    def start(self, timeout_s: float = 60.0, init_sql: str = "") -> None:
+        """Starts mariadbd (running `init_sql` first) and waits until it listens."""
+        log_path = self.workdir / "mariadb.log"
+        init = []
+        if init_sql:
+            init_file = self.workdir / "init.sql"
+            init_file.write_text(init_sql)
+            init = [f"--init-file={init_file}"]
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    require("mariadbd", MARIADB_PACKAGE),
+                    "--no-defaults",
+                    f"--datadir={self.datadir}",
+                    "--user=root",
+                    f"--socket={self.workdir / 'mysqld.sock'}",
+                    f"--port={self.port}",
+                    "--bind-address=127.0.0.1",
+                    "--innodb-buffer-pool-size=16M",
+                    "--skip-log-bin",
+                    "--skip-name-resolve",
+                    "--character-set-server=utf8mb4",
+                    "--collation-server=utf8mb4_unicode_ci",
+                    *init,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError((self.workdir / "mariadb.log").read_text(errors="replace")[-3000:])
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                raise RuntimeError(log_path.read_text(errors="replace")[-3000:])
+            if wait_for_port("127.0.0.1", self.port, 0.1):
                 return
-            time.sleep(0.1)
         raise RuntimeError("private mariadbd did not listen in time")
 
     def kill(self) -> None:

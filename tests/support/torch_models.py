@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +106,18 @@ def smollm2_checkpoint(config: pytest.Config) -> Path:
         gguf_to_hf(gguf, out)
         (out / "done").write_text("ok")
     return out
+
+
+def run_triton_check(script: Path, *args: str, passed: str) -> None:
+    """Runs a kernel check script in a child process and asserts it printed `passed`.
+
+    Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be switched on
+    (TRITON_INTERPRET=1) before `triton` is first imported: hence the child process. The script's
+    folder comes first on its PYTHONPATH, then this process's sys.path.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), *sys.path])}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert passed in proc.stdout

@@ -3,25 +3,16 @@ SmolLM2 weights dequantized into a Hugging Face folder."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams
 from tests.support.settings import make_settings
 from tests.support.torch_models import smollm2_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The CI box is shared; more torch threads only contend. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ folder is cached in pytest's cache directory (the first conversion takes minutes
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,14 +30,7 @@ from tests.support.runner_driver import run_to_completion
 from tests.support.torch_models import smollm2_checkpoint
 from tests.support.torch_scoring import full_logits, score
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The CI box is shared; more torch threads only contend. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PROMPTS = [

@@ -7,30 +7,15 @@ on before `triton` is first imported). Needs the `triton` package (CUDA builds o
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.support.torch_models import R1_32B_OLD, tiny_checkpoint
+from tests.support.torch_models import R1_32B_OLD, run_triton_check, tiny_checkpoint
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
 
 def test_quant_kernels_and_quantized_decode_step(tmp_path: Path) -> None:
     path, _ = tiny_checkpoint(tmp_path / "qwen2", R1_32B_OLD, vocab_size=256)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("quant_kernels_check.py")), str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "quant kernel checks passed" in proc.stdout
+    run_triton_check(Path(__file__).with_name("quant_kernels_check.py"), str(path), passed="quant kernel checks passed")

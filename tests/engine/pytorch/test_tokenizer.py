@@ -12,6 +12,7 @@ import pytest
 
 from deepseek_serve.engine.chat_template import ChatTemplate
 from deepseek_serve.engine.runners.pytorch.tokenizer import HFTokenizer, read_chat_template
+from tests.support.engine import is_valid_utf8
 from tests.support.torch_models import CODER, R1_15B_NEW, R1_32B_OLD, need_fixtures
 
 TEXTS = [
@@ -55,16 +56,8 @@ def test_token_bytes_reassemble_text_exactly(coder: HFTokenizer) -> None:
 def test_multibyte_characters_split_across_tokens(coder: HFTokenizer) -> None:
     ids = coder.encode("🤖", add_special_tokens=False)
     pieces = [coder.token_bytes(i) for i in ids]
-    assert len(ids) > 1 and any(not _valid_utf8(p) for p in pieces)  # raw bytes, not replacement chars
+    assert len(ids) > 1 and any(not is_valid_utf8(p) for p in pieces)  # raw bytes, not replacement chars
     assert b"".join(pieces) == "🤖".encode()
-
-
-def _valid_utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 def test_special_tokens_and_eos_ids(coder: HFTokenizer) -> None:
