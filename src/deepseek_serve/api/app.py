@@ -170,7 +170,7 @@ def routers_for(role: str, routers: list[APIRouter]) -> list[APIRouter]:
         keep = {id(r) for r in (health.router, models.router, chat.router, completions.router, metrics.router)}
         return [r for r in routers if id(r) in keep] + [load_router]
     if role == "gateway":
-        from deepseek_serve.gateway.routes import router as upstreams_router
+        from deepseek_serve.api.routes.upstreams import router as upstreams_router
 
         return [*routers, upstreams_router]
     return list(routers)
