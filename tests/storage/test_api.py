@@ -261,3 +261,19 @@ async def test_conversations_through_chat_and_ownership(api: tuple[httpx.AsyncCl
         "invalid_request_error",
         "conversation_not_found",
     )
+
+
+async def test_conversation_writes_count_against_the_key_rate_limit(api: tuple[httpx.AsyncClient, Storage]) -> None:
+    """Creating conversations goes through the key's rate limit like a completion: past `rpm_limit`
+    the write is refused with the same 429 (OpenAI error shape, Retry-After, x-ratelimit-* headers)."""
+    client, _ = api
+    key = (await new_key(client, "two-per-minute", rpm_limit=2))["key"]
+    statuses = []
+    for _ in range(3):
+        response = await client.post("/v1/conversations", headers=bearer(key), json={})
+        statuses.append(response.status_code)
+    assert statuses == [200, 200, 429]
+    error = assert_error(response, 429, "rate_limit_error", "rate_limit_exceeded")
+    assert error["message"].startswith("Rate limit reached")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert response.headers["x-ratelimit-limit-requests"] == "2"

@@ -98,11 +98,7 @@ class RequestAccounting:
         decision = await limiter.admit(self.principal, self.reserve_tokens())
         if not decision.allowed:
             self.reject("rate_limited")
-            raise RateLimitError(
-                "Rate limit reached for requests or tokens. Retry after the indicated time.",
-                decision.retry_after_s,
-                headers=decision.headers(),
-            )
+            raise RateLimitError.refused(decision)
         self.decision = decision
 
     def reject(self, reason: str) -> None:

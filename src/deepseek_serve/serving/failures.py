@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepseek_serve.engine.errors import (
     ContextLengthError,
@@ -23,6 +23,9 @@ from deepseek_serve.engine.errors import (
     InvalidRequestError,
     QueueFullError,
 )
+
+if TYPE_CHECKING:
+    from deepseek_serve.contracts import RateLimitDecision
 
 # Retry-After of a 503 whose cause passes on its own (engine stopping or restarting, key store unreachable)
 UNAVAILABLE_RETRY_AFTER_S = 5.0
@@ -85,6 +88,15 @@ class RateLimitError(ApiError):
         merged["Retry-After"] = str(max(1, math.ceil(retry_after_s or 1.0)))
         super().__init__(
             429, message, "rate_limit_error" if code != "queue_full" else "server_overloaded", None, code, merged
+        )
+
+    @classmethod
+    def refused(cls, decision: RateLimitDecision) -> RateLimitError:
+        """The 429 for a request the rate limiter refused: its retry time and x-ratelimit-* headers."""
+        return cls(
+            "Rate limit reached for requests or tokens. Retry after the indicated time.",
+            decision.retry_after_s,
+            headers=decision.headers(),
         )
 
 

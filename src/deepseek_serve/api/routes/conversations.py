@@ -77,11 +77,7 @@ async def count_write(services: Services, principal: Principal, response: Respon
     if not decision.allowed:
         if services.metrics is not None:
             services.metrics.rejected("rate_limited")
-        raise RateLimitError(
-            "Rate limit reached for requests or tokens. Retry after the indicated time.",
-            decision.retry_after_s,
-            headers=decision.headers(),
-        )
+        raise RateLimitError.refused(decision)
     response.headers.update(decision.headers())
 
 
