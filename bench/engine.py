@@ -124,10 +124,12 @@ async def main() -> None:
     args = ap.parse_args()
     threads = args.threads or physical_cores()
     levels = [int(c) for c in args.concurrency.split(",")]
-    settings = load_settings(
-        _env_file=None, model=args.model, n_threads=threads, max_batch_size=max(levels), context_length=8192
-    )
+    # the engine and the baseline load the same file (without --model: the SmolLM2 GGUF, not the
+    # settings' default model)
     model_path = Path(args.model) if args.model else default_model_path()
+    settings = load_settings(
+        _env_file=None, model=str(model_path), n_threads=threads, max_batch_size=max(levels), context_length=8192
+    )
 
     # create_completion stops at EOS; rates are per generated token either way.
     plain = ProcessPoolExecutor(
