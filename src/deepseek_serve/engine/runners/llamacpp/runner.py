@@ -188,7 +188,7 @@ class LlamaCppRunner(Runner):
         samplers = self._slots.slots[seq.slot].samplers
         if samplers is None:
             raise RuntimeError("the sequence has no sampler")
-        return self._sampler.sample(samplers, seq.params, idx)
+        return self._sampler.sample(samplers, seq.params, idx, seq.output_token_ids)
 
     def close(self) -> None:
         if getattr(self, "_open", False):
