@@ -126,6 +126,28 @@ class RateLimiter(Protocol):
         ...
 
 
+class AuthThrottle(Protocol):
+    """Failed authentications per client address (api/access.py asks before it looks a key up)."""
+
+    async def retry_after(self, address: str) -> float | None:
+        """Seconds until `address` may try again, or None when it may try now."""
+        ...
+
+    async def record_failure(self, address: str) -> None: ...
+
+
+class ConcurrencyGate(Protocol):
+    """In-flight requests per API key, at most `limit` each (0 = no limit)."""
+
+    limit: int
+
+    async def try_acquire(self, key_id: int) -> Any | None:
+        """A lease to hand back to `release`, or None when the key is at its limit."""
+        ...
+
+    async def release(self, lease: Any) -> None: ...
+
+
 class ResponseCache(Protocol):
     async def get(self, key: str) -> bytes | None: ...
 

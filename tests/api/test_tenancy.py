@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 from openai import OpenAI
 
-from deepseek_serve.api.access import AuthFailureThrottle, client_address
+from deepseek_serve.api.access import client_address
 from deepseek_serve.api.app import create_app
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.storage import Storage
@@ -68,31 +68,48 @@ class Server(ServeProcess):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def shared_env() -> Iterator[dict[str, str]]:
+    """One database and one Redis key prefix, for the server and its twin."""
     redis = redis_url()
     database = asyncio.run(create_database())
     prefix = unique_prefix()
     try:
-        with Server(
-            tmp_path_factory.mktemp("tenancy"),
-            ready_path="/health/live",
-            timeout_s=180,
-            DS_AUTH="on",
-            DS_ADMIN_KEY=ADMIN_KEY,
-            DS_DB_AUTO_MIGRATE="true",
-            DS_DATABASE_URL=mariadb().url(database),
-            DS_REDIS_URL=redis,
-            DS_REDIS_KEY_PREFIX=prefix,
-            DS_USAGE_FLUSH_INTERVAL_S="0.1",
-            DS_AUTH_FAILURES_PER_MIN=str(FAILURES_PER_MIN),
-            DS_MAX_CONCURRENT_PER_KEY=str(CONCURRENT_PER_KEY),
-            DS_LOG_LEVEL="info",
-        ) as proc:
-            proc.database = database
-            yield proc
+        yield {
+            "DS_AUTH": "on",
+            "DS_ADMIN_KEY": ADMIN_KEY,
+            "DS_DB_AUTO_MIGRATE": "true",
+            "DS_DATABASE_URL": mariadb().url(database),
+            "DS_REDIS_URL": redis,
+            "DS_REDIS_KEY_PREFIX": prefix,
+            "DS_USAGE_FLUSH_INTERVAL_S": "0.1",
+            "DS_AUTH_FAILURES_PER_MIN": str(FAILURES_PER_MIN),
+            "DS_MAX_CONCURRENT_PER_KEY": str(CONCURRENT_PER_KEY),
+            "DS_LOG_LEVEL": "info",
+            "database": database,
+        }
     finally:
         delete_prefix(redis, prefix)
         asyncio.run(mariadb_exec(f"DROP DATABASE IF EXISTS `{database}`"))
+
+
+def _start(tmp_path_factory: pytest.TempPathFactory, name: str, shared_env: dict[str, str]) -> Server:
+    env = {k: v for k, v in shared_env.items() if k.startswith("DS_")}
+    proc = Server(tmp_path_factory.mktemp(name), ready_path="/health/live", timeout_s=180, **env)
+    proc.database = shared_env["database"]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, shared_env: dict[str, str]) -> Iterator[Server]:
+    with _start(tmp_path_factory, "tenancy", shared_env) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory: pytest.TempPathFactory, shared_env: dict[str, str], server: Server) -> Iterator[Server]:
+    """A second server process on the same database and Redis (a second worker or replica)."""
+    with _start(tmp_path_factory, "tenancy-twin", shared_env) as proc:
+        yield proc
 
 
 def model_of(server: Server) -> str:
@@ -275,6 +292,49 @@ def test_per_key_concurrency_cap(server: Server) -> None:
             time.sleep(0.2)
 
 
+def test_two_processes_share_the_throttle_and_the_concurrency_cap(server: Server, twin: Server) -> None:
+    address = "203.0.113.20"
+
+    def models(secret: str) -> str:
+        return f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\nConnection: close\r\n"
+
+    for proc in (server, twin, server, twin, server):  # FAILURES_PER_MIN failures, spread over both
+        assert raw_request(proc, models(generate_secret()), address)[0] == 401
+    valid = server.new_key()
+    for proc in (server, twin):
+        status, text, _ = raw_request(proc, models(valid), address)
+        assert status == 429 and '"code":"too_many_auth_failures"' in text, text
+
+    model = model_of(server)
+    streams = [
+        server.client(valid).chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Write a long story."}],
+            max_tokens=400,
+            temperature=0.7,
+            stream=True,
+        )
+        for _ in range(CONCURRENT_PER_KEY)
+    ]
+    try:
+        for stream in streams:
+            next(iter(stream))  # both are running, on the first process
+        with pytest.raises(openai.RateLimitError) as refused:
+            ask(twin.client(valid), model, "One more, on the other process.")
+        assert refused.value.code == "concurrency_limit_exceeded"
+    finally:
+        for stream in streams:
+            stream.close()
+    deadline = time.monotonic() + 10
+    while True:  # released once the first process has seen the disconnects
+        try:
+            ask(twin.client(valid), model, "Now there is room.")
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
 def test_conversation_writes_count_against_the_keys_limits(server: Server) -> None:
     secret = server.new_key(rpm_limit=2)
     auth = {"Authorization": f"Bearer {secret}"}
@@ -349,21 +409,6 @@ async def test_unknown_keys_cannot_evict_valid_keys_from_the_cache(tmp_path: Pat
         assert repo.lookups == before  # a recent unknown key is cached too (no query per retry)
     finally:
         await storage.close()
-
-
-def test_auth_failure_throttle_refills_and_is_bounded() -> None:
-    now = [0.0]
-    throttle = AuthFailureThrottle(6, max_addresses=3, clock=lambda: now[0])
-    for _ in range(6):
-        assert throttle.retry_after("a") is None
-        throttle.record_failure("a")
-    wait = throttle.retry_after("a")
-    assert wait is not None and 9.9 < wait <= 10.0  # one failure refills in 60/6 s
-    now[0] += 10.0
-    assert throttle.retry_after("a") is None
-    for address in ("b", "c", "d"):
-        throttle.record_failure(address)
-    assert throttle.retry_after("a") is None and len(throttle._buckets) == 3
 
 
 def test_client_address_groups_ipv6_by_64() -> None:

@@ -16,23 +16,22 @@ parsed or validated (FastAPI reads the body before it resolves dependencies). In
 
 The principal goes into `scope["state"]["principal"]`, where `api/deps.py:get_principal` finds it.
 A refusal of a request that carries a body closes the connection, so the unread body is dropped.
-Both counters are per process (with N workers an address or a key gets up to N times as much).
+Both counters live in Redis when `DS_REDIS_URL` is set, so every worker and replica shares one
+budget, and in this process otherwise or while Redis is down (cache/guards.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deepseek_serve.api.error_handlers import error_response
+from deepseek_serve.cache.guards import AuthThrottle, KeyConcurrency, LocalAuthThrottle
 from deepseek_serve.config import Settings
-from deepseek_serve.contracts import Principal
+from deepseek_serve.contracts import AuthThrottle as Throttle
+from deepseek_serve.contracts import ConcurrencyGate, Principal
 from deepseek_serve.observability.logs import bind_log_fields
 from deepseek_serve.serving.failures import ApiError, AuthError, PermissionDeniedError, RateLimitError
 from deepseek_serve.serving.services import Services
@@ -66,81 +65,6 @@ def client_address(scope: Scope) -> str:
     return host
 
 
-@dataclass
-class _Bucket:
-    level: float
-    updated: float
-
-
-class AuthFailureThrottle:
-    """A token bucket of failed authentications per client address: capacity `per_min`, refilled
-    at `per_min / 60` a second. Addresses are kept LRU, at most `max_addresses` of them, so memory
-    stays bounded whatever addresses an attacker uses (an evicted address starts afresh)."""
-
-    def __init__(
-        self, per_min: int, *, max_addresses: int = 10_000, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.capacity = float(per_min)
-        self.rate = per_min / 60.0
-        self.max_addresses = max_addresses
-        self._clock = clock
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
-
-    def _refilled(self, address: str) -> _Bucket | None:
-        bucket = self._buckets.get(address)
-        if bucket is None:
-            return None
-        now = self._clock()
-        bucket.level = min(self.capacity, bucket.level + (now - bucket.updated) * self.rate)
-        bucket.updated = now
-        if bucket.level >= self.capacity:
-            del self._buckets[address]  # full again: nothing to remember
-            return None
-        return bucket
-
-    def retry_after(self, address: str) -> float | None:
-        """Seconds until `address` may try again, or None when it may try now."""
-        bucket = self._refilled(address)
-        if bucket is None or bucket.level >= 1.0:
-            return None
-        return (1.0 - bucket.level) / self.rate
-
-    def record_failure(self, address: str) -> None:
-        bucket = self._refilled(address)
-        if bucket is None:
-            bucket = _Bucket(self.capacity, self._clock())
-            self._buckets[address] = bucket
-            while len(self._buckets) > self.max_addresses:
-                self._buckets.popitem(last=False)
-        self._buckets.move_to_end(address)
-        bucket.level = max(bucket.level - 1.0, 0.0)
-
-
-class KeyConcurrency:
-    """In-flight requests per API key id, at most `limit` each (0 = no limit)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._in_flight: dict[int, int] = {}
-
-    def try_acquire(self, key_id: int) -> bool:
-        count = self._in_flight.get(key_id, 0)
-        if self.limit and count >= self.limit:
-            return False
-        self._in_flight[key_id] = count + 1
-        return True
-
-    def release(self, key_id: int) -> None:
-        count = self._in_flight.get(key_id, 0) - 1
-        if count > 0:
-            self._in_flight[key_id] = count
-        else:
-            self._in_flight.pop(key_id, None)
-
-    def in_flight(self, key_id: int) -> int:
-        return self._in_flight.get(key_id, 0)
-
-
 def _has_body(scope: Scope) -> bool:
     for name, value in scope["headers"]:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
@@ -159,9 +83,10 @@ class AccessMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
+        # in-process guards for an app whose services bring none (the cache layer builds shared ones)
         per_min = settings.auth_failures_per_min
-        self.throttle = AuthFailureThrottle(per_min) if per_min > 0 else None
-        self.concurrency = KeyConcurrency(settings.max_concurrent_per_key)
+        self.throttle: Throttle | None = AuthThrottle(LocalAuthThrottle(per_min)) if per_min > 0 else None
+        self.concurrency: ConcurrencyGate = KeyConcurrency(settings.max_concurrent_per_key)
 
     def _needs_key(self, scope_name: str) -> bool:
         if self.settings.auth_enabled:
@@ -188,8 +113,11 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         address = client_address(scope)
-        if self.throttle is not None:
-            wait = self.throttle.retry_after(address)
+        # the cache layer's guards when it built them (its throttle is None when the throttle is off)
+        shared_guards = services.key_concurrency is not None
+        throttle = services.auth_throttle if shared_guards else self.throttle
+        if throttle is not None:
+            wait = await throttle.retry_after(address)
             if wait is not None:
                 self._count_rejection(services)
                 await self._refuse(
@@ -206,8 +134,8 @@ class AccessMiddleware:
         try:
             principal = await services.auth.authenticate(_authorization(scope))
         except AuthError as err:
-            if self.throttle is not None:
-                self.throttle.record_failure(address)
+            if throttle is not None:
+                await throttle.record_failure(address)
             self._count_rejection(services)
             # the path is percent-decoded client input: repr() escapes control characters, and it is bounded
             logger.warning(
@@ -237,7 +165,9 @@ class AccessMiddleware:
         if key_id is None:
             await self.app(scope, receive, send)
             return
-        if not self.concurrency.try_acquire(key_id):
+        gate = services.key_concurrency or self.concurrency
+        lease = await gate.try_acquire(key_id)
+        if lease is None:
             if services.metrics is not None:
                 services.metrics.rejected("rate_limited")
             await self._refuse(
@@ -245,7 +175,7 @@ class AccessMiddleware:
                 receive,
                 send,
                 RateLimitError(
-                    f"Too many concurrent requests for this API key (the limit is {self.concurrency.limit}). "
+                    f"Too many concurrent requests for this API key (the limit is {gate.limit}). "
                     "Retry after the indicated time.",
                     1.0,
                     code="concurrency_limit_exceeded",
@@ -255,7 +185,7 @@ class AccessMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            self.concurrency.release(key_id)
+            await gate.release(lease)
 
     @staticmethod
     def _count_rejection(services: Services) -> None:

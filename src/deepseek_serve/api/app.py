@@ -61,12 +61,14 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     services.auth = ApiKeyAuthenticator(storage.key_lookup)
     services.usage = storage.writer
     services.conversations = StoredConversations(storage.conversations)
-    # --- cache: services.limiter, services.response_cache -----------------------------------------
+    # --- cache: services.limiter, response_cache, auth_throttle, key_concurrency -------------------
     from deepseek_serve.cache import build_cache_layer
 
     cache_layer = build_cache_layer(settings)
     services.limiter = cache_layer.limiter
     services.response_cache = cache_layer.response_cache
+    services.auth_throttle = cache_layer.auth_throttle
+    services.key_concurrency = cache_layer.key_concurrency
     services.extras["cache"] = cache_layer  # .breaker: the Redis circuit breaker (None without Redis)
     # --- observability: services.metrics -----------------------------------------
     metrics = PrometheusMetrics()

@@ -1,6 +1,7 @@
-"""Rate limits and the response cache: Redis when `DS_REDIS_URL` is set, in process otherwise.
+"""Rate limits, the response cache and the access guards: Redis when `DS_REDIS_URL` is set, in
+process otherwise.
 
-`build_cache_layer(settings)` returns the two services for `serving.services.Services`; each has an
+`build_cache_layer(settings)` returns the services for `serving.services.Services`; each has an
 in-process implementation of the same interface, used as the embedded default and, behind the
 circuit breaker of `RedisClient`, while Redis is slow or down.
 """
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from deepseek_serve.cache.breaker import CircuitBreaker
 from deepseek_serve.cache.client import RedisClient, RedisUnavailable
+from deepseek_serve.cache.guards import AuthThrottle, KeyConcurrency, build_guards
 from deepseek_serve.cache.limiter import (
     FailoverRateLimiter,
     LocalRateLimiter,
@@ -45,6 +47,8 @@ class CacheLayer:
     limiter: LocalRateLimiter | FailoverRateLimiter
     response_cache: LocalResponseCache | RedisResponseCache | None
     client: RedisClient | None
+    auth_throttle: AuthThrottle | None = None
+    key_concurrency: KeyConcurrency | None = None
 
     @property
     def breaker(self) -> CircuitBreaker | None:
@@ -57,18 +61,24 @@ class CacheLayer:
         return CacheState(redis_circuit_state=breaker.state_value if breaker is not None else None)
 
     async def close(self) -> None:
+        if self.key_concurrency is not None:
+            await self.key_concurrency.close()
         if self.client is not None:
             await self.client.close()
 
 
 def build_cache_layer(settings: Settings) -> CacheLayer:
-    """Build the limiter and the response cache (None when `DS_RESPONSE_CACHE=false`).
+    """Build the limiter, the response cache (None when `DS_RESPONSE_CACHE=false`) and the access
+    guards (cache/guards.py).
 
     Does no I/O: the Redis pool connects lazily, so a server starts even when Redis is down.
     """
     client = RedisClient.from_settings(settings) if settings.redis_url else None
+    throttle, concurrency = build_guards(settings, client)
     return CacheLayer(
         limiter=build_rate_limiter(settings, client),
         response_cache=build_response_cache(settings, client) if settings.response_cache else None,
         client=client,
+        auth_throttle=throttle,
+        key_concurrency=concurrency,
     )

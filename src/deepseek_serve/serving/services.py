@@ -5,7 +5,7 @@ routes reach it through `ServicesDep` (api/deps.py). Each layer fills its slots 
 implementation of a protocol from `deepseek_serve.contracts`:
 
 - storage: `auth`, `usage`, `conversations`
-- cache: `limiter`, `response_cache`
+- cache: `limiter`, `response_cache`, `auth_throttle`, `key_concurrency`
 - observability: `metrics`
 
 A slot left `None` means the feature is off; the request path works with every slot `None`.
@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from deepseek_serve.contracts import (
     Authenticator,
+    AuthThrottle,
+    ConcurrencyGate,
     ConversationStore,
     Metrics,
     RateLimiter,
@@ -39,5 +41,7 @@ class Services:
     conversations: ConversationStore | None = None
     limiter: RateLimiter | None = None
     response_cache: ResponseCache | None = None
+    auth_throttle: AuthThrottle | None = None
+    key_concurrency: ConcurrencyGate | None = None
     metrics: Metrics | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # owned resources to close (db engine, redis pool)
