@@ -23,6 +23,7 @@ from tests.support.server import ServeProcess
 from tests.support.storage import create_database, mariadb, mariadb_exec
 
 ADMIN_KEY = generate_secret()
+MAX_ITEMS = 30  # DS_MAX_MESSAGES: also the most items a conversation holds
 MODEL = "SmolLM2-135M-Instruct"
 WEATHER: dict[str, Any] = {
     "type": "function",
@@ -67,6 +68,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             DS_DB_AUTO_MIGRATE="true",
             DS_DATABASE_URL=mariadb().url(database),
             DS_RESPONSE_CACHE="false",
+            DS_MAX_MESSAGES=str(MAX_ITEMS),
         ) as proc:
             yield proc
     finally:
@@ -197,6 +199,14 @@ def test_bounds_and_nulls(server: Server, alice: OpenAI) -> None:
         alice.conversations.items.list(conv["id"], after="not-an-item")
     with pytest.raises(openai.NotFoundError):
         alice.conversations.items.retrieve("msg_x", conversation_id=conv["id"])
+    # a conversation holds at most DS_MAX_MESSAGES items
+    user = {"role": "user", "content": "x"}
+    full = alice.conversations.create(items=[user] * 20)
+    alice.conversations.items.create(full.id, items=[user] * (MAX_ITEMS - 20))
+    with pytest.raises(openai.BadRequestError) as refused:
+        alice.conversations.items.create(full.id, items=[user])
+    assert refused.value.param == "items"  # type: ignore[attr-defined]
+    assert (alice.conversations.retrieve(full.id).model_extra or {})["message_count"] == MAX_ITEMS
 
 
 def _chat(client: OpenAI, conversation: str | None, messages: list[Any], **extra: Any) -> Any:

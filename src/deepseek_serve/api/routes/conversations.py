@@ -57,13 +57,15 @@ def not_found(conversation_id: str) -> NotFoundError:
 class StoredConversations:
     """Implements contracts.ConversationStore over the conversation repository."""
 
-    def __init__(self, repo: ConversationRepository) -> None:
+    def __init__(self, repo: ConversationRepository, max_items: int) -> None:
         self.repo = repo
+        self.max_items = max_items  # settings.max_messages: a longer history is a 400 in plan_chat anyway
 
     async def history(self, principal: Principal, conversation_id: str) -> list[dict[str, Any]]:
         """The stored messages as chat-completion input; 404 (NotFoundError) if not the caller's."""
         try:
-            items = await self.repo.messages(owner_of(principal), conversation_id)
+            # one more than allowed, so the chat's check sees the history is too long
+            items = await self.repo.messages(owner_of(principal), conversation_id, limit=self.max_items + 1)
         except ConversationNotFound:
             raise not_found(conversation_id) from None
         return chat_history(items)
@@ -122,6 +124,7 @@ async def create_conversation(
 ) -> dict[str, Any]:
     """A new conversation owned by the caller, optionally with metadata and seeded with messages or items."""
     seed = stored_messages(body.messages or []) + stored_items(list(body.items or []))
+    check_item_count(services, len(seed))
     await count_write(services, principal, response, estimated_tokens(seed))
     conv = await storage.conversations.create(owner_of(principal), body.title, seed, body.metadata)
     return conv.to_dict()
@@ -194,6 +197,19 @@ async def delete_conversation(
     return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
 
+def check_item_count(services: Services, count: int) -> None:
+    """A conversation holds at most settings.max_messages items: a chat turn could not use more."""
+    limit = services.settings.max_messages
+    if count > limit:
+        raise ApiError(
+            400,
+            f"A conversation holds at most {limit} items; this would make {count}.",
+            "invalid_request_error",
+            "items",
+            "invalid_value",
+        )
+
+
 # --- items ------------------------------------------------------------------------------------------------
 def item_page(items: list[MessageInfo], has_more: bool) -> dict[str, Any]:
     data = [i.to_item() for i in items]
@@ -244,6 +260,11 @@ async def create_items(
 ) -> dict[str, Any]:
     """Append up to 20 items to one of the caller's conversations; the stored items as a list."""
     entries = stored_items(list(body.items))
+    try:
+        conv = await storage.conversations.get(owner_of(principal), conversation_id)
+    except ConversationNotFound:
+        raise not_found(conversation_id) from None
+    check_item_count(services, conv.num_messages + len(entries))
     await count_write(services, principal, response, estimated_tokens(entries))
     try:
         stored = await storage.conversations.append(owner_of(principal), conversation_id, entries)
