@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as lc
 import numpy as np
@@ -69,6 +70,33 @@ async def run(engine: AsyncEngine, streams: int, new_tokens: int, grammar: str |
 
     results = await asyncio.gather(*(one(i) for i in range(streams)))
     return sum(n for n, _ in results) / max(t for _, t in results)
+
+
+async def rejections(engine: AsyncEngine, streams: int, new_tokens: int, grammar: str) -> tuple[int, int]:
+    """(constrained sampling steps, steps whose unconstrained pick the grammar rejected) over `streams`
+    schema-constrained requests: how often the runner's fast path falls back to a full mask. Counted by
+    wrapping the llama.cpp runner's LogitsSampler (a full mask fills the candidates a second time)."""
+    from deepseek_serve.engine.runners.llamacpp.sampling import LogitsSampler
+
+    counts = {"steps": 0, "fills": 0}
+    sample, fill = LogitsSampler._sample_constrained, LogitsSampler._fill_candidates
+
+    def counted_sample(self: LogitsSampler, samplers: Any, idx: int) -> int:
+        counts["steps"] += 1
+        return sample(self, samplers, idx)
+
+    def counted_fill(self: LogitsSampler, idx: int) -> Any:
+        counts["fills"] += 1
+        return fill(self, idx)
+
+    LogitsSampler._sample_constrained = counted_sample  # type: ignore[method-assign]
+    LogitsSampler._fill_candidates = counted_fill  # type: ignore[method-assign]
+    try:
+        await run(engine, streams, new_tokens, grammar)
+    finally:
+        LogitsSampler._sample_constrained = sample  # type: ignore[method-assign]
+        LogitsSampler._fill_candidates = fill  # type: ignore[method-assign]
+    return counts["steps"], counts["fills"] - counts["steps"]
 
 
 def mask_cost(model_path: Path, grammar: str, repeats: int = 20) -> tuple[float, float, float, int]:
@@ -206,6 +234,12 @@ async def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--streams", default="1,8")
     ap.add_argument("--mask-only", action="store_true", help="only the grammar sampler table (no decoding)")
+    ap.add_argument(
+        "--rejections",
+        action="store_true",
+        help="only count, over one round of the largest --streams level of constrained requests, the "
+        "steps where the grammar rejects the model's own pick (a full mask), then exit",
+    )
     args = ap.parse_args()
     threads = args.threads or physical_cores()
     levels = [int(c) for c in args.streams.split(",")]
@@ -220,6 +254,14 @@ async def main() -> None:
         return
     engine = AsyncEngine.from_settings(settings)
     await engine.start()
+    if args.rejections:
+        steps, rejected = await rejections(engine, max(levels), args.new_tokens, grammar)
+        await engine.shutdown()
+        print(
+            f"model {model_path.name}, {max(levels)} streams x {args.new_tokens} tokens, greedy: {steps} constrained "
+            f"steps, {rejected} rejected picks (full mask), {rejected / max(steps, 1):.1%}"
+        )
+        return
     await run(engine, 1, 8, None)  # warm-up
     await run(engine, 1, 8, grammar)
     rates: dict[tuple[int, bool], list[float]] = {(c, g): [] for c in levels for g in (False, True)}
