@@ -193,15 +193,12 @@ def test_forced_grammar_names_the_bad_tool_schema() -> None:
     assert "tools[1].function.parameters.not" in str(info.value)
 
 
-def _grammar_accepts(grammar: str, text: str, tmp_path: Path) -> bool:
-    """Whether llama.cpp's grammar sampler (as the engine builds it) takes `text`, spelled in the test
-    model's tokens, to the end of the grammar (EOS allowed after it)."""
-    import ctypes
-    import math
-
+def _grammar_accepts(grammar: str, text: str, tmp_path: Path, engine: str) -> bool:
+    """Whether the grammar, as the llama.cpp runner builds it with `engine`, takes `text` (spelled in
+    the test model's tokens) to its end, with an end-of-generation token allowed after it."""
     import llama_cpp as lc
 
-    from deepseek_serve.engine.runners.llamacpp.sampling import make_grammar_sampler
+    from deepseek_serve.engine.runners.llamacpp.sampling import GrammarFactory
     from deepseek_serve.engine.runners.llamacpp.tokenizer import LlamaCppTokenizer
     from deepseek_serve.models.resolve import resolve_model
     from tests.support.settings import TEST_MODEL
@@ -211,42 +208,41 @@ def _grammar_accepts(grammar: str, text: str, tmp_path: Path) -> bool:
     params = lc.llama_model_default_params()
     params.vocab_only = True
     model = lc.llama_model_load_from_file(str(path).encode(), params)
-    sampler = make_grammar_sampler(lc.llama_model_get_vocab(model), grammar)
-    one = (lc.llama_token_data * 1)()
-
-    def allowed(token: int) -> bool:
-        one[0].id, one[0].logit, one[0].p = token, 0.0, 0.0
-        lc.llama_sampler_apply(sampler, ctypes.byref(lc.llama_token_data_array(one, 1, -1, False)))
-        return math.isfinite(one[0].logit)
-
+    tokenizer = LlamaCppTokenizer(model)
+    compiled = GrammarFactory(tokenizer, engine).build(grammar)
     try:
-        tokenizer = LlamaCppTokenizer(model)
         for token in tokenizer.encode(text, add_special_tokens=False):
-            if not allowed(token):
+            if not compiled.allows(token):
                 return False
-            lc.llama_sampler_accept(sampler, token)
-        return allowed(tokenizer.eos_token_ids[0])
+            compiled.accept(token)
+        return compiled.allows(tokenizer.eos_token_ids[0])
     finally:
-        lc.llama_sampler_free(sampler)
+        compiled.free()
         lc.llama_model_free(model)
 
 
-def test_required_with_parallel_calls_admits_several_calls_a_named_choice_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["llama", "llguidance"])
+def test_required_with_parallel_calls_admits_several_calls_a_named_choice_one(tmp_path: Path, engine: str) -> None:
+    if engine == "llguidance":
+        pytest.importorskip("llguidance", reason="the optional grammar extra (llguidance) is not installed")
     weather = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>'
     time_call = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
     two = f"{weather}\n{time_call}"
+
+    def accepts(grammar: str, text: str) -> bool:
+        return _grammar_accepts(grammar, text, tmp_path, engine)
+
     required_parallel = forced_grammar([WEATHER, TIME], None, parallel=True)
-    assert _grammar_accepts(required_parallel, weather, tmp_path)
-    assert _grammar_accepts(required_parallel, two, tmp_path)
-    assert not _grammar_accepts(required_parallel, f"{weather}\nHello", tmp_path)
-    nine = "\n".join([time_call] * 9)  # bounded: MAX_FORCED_CALLS
-    assert _grammar_accepts(required_parallel, "\n".join([time_call] * 8), tmp_path)
-    assert not _grammar_accepts(required_parallel, nine, tmp_path)
-    assert not _grammar_accepts(forced_grammar([WEATHER, TIME], None, parallel=False), two, tmp_path)
+    assert accepts(required_parallel, weather)
+    assert accepts(required_parallel, two)
+    assert not accepts(required_parallel, f"{weather}\nHello")
+    assert accepts(required_parallel, "\n".join([time_call] * 8))
+    assert not accepts(required_parallel, "\n".join([time_call] * 9))  # bounded: MAX_FORCED_CALLS
+    assert not accepts(forced_grammar([WEATHER, TIME], None, parallel=False), two)
     named = forced_grammar([WEATHER, TIME], "get_weather", parallel=True)
-    assert _grammar_accepts(named, weather, tmp_path)
-    assert not _grammar_accepts(named, f"{weather}\n{weather}", tmp_path)
-    assert not _grammar_accepts(named, time_call, tmp_path)
+    assert accepts(named, weather)
+    assert not accepts(named, f"{weather}\n{weather}")
+    assert not accepts(named, time_call)
 
 
 # --- against a real server ---------------------------------------------------------------------------
