@@ -93,7 +93,9 @@ def walk(name: str, compute: Callable[[], None], accept: Callable[[int], None], 
     return times
 
 
-def run_llguidance(tokens: list[bytes], eos: int, n_vocab: int, ids: list[int]) -> tuple[float, list[float]]:
+def run_llguidance(
+    tokens: list[bytes], eos: int, n_vocab: int, ids: list[int], grammar: str | None = None
+) -> tuple[float, list[float]]:
     import llguidance
     import llguidance.numpy as lln
 
@@ -114,9 +116,10 @@ def run_llguidance(tokens: list[bytes], eos: int, n_vocab: int, ids: list[int]) 
     t0 = time.perf_counter()
     tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Vocab()), n_vocab=n_vocab)
     tokenizer_s = time.perf_counter() - t0
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(
-        json.dumps(SCHEMA), defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-    )
+    if grammar is None:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            json.dumps(SCHEMA), defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+        )
     t0 = time.perf_counter()
     matcher = llguidance.LLMatcher(tokenizer, grammar)
     compile_s = time.perf_counter() - t0
@@ -133,6 +136,17 @@ def run_llguidance(tokens: list[bytes], eos: int, n_vocab: int, ids: list[int]) 
         raise RuntimeError("llguidance: EOS not allowed at the end of the document")
     print(f"llguidance {version('llguidance')}: tokenizer {tokenizer_s:.2f} s, grammar {compile_s * 1000:.1f} ms")
     return compile_s, times
+
+
+def run_llguidance_gbnf(
+    tokens: list[bytes], eos: int, n_vocab: int, ids: list[int], gbnf: str
+) -> tuple[float, list[float]]:
+    """llguidance on the GBNF the server builds (converted to Lark): what DS_GRAMMAR_ENGINE=llguidance runs."""
+    import llguidance
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    lark = gbnf_to_lark(gbnf)
+    return run_llguidance(tokens, eos, n_vocab, ids, llguidance.LLMatcher.grammar_from_lark(lark))
 
 
 def run_xgrammar(tokens: list[bytes], eos: int, n_vocab: int, ids: list[int]) -> tuple[float, list[float]]:
@@ -185,6 +199,12 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="GGUF file whose vocabulary is used")
     ap.add_argument("--repeats", type=int, default=3, help="walks per library; each row is the best walk's figures")
     ap.add_argument("--engines", default="llguidance,xgrammar")
+    ap.add_argument(
+        "--gbnf",
+        default="",
+        help="also walk llguidance on this GBNF file (converted to Lark), the server's own grammar: "
+        "`.venv/bin/python bench/structured.py --print-grammar > schema.gbnf`",
+    )
     args = ap.parse_args()
     tokens, _, eos, n_vocab = load_vocab(Path(args.model))
     ids = GreedySpeller(tokens)(document().encode())
@@ -193,9 +213,17 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}; commit {commit}; model {Path(args.model).name}; "
         f"vocabulary {n_vocab} ({len(tokens)} tokens in the file); document {len(ids)} tokens"
     )
-    runners = {"llguidance": run_llguidance, "xgrammar": run_xgrammar}
+    runners: dict[str, Callable[[list[bytes], int, int, list[int]], tuple[float, list[float]]]] = {
+        "llguidance": run_llguidance,
+        "xgrammar": run_xgrammar,
+    }
+    engines = args.engines.split(",")
+    if args.gbnf:
+        gbnf = Path(args.gbnf).read_text()
+        runners["llguidance on the server's GBNF"] = lambda *a: run_llguidance_gbnf(*a, gbnf)
+        engines.append("llguidance on the server's GBNF")
     rows = []
-    for name in args.engines.split(","):
+    for name in engines:
         walks = [runners[name](tokens, eos, n_vocab, ids) for _ in range(args.repeats)]
         best = min(walks, key=lambda w: statistics.median(w[1]))
         rows.append((name, best[0], best[1]))

@@ -235,17 +235,34 @@ async def main() -> None:
     ap.add_argument("--streams", default="1,8")
     ap.add_argument("--mask-only", action="store_true", help="only the grammar sampler table (no decoding)")
     ap.add_argument(
+        "--print-grammar", action="store_true", help="print the schema's GBNF (as the server builds it) and exit"
+    )
+    ap.add_argument(
+        "--grammar-engine",
+        choices=["llama", "llguidance"],
+        default="llama",
+        help="DS_GRAMMAR_ENGINE of the constrained streams (llguidance: the optional grammar extra)",
+    )
+    ap.add_argument(
         "--rejections",
         action="store_true",
         help="only count, over one round of the largest --streams level of constrained requests, the "
         "steps where the grammar rejects the model's own pick (a full mask), then exit",
     )
     args = ap.parse_args()
+    if args.print_grammar:
+        print(schema_grammar(SCHEMA), end="")
+        return
     threads = args.threads or physical_cores()
     levels = [int(c) for c in args.streams.split(",")]
     model_path = bench_model(args.model)
     settings = load_settings(
-        _env_file=None, model=str(model_path), n_threads=threads, max_batch_size=max(levels), context_length=8192
+        _env_file=None,
+        model=str(model_path),
+        n_threads=threads,
+        max_batch_size=max(levels),
+        context_length=8192,
+        grammar_engine=args.grammar_engine,
     )
     grammar = schema_grammar(SCHEMA)
     if args.mask_only:
@@ -280,7 +297,8 @@ async def main() -> None:
     commit = _commit()
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {threads} threads; commit {commit}; "
-        f"model {model_path.name}; {args.new_tokens} new tokens/stream, greedy; median of {args.repeats}\n"
+        f"model {model_path.name}; grammar engine {args.grammar_engine}; {args.new_tokens} new tokens/stream, "
+        f"greedy; median of {args.repeats}\n"
     )
     print("| concurrent streams | unconstrained decode tok/s | json_schema decode tok/s | ratio |")
     print("|---:|---:|---:|---:|")
