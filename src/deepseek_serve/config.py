@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         "with them; off, such a library loads without its extra buffer types (no AMX, no repacking), since "
         "on virtual machines whose CPU reports AMX without supporting it they die with SIGILL",
     )
+    grammar_engine: Literal["llama", "llguidance"] = Field(
+        "llama",
+        description="llama.cpp runner, constrained decoding: llama.cpp's grammar sampler, or llguidance's "
+        "token masks (the optional `grammar` extra; much cheaper full masks, docs/performance.md)",
+    )
     prefix_cache: bool = True
     prefix_cache_tokens: int = Field(
         4096,

@@ -1,6 +1,7 @@
 """Structured output through a real server process and the official openai SDK: `response_format`
 json_object / json_schema is enforced by the grammar (every answer parses and validates), schemas the
-grammar cannot enforce get a 400, and explicit nulls mean "not set"."""
+grammar cannot enforce get a 400, and explicit nulls mean "not set". Each test runs against both
+grammar engines (llama.cpp's sampler; llguidance when installed)."""
 
 from __future__ import annotations
 
@@ -90,10 +91,17 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+@pytest.fixture(scope="module", params=["llama", "llguidance"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """A server per grammar engine (DS_GRAMMAR_ENGINE): llama.cpp's sampler, and llguidance when the
+    optional package is installed."""
+    if request.param == "llguidance":
+        pytest.importorskip("llguidance", reason="the optional grammar extra (llguidance) is not installed")
     with ServeProcess(
-        Path(tmp_path_factory.mktemp("structured")), DS_MAX_BATCH_SIZE="8", DS_MAX_QUEUE_SIZE="64"
+        Path(tmp_path_factory.mktemp("structured")),
+        DS_MAX_BATCH_SIZE="8",
+        DS_MAX_QUEUE_SIZE="64",
+        DS_GRAMMAR_ENGINE=request.param,
     ) as srv:
         yield srv
 

@@ -186,11 +186,63 @@ def test_tool_stream_holds_back_a_possible_marker() -> None:
 
 def test_forced_grammar_names_the_bad_tool_schema() -> None:
     grammar = forced_grammar([WEATHER, TIME], None)
-    assert grammar.startswith('root ::= "<tool_call>\\n" tool-call')
+    assert grammar.startswith("root ::= ds-call-block\n")
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}
     with pytest.raises(Exception) as info:
         forced_grammar([WEATHER, bad], None)
     assert "tools[1].function.parameters.not" in str(info.value)
+
+
+def _grammar_accepts(grammar: str, text: str, tmp_path: Path, engine: str) -> bool:
+    """Whether the grammar, as the llama.cpp runner builds it with `engine`, takes `text` (spelled in
+    the test model's tokens) to its end, with an end-of-generation token allowed after it."""
+    import llama_cpp as lc
+
+    from deepseek_serve.engine.runners.llamacpp.sampling import GrammarFactory
+    from deepseek_serve.engine.runners.llamacpp.tokenizer import LlamaCppTokenizer
+    from deepseek_serve.models.resolve import resolve_model
+    from tests.support.settings import TEST_MODEL
+
+    path = resolve_model(TEST_MODEL, cache_dir=tmp_path, download=False).path
+    lc.llama_backend_init()
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    model = lc.llama_model_load_from_file(str(path).encode(), params)
+    tokenizer = LlamaCppTokenizer(model)
+    compiled = GrammarFactory(tokenizer, engine).build(grammar)
+    try:
+        for token in tokenizer.encode(text, add_special_tokens=False):
+            if not compiled.allows(token):
+                return False
+            compiled.accept(token)
+        return compiled.allows(tokenizer.eos_token_ids[0])
+    finally:
+        compiled.free()
+        lc.llama_model_free(model)
+
+
+@pytest.mark.parametrize("engine", ["llama", "llguidance"])
+def test_required_with_parallel_calls_admits_several_calls_a_named_choice_one(tmp_path: Path, engine: str) -> None:
+    if engine == "llguidance":
+        pytest.importorskip("llguidance", reason="the optional grammar extra (llguidance) is not installed")
+    weather = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>'
+    time_call = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    two = f"{weather}\n{time_call}"
+
+    def accepts(grammar: str, text: str) -> bool:
+        return _grammar_accepts(grammar, text, tmp_path, engine)
+
+    required_parallel = forced_grammar([WEATHER, TIME], None, parallel=True)
+    assert accepts(required_parallel, weather)
+    assert accepts(required_parallel, two)
+    assert not accepts(required_parallel, f"{weather}\nHello")
+    assert accepts(required_parallel, "\n".join([time_call] * 8))
+    assert not accepts(required_parallel, "\n".join([time_call] * 9))  # bounded: MAX_FORCED_CALLS
+    assert not accepts(forced_grammar([WEATHER, TIME], None, parallel=False), two)
+    named = forced_grammar([WEATHER, TIME], "get_weather", parallel=True)
+    assert accepts(named, weather)
+    assert not accepts(named, f"{weather}\n{weather}")
+    assert not accepts(named, time_call)
 
 
 # --- against a real server ---------------------------------------------------------------------------
@@ -242,32 +294,49 @@ def test_round_trip_with_the_sdk(server: ServeProcess) -> None:
     assert plain.choices[0].message.tool_calls is None
 
 
-def test_required_streams_tool_call_deltas(server: ServeProcess) -> None:
-    client = server.openai_client()
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Time in Berlin?"}],
-        tools=[WEATHER, TIME],
-        tool_choice="required",
-        max_tokens=80,
-        temperature=0.7,
-        seed=3,
-        stream=True,
-    )
-    deltas, reasons = [], []
+def _streamed_calls(stream: Any) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """((id, name, arguments) per call, finish reasons) of a streamed answer, checking OpenAI's delta
+    order: a call's first delta carries its index, id and name, the following ones only arguments."""
+    calls: dict[int, list[str]] = {}
+    reasons = []
     for chunk in stream:
         for c in chunk.choices:
-            if c.delta.tool_calls:
-                deltas.extend(c.delta.tool_calls)
+            for d in c.delta.tool_calls or []:
+                assert d.function is not None
+                if d.index not in calls:
+                    assert d.index == len(calls) and d.id and d.function.name and d.type == "function"
+                    calls[d.index] = [d.id, d.function.name, d.function.arguments or ""]
+                else:
+                    assert d.id is None and d.function.name is None
+                    calls[d.index][2] += d.function.arguments or ""
             if c.finish_reason:
                 reasons.append(c.finish_reason)
-    assert reasons == ["tool_calls"]
-    assert deltas[0].index == 0 and deltas[0].id and deltas[0].function and deltas[0].function.name
-    name = deltas[0].function.name
-    arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
-    assert len(deltas) >= 2 and all(d.id is None for d in deltas[1:])
-    tool = {"get_weather": WEATHER, "get_time": TIME}[name]
-    jsonschema.validate(json.loads(arguments), tool["function"]["parameters"])
+    return [(i, n, a) for i, n, a in calls.values()], reasons
+
+
+def test_required_streams_tool_call_deltas(server: ServeProcess) -> None:
+    """`required` with parallel calls allowed (the default) may answer several calls, 1 to 8, each
+    valid; with parallel_tool_calls false exactly one."""
+    client = server.openai_client()
+    tools = {"get_weather": WEATHER, "get_time": TIME}
+    for parallel in (True, False):
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Time in Berlin?"}],
+            tools=[WEATHER, TIME],
+            tool_choice="required",
+            parallel_tool_calls=parallel,
+            max_tokens=160,
+            temperature=0.7,
+            seed=3,
+            stream=True,
+        )
+        calls, reasons = _streamed_calls(stream)
+        assert reasons == ["tool_calls"]
+        assert 1 <= len(calls) <= (8 if parallel else 1), calls
+        assert len({call_id for call_id, _, _ in calls}) == len(calls)
+        for _, name, arguments in calls:
+            jsonschema.validate(json.loads(arguments), tools[name]["function"]["parameters"])
 
 
 def test_tool_requests_the_server_cannot_honour_are_400(server: ServeProcess) -> None:

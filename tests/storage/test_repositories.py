@@ -14,7 +14,7 @@ import pytest_asyncio
 from sqlalchemy import select, text
 
 from deepseek_serve.storage import Storage, migrate
-from deepseek_serve.storage.conversations import ConversationNotFound
+from deepseek_serve.storage.conversations import ConversationNotFound, chat_history
 from deepseek_serve.storage.db import create_db_engine, create_session_factory
 from deepseek_serve.storage.key_lookup import KeyLookup, KeyStatus, KeyStoreUnavailable
 from deepseek_serve.storage.keys import KeyRepository, generate_secret
@@ -232,7 +232,7 @@ async def test_conversations_roundtrip_utf8mb4(storage: Storage) -> None:
     assert [m.role for m in messages] == ["system", "user", "assistant"]
     assert messages[1].content == text_zh and messages[2].content == "好的 👍"
     assert messages[2].reasoning_content == "思考…" and messages[2].completion_tokens == 3
-    assert messages[2].to_openai() == {"role": "assistant", "content": "好的 👍"}
+    assert chat_history(messages)[2] == {"role": "assistant", "content": "好的 👍"}
     info = await storage.conversations.get(owner, conv.id)
     assert info.title == text_zh[:80] and info.num_messages == 3 and info.updated_at >= info.created_at
 

@@ -60,7 +60,7 @@ async def build_services(settings: Settings, engine: AsyncEngine) -> Services:
     # built even when auth is off for /v1: with DS_AUTH=auto on loopback /admin still needs a key.
     services.auth = ApiKeyAuthenticator(storage.key_lookup)
     services.usage = storage.writer
-    services.conversations = StoredConversations(storage.conversations)
+    services.conversations = StoredConversations(storage.conversations, settings.max_messages)
     # --- cache: services.limiter, response_cache, auth_throttle, key_concurrency -------------------
     from deepseek_serve.cache import build_cache_layer
 

@@ -35,8 +35,9 @@ class ErrorResponse(BaseModel):
 class ConversationObject(BaseModel):
     id: str
     object: Literal["conversation"]
-    title: str | None
     created_at: int
+    metadata: dict[str, str]
+    title: str | None
     updated_at: int
     message_count: int
 
@@ -56,15 +57,45 @@ class ConversationMessage(BaseModel):
     id: str
     object: Literal["conversation.message"]
     role: str
-    content: str
+    content: str | None
     created_at: int
     reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
     usage: MessageUsage | None = None
 
 
 class ConversationMessageList(BaseModel):
     object: Literal["list"]
     data: list[ConversationMessage]
+
+
+class ItemTextPart(BaseModel):
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: list[Any] | None = None
+
+
+class ConversationItem(BaseModel):
+    """A `message`, `function_call` or `function_call_output` item (OpenAI's Conversations API)."""
+
+    id: str
+    type: Literal["message", "function_call", "function_call_output"]
+    status: Literal["completed"]
+    role: str | None = None
+    content: list[ItemTextPart] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+
+
+class ConversationItemList(BaseModel):
+    object: Literal["list"]
+    data: list[ConversationItem]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class ConversationDeleted(BaseModel):
@@ -133,6 +164,8 @@ _MODELS: tuple[type[BaseModel], ...] = (
     ConversationObject,
     ConversationList,
     ConversationMessageList,
+    ConversationItem,
+    ConversationItemList,
     ConversationDeleted,
     CreatedApiKey,
     RevokedApiKey,
@@ -148,6 +181,11 @@ _RESPONSES: dict[tuple[str, str], tuple[str, type[BaseModel]]] = {
     ("get", "/v1/conversations/{conversation_id}"): ("200", ConversationObject),
     ("get", "/v1/conversations/{conversation_id}/messages"): ("200", ConversationMessageList),
     ("delete", "/v1/conversations/{conversation_id}"): ("200", ConversationDeleted),
+    ("post", "/v1/conversations/{conversation_id}"): ("200", ConversationObject),
+    ("post", "/v1/conversations/{conversation_id}/items"): ("200", ConversationItemList),
+    ("get", "/v1/conversations/{conversation_id}/items"): ("200", ConversationItemList),
+    ("get", "/v1/conversations/{conversation_id}/items/{item_id}"): ("200", ConversationItem),
+    ("delete", "/v1/conversations/{conversation_id}/items/{item_id}"): ("200", ConversationObject),
     ("post", "/admin/keys"): ("201", CreatedApiKey),
     ("get", "/admin/keys"): ("200", ApiKeyList),
     ("delete", "/admin/keys/{key_id}"): ("200", RevokedApiKey),
@@ -165,7 +203,10 @@ _LINKS: dict[tuple[str, str], dict[str, Any]] = {
         }
         for name, suffix, method in (
             ("GetConversation", "", "get"),
+            ("UpdateConversation", "", "post"),
             ("ListConversationMessages", "~1messages", "get"),
+            ("ListConversationItems", "~1items", "get"),
+            ("CreateConversationItems", "~1items", "post"),
             ("DeleteConversation", "", "delete"),
         )
     },

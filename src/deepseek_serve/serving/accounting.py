@@ -130,15 +130,15 @@ class RequestAccounting:
         first = choices[0]
         if first.splitter is not None:
             out.reasoning_tokens = sum(self._reasoning_tokens(c) for c in choices)
-            out.answer = {
-                "role": "assistant",
-                "content": first.splitter.content_text,
-                "reasoning_content": first.splitter.reasoning_text or None,
-            }
-            out.completion_text = first.splitter.content_text
-        else:
-            out.completion_text = first.text
-            out.answer = {"role": "assistant", "content": first.text}
+        out.completion_text = first.content_text
+        out.answer = {"role": "assistant", "content": first.content_text}
+        if first.splitter is not None:
+            out.answer["reasoning_content"] = first.splitter.reasoning_text or None
+        if plan.tools is not None:
+            content, calls = first.tool_calls(plan.tools)
+            if calls:  # stored as structured calls, not as the model's call markup
+                out.answer["content"] = content
+                out.answer["tool_calls"] = [c.model_dump(include={"id", "type", "function"}) for c in calls]
         return out
 
     def _reasoning_tokens(self, choice: ChoiceState) -> int:

@@ -12,7 +12,7 @@ from deepseek_serve.serving.failures import ApiError
 from deepseek_serve.serving.plan import GenerationPlan, PromptInput, new_completion_id, sampling_params
 from deepseek_serve.serving.prompts import render_chat, tokenize
 from deepseek_serve.serving.reasoning import prepare_messages
-from deepseek_serve.serving.schemas import ChatCompletionRequest, NamedToolChoice
+from deepseek_serve.serving.schemas import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from deepseek_serve.serving.services import Services
 from deepseek_serve.serving.structured import response_format_grammar
 from deepseek_serve.serving.tools import ToolSetup, forced_grammar, render_messages, tool_format
@@ -24,8 +24,7 @@ async def plan_chat(services: Services, principal: Principal, body: ChatCompleti
     model = check_model(services, body.model)
     check_body(services, body, num_messages=len(body.messages))
     info = services.engine.model_info
-    new_messages = prepare_messages(body.messages)
-    history: list[dict[str, Any]] = []
+    history: list[ChatMessage] = []
     if body.conversation_id is not None:
         if services.conversations is None:
             raise ApiError(
@@ -35,24 +34,22 @@ async def plan_chat(services: Services, principal: Principal, body: ChatCompleti
                 "conversation_id",
                 "unsupported_parameter",
             )
-        history = await services.conversations.history(principal, body.conversation_id)
-        history = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in history]
-        check_body(services, body, num_messages=len(history) + len(new_messages))
+        stored = await services.conversations.history(principal, body.conversation_id)
+        history = [ChatMessage.model_validate(m) for m in stored]
+        check_body(services, body, num_messages=len(history) + len(body.messages))
+    messages = history + list(body.messages)
+    prepared = prepare_messages(messages)
     tools, tool_setup, forced = _tool_inputs(body, info.chat_template)
     grammar = response_format_grammar(body.response_format)
     extra: dict[str, Any] = {}
-    if tools or any(m.role == "tool" or m.tool_calls for m in body.messages):
+    if tools or any(m.role == "tool" or m.tool_calls for m in messages):
+        # tool history (stored or sent) goes through the template as structured calls and results
         fmt = tool_format(info.chat_template)
-        new_rendered, extra = render_messages(
-            new_messages, body.messages, fmt, tools, forced if forced != "required" else None
+        prompt_messages, extra = render_messages(
+            prepared, messages, fmt, tools, forced if forced != "required" else None
         )
-        if tools and new_rendered[0].get("role") == "system" and history:
-            # the tool instructions lead the conversation, ahead of the stored history
-            prompt_messages = [new_rendered[0], *history, *new_rendered[1:]]
-        else:
-            prompt_messages = history + new_rendered
     else:
-        prompt_messages = history + new_messages
+        prompt_messages = prepared
     if tool_setup is not None and tool_setup.forced:
         if grammar is not None:
             raise ApiError(
@@ -63,7 +60,7 @@ async def plan_chat(services: Services, principal: Principal, body: ChatCompleti
                 "invalid_value",
             )
         assert tools is not None
-        grammar = forced_grammar(tools, forced if forced != "required" else None)
+        grammar = forced_grammar(tools, forced if forced != "required" else None, parallel=tool_setup.parallel)
     prompt_text = await render_chat(services, prompt_messages, extra)
     # the template writes BOS itself when the model wants one
     token_ids = await tokenize(services, prompt_text, add_special_tokens=False)
@@ -102,7 +99,7 @@ async def plan_chat(services: Services, principal: Principal, body: ChatCompleti
         reasoning_prefilled=info.template_prefills_think,
         use_cache=body.cache is not False and tool_setup is None,
         conversation_id=body.conversation_id,
-        conversation_messages=tuple(new_messages),
+        conversation_messages=tuple(_stored(prepared[len(history) :], body.messages)),
         tools=tool_setup,
     )
 
@@ -148,3 +145,17 @@ def _tool_inputs(
         forced = "required"
     setup = ToolSetup(tool_format(template), names, parallel=body.parallel_tool_calls is not False, forced=bool(forced))
     return tools, setup, forced
+
+
+def _stored(entries: list[dict[str, Any]], messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """This turn's messages as the conversation stores them: the template entries, with an
+    assistant's `tool_calls` and a tool result's `tool_call_id` kept structured."""
+    out = []
+    for entry, message in zip(entries, messages, strict=True):
+        entry = {k: v for k, v in entry.items() if k in ("role", "content")}
+        if message.role == "assistant" and message.tool_calls:
+            entry["tool_calls"] = [c.model_dump(include={"id", "type", "function"}) for c in message.tool_calls]
+        if message.role == "tool" and message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
+    return out

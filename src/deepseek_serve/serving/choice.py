@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from deepseek_serve.engine.async_engine import RequestStream
 from deepseek_serve.engine.types import RequestTimings, StreamDelta, TokenLogprob
 from deepseek_serve.serving.reasoning import ReasoningSplitter
-from deepseek_serve.serving.tools import ToolStream
+from deepseek_serve.serving.schemas import ToolCall
+from deepseek_serve.serving.tools import ToolSetup, ToolStream, parse_tool_calls
 
 
 @dataclass(eq=False)
@@ -27,6 +28,9 @@ class ChoiceState:
     cached_tokens: int = 0
     timings: RequestTimings | None = None
     arrivals: list[float] = field(default_factory=list)  # monotonic time of each delta with tokens
+    # (content, tool calls) of a chat with tools, parsed once: the answer and the stored conversation
+    # turn carry the same call ids
+    tool_answer: tuple[str, list[ToolCall]] | None = None
 
     def add_delta(self, delta: StreamDelta) -> None:
         """Take in one delta from the engine."""
@@ -51,6 +55,19 @@ class ChoiceState:
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+    @property
+    def content_text(self) -> str:
+        """The answer's text less any reasoning."""
+        return self.splitter.content_text if self.splitter is not None else self.text
+
+    def tool_calls(self, setup: ToolSetup) -> tuple[str, list[ToolCall]]:
+        """(content outside the calls, calls) of the finished answer; a stream sets it when its tool
+        stream finishes, a JSON answer parses it here on first use."""
+        if self.tool_answer is None:
+            content = self.content_text
+            self.tool_answer = parse_tool_calls(content, setup) if content else (content, [])
+        return self.tool_answer
 
     def split_whole_text(self) -> None:
         """Feed the whole text to the reasoning splitter at once (a JSON answer; a stream feeds it per delta)."""

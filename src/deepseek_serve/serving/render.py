@@ -26,7 +26,6 @@ from deepseek_serve.serving.schemas import (
     TopLogprob,
 )
 from deepseek_serve.serving.sse import model_event
-from deepseek_serve.serving.tools import parse_tool_calls
 
 TOOL_ARGUMENT_PIECE = 32  # characters of `arguments` per streamed delta
 
@@ -76,7 +75,7 @@ def render_body(plan: GenerationPlan, choices: Sequence[ChoiceState], outcome: R
                 message = AssistantMessage(content=c.text)
             finish_reason = c.finish_reason
             if plan.tools is not None and message.content:
-                content, calls = parse_tool_calls(message.content, plan.tools)
+                content, calls = c.tool_calls(plan.tools)
                 if calls:
                     message = AssistantMessage(
                         content=content or None, reasoning_content=message.reasoning_content, tool_calls=calls
@@ -165,6 +164,7 @@ def _chat_chunk(plan: GenerationPlan, choice: ChoiceState, delta: StreamDelta) -
         text = choice.tool_stream.push(text)
         if delta.finished:
             rest, calls = choice.tool_stream.finish()
+            choice.tool_answer = (choice.tool_stream.sent.strip(), calls)
             text += rest
     logprobs = chat_logprobs(delta.logprobs) if plan.params.logprobs and delta.logprobs else None
     if not text and not reasoning and logprobs is None and not delta.finished:

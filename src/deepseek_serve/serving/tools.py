@@ -12,7 +12,8 @@ Three formats, picked from the chat template's source:
   become `<tool_call>` blocks in the assistant text and tool results `<tool_response>` user turns.
 
 A forced call (`tool_choice` "required" or a named function) is decoded under a grammar that admits
-exactly one `<tool_call>` block whose JSON matches one allowed function's `parameters` schema.
+`<tool_call>` blocks whose JSON matches one allowed function's `parameters` schema: exactly one for a
+named function or with `parallel_tool_calls` false, else 1 to MAX_FORCED_CALLS of them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 MARKERS = (CALL_OPEN, DS_CALLS_BEGIN, DS_CALL_BEGIN)
+MAX_FORCED_CALLS = 8  # calls a forced `required` choice with parallel_tool_calls may produce
 
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
 _DS_CALL = re.compile(
@@ -219,6 +221,7 @@ class ToolStream:
     def __init__(self, setup: ToolSetup) -> None:
         self.setup = setup
         self.held = ""
+        self.sent = ""  # the content sent so far
         self.in_calls = False
 
     def push(self, text: str) -> str:
@@ -230,6 +233,7 @@ class ToolStream:
             at = min(found)
             out, self.held = self.held[:at], self.held[at:]
             self.in_calls = True
+            self.sent += out
             return out
         keep = 0
         for marker in MARKERS:
@@ -239,18 +243,21 @@ class ToolStream:
                     break
         out = self.held[: len(self.held) - keep]
         self.held = self.held[len(self.held) - keep :]
+        self.sent += out
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:
+        """(the rest of the content to send, the calls)."""
         held, self.held = self.held, ""
-        if not self.in_calls:
-            return held, []
-        return parse_tool_calls(held, self.setup)
+        rest, calls = parse_tool_calls(held, self.setup) if self.in_calls else (held, [])
+        self.sent += rest
+        return rest, calls
 
 
-def forced_grammar(tools: list[dict[str, Any]], name: str | None) -> str:
-    """GBNF for exactly one `<tool_call>` block calling `name` (or any of `tools` when None) with
-    arguments that validate against the function's `parameters`."""
+def forced_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool = False) -> str:
+    """GBNF for one `<tool_call>` block calling `name` (or any of `tools` when None) with arguments
+    that validate against the function's `parameters`; with `parallel` (and no `name`), 1 to
+    MAX_FORCED_CALLS such blocks, one per line, so the model may stop after any of them."""
     alternatives = []
     defs: dict[str, dict[str, Any]] = {"$defs": {}, "definitions": {}}
     for i, tool in enumerate(tools):
@@ -281,4 +288,9 @@ def forced_grammar(tools: list[dict[str, Any]], name: str | None) -> str:
     schema = {**schema, **{k: v for k, v in defs.items() if v}}
     body = schema_grammar(schema, ("tools", "tools"))
     body = re.sub(r"^root ::=", "tool-call ::=", body, flags=re.MULTILINE)
-    return 'root ::= "<tool_call>\\n" tool-call "\\n</tool_call>"\n' + body
+    block = 'ds-call-block ::= "<tool_call>\\n" tool-call "\\n</tool_call>"\n'
+    if parallel and name is None:
+        root = f'root ::= ds-call-block ("\\n" ds-call-block){{0,{MAX_FORCED_CALLS - 1}}}\n'
+    else:
+        root = "root ::= ds-call-block\n"
+    return root + block + body

@@ -116,12 +116,20 @@ class Conversation(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "conv_..."
     key_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_keys.id", ondelete="CASCADE"))
     title: Mapped[str | None] = mapped_column(String(255))
+    # OpenAI's `metadata`: a JSON object of at most 16 string pairs (checked by the API), NULL for none.
+    # The attribute is not called `metadata`, which SQLAlchemy's declarative base reserves.
+    meta: Mapped[str | None] = mapped_column("metadata", Text)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
 class Message(Base):
-    """One message of a conversation; order is `id` order."""
+    """One item of a conversation; order is `id` order.
+
+    `item_type` NULL is a message (`role`, `content`); "function_call" is one tool call of the
+    assistant (`call_id`, `name`, the arguments JSON in `content`); "function_call_output" a tool
+    result (`call_id`, the output in `content`, role "tool").
+    """
 
     __tablename__ = "messages"
     __table_args__ = (Index("ix_messages_conversation_id_id", "conversation_id", "id"),)
@@ -131,6 +139,9 @@ class Message(Base):
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(LongText)
     reasoning_content: Mapped[str | None] = mapped_column(LongText)
+    item_type: Mapped[str | None] = mapped_column(String(24))
+    call_id: Mapped[str | None] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(String(128))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)

@@ -23,7 +23,7 @@ from deepseek_serve.engine.runners.llamacpp.backend import (
     physical_cores,
 )
 from deepseek_serve.engine.runners.llamacpp.batch import TokenBatch
-from deepseek_serve.engine.runners.llamacpp.sampling import LogitsSampler, SequenceSamplers
+from deepseek_serve.engine.runners.llamacpp.sampling import GrammarFactory, LogitsSampler, SequenceSamplers
 from deepseek_serve.engine.runners.llamacpp.slots import SlotPool
 from deepseek_serve.engine.runners.llamacpp.tokenizer import LlamaCppTokenizer
 from deepseek_serve.engine.sequence import Sequence
@@ -52,6 +52,7 @@ class LlamaCppRunner(Runner):
         flash_attn: bool = True,
         repack: bool = True,
         allow_amx: bool = False,
+        grammar_engine: str = "llama",
     ) -> None:
         self._model = load_model(model_path, repack, allow_amx)
         self._tokenizer = LlamaCppTokenizer(self._model)
@@ -77,6 +78,7 @@ class LlamaCppRunner(Runner):
         self._slots = SlotPool(lc.llama_get_memory(self._ctx), n_slots, self._n_ctx, prefix_cache, prefix_cache_tokens)
         self._batch = TokenBatch(n_batch, n_slots)
         self._sampler = LogitsSampler(self._ctx, self._tokenizer)
+        self._grammars = GrammarFactory(self._tokenizer, grammar_engine)
         self.tokens_computed = 0  # tokens fed to llama_decode so far (shared prompt tokens count once)
         self._chat_template = model_chat_template(self._model)
         self.model_path = model_path
@@ -85,7 +87,7 @@ class LlamaCppRunner(Runner):
     @classmethod
     def from_settings(cls, settings: Settings, model_path: Path) -> LlamaCppRunner:
         """Load a GGUF file with `settings.context_length/max_batch_size/max_model_len/n_threads/
-        prefill_chunk_tokens/prefix_cache/prefix_cache_tokens/llama_repack/llama_amx`."""
+        prefill_chunk_tokens/prefix_cache/prefix_cache_tokens/llama_repack/llama_amx/grammar_engine`."""
         return cls(
             model_path,
             context_length=settings.context_length,
@@ -97,6 +99,7 @@ class LlamaCppRunner(Runner):
             prefix_cache_tokens=settings.prefix_cache_tokens,
             repack=settings.llama_repack,
             allow_amx=settings.llama_amx,
+            grammar_engine=settings.grammar_engine,
         )
 
     # --- Runner properties -------------------------------------------------------------------------
@@ -136,7 +139,8 @@ class LlamaCppRunner(Runner):
         return self._slots.can_allocate(seq)
 
     def allocate(self, seq: Sequence) -> int:
-        samplers = SequenceSamplers.for_params(seq.params, self._tokenizer)  # first: it may refuse the params
+        # first: it may refuse the params
+        samplers = SequenceSamplers.for_params(seq.params, self._tokenizer, self._grammars)
         return self._slots.allocate(seq, samplers)
 
     def free(self, seq: Sequence) -> None:

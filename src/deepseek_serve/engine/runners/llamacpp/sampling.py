@@ -13,13 +13,19 @@ chain: the chain picks a token from the unconstrained candidates, the grammar ch
 and only when it rejects it are all candidates masked by the grammar and the chain run again.
 Masking the whole vocabulary costs milliseconds per token; checking one token costs microseconds,
 and the model usually proposes a valid token (the same scheme as llama.cpp's common sampler).
+With `DS_GRAMMAR_ENGINE=llguidance` the same scheme runs on llguidance (the optional `grammar` extra):
+the GBNF text goes through llguidance's GBNF-to-Lark converter, a check is `validate_tokens`, and a
+full mask is its token bitmask applied to the candidates' logits, ~500x cheaper than llama.cpp's
+(docs/performance.md, "Grammar engines").
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 import llama_cpp as lc
 import numpy as np
@@ -72,6 +78,132 @@ def make_grammar_sampler(vocab: lc.llama_vocab_p, grammar: str) -> lc.llama_samp
 
 
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+
+
+class LlamaGrammar:
+    """llama.cpp's grammar sampler behind the interface `_sample_constrained` uses."""
+
+    def __init__(self, vocab: lc.llama_vocab_p, grammar: str) -> None:
+        self._sampler: lc.llama_sampler_p | None = make_grammar_sampler(vocab, grammar)
+        self._one = (lc.llama_token_data * 1)()
+
+    def allows(self, token: int) -> bool:
+        one = self._one
+        one[0].id = token  # type: ignore[assignment]  # ctypes converts the int
+        one[0].logit = 0.0
+        one[0].p = 0.0
+        arr = lc.llama_token_data_array(one, 1, -1, False)
+        lc.llama_sampler_apply(self._sampler, ctypes.byref(arr))
+        return math.isfinite(one[0].logit)
+
+    def mask(self, arr: lc.llama_token_data_array, logits: np.ndarray) -> None:
+        """Set the logit of every candidate the grammar rejects to -inf."""
+        lc.llama_sampler_apply(self._sampler, ctypes.byref(arr))
+
+    def accept(self, token: int) -> None:
+        lc.llama_sampler_accept(self._sampler, token)
+
+    def free(self) -> None:
+        if self._sampler is not None:
+            lc.llama_sampler_free(self._sampler)
+            self._sampler = None
+
+
+class LlguidanceGrammar:
+    """An llguidance matcher over the GBNF text (converted to Lark), same interface as LlamaGrammar."""
+
+    def __init__(self, tokenizer: Any, grammar: str, n_vocab: int, eos_ids: tuple[int, ...]) -> None:
+        import llguidance
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+
+        try:
+            lark = gbnf_to_lark(grammar)
+        except Exception as exc:  # the converter's own error type
+            raise ValueError(f"the grammar could not be parsed: {exc}") from None
+        self._matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(lark))
+        if self._matcher.is_error():
+            raise ValueError(f"the grammar could not be parsed: {self._matcher.get_error()}")
+        self._n_vocab = n_vocab
+        self._eos = frozenset(eos_ids)
+        self._bitmask = np.full((n_vocab + 31) // 32, -1, dtype=np.int32)
+
+    def allows(self, token: int) -> bool:
+        if token in self._eos:  # validate_tokens never takes an end token; the mask does, at the end
+            return bool(self._matcher.is_accepting())
+        return bool(self._matcher.validate_tokens([token]) == 1)
+
+    def mask(self, arr: lc.llama_token_data_array, logits: np.ndarray) -> None:
+        """Set the logit of every token the grammar rejects to -inf (`logits` is the candidates' logit
+        column, in token order)."""
+        bits = self._bitmask
+        self._matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        allowed = np.unpackbits(bits.view(np.uint8), bitorder="little")[: self._n_vocab].view(bool)
+        np.copyto(logits, np.float32(-np.inf), where=~allowed)
+
+    def accept(self, token: int) -> None:
+        if token in self._eos:
+            return  # the sequence ends here
+        if not self._matcher.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}: {self._matcher.get_error()}")
+
+    def free(self) -> None:
+        pass
+
+
+Grammar = LlamaGrammar | LlguidanceGrammar
+
+
+def _llguidance_tokenizer(tokenizer: LlamaCppTokenizer) -> Any:
+    """llguidance's tokenizer over the llama.cpp vocabulary: each token's bytes, control tokens (and
+    user-defined ones that look like them, `<...>`) marked as specials with a 0xFF prefix, every
+    end-of-generation token as an end token, llama.cpp's own tokenize function for forced text."""
+    from llguidance import LLTokenizer
+
+    vocab = tokenizer.vocab
+    buf = ctypes.create_string_buffer(4096)
+    tokens: list[bytes] = []
+    for token in range(tokenizer.vocab_size):
+        n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+        piece = buf.raw[: max(n, 0)]
+        attr = lc.llama_vocab_get_attr(vocab, token)
+        special = attr & lc.LLAMA_TOKEN_ATTR_CONTROL or (
+            attr & lc.LLAMA_TOKEN_ATTR_USER_DEFINED and piece.startswith(b"<") and piece.endswith(b">")
+        )
+        tokens.append(b"\xff" + piece if special else piece)
+    tokenize = ctypes.cast(lc.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+    return LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]  # missing from the stubs of 1.9
+        tokens=tokens, vocab_ptr=vocab, tokenize_fptr=tokenize, eos_token=list(tokenizer.eos_token_ids)
+    )
+
+
+class GrammarFactory:
+    """Builds a sequence's grammar with the configured engine; llguidance's tokenizer (its token trie,
+    ~1 s for a 151,936-entry vocabulary) is built once, on the first constrained request."""
+
+    def __init__(self, tokenizer: LlamaCppTokenizer, engine: str = "llama") -> None:
+        if engine not in ("llama", "llguidance"):
+            raise ValueError(f"unknown grammar engine {engine!r}")
+        if engine == "llguidance":
+            try:
+                import llguidance  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    "DS_GRAMMAR_ENGINE=llguidance needs the llguidance package: pip install 'deepseek-serve[grammar]'"
+                ) from None
+        self.engine = engine
+        self._tokenizer = tokenizer
+        self._llg_tokenizer: Any = None
+        self._lock = threading.Lock()
+
+    def build(self, grammar: str) -> Grammar:
+        if self.engine == "llama":
+            return LlamaGrammar(self._tokenizer.vocab, grammar)
+        with self._lock:
+            if self._llg_tokenizer is None:
+                self._llg_tokenizer = _llguidance_tokenizer(self._tokenizer)
+        return LlguidanceGrammar(
+            self._llg_tokenizer, grammar, self._tokenizer.vocab_size, self._tokenizer.eos_token_ids
+        )
 
 
 def uses_temperature_sampler(p: SamplingParams) -> bool:
@@ -232,12 +364,14 @@ class SequenceSamplers:
     sampling), or for constrained decoding the native `chain` and the `grammar` sampler."""
 
     chain: lc.llama_sampler_p | None = None
-    grammar: lc.llama_sampler_p | None = None
+    grammar: Grammar | None = None
     fast: TemperatureSampler | None = None
     truncated: TruncatedSampler | None = None
 
     @classmethod
-    def for_params(cls, p: SamplingParams, tokenizer: LlamaCppTokenizer) -> SequenceSamplers:
+    def for_params(
+        cls, p: SamplingParams, tokenizer: LlamaCppTokenizer, grammars: GrammarFactory | None = None
+    ) -> SequenceSamplers:
         """Raises ValueError for parameters the native samplers refuse (nothing is left allocated)."""
         n_vocab = tokenizer.vocab_size
         if p.grammar is None:
@@ -246,7 +380,7 @@ class SequenceSamplers:
             return cls(truncated=TruncatedSampler(p, n_vocab))
         chain = make_sampler_chain(p, n_vocab)  # first: it may refuse the params
         try:
-            grammar = make_grammar_sampler(tokenizer.vocab, p.grammar)
+            grammar = (grammars or GrammarFactory(tokenizer)).build(p.grammar)
         except ValueError:
             lc.llama_sampler_free(chain)
             raise
@@ -257,7 +391,7 @@ class SequenceSamplers:
             lc.llama_sampler_free(self.chain)
             self.chain = None
         if self.grammar is not None:
-            lc.llama_sampler_free(self.grammar)
+            self.grammar.free()
             self.grammar = None
         self.fast = None
         self.truncated = None
@@ -270,11 +404,10 @@ class LogitsSampler:
         self._ctx = ctx
         self._tokenizer = tokenizer
         self._n_vocab = tokenizer.vocab_size
-        # candidates for constrained sampling: one llama_token_data per vocabulary entry, plus one
+        # candidates for constrained sampling: one llama_token_data per vocabulary entry
         self._cand = (lc.llama_token_data * self._n_vocab)()
         self._cand_np = np.frombuffer(memoryview(self._cand), dtype=_TOKEN_DATA)
         self._cand_ids = np.arange(self._n_vocab, dtype=np.int32)
-        self._one = (lc.llama_token_data * 1)()
 
     def sample(self, samplers: SequenceSamplers, params: SamplingParams, idx: int, history: list[int]) -> SampleResult:
         """The token for logits row `idx` (with its logprob when `params.logprobs`); `history`: the
@@ -305,15 +438,6 @@ class LogitsSampler:
         self._cand_np["p"] = 0.0
         return lc.llama_token_data_array(self._cand, self._n_vocab, -1, False)
 
-    def _grammar_allows(self, grammar: lc.llama_sampler_p, token: int) -> bool:
-        one = self._one
-        one[0].id = token  # type: ignore[assignment]  # ctypes converts the int
-        one[0].logit = 0.0
-        one[0].p = 0.0
-        arr = lc.llama_token_data_array(one, 1, -1, False)
-        lc.llama_sampler_apply(grammar, ctypes.byref(arr))
-        return math.isfinite(one[0].logit)
-
     def _sample_constrained(self, samplers: SequenceSamplers, idx: int) -> int:
         """A token the grammar allows: the chain's unconstrained pick when the grammar accepts it,
         else the chain's pick among the grammar-masked candidates. Both samplers then accept it (a
@@ -323,16 +447,16 @@ class LogitsSampler:
         arr = self._fill_candidates(idx)
         lc.llama_sampler_apply(chain, ctypes.byref(arr))
         token = int(arr.data[arr.selected].id) if 0 <= arr.selected < arr.size else -1
-        if token < 0 or not self._grammar_allows(grammar, token):
+        if token < 0 or not grammar.allows(token):
             arr = self._fill_candidates(idx)
-            lc.llama_sampler_apply(grammar, ctypes.byref(arr))
+            grammar.mask(arr, self._cand_np["logit"])
             lc.llama_sampler_apply(chain, ctypes.byref(arr))
             if not 0 <= arr.selected < arr.size:
                 raise RuntimeError("the grammar allows no token")
             token = int(arr.data[arr.selected].id)  # samplers may sort the array (or point it elsewhere)
-            if not self._grammar_allows(grammar, token):
+            if not grammar.allows(token):
                 raise RuntimeError("the grammar allows no token")
-        lc.llama_sampler_accept(grammar, token)
+        grammar.accept(token)
         lc.llama_sampler_accept(chain, token)
         return token
 
