@@ -289,11 +289,14 @@ def test_explicit_null_means_not_set(server: ServeProcess) -> None:
     assert r.status_code == 200, r.text
 
 
-def test_torch_runner_refuses_a_grammar(tmp_path: Path) -> None:
+async def test_torch_runner_decodes_under_a_grammar(tmp_path: Path) -> None:
+    # random weights: left alone the model writes noise; under the grammar every answer, greedy or
+    # sampled, is the schema's JSON (the schema's values are finite, so the grammar also ends it)
     pytest.importorskip("torch")
+    pytest.importorskip("llguidance")
     from deepseek_serve.engine.async_engine import AsyncEngine
-    from deepseek_serve.engine.errors import InvalidRequestError
-    from deepseek_serve.engine.types import SamplingParams
+    from deepseek_serve.engine.types import GenerationRequest, SamplingParams
+    from deepseek_serve.serving.structured import schema_grammar
     from tests.support.settings import make_settings
     from tests.support.torch_models import CODER, tiny_checkpoint
 
@@ -304,13 +307,43 @@ def test_torch_runner_refuses_a_grammar(tmp_path: Path) -> None:
             model=str(folder),
             runner="torch",
             device="cpu",
-            max_batch_size=1,
-            max_model_len=128,
-            context_length=256,
+            max_batch_size=4,
+            max_model_len=256,
+            context_length=512,
         )
     )
     assert engine.model_info.runner == "torch"
-    engine.check_request(SamplingParams(max_tokens=4), [1, 2, 3])  # the same request without a grammar is fine
-    with pytest.raises(InvalidRequestError) as info:
-        engine.check_request(SamplingParams(max_tokens=4, grammar='root ::= "{}"'), [1, 2, 3])
-    assert info.value.param == "response_format"
+    schema = {
+        "type": "object",
+        "properties": {
+            "ok": {"type": "boolean"},
+            "color": {"enum": ["red", "green", "blue"]},
+            "size": {"enum": [1, 2, 3]},
+        },
+        "required": ["ok", "color", "size"],
+        "additionalProperties": False,
+    }
+    grammar = schema_grammar(schema)
+    await engine.start()
+    try:
+
+        async def run(i: int, params: SamplingParams, prompt: str = "") -> tuple[str, str | None]:
+            req = GenerationRequest(request_id=f"g{i}", prompt=prompt or f"answer {i}", params=params)
+            text, last = await engine.complete(req)
+            return text, last.finish_reason
+
+        plain = SamplingParams(temperature=0.0, max_tokens=24)
+        free_text, _ = await run(0, plain)
+        answers = await asyncio.gather(
+            run(1, SamplingParams(temperature=0.0, max_tokens=200, grammar=grammar)),
+            *(run(2 + i, SamplingParams(temperature=1.0, seed=i, max_tokens=200, grammar=grammar)) for i in range(3)),
+            run(9, plain, "answer 0"),  # an unconstrained neighbour in the same batch
+        )
+    finally:
+        await engine.shutdown()
+    with pytest.raises(ValueError):
+        json.loads(free_text)
+    for text, finish in answers[:4]:
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), schema)
+    assert answers[4][0] == free_text  # the grammar rows left the other row alone

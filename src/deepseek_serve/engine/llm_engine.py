@@ -156,9 +156,9 @@ class LLMEngine:
         whether its runner can constrain decoding."""
         if params.grammar is not None and not self.runner.supports_grammar:
             raise InvalidRequestError(
-                f"The {self.runner.name} runner does not support constrained decoding "
-                "(response_format json_object/json_schema, forced tool calls); "
-                "serve a GGUF model with the llamacpp runner for it.",
+                f"The {self.runner.name} runner cannot constrain decoding on this server "
+                "(response_format json_object/json_schema, forced tool calls): it needs the llguidance "
+                "package (pip install 'deepseek-serve[grammar]').",
                 param="response_format",
             )
         return check_request(

@@ -31,6 +31,7 @@ import llama_cpp as lc
 import numpy as np
 
 from deepseek_serve.engine.runners import SampleResult
+from deepseek_serve.engine.runners.guidance import GuidanceMatcher, require_llguidance
 from deepseek_serve.engine.runners.llamacpp.tokenizer import LlamaCppTokenizer
 from deepseek_serve.engine.types import SamplingParams, TokenLogprob
 
@@ -109,45 +110,13 @@ class LlamaGrammar:
             self._sampler = None
 
 
-class LlguidanceGrammar:
-    """An llguidance matcher over the GBNF text (converted to Lark), same interface as LlamaGrammar."""
-
-    def __init__(self, tokenizer: Any, grammar: str, n_vocab: int, eos_ids: tuple[int, ...]) -> None:
-        import llguidance
-        from llguidance.gbnf_to_lark import gbnf_to_lark
-
-        try:
-            lark = gbnf_to_lark(grammar)
-        except Exception as exc:  # the converter's own error type
-            raise ValueError(f"the grammar could not be parsed: {exc}") from None
-        self._matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(lark))
-        if self._matcher.is_error():
-            raise ValueError(f"the grammar could not be parsed: {self._matcher.get_error()}")
-        self._n_vocab = n_vocab
-        self._eos = frozenset(eos_ids)
-        self._bitmask = np.full((n_vocab + 31) // 32, -1, dtype=np.int32)
-
-    def allows(self, token: int) -> bool:
-        if token in self._eos:  # validate_tokens never takes an end token; the mask does, at the end
-            return bool(self._matcher.is_accepting())
-        return bool(self._matcher.validate_tokens([token]) == 1)
+class LlguidanceGrammar(GuidanceMatcher):
+    """An llguidance matcher (engine/runners/guidance.py) behind the interface `_sample_constrained` uses."""
 
     def mask(self, arr: lc.llama_token_data_array, logits: np.ndarray) -> None:
         """Set the logit of every token the grammar rejects to -inf (`logits` is the candidates' logit
         column, in token order)."""
-        bits = self._bitmask
-        self._matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
-        allowed = np.unpackbits(bits.view(np.uint8), bitorder="little")[: self._n_vocab].view(bool)
-        np.copyto(logits, np.float32(-np.inf), where=~allowed)
-
-    def accept(self, token: int) -> None:
-        if token in self._eos:
-            return  # the sequence ends here
-        if not self._matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self._matcher.get_error()}")
-
-    def free(self) -> None:
-        pass
+        np.copyto(logits, np.float32(-np.inf), where=~self.allowed())
 
 
 Grammar = LlamaGrammar | LlguidanceGrammar
@@ -184,12 +153,7 @@ class GrammarFactory:
         if engine not in ("llama", "llguidance"):
             raise ValueError(f"unknown grammar engine {engine!r}")
         if engine == "llguidance":
-            try:
-                import llguidance  # noqa: F401
-            except ImportError:
-                raise ValueError(
-                    "DS_GRAMMAR_ENGINE=llguidance needs the llguidance package: pip install 'deepseek-serve[grammar]'"
-                ) from None
+            require_llguidance("DS_GRAMMAR_ENGINE=llguidance")
         self.engine = engine
         self._tokenizer = tokenizer
         self._llg_tokenizer: Any = None

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from deepseek_serve.engine.runners import Runner, SampleResult, ScheduledSeq, Tokenizer
 from deepseek_serve.engine.runners.common import entry_refusal, split_refused
+from deepseek_serve.engine.runners.guidance import GuidanceMatcher, llguidance_available
 from deepseek_serve.engine.runners.pytorch.compile import Compiler, DecodeStep
 from deepseek_serve.engine.runners.pytorch.cuda_graphs import DecodeGraphs
 from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, additive_mask
@@ -108,6 +109,11 @@ class TorchRunner(Runner):
         self.graphs = DecodeGraphs(self.decode_forward, device, max_len) if self._use_graphs else None
         self._generator = torch.Generator(device=device).manual_seed(seed)
         self._eos_ids = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
+        # constrained decoding (llguidance, the `grammar` extra): one matcher per slot that holds a
+        # sequence with a grammar; the token trie over the vocabulary is built on first use
+        self.supports_grammar = tokenizer is not None and llguidance_available()
+        self._grammars: dict[int, GuidanceMatcher] = {}
+        self._guidance_tokenizer: object | None = None
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
@@ -210,7 +216,10 @@ class TorchRunner(Runner):
         return self.slots.can_allocate(seq.max_total_tokens)
 
     def allocate(self, seq: Sequence) -> int:
+        matcher = self._matcher(seq.params.grammar) if seq.params.grammar is not None else None  # may refuse
         grant = self.slots.allocate(seq.prompt_token_ids, seq.max_total_tokens)
+        if matcher is not None:
+            self._grammars[grant.slot] = matcher
         kv = self.cache.kv  # [layers, slots, Hk, max_len + 1, 2 D]
         for c in grant.copies:
             kv[:, c.dst, :, : c.num_tokens].copy_(kv[:, c.src, :, : c.num_tokens])
@@ -222,6 +231,7 @@ class TorchRunner(Runner):
     def free(self, seq: Sequence) -> None:
         if seq.slot is None:
             return
+        self._grammars.pop(seq.slot, None)
         self.slots.release(seq.slot, seq.all_token_ids[: seq.num_computed_tokens])
         seq.slot = None
 
@@ -386,8 +396,19 @@ class TorchRunner(Runner):
             if order:
                 specs = [self._sample_row(batch[i].seq) for i in order]
                 for i, res in zip(order, self._sample_rows(torch.cat(parts), specs), strict=True):
-                    results[i] = res
+                    results[i] = self._follow_grammar(batch[i].seq, res)
         return results
+
+    def _follow_grammar(self, seq: Sequence, result: SampleResult) -> SampleResult:
+        """Feed a constrained sequence's new token to its matcher."""
+        matcher = self._grammars.get(seq.slot) if seq.slot is not None else None
+        if matcher is None or result.error is not None:
+            return result
+        try:
+            matcher.accept(result.token_id)
+        except RuntimeError as exc:
+            return SampleResult.failed(str(exc))
+        return result
 
     def _sample_rows(self, logits: Tensor, specs: list[SampleRow]) -> list[SampleResult]:
         """Sample every row at once; when that raises, row by row, so only the rows that fail fail."""
@@ -408,7 +429,28 @@ class TorchRunner(Runner):
 
     def _plain_greedy(self, seq: Sequence) -> bool:
         p = seq.params
-        return p.is_greedy and not p.logprobs and not p.has_penalties and seq.num_output_tokens >= p.min_tokens
+        return (
+            p.is_greedy
+            and not p.logprobs
+            and not p.has_penalties
+            and p.grammar is None
+            and seq.num_output_tokens >= p.min_tokens
+        )
+
+    def _matcher(self, grammar: str) -> GuidanceMatcher:
+        """A new matcher for `grammar` (ValueError when it cannot be parsed or llguidance is missing)."""
+        if not self.supports_grammar or self._tokenizer is None:
+            raise ValueError(
+                "constrained decoding on the torch runner needs llguidance: pip install 'deepseek-serve[grammar]'"
+            )
+        if self._guidance_tokenizer is None:
+            from llguidance.hf import from_tokenizer
+
+            hf = getattr(self._tokenizer, "hf", None)
+            if hf is None:
+                raise ValueError("constrained decoding needs a Hugging Face tokenizer")
+            self._guidance_tokenizer = from_tokenizer(hf, n_vocab=self.args.vocab_size, eos_token=list(self._eos_ids))
+        return GuidanceMatcher(self._guidance_tokenizer, grammar, self.args.vocab_size, self._eos_ids)
 
     # --- sampling ----------------------------------------------------------------------------------
     def _sample_row(self, seq: Sequence) -> SampleRow:
@@ -420,7 +462,11 @@ class TorchRunner(Runner):
         banned: tuple[int, ...] = ()
         if seq.num_output_tokens < p.min_tokens:
             banned = tuple(dict.fromkeys(self._eos_ids + tuple(p.stop_token_ids)))
-        return SampleRow(p, history, seq.num_tokens, banned)
+        allowed = None
+        matcher = self._grammars.get(seq.slot) if seq.slot is not None else None
+        if matcher is not None:
+            allowed = torch.from_numpy(matcher.allowed()).to(self.device, non_blocking=True)
+        return SampleRow(p, history, seq.num_tokens, banned, allowed)
 
     def _results(self, out: SampleOutput, specs: list[SampleRow]) -> list[SampleResult]:
         tokens = out.tokens.tolist()  # the one device -> host sync of the step

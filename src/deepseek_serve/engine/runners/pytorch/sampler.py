@@ -1,8 +1,8 @@
 """Batched sampling on the device. One row per sequence that samples this step.
 
-Order (llama.cpp's): logit bias -> penalties -> temperature -> top-k -> top-p -> min-p -> draw. Greedy rows take
-the argmax of the penalized logits. A row with a seed draws its noise from a generator seeded by
-(seed, position), so its tokens do not depend on the batch it runs in.
+Order (llama.cpp's): logit bias -> penalties -> grammar mask -> temperature -> top-k -> top-p -> min-p
+-> draw. Greedy rows take the argmax of the penalized (and masked) logits. A row with a seed draws its
+noise from a generator seeded by (seed, position), so its tokens do not depend on the batch it runs in.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ class SampleRow:
     history: list[int]  # the last `params.penalty_last_n` tokens (penalties only; else empty)
     position: int  # index of the token being sampled (seed counter)
     banned: tuple[int, ...] = ()  # ids masked out (EOS before min_tokens)
+    allowed: Tensor | None = None  # [V] bool on the logits' device: the grammar's allowed tokens
 
 
 @dataclass
@@ -92,6 +93,8 @@ def sample(logits: Tensor, rows: list[SampleRow], generator: torch.Generator | N
     for i, r in enumerate(rows):
         if r.banned:
             logits[i, list(r.banned)] = float("-inf")
+        if r.allowed is not None:
+            logits[i].masked_fill_(~r.allowed[:vocab], float("-inf"))
     greedy = torch.argmax(logits, dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     if not random_rows:
