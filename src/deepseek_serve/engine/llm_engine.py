@@ -158,7 +158,7 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"The {self.runner.name} runner cannot constrain decoding on this server "
                 "(response_format json_object/json_schema, forced tool calls): it needs the llguidance "
-                "package (pip install 'deepseek-serve[grammar]').",
+                "package (pip install llguidance).",
                 param="response_format",
             )
         return check_request(

@@ -4,7 +4,7 @@ serving/structured.py and serving/tools.py build (converted to llguidance's Lark
 The runner keeps the sampling; a matcher answers whether one token is allowed (`allows`), which
 tokens are (`allowed`, a boolean row over the vocabulary), and follows the tokens the sequence takes
 (`accept`). End tokens are the runner's business: the matcher allows them exactly when the text so far
-is a complete match. llguidance is the optional `grammar` extra; `require_llguidance` says how to get it.
+is a complete match. llguidance is a dependency; `require_llguidance` names it when an install lacks it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def require_llguidance(what: str) -> None:
     try:
         import llguidance  # noqa: F401
     except ImportError:
-        raise ValueError(f"{what} needs the llguidance package: pip install 'deepseek-serve[grammar]'") from None
+        raise ValueError(f"{what} needs the llguidance package: pip install llguidance") from None
 
 
 def llguidance_available() -> bool:

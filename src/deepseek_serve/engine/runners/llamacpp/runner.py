@@ -52,7 +52,7 @@ class LlamaCppRunner(Runner):
         flash_attn: bool = True,
         repack: bool = True,
         allow_amx: bool = False,
-        grammar_engine: str = "llama",
+        grammar_engine: str = "llguidance",
     ) -> None:
         self._model = load_model(model_path, repack, allow_amx)
         self._tokenizer = LlamaCppTokenizer(self._model)

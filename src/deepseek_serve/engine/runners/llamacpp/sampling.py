@@ -13,7 +13,7 @@ chain: the chain picks a token from the unconstrained candidates, the grammar ch
 and only when it rejects it are all candidates masked by the grammar and the chain run again.
 Masking the whole vocabulary costs milliseconds per token; checking one token costs microseconds,
 and the model usually proposes a valid token (the same scheme as llama.cpp's common sampler).
-With `DS_GRAMMAR_ENGINE=llguidance` the same scheme runs on llguidance (the optional `grammar` extra):
+With `DS_GRAMMAR_ENGINE=llguidance` (the default) the same scheme runs on llguidance:
 the GBNF text goes through llguidance's GBNF-to-Lark converter, a check is `validate_tokens`, and a
 full mask is its token bitmask applied to the candidates' logits, ~500x cheaper than llama.cpp's
 (docs/performance.md, "Grammar engines").

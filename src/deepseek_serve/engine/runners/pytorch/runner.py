@@ -440,9 +440,7 @@ class TorchRunner(Runner):
     def _matcher(self, grammar: str) -> GuidanceMatcher:
         """A new matcher for `grammar` (ValueError when it cannot be parsed or llguidance is missing)."""
         if not self.supports_grammar or self._tokenizer is None:
-            raise ValueError(
-                "constrained decoding on the torch runner needs llguidance: pip install 'deepseek-serve[grammar]'"
-            )
+            raise ValueError("constrained decoding on the torch runner needs llguidance: pip install llguidance")
         if self._guidance_tokenizer is None:
             from llguidance.hf import from_tokenizer
 
