@@ -100,14 +100,6 @@ class Settings(BaseSettings):
         "more keep arriving (this long after each, at most 4x) to admit them together",
     )
     default_max_tokens: int = Field(1024, ge=1)
-    gil_switch_interval_ms: float = Field(
-        0.5,
-        ge=0.05,
-        le=50.0,
-        description="Python's thread switch interval in a serving process: the engine thread and "
-        "the event loop take turns on the GIL, and one that wants it back waits up to this long (Python's "
-        "default, 5 ms, is longer than a GPU decode step)",
-    )
     cuda_graphs: bool = True
     gpu_memory_utilization: float = Field(
         0.9,
