@@ -117,3 +117,30 @@ async def test_stream_behind_the_engine_sends_the_whole_answer(engine: AsyncEngi
         if behind:
             assert len(contents) == 2  # the role, then all 12 tokens in one chunk
         assert len(run.choices[0].arrivals) == 12  # one per engine step, merged or not
+
+
+async def test_under_load_a_stream_sends_one_event_per_interval(engine: AsyncEngine, tmp_path: Path) -> None:
+    # one open stream counts as load here; a 1 s interval merges every token after the first
+    settings = make_settings(tmp_path, stream_coalesce_ms=1000.0, stream_coalesce_streams=1)
+    services = Services(settings=settings, engine=engine)
+    ids = engine.tokenize(PROMPT)
+    text, _ = await engine.complete(request("coalesce-ref", ids))
+    plan = GenerationPlan(
+        endpoint="completions",
+        completion_id="cmpl-coalesce",
+        model=engine.model_info.id,
+        prompts=(PromptInput(tuple(ids), PROMPT),),
+        params=SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+        stream=True,
+        include_usage=True,
+    )
+    run = GenerationRun(services, Principal(key_id=None), plan)
+    await run.accounting.admit()
+    await run.submit()
+    raw = b"".join([e async for e in stream_events(run, 15.0, None)])
+    datas = [orjson.loads(e.removeprefix(b"data: ")) for e in raw.split(b"\n\n") if e and e != b"data: [DONE]"]
+    texts = [d["choices"][0]["text"] for d in datas if d["choices"]]
+    assert "".join(texts) == text
+    assert datas[-1]["usage"]["completion_tokens"] == 12
+    assert len(texts) < 12  # several tokens per event
+    assert len(run.choices[0].arrivals) == 12  # the ITL metrics still see every step

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -153,11 +152,8 @@ class AsyncEngine:
         model_info: ModelInfo,
         chat_template: ChatTemplate | None,
         default_system_prompt: str | None = None,
-        switch_interval_s: float | None = None,
     ) -> None:
         self._core = core
-        # sys.setswitchinterval at start (None: leave it): see `start`
-        self._switch_interval_s = switch_interval_s
         # added when a conversation has no system message; None keeps the template's own default
         self._default_system = default_system_prompt
         self.model_info = model_info
@@ -174,25 +170,13 @@ class AsyncEngine:
     def from_settings(cls, settings: Settings) -> AsyncEngine:
         """Resolve the model (downloading if needed), load it with the configured runner."""
         loaded = load_model(settings)
-        return cls(
-            loaded.core,
-            loaded.info,
-            loaded.template,
-            default_system_prompt=loaded.default_system_prompt,
-            switch_interval_s=settings.gil_switch_interval_ms / 1000.0,
-        )
+        return cls(loaded.core, loaded.info, loaded.template, default_system_prompt=loaded.default_system_prompt)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
-        if self._switch_interval_s is not None:
-            # The worker thread drops the GIL in every native call (each torch op, each CUDA wait) and
-            # must take it back from the event loop, which holds it while it writes the streams; a
-            # thread waiting for the GIL gets it after the switch interval at the latest. At Python's
-            # 5 ms a busy loop can stretch a 3 ms decode step several times over.
-            sys.setswitchinterval(self._switch_interval_s)
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -211,6 +195,11 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join, 10.0)
             self._thread = None
         self._core.close()
+
+    @property
+    def num_streams(self) -> int:
+        """Requests with an open stream (queued, running, or not yet read to their end)."""
+        return len(self._streams)
 
     @property
     def is_accepting(self) -> bool:

@@ -36,6 +36,11 @@ async def stream_events(run: GenerationRun, keepalive_s: float, cache_key: str |
     for c in run.choices:
         c.stream.set_listener(arrived.set)
     open_choices = list(run.choices)
+    settings = run.services.settings
+    engine = run.services.engine
+    coalesce_s = settings.stream_coalesce_ms / 1000.0
+    loop = asyncio.get_running_loop()
+    last_sent = 0.0
     try:
         for c in run.choices:
             event = opening_event(plan, c)
@@ -56,6 +61,12 @@ async def stream_events(run: GenerationRun, keepalive_s: float, cache_key: str |
                     except TimeoutError:
                         yield KEEPALIVE
                 continue
+            if coalesce_s > 0 and engine.num_streams >= settings.stream_coalesce_streams:
+                # under heavy load, one event per interval: each write costs the loop a send() and
+                # the chunk's framing while holding the GIL the engine thread needs between steps
+                wait = last_sent + coalesce_s - loop.time()
+                if wait > 0 and not any(c.stream.ended for c in open_choices):
+                    await asyncio.sleep(wait)
             events: list[bytes] = []
             for choice in list(open_choices):
                 deltas, arrivals = choice.stream.take()
@@ -75,6 +86,7 @@ async def stream_events(run: GenerationRun, keepalive_s: float, cache_key: str |
                 if failure is not None:
                     break
             if events:
+                last_sent = loop.time()
                 yield events[0] if len(events) == 1 else b"".join(events)
         outcome = run.summarize()
         if failure is not None:
