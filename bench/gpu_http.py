@@ -15,13 +15,15 @@ Run on a CUDA machine from the repository root (the server's Python packages ins
    not the bottleneck; --single-client: one `deepseek-serve bench` process, as before): a first pass
    right after ready (no warm-up request), then a second pass;
 5. with --before SRC: the same against a server running the code in SRC (another checkout's src/),
-   one pass after a warm-up pass, for a before/after on the same machine.
+   one pass after a warm-up pass, for a before/after on the same machine; with --variant, this code
+   with other settings (e.g. --variant coalesce4:DS_STREAM_COALESCE_MS=4).
 Writes summary.json, server-*.log and log.txt under --out (default: $OUT or ./bench-out).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -73,6 +75,62 @@ def in_process(model_dir: Path) -> dict[int, float]:
     del runner, model
     torch.cuda.empty_cache()
     return out
+
+
+def engine_core(model_dir: Path, tmp: Path, context: int, out: Path) -> dict[int, float]:
+    """The server's engine core (`LLMEngine`: scheduler, runner, detokenizer, deltas) driven in this
+    thread, without the event loop or HTTP: closed loop, `conc` requests in the system, 32-token
+    prompts, 256 new tokens. Then 64 streams again under cProfile (engine-core-64.prof.txt)."""
+    import cProfile
+    import io
+    import pstats
+
+    from deepseek_serve.config import load_settings
+    from deepseek_serve.engine.loader import load_model as load_engine
+    from deepseek_serve.engine.types import GenerationRequest, SamplingParams
+
+    settings = load_settings(
+        _env_file=None,
+        model=str(model_dir),
+        runner="torch",
+        max_batch_size=128,
+        context_length=context,
+        max_queue_size=512,
+        data_dir=tmp / "data-core",
+    )
+    core = load_engine(settings).core
+    gen = torch.Generator().manual_seed(1)
+    params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
+
+    def run(conc: int, total: int) -> float:
+        sent = done = tokens = 0
+        t0 = time.perf_counter()
+        while done < total:
+            while sent < total and sent - done < conc:
+                ids = tuple(torch.randint(100, 30000, (32,), generator=gen).tolist())
+                request = GenerationRequest(f"r{sent}", prompt_token_ids=ids, params=params)
+                core.add_sequence(core.make_sequence(request))
+                sent += 1
+            for _, delta, _ in core.step():
+                if delta is not None and delta.finished:
+                    done += 1
+                    tokens += delta.usage.completion_tokens if delta.usage else 0
+        return tokens / (time.perf_counter() - t0)
+
+    out_rates: dict[int, float] = {}
+    run(8, 8)
+    for conc in STREAMS:
+        out_rates[conc] = run(conc, REQUESTS[conc])
+        gpu.log(f"engine core in process, {conc} streams: {out_rates[conc]:.0f} tok/s")
+    prof = cProfile.Profile()
+    prof.enable()
+    rate = run(64, 64)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
+    (out / "engine-core-64.prof.txt").write_text(f"{rate:.0f} tok/s under cProfile\n" + buf.getvalue())
+    core.close()
+    return out_rates
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> float:
@@ -205,7 +263,10 @@ def main() -> None:
     ap.add_argument("--single-client", action="store_true", help="one `deepseek-serve bench` process")
     ap.add_argument("--before", default=None, help="PYTHONPATH of the code to compare with (its src/)")
     ap.add_argument(
-        "--switch-5ms", action="store_true", help="also this code with Python's default GIL switch interval"
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:KEY=VALUE,KEY=VALUE: also this code with these DS_* settings (a warm-up, then one pass)",
     )
     a = ap.parse_args()
     a.streams = tuple(int(x) for x in a.streams.split(","))
@@ -220,12 +281,18 @@ def main() -> None:
     gpu.log(f"model written in {time.monotonic() - t0:.1f} s")
     if not a.skip_in_process:
         summary["in_process_tok_s"] = in_process(model_dir)
+        summary["engine_core_tok_s"] = engine_core(model_dir, a.tmp, a.context, out)
+        gc.collect()
+        torch.cuda.empty_cache()  # the servers size their KV from the free memory
+        gpu.log(f"GPU memory in use after the in-process runs: {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
     servers: list[tuple[str, tuple[str, ...], str | None, dict[str, str]]] = [("after", ("first", "second"), None, {})]
     if a.before:
         pp = os.pathsep.join([a.before, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
         servers.append(("before", ("warm", "second"), pp, {}))
-    if a.switch_5ms:
-        servers.append(("after-switch-5ms", ("warm", "second"), None, {"DS_GIL_SWITCH_INTERVAL_MS": "5"}))
+    for variant in a.variant:
+        name, _, pairs = variant.partition(":")
+        env = dict(pair.split("=", 1) for pair in pairs.split(",") if pair)
+        servers.append((name, ("warm", "second"), None, env))
     for name, passes, pythonpath, extra in servers:
         try:
             summary[name] = serve_and_load(name, model_dir, a, out, passes, pythonpath, extra)
@@ -233,14 +300,21 @@ def main() -> None:
             gpu.log(f"server {name} failed: {exc!r}"[:2000])
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     inproc = summary.get("in_process_tok_s", {})
-    gpu.log("\n| server | streams | pass | HTTP tok/s | in-process tok/s | ratio | TTFT p50 / p99 ms | ITL p99 ms |")
-    gpu.log("|---|---|---|---|---|---|---|---|")
+    core = summary.get("engine_core_tok_s", {})
+    gpu.log(
+        "\n| server | streams | pass | HTTP tok/s | in-process runner tok/s | ratio | engine core tok/s | ratio "
+        "| TTFT p50 / p99 ms | ITL p99 ms |"
+    )
+    gpu.log("|---|---|---|---|---|---|---|---|---|---|")
     for name, *_ in servers:
         for r in summary.get(name, {}).get("http", []):
             ip = inproc.get(r["streams"])
             ratio = f"{r['tok_s'] / ip:.2f}" if ip else "-"
+            ec = core.get(r["streams"])
+            ratio_core = f"{r['tok_s'] / ec:.2f}" if ec else "-"
             gpu.log(
                 f"| {name} | {r['streams']} | {r['pass']} | {r['tok_s']:.0f} | {ip or 0:.0f} | {ratio} | "
+                f"{ec or 0:.0f} | {ratio_core} | "
                 f"{1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | {1e3 * r['itl_p99']:.1f} |"
             )
 
