@@ -123,6 +123,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     drain_timeout_s: float = Field(30.0, ge=0)
     keepalive_interval_s: float = Field(10.0, gt=0, description="SSE comment interval while queued")
+    stream_coalesce_ms: float = Field(
+        8.0,
+        ge=0,
+        le=1000,
+        description="while at least DS_STREAM_COALESCE_STREAMS streams are open, a stream sends at "
+        "most one event per this interval, carrying every token generated meanwhile (0: one event per "
+        "engine step); fewer writes leave the GIL to the engine thread (docs/performance.md)",
+    )
+    stream_coalesce_streams: int = Field(32, ge=1, description="open streams from which DS_STREAM_COALESCE_MS applies")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "console"
     log_prompts: bool = Field(False, description="include prompt text in logs")

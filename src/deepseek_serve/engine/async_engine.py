@@ -2,7 +2,8 @@
 
 The scheduler loop (`LLMEngine.step`) runs in one worker thread; native forward passes release
 the GIL, so the event loop stays responsive. Each request gets a `RequestStream` (an async
-iterator of `StreamDelta`) fed from the worker thread with `call_soon_threadsafe`.
+iterator of `StreamDelta`); the worker thread hands each step's deltas, all requests' together, to
+the event loop with one `call_soon_threadsafe`.
 
 Submission errors (`QueueFullError`, `ContextLengthError`, `InvalidRequestError`,
 `EngineStoppedError`) are raised by `add_request` itself, before any streaming starts.
@@ -14,7 +15,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from deepseek_serve.engine.chat_template import ChatTemplate
@@ -28,6 +30,7 @@ from deepseek_serve.engine.types import (
     ModelInfo,
     SamplingParams,
     StreamDelta,
+    merge_deltas,
 )
 
 if TYPE_CHECKING:
@@ -38,22 +41,80 @@ logger = logging.getLogger(__name__)
 
 class RequestStream(AsyncIterator[StreamDelta]):
     """Deltas of one request. Closing it (or the task being cancelled) before the last delta
-    aborts the request and frees its KV at once."""
+    aborts the request and frees its KV at once.
+
+    Two ways to read it: iterate (one delta per engine step), or `take()` everything that arrived
+    since the last call, merged, after a `listener` set with `set_listener` said that something came
+    (one consumer can watch several streams, and a consumer slower than the engine sends one event
+    for several steps instead of falling further behind)."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, num_prompt_tokens: int) -> None:
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
         self._engine = engine
-        self._queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
-        self._finished = False
+        self._pending: deque[StreamDelta] = deque()
+        self._arrivals: list[float] = []  # monotonic arrival time of each pending delta with tokens
+        self._waiter: asyncio.Future[None] | None = None
+        self._listener: Callable[[], None] | None = None
+        self._finished = False  # the reader has the last delta (or closed the stream)
+        self._ended = False  # the last delta has arrived
         self.scheduled = asyncio.Event()  # set when the request leaves the waiting queue
 
     def _put(self, delta: StreamDelta) -> None:
-        self._queue.put_nowait(delta)
+        self._pending.append(delta)
+        if delta.finished:
+            self._ended = True
+        if delta.token_ids and self._listener is not None:
+            self._arrivals.append(time.monotonic())
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._listener is not None:
+            self._listener()
+
+    def set_listener(self, listener: Callable[[], None] | None) -> None:
+        """Call `listener()` (on the event loop) each time a delta arrives; `take()` then also
+        reports arrival times."""
+        self._listener = listener
 
     @property
     def finished(self) -> bool:
         return self._finished
+
+    @property
+    def ended(self) -> bool:
+        """The request's last delta has arrived (read or not)."""
+        return self._ended
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def take(self) -> tuple[list[StreamDelta], list[float]]:
+        """What arrived since the last call: the deltas merged into one (`merge_deltas`), except that
+        a last delta that ends the request unsuccessfully (error, timeout, abort: its text is not
+        sent) stays apart from the ones before it; and the arrival times of the deltas with tokens.
+        ([], []) when nothing is pending."""
+        pending = self._pending
+        if not pending:
+            return [], []
+        arrivals = self._arrivals
+        self._arrivals = []
+        if len(pending) == 1:
+            deltas = [pending.popleft()]
+        else:
+            items = list(pending)
+            pending.clear()
+            last = items[-1]
+            if last.finished and last.finish_reason not in ("stop", "length"):
+                deltas = [merge_deltas(items[:-1]), last]
+            else:
+                deltas = [merge_deltas(items)]
+        if deltas[-1].finished:
+            self._finished = True
+        return deltas, arrivals
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -61,11 +122,16 @@ class RequestStream(AsyncIterator[StreamDelta]):
     async def __anext__(self) -> StreamDelta:
         if self._finished:
             raise StopAsyncIteration
-        try:
-            delta = await self._queue.get()
-        except BaseException:
-            await self.aclose()
-            raise
+        while not self._pending:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            except BaseException:
+                self._waiter = None
+                await self.aclose()
+                raise
+        delta = self._pending.popleft()
         if delta.finished:
             self._finished = True
         return delta
@@ -129,6 +195,11 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join, 10.0)
             self._thread = None
         self._core.close()
+
+    @property
+    def num_streams(self) -> int:
+        """Requests with an open stream (queued, running, or not yet read to their end)."""
+        return len(self._streams)
 
     @property
     def is_accepting(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypedDict
 
@@ -200,6 +201,27 @@ class StreamDelta:
     usage: Usage | None = None
     timings: RequestTimings | None = None
     error: str | None = None  # set with finish_reason "error" or "timeout"
+
+
+def merge_deltas(deltas: Sequence[StreamDelta]) -> StreamDelta:
+    """Consecutive deltas of one request as one: text, token ids and logprobs joined; the end of the
+    request (finished, reason, usage, timings, error) from the last, which alone can carry it."""
+    if len(deltas) == 1:
+        return deltas[0]
+    last = deltas[-1]
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    if any(d.logprobs is not None for d in deltas):
+        logprobs = tuple(lp for d in deltas if d.logprobs for lp in d.logprobs)
+    return StreamDelta(
+        text="".join(d.text for d in deltas),
+        token_ids=tuple(t for d in deltas for t in d.token_ids),
+        logprobs=logprobs,
+        finished=last.finished,
+        finish_reason=last.finish_reason,
+        usage=last.usage,
+        timings=last.timings,
+        error=last.error,
+    )
 
 
 @dataclass(frozen=True)

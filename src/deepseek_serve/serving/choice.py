@@ -31,11 +31,17 @@ class ChoiceState:
     # (content, tool calls) of a chat with tools, parsed once: the answer and the stored conversation
     # turn carry the same call ids
     tool_answer: tuple[str, list[ToolCall]] | None = None
+    # the SSE event of a text-only chunk of this choice, cut around the text (render.py builds it)
+    chunk_template: tuple[bytes, bytes] | None = None
 
-    def add_delta(self, delta: StreamDelta) -> None:
-        """Take in one delta from the engine."""
-        if delta.token_ids:
+    def add_delta(self, delta: StreamDelta, arrivals: list[float] | None = None) -> None:
+        """Take in one delta from the engine, or several merged: `arrivals` then holds the time each of
+        them with tokens arrived (None: one delta, arrived now)."""
+        if arrivals is not None:
+            self.arrivals.extend(arrivals)
+        elif delta.token_ids:
             self.arrivals.append(time.monotonic())
+        if delta.token_ids:
             # a running count, so a stream cut before its last delta (client gone, drain timeout) still
             # accounts for the tokens it got; the last delta's usage replaces it
             self.completion_tokens += len(delta.token_ids)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import orjson
+
 from deepseek_serve.engine.types import StreamDelta, TokenLogprob
 from deepseek_serve.serving.accounting import RequestOutcome
 from deepseek_serve.serving.choice import ChoiceState
@@ -25,7 +27,7 @@ from deepseek_serve.serving.schemas import (
     ToolCallDelta,
     TopLogprob,
 )
-from deepseek_serve.serving.sse import model_event
+from deepseek_serve.serving.sse import escape_line_breaks, model_event
 
 TOOL_ARGUMENT_PIECE = 32  # characters of `arguments` per streamed delta
 
@@ -150,6 +152,49 @@ def delta_event(plan: GenerationPlan, choice: ChoiceState, delta: StreamDelta) -
     return _chat_chunk(plan, choice, delta) if plan.is_chat else _completion_chunk(plan, choice, delta)
 
 
+# --- the common chunk: text only ------------------------------------------------------------------------
+# Most chunks of a stream carry only a piece of text: no reasoning, logprobs, tool calls or finish
+# reason. Their event is the choice's template with the text's JSON string in the middle, the same
+# bytes the response models give (tests/serving/test_render.py compares them), at a fraction of the
+# cost of building and serializing the models per token.
+_MARK = "\ue000text\ue000"
+
+
+def _template(plan: GenerationPlan, index: int) -> tuple[bytes, bytes]:
+    body: ChatCompletionChunk | Completion
+    if plan.is_chat:
+        body = ChatCompletionChunk(
+            id=plan.completion_id,
+            created=plan.created,
+            model=plan.model,
+            choices=[ChatChunkChoice(index=index, delta=ChatDelta(content=_MARK))],
+        )
+    else:
+        body = Completion(
+            id=plan.completion_id,
+            created=plan.created,
+            model=plan.model,
+            choices=[CompletionChoice(index=index, text=_MARK, finish_reason=None)],
+        )
+    event = model_event(body)
+    head, mark, tail = event.rpartition(orjson.dumps(_MARK))
+    assert mark, "the text's place in the chunk"
+    return head, tail
+
+
+def text_event(plan: GenerationPlan, choice: ChoiceState, text: str) -> bytes | None:
+    """The event of a chunk carrying only `text` (content of a chat delta, or a completion's text);
+    None when the text cannot be encoded directly (the caller builds the models)."""
+    template = choice.chunk_template
+    if template is None:
+        template = choice.chunk_template = _template(plan, choice.index)
+    try:
+        encoded = orjson.dumps(text)
+    except orjson.JSONEncodeError:  # a lone surrogate: the models' serializer says what to do
+        return None
+    return template[0] + escape_line_breaks(encoded) + template[1]
+
+
 def _chat_chunk(plan: GenerationPlan, choice: ChoiceState, delta: StreamDelta) -> bytes | None:
     text = delta.text
     reasoning = ""
@@ -169,6 +214,10 @@ def _chat_chunk(plan: GenerationPlan, choice: ChoiceState, delta: StreamDelta) -
     logprobs = chat_logprobs(delta.logprobs) if plan.params.logprobs and delta.logprobs else None
     if not text and not reasoning and logprobs is None and not delta.finished:
         return None  # a tag being held back
+    if not reasoning and logprobs is None and not delta.finished:
+        event = text_event(plan, choice, text)
+        if event is not None:
+            return event
     finish_reason = delta.finish_reason if delta.finished else None
     body = ChatCompletionChunk(
         id=plan.completion_id,
@@ -233,6 +282,10 @@ def _tool_call_events(plan: GenerationPlan, index: int, calls: list[ToolCall]) -
 def _completion_chunk(plan: GenerationPlan, choice: ChoiceState, delta: StreamDelta) -> bytes | None:
     if not delta.text and not delta.finished and not delta.logprobs:
         return None
+    if not delta.finished and not (plan.params.logprobs and delta.logprobs):
+        event = text_event(plan, choice, delta.text)
+        if event is not None:
+            return event
     logprobs: CompletionLogprobs | None = None
     if plan.params.logprobs and delta.logprobs:
         offset = len(plan.prompts[choice.prompt_index].text) if plan.echo else 0

@@ -14,12 +14,17 @@ KEEPALIVE = b": keep-alive\n\n"  # a comment line: keeps proxies from timing out
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse_event(json_bytes: bytes) -> bytes:
-    """One `data:` event carrying a JSON document."""
+def escape_line_breaks(json_bytes: bytes) -> bytes:
+    """JSON text with U+0085, U+2028 and U+2029 escaped (the same JSON)."""
     for raw, escaped in _RAW_LINE_BREAKS:
         if raw in json_bytes:
             json_bytes = json_bytes.replace(raw, escaped)
-    return b"data: " + json_bytes + b"\n\n"
+    return json_bytes
+
+
+def sse_event(json_bytes: bytes) -> bytes:
+    """One `data:` event carrying a JSON document."""
+    return b"data: " + escape_line_breaks(json_bytes) + b"\n\n"
 
 
 def model_event(payload: BaseModel) -> bytes:

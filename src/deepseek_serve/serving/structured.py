@@ -13,8 +13,6 @@ import json
 import re
 from typing import Any
 
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
 from deepseek_serve.serving.failures import ApiError
 
 MAX_SCHEMA_BYTES = 64 * 1024
@@ -162,6 +160,10 @@ def schema_grammar(schema: Any, where: tuple[str, str] = RESPONSE_SCHEMA) -> str
     if len(raw) > MAX_SCHEMA_BYTES:
         raise checker.bad("", f"{len(raw)} bytes; at most {MAX_SCHEMA_BYTES} are allowed")
     checker.check(schema)
+    # imported here: loading llama_cpp loads llama.cpp's library, which a server on the torch runner
+    # needs for nothing else
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
     try:
         grammar = json_schema_to_gbnf(raw)
     except Exception as exc:  # the converter raises ValueError, AssertionError, KeyError, re.error
@@ -174,6 +176,8 @@ def response_format_grammar(response_format: Any) -> str | None:
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
+        from llama_cpp.llama_grammar import JSON_GBNF
+
         return JSON_GBNF
     spec = response_format.json_schema
     if spec is None:
