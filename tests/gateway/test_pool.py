@@ -197,9 +197,10 @@ def test_engine_role_requires_the_shared_secret_and_reports_its_load(cluster: Cl
     assert {"running", "waiting", "kv_used_tokens", "kv_capacity_tokens", "prefix_cache"} <= report.keys()
     # the prefix-cache summary: the blocks of a prompt the engine has just served are in it
     ids = [1000 + 7 * i for i in range(3 * prefix_summary.BLOCK_TOKENS + 5)]
+    model = httpx.get(f"{engine.url}/v1/models", headers=auth, timeout=10).json()["data"][0]["id"]
     done = httpx.post(
         f"{engine.url}/v1/completions",
-        json={"model": "x", "prompt": ids, "max_tokens": 2, "temperature": 0},
+        json={"model": model, "prompt": ids, "max_tokens": 2, "temperature": 0},
         headers=auth,
         timeout=60,
     )
