@@ -292,7 +292,8 @@ def simulate(
                 rr_next = (rr_next + 1) % num_engines
             else:
                 candidates = [Candidate(names[i], e.load) for i, e in enumerate(engines)]
-                target = by_name[router.choose(req.text, conv_id, candidates)]
+                # p2c: the same router with no memory to go by (no conversation ids, nothing observed)
+                target = by_name[router.choose(req.text, conv_id if policy == "prefix" else None, candidates)]
             req.engine = target
             engine = engines[target]
             engine.waiting.append(req)

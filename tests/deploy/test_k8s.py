@@ -358,6 +358,8 @@ def test_servicemonitor_scrapes_gateway_and_engines(rendered: dict[str, list[Doc
         secret = _one(docs, "Secret", "deepseek-serve-secrets")
         assert credentials == {"name": secret["metadata"]["name"], "key": "DS_METRICS_TOKEN"}
         assert monitor["spec"]["podTargetLabels"] == ["deepseek-serve/pool"]
+        # the job label the alert rules and the dashboard of deploy/monitoring select
+        assert {s["metadata"]["labels"][monitor["spec"]["jobLabel"]] for s in scraped} == {"deepseek-serve"}
 
 
 def test_engine_autoscaling_on_requests_in_the_engines(rendered: dict[str, list[Doc]]) -> None:

@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
+from deepseek_serve.engine import prefix_summary
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams, StreamDelta
@@ -381,6 +382,16 @@ async def test_prefix_cache_keeps_a_bounded_lru_and_clears_on_request() -> None:
             await generate(eng, req(topic))
             await wait_idle(eng)
             assert 0 < eng.stats().kv_cached_tokens <= 120
+        # the load report's summary of the cache: every entry's blocks, the newest entry first
+        entries = eng._core.runner.cached_prefixes()
+        newest_ids = eng.tokenize(req(topics[2]).prompt or "", add_special_tokens=False)
+        assert entries and list(entries[0][: len(newest_ids)]) == newest_ids
+        summary = eng.prefix_cache_summary()
+        held = prefix_summary.decode(summary)
+        assert held == frozenset(prefix_summary.summarize(entries)) and held
+        for entry in entries:
+            assert prefix_summary.matched_blocks(prefix_summary.block_hashes(entry), held) == len(entry) // 32
+        assert eng.prefix_cache_summary() is summary  # an unchanged cache is not hashed again
         # each entry holds ~50 tokens: the newest two fit the budget, the oldest was evicted (its prompt
         # now finds only the chat template's opening, shared with the other entries)
         _, newest = await generate(eng, req(topics[2]))
@@ -392,7 +403,7 @@ async def test_prefix_cache_keeps_a_bounded_lru_and_clears_on_request() -> None:
 
         await wait_idle(eng)
         await eng.clear_prefix_cache()
-        assert eng.stats().kv_cached_tokens == 0
+        assert eng.stats().kv_cached_tokens == 0 and eng.prefix_cache_summary() == ""
         _, after = await generate(eng, req(topics[0]))
         assert after[-1].usage is not None and after[-1].usage.cached_tokens == 0
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,7 +18,11 @@ def upstream(name: str, **state: Any) -> Upstream:
 def test_every_upstream_reports_its_own_series() -> None:
     healthy = upstream("a", ever_healthy=True, inflight=2, reported_busy=4, capacity=8, served_total=7)
     ejected = upstream("b", ever_healthy=True, open=True, failed_total=3, ejections_total=1)
-    assert healthy.metrics_snapshot() == UpstreamState(
+    for seconds in (0.02, 0.025, 0.3, 100.0):  # 0.025: on a bound, inside its bucket
+        healthy.observe_first_token(seconds)
+    state = healthy.metrics_snapshot()
+    assert state.first_token_counts[1] == 2 and state.first_token_counts[-1] == 1 and sum(state.first_token_counts) == 4
+    assert replace(state, first_token_counts=(), first_token_sum=0.0) == UpstreamState(
         name="a", available=True, load=0.75, inflight=2, served_total=7, failed_total=0, ejections_total=0
     )
     registry = CollectorRegistry()
@@ -31,5 +36,12 @@ def test_every_upstream_reports_its_own_series() -> None:
         'llm_gateway_upstream_requests_total{upstream="a"} 7.0',
         'llm_gateway_upstream_failures_total{upstream="b"} 3.0',
         'llm_gateway_upstream_ejections_total{upstream="b"} 1.0',
+        'llm_gateway_upstream_time_to_first_token_seconds_bucket{le="0.01",upstream="a"} 0.0',
+        'llm_gateway_upstream_time_to_first_token_seconds_bucket{le="0.025",upstream="a"} 2.0',
+        'llm_gateway_upstream_time_to_first_token_seconds_bucket{le="0.5",upstream="a"} 3.0',
+        'llm_gateway_upstream_time_to_first_token_seconds_bucket{le="80.0",upstream="a"} 3.0',
+        'llm_gateway_upstream_time_to_first_token_seconds_bucket{le="+Inf",upstream="a"} 4.0',
+        'llm_gateway_upstream_time_to_first_token_seconds_count{upstream="a"} 4.0',
+        'llm_gateway_upstream_time_to_first_token_seconds_count{upstream="b"} 0.0',
     ):
         assert line in text

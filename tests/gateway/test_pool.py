@@ -2,9 +2,11 @@
 engines (`serve --role engine`, SmolLM2, small context) and one llama.cpp `llama-server`, sharing
 MariaDB and Redis, driven by the official `openai` client.
 
-Checked: the engine's shared secret; traffic reaches every upstream; limits and usage are exact
-across both gateways; a conversation keeps hitting one upstream; `kill -9` of an engine under
-load fails no request that had not started, ejects it within 5 s, and readmits it when it is back.
+Checked: the engine's shared secret and its load report (with its prefix-cache summary); traffic
+reaches every upstream; limits and usage are exact across both gateways; a conversation keeps
+hitting one upstream whichever gateway its turns go through; a prompt extending what an engine
+holds goes to that engine through a gateway that never saw it; `kill -9` of an engine under load
+fails no request that had not started, ejects it within 5 s, and readmits it when it is back.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import httpx
 import pytest
 from openai import APIError, OpenAI, RateLimitError
 
+from deepseek_serve.engine import prefix_summary
 from deepseek_serve.models.resolve import default_model_path
 from deepseek_serve.storage.keys import generate_secret
 from tests.support.cache import delete_prefix, redis_url, unique_prefix
@@ -91,6 +94,10 @@ class Cluster:
 
     def served(self, gateway: int = 0) -> dict[str, int]:
         return {name: u["served_total"] for name, u in self.upstreams(gateway).items()}
+
+    def served_by_both(self) -> dict[str, int]:
+        a, b = self.served(0), self.served(1)
+        return {name: a.get(name, 0) + b.get(name, 0) for name in a.keys() | b.keys()}
 
     def client(self, gateway: int = 0, key: str | None = None) -> OpenAI:
         return OpenAI(
@@ -188,6 +195,20 @@ def test_engine_role_requires_the_shared_secret_and_reports_its_load(cluster: Cl
     report = httpx.get(f"{engine.url}/internal/load", headers=auth, timeout=10).json()
     assert report["ready"] is True and report["max_batch_size"] == 4
     assert {"running", "waiting", "kv_used_tokens", "kv_capacity_tokens", "prefix_cache"} <= report.keys()
+    # the prefix-cache summary: the blocks of a prompt the engine has just served are in it
+    ids = [1000 + 7 * i for i in range(3 * prefix_summary.BLOCK_TOKENS + 5)]
+    model = httpx.get(f"{engine.url}/v1/models", headers=auth, timeout=10).json()["data"][0]["id"]
+    done = httpx.post(
+        f"{engine.url}/v1/completions",
+        json={"model": model, "prompt": ids, "max_tokens": 2, "temperature": 0},
+        headers=auth,
+        timeout=60,
+    )
+    assert done.status_code == 200, done.text
+    cache = httpx.get(f"{engine.url}/internal/load", headers=auth, timeout=10).json()["prefix_cache"]
+    assert cache["scheme"] == prefix_summary.SCHEME
+    held = prefix_summary.decode(cache["blocks"])
+    assert prefix_summary.matched_blocks(prefix_summary.block_hashes(ids), held) == 3
     # no keys, usage or admin on an engine
     assert httpx.get(f"{engine.url}/admin/keys", headers=auth, timeout=10).status_code == 404
     assert httpx.get(f"{engine.url}/health/ready", timeout=10).status_code == 200  # probes need no secret
@@ -278,15 +299,37 @@ def test_a_conversation_keeps_hitting_one_upstream(cluster: Cluster) -> None:
     )
     created.raise_for_status()
     conversation = created.json()["id"]
-    client = cluster.client()
     hits = []
-    for turn in ("Hi, I am Ada.", "What is my name?", "Say it again.", "Thanks!"):
-        before = cluster.served()
-        _chat(client, turn, max_tokens=12, extra_body={"conversation_id": conversation})
-        after = cluster.served()
-        hits.append([name for name in after if after[name] > before[name]])
+    for i, turn in enumerate(("Hi, I am Ada.", "What is my name?", "Say it again.", "Thanks!")):
+        before = cluster.served_by_both()
+        # turns alternate between the gateways: their routing agrees with no shared state
+        _chat(cluster.client(i % 2), turn, max_tokens=12, extra_body={"conversation_id": conversation})
+        after = cluster.served_by_both()
+        hits.append([name for name in after if after[name] > before.get(name, 0)])
     assert all(len(h) == 1 for h in hits), hits
     assert len({h[0] for h in hits}) == 1, hits
+
+
+def test_a_prompt_goes_to_the_engine_whose_cache_holds_its_prefix(cluster: Cluster) -> None:
+    """The history is put into one engine directly, so no gateway has seen it: only the engine's load
+    report can tell the gateway where it is. Once per engine (a lucky random pick is 1 in 3 each)."""
+    model = cluster.client().models.list().data[0].id
+    for name, engine in cluster.engines.items():
+        story = " ".join(f"{name} note {i}: the archive keeps map {i * 13} in drawer {i % 7}." for i in range(24))
+        history = [{"role": "user", "content": f"Remember these notes. {story}"}]
+        direct = OpenAI(base_url=f"{engine.url}/v1", api_key=SECRET, max_retries=0, timeout=120)
+        answer = direct.chat.completions.create(model=model, messages=history, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+        time.sleep(1.5)  # health rounds every 0.5 s bring the gateway the engine's new report
+        assert cluster.upstreams(1)[name]["report"]["prefix_cache"]["blocks_held"] > 0
+        follow_up = [
+            *history,
+            {"role": "assistant", "content": answer.choices[0].message.content or ""},
+            {"role": "user", "content": "Which drawer holds map 26?"},
+        ]
+        before = cluster.served(1)
+        cluster.client(1).chat.completions.create(model=model, messages=follow_up, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+        after = cluster.served(1)
+        assert [n for n in after if after[n] > before[n]] == [name]
 
 
 def test_a_client_that_goes_away_cancels_the_upstream_request(cluster: Cluster) -> None:

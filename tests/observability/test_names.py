@@ -53,7 +53,11 @@ def app_metric_families(
     engine: AsyncEngine, settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
     """{family name: type} of everything the app exposes with every optional part present: the real
-    engine, the cache layer with a Redis URL (breaker) and the storage layer (pool, usage writer)."""
+    engine, the cache layer with a Redis URL (breaker), the storage layer (pool, usage writer) and a
+    gateway's per-upstream series (registered as `build_services` does for `--role gateway`)."""
+    from deepseek_serve.gateway.http import Client
+    from deepseek_serve.gateway.metrics import UpstreamCollector
+    from deepseek_serve.gateway.upstreams import Upstream, UpstreamSpec
     from deepseek_serve.storage.runtime import Storage
 
     data = tmp_path_factory.mktemp("names")
@@ -61,6 +65,9 @@ def app_metric_families(
     storage = Storage(full)
     metrics = PrometheusMetrics()
     metrics.attach(engine, storage=storage, cache=build_cache_layer(full))
+    spec = UpstreamSpec(name="engine-1", url="http://engine-1:8000")
+    upstream = Upstream(spec=spec, client=Client(spec.url, connect_timeout_s=1.0))
+    metrics.registry.register(UpstreamCollector({spec.name: upstream}))
     text = metrics.render()[0].decode()
     return {f.name: f.type for f in text_string_to_metric_families(text)}
 

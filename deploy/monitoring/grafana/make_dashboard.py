@@ -138,6 +138,34 @@ def build() -> dict[str, Any]:
     ])
     lay.panel("Engine steps/s", [q(f"sum(rate(llm_engine_steps_total{{{APP}}}{rate}))", "steps")])
 
+    lay.row("Gateway: upstreams")
+    gw = f"{{{APP}}}"
+    lay.panel("Upstreams up", [
+        q(f"sum(llm_gateway_upstream_up{gw})", "up"),
+        q(f"count(llm_gateway_upstream_up{gw})", "known"),
+    ], kind="stat", w=4, h=8,
+        description="Upstreams taking requests (healthy, breaker closed) / all the gateways know, summed over gateways.")
+    lay.panel("Upstream health (1 up, 0 ejected or not yet healthy)",
+              [q(f"min by (upstream) (llm_gateway_upstream_up{gw})", "{{upstream}}")], w=10)
+    lay.panel("Ejections (breaker opened) per upstream",
+              [q(f"sum by (upstream) (increase(llm_gateway_upstream_ejections_total{gw}[$__range]))", "{{upstream}}")],
+              kind="bargauge", w=10, description="In the dashboard's time range, summed over gateways.")
+    lay.panel("Requests/s per upstream",
+              [q(f"sum by (upstream) ({r('llm_gateway_upstream_requests_total')})", "{{upstream}}")], unit="reqps")
+    lay.panel("Failures/s per upstream", [
+        q(f"sum by (upstream) ({r('llm_gateway_upstream_failures_total')})", "{{upstream}}"),
+    ], unit="reqps", description="Requests that failed there; a retry on another upstream may have saved them.")
+    lay.panel("Time to first token per upstream (p95)",
+              [q(hq(0.95, "llm_gateway_upstream_time_to_first_token_seconds", "upstream"), "{{upstream}}")], unit="s",
+              description="From the gateway sending the request to the upstream's first token.")
+    lay.panel("Upstream load (1 = every batch slot busy)",
+              [q(f"max by (upstream) (llm_gateway_upstream_load{gw})", "{{upstream}}")],
+              description="(running + waiting + in flight) / capacity, as the routing policy sees it.")
+    lay.panel("In flight per upstream",
+              [q(f"sum by (upstream) (llm_gateway_upstream_inflight{gw})", "{{upstream}}")])
+    lay.panel("Time to first token, all upstreams", quantiles("llm_gateway_upstream_time_to_first_token_seconds"),
+              unit="s")
+
     lay.row("Gateway: cache, database, spool, process")
     lay.panel("Response cache hit ratio", [q(
         "sum(" + r("ds_response_cache_requests_total", 'result="hit"') + ") / sum("

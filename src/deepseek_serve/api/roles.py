@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deepseek_serve.api.deps import EngineDep
 from deepseek_serve.api.middleware import send_error
+from deepseek_serve.engine import prefix_summary
 from deepseek_serve.serving.failures import AuthError
 
 _GATED_PREFIXES = ("/v1/", "/v1", "/internal/")
@@ -49,6 +50,9 @@ async def load_report(engine: EngineDep) -> Response:
             "queries_tokens_total": queries,
             "hits_tokens_total": stats.prefix_cache_hits_tokens_total,
             "hit_rate": round(stats.prefix_cache_hits_tokens_total / queries, 4) if queries else None,
+            # what it holds: chained digests of token blocks (engine/prefix_summary.py), for routing
+            "scheme": prefix_summary.SCHEME,
+            "blocks": engine.prefix_cache_summary(),
         },
         "prompt_tokens_total": stats.prompt_tokens_total,
         "generation_tokens_total": stats.generation_tokens_total,

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from deepseek_serve.engine import prefix_summary
 from deepseek_serve.engine.chat_template import ChatTemplate
 from deepseek_serve.engine.errors import EngineStoppedError, InvalidRequestError
 from deepseek_serve.engine.llm_engine import LLMEngine
@@ -164,6 +165,8 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._accepting = False
+        self._summary_of: list[Any] = []  # the cache entries `_summary` was computed from
+        self._summary = ""
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
@@ -301,6 +304,18 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self._core.stats(is_running=self._thread is not None and not self._stopping)
+
+    def prefix_cache_summary(self) -> str:
+        """What the prefix cache holds, as `prefix_summary.encode(summarize(entries))` (bounded, see
+        engine/prefix_summary.py); recomputed only when the cached entries changed."""
+        entries = self._core.runner.cached_prefixes()
+        same = len(entries) == len(self._summary_of) and all(
+            a is b for a, b in zip(entries, self._summary_of, strict=False)
+        )
+        if not same:
+            self._summary = prefix_summary.encode(prefix_summary.summarize(entries))
+            self._summary_of = entries
+        return self._summary
 
     def metrics_snapshot(self) -> EngineState:
         """What `/metrics` exports of the engine (a gateway's `stats()` included)."""

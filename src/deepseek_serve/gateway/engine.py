@@ -130,7 +130,7 @@ class GatewayEngine(AsyncEngine):
         body = _completion_body(self.model_info.id, ids, max_tokens, request)
         timeout = request.deadline_s if request.deadline_s is not None else self._settings.request_timeout_s
         job = _Job(request, body, request.prompt or "", ids, time.monotonic(), timeout)
-        up, response = await self.pool.open(body, job.route_text, request.affinity, job.tried, self._attempts)
+        up, response = await self.pool.open(body, job.route_text, ids, request.affinity, job.tried, self._attempts)
         stream = RequestStream(self, request.request_id, len(ids))
         self._streams[request.request_id] = stream
         self._pumps[request.request_id] = asyncio.create_task(
@@ -170,8 +170,14 @@ class GatewayEngine(AsyncEngine):
                         await response.aclose()
                         self.pool.release(up)
                     try:
+                        job.opened = time.monotonic()
                         up, response = await self.pool.open(
-                            job.body, job.route_text, job.request.affinity, job.tried, self._attempts - len(job.tried)
+                            job.body,
+                            job.route_text,
+                            job.body["prompt"],
+                            job.request.affinity,
+                            job.tried,
+                            self._attempts - len(job.tried),
                         )
                     except (EngineStoppedError, InvalidRequestError) as exc:
                         stream._put(job.final("error", str(exc)))
@@ -217,6 +223,7 @@ class GatewayEngine(AsyncEngine):
                     if text or logprobs:
                         if not job.tokens:
                             job.first_token = time.monotonic()
+                            up.observe_first_token(job.first_token - job.opened)
                             stream.scheduled.set()
                             self.pool.router.observe(job.route_text, job.request.affinity, up.name)
                         job.tokens += 1
@@ -272,6 +279,9 @@ class GatewayEngine(AsyncEngine):
     async def clear_prefix_cache(self) -> None:
         return None
 
+    def prefix_cache_summary(self) -> str:
+        return ""
+
     def stats(self) -> EngineStats:
         """The pool as one engine: sums over the available upstreams' last load reports. The gateway
         counts as stepping while an upstream is available (readiness then answers without a probe)."""
@@ -320,6 +330,7 @@ class _Job:
         self.route_text = route_text
         self.num_prompt_tokens = len(ids)
         self.submitted = submitted
+        self.opened = submitted  # when the current upstream attempt began
         self.deadline = submitted + timeout_s
         self.tried: set[str] = set()
         self.tokens = 0

@@ -56,8 +56,10 @@ class _Exchange:
     """httptools callbacks for one response."""
 
     def __init__(self) -> None:
+        self.parser: httptools.HttpResponseParser | None = None
         self.headers: dict[str, str] = {}
         self.headers_done = False
+        self.keep_alive = False
         self.chunks: deque[bytes] = deque()
         self.complete = False
 
@@ -66,6 +68,10 @@ class _Exchange:
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
+        # asked now: once the message is complete, llhttp has reset the flags this answer reads
+        # (framing, Connection), and should_keep_alive() then says False for every response.
+        assert self.parser is not None
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(bytes(body))
@@ -118,7 +124,7 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self._ex.complete and not self._ex.chunks and self._parser.should_keep_alive():
+        if self._ex.complete and not self._ex.chunks and self._ex.keep_alive:
             self._client._release(conn)
         else:
             conn.close()
@@ -165,7 +171,7 @@ class Client:
         if conn is None:
             conn = await self._connect()
         ex = _Exchange()
-        parser = httptools.HttpResponseParser(ex)
+        parser = ex.parser = httptools.HttpResponseParser(ex)
         got_bytes = False
         try:
             conn.writer.write(message)

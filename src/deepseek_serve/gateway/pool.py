@@ -147,7 +147,13 @@ class UpstreamPool:
 
     # --- requests ----------------------------------------------------------------------------------
     async def open(
-        self, body: dict[str, Any], prompt: str, affinity: str | None, tried: set[str], attempts: int
+        self,
+        body: dict[str, Any],
+        prompt: str,
+        token_ids: list[int],
+        affinity: str | None,
+        tried: set[str],
+        attempts: int,
     ) -> tuple[Upstream, Response]:
         """POST a streaming completion to the chosen upstream; on a failure before any token, to
         another one, up to `attempts` upstreams in all. Returns the upstream (its in-flight count
@@ -161,7 +167,9 @@ class UpstreamPool:
             candidates = [u for u in self.available() if u.name not in tried]
             if not candidates:
                 break
-            name = self.router.choose(prompt, affinity, [Candidate(u.name, u.load()) for u in candidates])
+            name = self.router.choose(
+                prompt, affinity, [Candidate(u.name, u.load(), u.cached_blocks) for u in candidates], token_ids
+            )
             up = self.upstreams[name]
             tried.add(name)
             up.inflight += 1

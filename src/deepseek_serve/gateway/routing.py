@@ -1,19 +1,31 @@
-"""Which upstream serves a request: prefix-aware, then load-aware.
+"""Which upstream serves a request: conversation, then prefix, then load.
 
-A request goes back to an upstream that recently served the same conversation, or a prompt
-sharing a long prefix with this one (its prefix cache likely still holds those tokens), unless
-that upstream is clearly busier than the least-loaded candidate. Otherwise it goes to the
-less loaded of two candidates picked at random ("power of two choices"). Equal loads are broken
-by how many remembered prefixes each upstream holds, so new conversations spread over the pool's
-prefix caches instead of piling onto the upstream that served a shared system prompt last.
+1. **A conversation** (a request with a conversation id) has a home: the first upstream in its
+   rendezvous order (highest-random-weight hashing of the conversation id with each upstream's
+   name). The order depends only on the id and the names, so every gateway replica sends one
+   conversation to one upstream, with no shared state, and adding or removing an upstream moves only
+   the conversations whose home it was. The home serves unless it is clearly busier than the
+   least-loaded candidate; then the next upstream in the order that is not (deterministic too, up
+   to the replicas' views of the loads).
+2. **A prompt sharing a long prefix** with what an upstream holds goes there, unless that upstream
+   is clearly busier. Two sources say who holds what: this router's own memory of prompts it routed
+   (chained hashes of the prompt text, see below), and the upstreams' load reports, which summarize
+   their prefix caches as chained hashes of token blocks (`engine/prefix_summary.py`; fresh as of
+   the last health check, and the same for every gateway). The source whose match covers the larger
+   share of the prompt wins; on a tie, this router's memory (it knows the last seconds too).
+3. **Otherwise** the less loaded of two candidates picked at random ("power of two choices"). Equal
+   loads are broken by how many remembered prefixes each upstream holds, so new conversations spread
+   over the pool's prefix caches instead of piling onto the upstream that served a shared system
+   prompt last.
 
-``prompt`` is the text the upstream will process, in order (for chat: each message's role and
-content, concatenated), so that a follow-up turn's prompt starts with the earlier turn's.
+``prompt`` is the text the upstream will process, in order (for chat: the rendered conversation),
+so that a follow-up turn's prompt starts with the earlier turn's; ``token_ids`` its tokens, when
+the caller has them (only they are compared with the upstreams' reports).
 
-Prefixes are remembered as chained hashes of the prompt's first ``prefix_chars`` characters,
-one per ``BLOCK_CHARS`` block (and one for the whole prompt when shorter): finding the longest
-remembered prefix of a prompt costs O(prefix length), and memory is bounded by ``max_entries``
-hashes plus ``max_entries`` conversation ids, both evicted least recently used first.
+Prompt texts are remembered as chained hashes of their first ``prefix_chars`` characters, one per
+``BLOCK_CHARS`` block (and one for the whole prompt when shorter): finding the longest remembered
+prefix of a prompt costs O(prefix length), and memory is bounded by ``max_entries`` hashes, evicted
+least recently used first. The hashes of the last prompts chosen for are kept for `observe`.
 """
 
 from __future__ import annotations
@@ -25,17 +37,25 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from deepseek_serve.engine import prefix_summary
+
 BLOCK_CHARS = 64
 """Prefix granularity: prompts are compared in blocks of this many characters."""
 
 MIN_MATCH_CHARS = 256
 """A shared prefix this long (or the whole prompt, when shorter) counts as long."""
 
+MIN_MATCH_TOKENS = 64
+"""The same for a match against an upstream's reported prefix cache (whole token blocks only)."""
+
 MIN_MATCH_FRACTION = 0.5
 """...and it must also cover at least this fraction of the prompt's hashed prefix."""
 
 OWNERS_PER_PREFIX = 4
 """Most recent upstreams remembered per prefix (a shared system prompt lives on several)."""
+
+_RECENT_PROMPTS = 64
+"""Prompts whose text hashes `choose` keeps for the `observe` that follows."""
 
 
 @dataclass(frozen=True)
@@ -44,10 +64,12 @@ class Candidate:
 
     ``load`` is (running + waiting + gateway in-flight) / capacity from the upstream's load
     report: 0 idle, 1 full, above 1 queueing. ``math.inf`` marks an upstream to use last.
+    ``cached_blocks``: the block digests its last load report listed (`engine/prefix_summary.py`).
     """
 
     name: str
     load: float
+    cached_blocks: frozenset[bytes] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -56,8 +78,19 @@ class Candidate:
             raise ValueError(f"candidate {self.name!r}: load must be >= 0, got {self.load}")
 
 
+def rendezvous_order(key: str, names: Sequence[str]) -> list[str]:
+    """`names` ordered by their highest-random-weight hash with `key`, highest first: the same on
+    every process, and removing a name leaves the order of the others unchanged."""
+    prefix = key.encode("utf-8", "surrogatepass") + b"\0"
+
+    def weight(name: str) -> bytes:
+        return hashlib.blake2b(prefix + name.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+    return sorted(names, key=weight, reverse=True)
+
+
 class PrefixRouter:
-    """Prefix- and load-aware choice among upstreams; deterministic under ``seed``.
+    """Conversation-, prefix- and load-aware choice among upstreams; deterministic under ``seed``.
 
     Not thread-safe: one router per event loop.
     """
@@ -82,11 +115,17 @@ class PrefixRouter:
         self._rng = random.Random(seed)
         # chained prefix hash -> upstream names, most recent last
         self._prefixes: OrderedDict[bytes, tuple[str, ...]] = OrderedDict()
-        self._conversations: OrderedDict[str, str] = OrderedDict()
         # upstream name -> remembered prefixes it holds: its share of cached prompts, the tie-breaker
         self._held: Counter[str] = Counter()
+        self._recent: OrderedDict[str, list[bytes]] = OrderedDict()
 
-    def choose(self, prompt: str, conversation_id: str | None, candidates: Sequence[Candidate]) -> str:
+    def choose(
+        self,
+        prompt: str,
+        conversation_id: str | None,
+        candidates: Sequence[Candidate],
+        token_ids: Sequence[int] | None = None,
+    ) -> str:
         """The name of the candidate that should serve ``prompt``.
 
         ``busy_margin`` is in load units: an upstream whose load exceeds the least-loaded
@@ -98,30 +137,26 @@ class PrefixRouter:
             raise ValueError("no candidates")
         if len(loads) != len(candidates):
             raise ValueError("candidate names must be unique")
-        floor = min(loads.values())
-
-        def acceptable(name: str | None) -> bool:
-            return name in loads and loads[name] <= floor + self.busy_margin
+        ceiling = min(loads.values()) + self.busy_margin
 
         if conversation_id is not None:
-            owner = self._conversations.get(conversation_id)
-            if acceptable(owner):
-                assert owner is not None
-                return owner
+            # the least-loaded candidate is always within the margin: this returns
+            return next(n for n in rendezvous_order(conversation_id, list(loads)) if loads[n] <= ceiling)
 
-        owner = self._prefix_owner(prompt, loads)
-        if owner is not None and acceptable(owner):
+        owner, share = self._remembered_owner(prompt, loads)
+        if token_ids is not None and any(c.cached_blocks for c in candidates):
+            reported, reported_share = self._reported_owner(token_ids, candidates)
+            if reported is not None and reported_share > share:
+                owner = reported
+        if owner is not None and loads[owner] <= ceiling:
             return owner
         return self._two_choices(candidates)
 
     def observe(self, prompt: str, conversation_id: str | None, name: str) -> None:
-        """Remember that ``name`` served ``prompt`` (and the conversation, when given)."""
-        if conversation_id is not None:
-            self._conversations[conversation_id] = name
-            self._conversations.move_to_end(conversation_id)
-            if len(self._conversations) > self.max_entries:
-                self._conversations.popitem(last=False)
-        for key in self._hashes(prompt):
+        """Remember that ``name`` served ``prompt``. (A conversation needs no memory: its home
+        follows from its id.)"""
+        hashes = self._recent.pop(prompt, None)
+        for key in self._hashes(prompt) if hashes is None else hashes:
             owners = self._prefixes.get(key, ())
             if name not in owners:
                 self._held[name] += 1
@@ -136,8 +171,6 @@ class PrefixRouter:
 
     def drop(self, name: str) -> None:
         """Forget everything routed to ``name`` (removed or ejected upstream)."""
-        for conversation_id in [c for c, n in self._conversations.items() if n == name]:
-            del self._conversations[conversation_id]
         for key in [k for k, owners in self._prefixes.items() if name in owners]:
             owners = tuple(n for n in self._prefixes[key] if n != name)
             if owners:
@@ -156,21 +189,43 @@ class PrefixRouter:
             out.append(digest.copy().digest())
         return out
 
-    def _prefix_owner(self, prompt: str, loads: dict[str, float]) -> str | None:
-        """Least-loaded candidate holding the longest long-enough remembered prefix."""
+    def _remembered_owner(self, prompt: str, loads: dict[str, float]) -> tuple[str | None, float]:
+        """(least-loaded candidate holding the longest long-enough remembered prefix, the share of
+        the hashed prompt it covers); (None, 0) when there is none."""
         hashes = self._hashes(prompt)
+        self._recent[prompt] = hashes
+        if len(self._recent) > _RECENT_PROMPTS:
+            self._recent.popitem(last=False)
         hashed_chars = min(len(prompt), self.prefix_chars)
         for index in range(len(hashes) - 1, -1, -1):
             matched = min((index + 1) * BLOCK_CHARS, hashed_chars)
-            if matched < min(MIN_MATCH_CHARS, hashed_chars):
-                return None
-            if matched < MIN_MATCH_FRACTION * hashed_chars:
-                return None
+            if matched < min(MIN_MATCH_CHARS, hashed_chars) or matched < MIN_MATCH_FRACTION * hashed_chars:
+                break
             owners = [n for n in self._prefixes.get(hashes[index], ()) if n in loads]
             if owners:
                 self._prefixes.move_to_end(hashes[index])
-                return min(reversed(owners), key=lambda n: (loads[n], self._held[n]))
-        return None
+                return min(reversed(owners), key=lambda n: (loads[n], self._held[n])), matched / hashed_chars
+        return None, 0.0
+
+    @staticmethod
+    def _reported_owner(token_ids: Sequence[int], candidates: Sequence[Candidate]) -> tuple[str | None, float]:
+        """(least-loaded candidate whose reported prefix cache holds the most leading blocks of the
+        prompt, when that is long enough; the share of the hashed prompt it covers), else (None, 0)."""
+        hashes = prefix_summary.block_hashes(token_ids)
+        if not hashes:
+            return None, 0.0
+        hashed = min(len(token_ids), prefix_summary.MAX_DEPTH_TOKENS)
+        best: tuple[int, float] = (0, math.inf)  # (blocks, load)
+        owner = None
+        for c in candidates:
+            if c.cached_blocks:
+                n = prefix_summary.matched_blocks(hashes, c.cached_blocks)
+                if n and (n > best[0] or (n == best[0] and c.load < best[1])):
+                    best, owner = (n, c.load), c.name
+        matched = best[0] * prefix_summary.BLOCK_TOKENS
+        if owner is None or matched < MIN_MATCH_TOKENS or matched < MIN_MATCH_FRACTION * hashed:
+            return None, 0.0
+        return owner, matched / hashed
 
     def _two_choices(self, candidates: Sequence[Candidate]) -> str:
         if len(candidates) == 1:

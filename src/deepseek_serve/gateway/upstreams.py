@@ -24,6 +24,7 @@ Each upstream has a breaker: closed (takes requests) -> open (ejected) after
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import math
@@ -36,6 +37,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from deepseek_serve.engine import prefix_summary
 from deepseek_serve.gateway.http import Client, ConnectFailed, HttpError
 
 logger = logging.getLogger(__name__)
@@ -212,6 +214,10 @@ class UpstreamSource:
             return None
 
 
+FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+"""Upper bounds (seconds) of the per-upstream time-to-first-token histogram (the engines' TTFT buckets)."""
+
+
 @dataclass(frozen=True)
 class UpstreamState:
     """What `/metrics` exports of one upstream."""
@@ -223,6 +229,8 @@ class UpstreamState:
     served_total: int
     failed_total: int
     ejections_total: int
+    first_token_counts: tuple[int, ...] = ()  # per FIRST_TOKEN_BUCKETS bound, then +Inf; not cumulative
+    first_token_sum: float = 0.0
 
 
 @dataclass
@@ -241,9 +249,13 @@ class Upstream:
     inflight_at_report: int = 0
     capacity: int = 8
     report: dict[str, Any] = field(default_factory=dict)
+    cached_blocks: frozenset[bytes] = frozenset()  # its prefix-cache summary (engine/prefix_summary.py)
+    cached_blocks_text: str = ""  # ...as last reported, to decode only changes
     served_total: int = 0
     failed_total: int = 0
     ejections_total: int = 0
+    first_token_counts: list[int] = field(default_factory=lambda: [0] * (len(FIRST_TOKEN_BUCKETS) + 1))
+    first_token_sum: float = 0.0
 
     @property
     def name(self) -> str:
@@ -260,6 +272,11 @@ class Upstream:
 
     def success(self) -> None:
         self.failures = 0
+
+    def observe_first_token(self, seconds: float) -> None:
+        """From sending a request here to its first token (connect, queue and prefill upstream)."""
+        self.first_token_counts[bisect.bisect_left(FIRST_TOKEN_BUCKETS, seconds)] += 1
+        self.first_token_sum += seconds
 
     def failure(self, *, hard: bool, threshold: int, eject_s: float, why: str) -> bool:
         """Count an error; True when this one ejects the upstream (opens the breaker)."""
@@ -284,6 +301,8 @@ class Upstream:
             served_total=self.served_total,
             failed_total=self.failed_total,
             ejections_total=self.ejections_total,
+            first_token_counts=tuple(self.first_token_counts),
+            first_token_sum=self.first_token_sum,
         )
 
     def snapshot(self) -> dict[str, Any]:
@@ -329,6 +348,7 @@ async def check(up: Upstream, secret: str, timeout_s: float) -> tuple[bool, bool
                     if not isinstance(report, dict):
                         return False, False, "load report is not an object"
                     up.report = report
+                    _take_prefix_summary(up, report)
                     up.reported_busy = int(report.get("running", 0)) + int(report.get("waiting", 0))
                     up.inflight_at_report = up.inflight
                     up.capacity = max(int(report.get("max_batch_size", up.spec.capacity)), 1)
@@ -350,6 +370,26 @@ async def check(up: Upstream, secret: str, timeout_s: float) -> tuple[bool, bool
         return False, False, f"health check timed out after {timeout_s:g}s"
     except (HttpError, ValueError, TypeError) as exc:
         return False, False, f"health check failed ({type(exc).__name__}: {exc})"
+
+
+def _take_prefix_summary(up: Upstream, report: dict[str, Any]) -> None:
+    """Move the report's prefix-cache digests to `up.cached_blocks` (an unknown scheme or a malformed
+    summary counts as an empty one); the report keeps their count."""
+    cache = report.get("prefix_cache")
+    if not isinstance(cache, dict):
+        up.cached_blocks, up.cached_blocks_text = frozenset(), ""
+        return
+    text = cache.pop("blocks", "")
+    if cache.get("scheme") != prefix_summary.SCHEME or not isinstance(text, str):
+        text = ""
+    if text != up.cached_blocks_text:
+        try:
+            up.cached_blocks = prefix_summary.decode(text)
+        except ValueError as exc:
+            logger.debug("upstream %s: prefix summary ignored (%s)", up.name, exc)
+            up.cached_blocks = frozenset()
+        up.cached_blocks_text = text
+    cache["blocks_held"] = len(up.cached_blocks)
 
 
 def new_client(spec: UpstreamSpec, connect_timeout_s: float) -> Client:

@@ -125,6 +125,7 @@ def test_prefix_cache_reuses_idle_slot(tiny: tuple[Path, Any]) -> None:
     # clearing drops every idle entry and frees their slots
     cached = runner.kv_cached_tokens
     assert cached == (30 + 6 - 1) + (12 + 4 - 1)
+    assert [len(entry) for entry in runner.cached_prefixes()] == [12 + 4 - 1, 30 + 6 - 1]  # newest first
     assert runner.clear_prefix_cache() == cached
     assert runner.kv_cached_tokens == 0 and runner.clear_prefix_cache() == 0
     cold = seq(base, 6)

@@ -123,6 +123,12 @@ class Runner(abc.ABC):
         """Tokens idle prefix-cache entries hold (evictable at any time)."""
         return 0
 
+    def cached_prefixes(self) -> list[tuple[int, ...] | list[int]]:
+        """The token ids of each idle prefix-cache entry, most recently used first. Unlike the rest of
+        the runner, safe to call from any thread: entries are replaced, never mutated in place, so
+        a caller sees each entry as it was at some moment (the list may be one change behind)."""
+        return []
+
     @property
     @abc.abstractmethod
     def chat_template(self) -> str | None:

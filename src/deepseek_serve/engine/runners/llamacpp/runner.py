@@ -149,6 +149,9 @@ class LlamaCppRunner(Runner):
     def clear_prefix_cache(self) -> int:
         return self._slots.clear_idle()
 
+    def cached_prefixes(self) -> list[tuple[int, ...] | list[int]]:
+        return self._slots.cached_prefixes()
+
     # --- forward ------------------------------------------------------------------------------------
     def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
         planned = 0  # tokens before sharing: an upper bound of what the batch gets written

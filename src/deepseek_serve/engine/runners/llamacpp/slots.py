@@ -56,6 +56,13 @@ class SlotPool:
     def cached_tokens(self) -> int:
         return sum(len(s.tokens) for s in self.slots if s.is_idle)
 
+    def cached_prefixes(self) -> list[tuple[int, ...] | list[int]]:
+        """Token ids of the idle entries, most recently used first (any thread: `Slot.tokens` is
+        replaced, never mutated)."""
+        idle = [(s.last_used, s.tokens) for s in list(self.slots) if s.seq is None]
+        idle.sort(key=lambda entry: entry[0], reverse=True)
+        return [tokens for _, tokens in idle if tokens]
+
     def can_allocate(self, seq: Sequence) -> bool:
         has_slot = any(s.is_idle for s in self.slots)
         return has_slot and self.reserved + seq.max_total_tokens <= self._n_ctx

@@ -207,6 +207,9 @@ class TorchRunner(Runner):
         # the KV stays in the buffer: a freed slot is overwritten by its next sequence
         return self.slots.clear_idle()
 
+    def cached_prefixes(self) -> list[tuple[int, ...] | list[int]]:
+        return self.slots.cached_prefixes()
+
     @property
     def chat_template(self) -> str | None:
         return self._chat_template

@@ -56,6 +56,11 @@ class SlotTable:
         """Tokens the idle prefix entries hold."""
         return sum(len(ids) for ids in self._idle.values())
 
+    def cached_prefixes(self) -> list[tuple[int, ...] | list[int]]:
+        """Token ids of the idle entries, most recently used first (any thread: the values are
+        tuples, and copying the dict's values happens in C, without a thread switch)."""
+        return list(reversed(list(self._idle.values())))
+
     def clear_idle(self) -> int:
         """Free every idle prefix entry; returns the tokens they held."""
         dropped = self.cached_tokens
