@@ -46,6 +46,8 @@ class RequestOutcome:
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    drafted_tokens: int = 0  # speculative decoding, over all choices
+    accepted_tokens: int = 0
     completion_text: str | None = None
     answer: dict[str, Any] | None = None  # the assistant message stored in the conversation
     completed: bool = False
@@ -53,7 +55,14 @@ class RequestOutcome:
 
     def usage(self) -> UsageInfo:
         """The usage block of the answer."""
-        return UsageInfo.build(self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.reasoning_tokens)
+        return UsageInfo.build(
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+            self.reasoning_tokens,
+            self.drafted_tokens,
+            self.accepted_tokens,
+        )
 
 
 def overall_finish_reason(choices: Sequence[ChoiceState]) -> str | None:
@@ -126,6 +135,8 @@ class RequestAccounting:
         out.finish_reason = overall_finish_reason(choices)
         out.prompt_tokens = plan.num_prompt_tokens
         out.completion_tokens = sum(c.completion_tokens for c in choices)
+        out.drafted_tokens = sum(c.drafted_tokens for c in choices)
+        out.accepted_tokens = sum(c.accepted_tokens for c in choices)
         out.cached_tokens = min(sum(c.cached_tokens for c in choices if c.index % plan.n == 0), out.prompt_tokens)
         first = choices[0]
         if first.splitter is not None:

@@ -25,6 +25,8 @@ class ChoiceState:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
     timings: RequestTimings | None = None
     arrivals: list[float] = field(default_factory=list)  # monotonic time of each delta with tokens
 
@@ -47,6 +49,8 @@ class ChoiceState:
                 self.prompt_tokens = delta.usage.prompt_tokens
                 self.completion_tokens = delta.usage.completion_tokens
                 self.cached_tokens = delta.usage.cached_tokens
+                self.drafted_tokens = delta.usage.drafted_tokens
+                self.accepted_tokens = delta.usage.accepted_tokens
 
     @property
     def text(self) -> str:

@@ -12,7 +12,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictInt,
+    Tag,
+    field_validator,
+    model_serializer,
+)
 
 INT32_MAX = 2**31 - 1
 MAX_LOGIT_BIAS = 1024  # entries of one logit_bias map
@@ -104,6 +115,8 @@ class _SamplingFields(_Request):
     ignore_eos: bool | None = None
     # deepseek-serve extensions used by the storage and cache layers
     cache: bool | None = None
+    # speculative decoding when the server has it on (DS_SPECULATIVE); false opts out (same output)
+    speculative: bool | None = None
 
     @field_validator("n", mode="before")
     @classmethod
@@ -198,8 +211,14 @@ class CompletionTokensDetails(_Response):
     reasoning_tokens: int = 0
 
 
+class SpeculativeTokens(_Response):
+    drafted: int = 0  # tokens guessed and verified
+    accepted: int = 0  # guesses the model kept
+
+
 class UsageInfo(_Response):
-    """OpenAI's usage plus DeepSeek's prompt-cache fields."""
+    """OpenAI's usage plus DeepSeek's prompt-cache fields, and `speculative_tokens` (an extension,
+    present only when speculative decoding ran for the request)."""
 
     prompt_tokens: int
     completion_tokens: int
@@ -208,12 +227,29 @@ class UsageInfo(_Response):
     prompt_cache_miss_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
+    speculative_tokens: SpeculativeTokens | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_extension(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("speculative_tokens") is None:
+            data.pop("speculative_tokens", None)
+        return data
 
     @classmethod
     def build(
-        cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int = 0
+        cls,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+        reasoning_tokens: int = 0,
+        drafted_tokens: int = 0,
+        accepted_tokens: int = 0,
     ) -> UsageInfo:
         return cls(
+            speculative_tokens=SpeculativeTokens(drafted=drafted_tokens, accepted=accepted_tokens)
+            if drafted_tokens
+            else None,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,

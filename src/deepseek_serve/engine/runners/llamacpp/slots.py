@@ -128,8 +128,14 @@ class SlotPool:
         slot.seq = None
         slot.last_used = time.monotonic()
         seq.slot = None
+        kept = min(seq.num_computed_tokens, seq.num_tokens)
+        if kept < seq.num_computed_tokens:
+            # speculative guesses past where the engine ended the sequence (a stop token, stop string
+            # or max_tokens inside an accepted run) hold KV for tokens the sequence does not have
+            lc.llama_memory_seq_rm(self._mem, slot.index, kept, -1)
+            seq.num_computed_tokens = kept
         if self._prefix_cache:
-            slot.tokens = seq.all_token_ids[: seq.num_computed_tokens]
+            slot.tokens = seq.all_token_ids[:kept]
             self._trim_prefix_cache(slot)
         else:
             slot.tokens = [0]  # force a clear
