@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     speculative_k: int = Field(8, ge=1, le=32, description="most tokens guessed per sequence and step")
     speculative_ngram_min: int = Field(2, ge=1, le=16, description="prompt lookup: shortest suffix matched")
     speculative_ngram_max: int = Field(4, ge=1, le=16, description="prompt lookup: longest suffix matched")
+    speculative_draft_cost: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="DS_SPECULATIVE=draft: a draft token's cost relative to a decode step of the "
+        "model, for the adaptive draft length; 0 = the ratio of the weight file sizes",
+    )
     speculative_max_batch: int = Field(
         4,
         ge=1,

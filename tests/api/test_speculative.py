@@ -26,6 +26,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         tmp_path_factory.mktemp("spec-srv"),
         DS_SPECULATIVE="ngram",
         DS_SPECULATIVE_MAX_BATCH="4",
+        # runs compared token for token share one KV layout: no prefix-cache hits (see test_engine.py, NEAR_TIE)
+        DS_PREFIX_CACHE="false",
         DS_RESPONSE_CACHE="false",
         DS_REDIS_URL="",
         DS_LOG_LEVEL="warning",

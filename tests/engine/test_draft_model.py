@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams, StreamDelta
-from tests.engine.test_engine import TOP_K, assert_same_sample_or_boundary_flip
+from tests.engine.test_engine import TOP_K, assert_same_or_near_tie, assert_same_sample_or_boundary_flip
 from tests.support.engine import generate
 from tests.support.settings import make_settings
 from tests.test_real_weights import CACHE, PACK
@@ -53,6 +53,8 @@ async def engines(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
             draft_model=PACK.name,
             speculative_k=4,
             speculative_max_batch=4,
+            # the model drafting for itself costs as much as it saves; priced as a 0.5B beside a 1.5B
+            speculative_draft_cost=0.3,
         )  # type: ignore[arg-type]
     )
     plain = AsyncEngine.from_settings(_settings(tmp_path_factory.mktemp("plain")))  # type: ignore[arg-type]
@@ -78,21 +80,27 @@ async def test_greedy_with_a_draft_model_equals_plain_alone_and_batched(
     engines: tuple[AsyncEngine, AsyncEngine],
 ) -> None:
     draft, plain = engines
-    params = {"temperature": 0.0, "max_tokens": 40}
+    params = {"temperature": 0.0, "max_tokens": 40, "logprobs": True, "top_logprobs": TOP_K}
     refs = [await generate(plain, _request(plain, p, **params)) for p in PROMPTS]
+    drafted = accepted = 0
     for (_, ref), prompt in zip(refs, PROMPTS, strict=True):
         _, got = await generate(draft, _request(draft, prompt, **params))
-        assert _tokens(got) == _tokens(ref)
-    batched = await asyncio.gather(*(generate(draft, _request(draft, p, **params)) for p in PROMPTS))
-    accepted = 0
-    for (_, ref), (_, got) in zip(refs, batched, strict=True):
-        assert _tokens(got) == _tokens(ref)
+        # verifying k+1 rows runs llama.cpp's multi-row matmul kernels, whose last bits differ from the
+        # one-row decode's: greedy output is the plain output except where the plain run itself was
+        # nearly tied (a margin of 0.008 nats seen at token 12 of the first prompt)
+        assert_same_or_near_tie(ref, got)
         usage = got[-1].usage
         assert usage is not None
+        drafted += usage.drafted_tokens
         accepted += usage.accepted_tokens
-    assert accepted > 0  # the model drafting for itself is nearly always right
+    # the model drafting for itself is nearly always right
+    assert accepted >= 0.8 * drafted and accepted >= 0.5 * sum(len(_tokens(r)) for _, r in refs)
+    batched = await asyncio.gather(*(generate(draft, _request(draft, p, **params)) for p in PROMPTS))
+    for (_, ref), (_, got) in zip(refs, batched, strict=True):
+        # batched, a near-tie may flip as it does without speculation (test_engine.py, NEAR_TIE)
+        assert_same_or_near_tie(ref, got)
     counts = {g: (d, a) for g, d, a in draft.stats().speculative}
-    assert counts["draft"][1] > 0
+    assert counts["draft"][1] >= accepted
 
 
 async def test_seeded_sampling_with_a_draft_model_is_reproducible(

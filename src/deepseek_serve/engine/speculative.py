@@ -27,7 +27,7 @@ class SpeculativeConfig:
     ngram_min: int = 2  # prompt lookup: shortest suffix matched
     ngram_max: int = 4  # prompt lookup: longest suffix matched (tried first)
     max_batch: int = 4  # sequences decoding in one step beyond which nobody speculates (compute-bound)
-    draft_cost: float = 0.0  # a draft token's cost relative to a target decode step (draft model)
+    draft_cost: float = 0.0  # a draft token's cost relative to a target decode step; 0 = from the weight sizes
 
     @property
     def enabled(self) -> bool:

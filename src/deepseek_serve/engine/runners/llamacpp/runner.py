@@ -160,6 +160,7 @@ class LlamaCppRunner(Runner):
                 ngram_min=settings.speculative_ngram_min,
                 ngram_max=settings.speculative_ngram_max,
                 max_batch=settings.speculative_max_batch,
+                draft_cost=settings.speculative_draft_cost,
             ),
             draft_model_path=draft_path,
         )

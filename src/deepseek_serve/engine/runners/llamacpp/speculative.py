@@ -56,7 +56,9 @@ class Speculator:
         self._sampler = sampler
         self._max_model_len = max_model_len
         self._cost = VERIFY_COST
-        if draft is not None and target_size_bytes:
+        if draft is not None and config.draft_cost > 0:
+            self._cost += config.draft_cost
+        elif draft is not None and target_size_bytes:
             # decode is bound by reading the weights: a draft token costs about the ratio of the sizes
             self._cost += draft.size_bytes / target_size_bytes
         self._states: dict[int, _Speculating] = {}
