@@ -11,8 +11,10 @@ one change: most of the answer copies the input), "summarise" (a 500-word text),
 questions: little to copy). One stream = one request at a time; N streams = N different requests of
 the workload at once (each stream has its own change / question). Every server is started alone, warmed
 up with one request, measured on every workload and stream count, and stopped; the server order is
-reversed every round, and the table shows the median over rounds. Throughput is completion tokens /
-wall time of the batch of requests. `same` says whether a mode's greedy answers equal plain's.
+reversed every round, and the table shows the median over rounds. Requests are streamed: the decode
+rate (the ratios) is tokens after the first over the time after the first, summed over the streams;
+end to end is all tokens over the wall time, prompt processing included. `same` says whether a mode's
+greedy answers equal plain's (llama.cpp's last bits can flip a near-tie between batch shapes).
 
 The target model defaults to the qwen2.5-coder-1.5b-instruct pack and the draft to the 0.5B pack
 (both pulled into the model cache when missing). llama-server: `bench/build_llama_server.sh`.
@@ -185,8 +187,10 @@ def workload_messages(workload: str, i: int) -> list[dict[str, str]]:
         text = f"{change} Reply with the whole rewritten function only, in one code block.\n\n```python\n{FUNCTION}```"
     elif workload == "summarise":
         text = f"{SUMMARY_ASKS[i % len(SUMMARY_ASKS)]}\n\n{TEXT}"
-    else:
+    elif workload == "chat":
         text = QUESTIONS[i % len(QUESTIONS)]
+    else:
+        text = "Say hello."
     return [{"role": "user", "content": text}]
 
 
@@ -257,17 +261,40 @@ class Server:
 async def one_request(
     client: httpx.AsyncClient, server: Server, messages: list[dict[str, str]], max_tokens: int
 ) -> dict[str, Any]:
-    body = {"model": server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
+    """One streamed chat completion: its tokens, text, seconds to the first token and in all."""
+    body = {
+        "model": server.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
     started = time.monotonic()
-    r = await client.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", json=body)
-    r.raise_for_status()
-    doc = r.json()
-    usage = doc.get("usage") or {}
+    first: float | None = None
+    parts: list[str] = []
+    chunks_with_text = 0
+    usage: dict[str, Any] = {}
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    async with client.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            doc = json.loads(line[6:])
+            for choice in doc.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    first = first or time.monotonic()
+                    parts.append(text)
+                    chunks_with_text += 1
+            if doc.get("usage"):
+                usage = doc["usage"]
+    ended = time.monotonic()
     spec = usage.get("speculative_tokens") or {}
+    tokens = int(usage.get("completion_tokens", chunks_with_text))
     return {
-        "seconds": time.monotonic() - started,
-        "tokens": int(usage.get("completion_tokens", 0)),
-        "text": doc["choices"][0]["message"].get("content") or "",
+        "seconds": ended - started,
+        "first_token_s": (first or ended) - started,
+        "decode_s": ended - (first or ended),
+        "tokens": tokens,
+        "text": "".join(parts),
         "drafted": int(spec.get("drafted", 0)),
         "accepted": int(spec.get("accepted", 0)),
     }
@@ -281,10 +308,14 @@ async def measure(server: Server, workload: str, streams: int, max_tokens: int) 
         )
         wall = time.monotonic() - started
     tokens = sum(a["tokens"] for a in answers)
+    # decode rate: tokens after the first over the time after the first, summed over the streams
+    decode = sum((a["tokens"] - 1) / a["decode_s"] for a in answers if a["decode_s"] > 0 and a["tokens"] > 1)
     return {
         "tok_s": tokens / wall,
+        "decode_tok_s": decode,
         "tokens": tokens,
         "wall_s": wall,
+        "ttft_s": statistics.mean(a["first_token_s"] for a in answers),
         "drafted": sum(a["drafted"] for a in answers),
         "accepted": sum(a["accepted"] for a in answers),
         "texts": [a["text"] for a in answers],
@@ -303,14 +334,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="0 = physical cores")
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--parallel", type=int, default=8, help="DS_MAX_BATCH_SIZE = llama-server -np")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 1 round, 1 stream, 48 tokens")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 1 round, 48 tokens (unless given)")
     ap.add_argument("--llama-server", default="", help="llama-server binary (default: bench/build_llama_server.sh)")
     ap.add_argument("--ours-env", action="append", default=[], help="extra DS_X=Y setting for deepseek-serve")
     ap.add_argument("--llama-arg", action="append", default=[], help="extra llama-server argument")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the running server on the way out
     if args.quick:
-        args.rounds, args.streams, args.max_tokens = 1, "1", args.max_tokens or 48
+        args.rounds, args.max_tokens = 1, args.max_tokens or 48
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -336,22 +368,23 @@ def main() -> None:
             server = Server(mode, args, out)
             commands[mode] = server.command
             try:
-                asyncio.run(measure(server, workloads[0], 1, 16))  # warm-up, unmeasured
+                asyncio.run(measure(server, "warmup", 1, 16))  # unmeasured; a prompt no workload shares
                 for workload in workloads:
                     for streams in levels:
                         res = asyncio.run(measure(server, workload, streams, budget(workload)))
                         runs.setdefault((mode, workload, streams), []).append(res)
                         rate = f", accepted {res['accepted']}/{res['drafted']}" if res["drafted"] else ""
                         print(
-                            f"round {r + 1} {mode} {workload} x{streams}: {res['tok_s']:.2f} tok/s "
-                            f"({res['tokens']} tokens in {res['wall_s']:.1f} s{rate})",
+                            f"round {r + 1} {mode} {workload} x{streams}: decode {res['decode_tok_s']:.2f} tok/s, "
+                            f"end to end {res['tok_s']:.2f} tok/s ({res['tokens']} tokens in {res['wall_s']:.1f} s, "
+                            f"first token {res['ttft_s']:.1f} s{rate})",
                             flush=True,
                         )
             finally:
                 server.stop()
 
-    def med(mode: str, workload: str, streams: int) -> float:
-        return statistics.median(x["tok_s"] for x in runs[(mode, workload, streams)])
+    def med(mode: str, workload: str, streams: int, key: str = "decode_tok_s") -> float:
+        return statistics.median(x[key] for x in runs[(mode, workload, streams)])
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     print(
@@ -361,10 +394,13 @@ def main() -> None:
         f"temperature 0, seed 0; median of {args.rounds} round(s)\n"
     )
     has = set(modes).__contains__
+    print("decode tok/s: tokens after the first / time after the first, summed over the streams (ratios on it);")
+    print("end to end: all tokens / wall time of the batch of requests, prompt processing included\n")
     print(
-        "| workload | streams | mode | tok/s | vs plain | vs llama | vs llama-md | accepted/drafted | same as plain |"
+        "| workload | streams | mode | decode tok/s | vs plain | vs llama | vs llama-md | end to end tok/s "
+        "| first token | accepted/drafted | same as plain |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     table = []
     for workload in workloads:
         for streams in levels:
@@ -381,13 +417,18 @@ def main() -> None:
                 same = "-"
                 if has("plain") and mode != "plain":
                     same = "yes" if xs[0]["texts"] == runs[("plain", workload, streams)][0]["texts"] else "no"
+                e2e = med(mode, workload, streams, "tok_s")
+                ttft = med(mode, workload, streams, "ttft_s")
                 print(
                     f"| {workload} | {streams} | {mode} | {tok:.2f} | {ratio('plain')} | {ratio('llama')} | "
-                    f"{ratio('llama-md')} | {rate} | {same} |"
+                    f"{ratio('llama-md')} | {e2e:.2f} | {ttft:.2f} s | {rate} | {same} |"
                 )
                 table.append(
-                    {"workload": workload, "streams": streams, "mode": mode, "tok_s": tok, "same_as_plain": same}
-                )
+                    {
+                        "workload": workload, "streams": streams, "mode": mode, "decode_tok_s": tok,
+                        "end_to_end_tok_s": e2e, "first_token_s": ttft, "same_as_plain": same,
+                    }
+                )  # fmt: skip
     summary = {
         "table": table,
         "runs": {f"{m}-{w}-x{s}": xs for (m, w, s), xs in runs.items()},
