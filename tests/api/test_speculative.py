@@ -87,6 +87,7 @@ def test_usage_reports_speculation_and_a_request_may_opt_out(server: ServeProces
 
 def test_streamed_usage_and_metrics_per_guesser(server: ServeProcess) -> None:
     client, model = _client(server), _model(server)
+    itl_before = _sample(httpx.get(f"{server.url}/metrics").text, "llm_inter_token_latency_seconds_count")
     stream = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": COPY}],
@@ -105,6 +106,9 @@ def test_streamed_usage_and_metrics_per_guesser(server: ServeProcess) -> None:
     drafted = _sample(metrics, 'llm_speculative_drafted_tokens_total{guesser="ngram"}')
     accepted = _sample(metrics, 'llm_speculative_accepted_tokens_total{guesser="ngram"}')
     assert drafted >= accepted >= counts["accepted"] > 0
+    # one inter-token latency per token after the first, though a delta carries several tokens
+    itl = _sample(metrics, "llm_inter_token_latency_seconds_count") - itl_before
+    assert itl == usage.completion_tokens - 1
 
 
 def _sample(text: str, series: str) -> float:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -246,7 +245,6 @@ class RequestAccounting:
         if services.metrics is not None and (choices or out.from_cache):
             if out.finish_reason == "timeout":
                 services.metrics.rejected("timeout")
-            arrivals = first.arrivals if first is not None else []
             services.metrics.observe_request(
                 endpoint=plan.endpoint,
                 finish_reason=CACHE_HIT_METRIC if out.from_cache else out.finish_reason,
@@ -256,7 +254,7 @@ class RequestAccounting:
                 queue_s=None if timings is None else timings.queue_s,
                 ttft_s=None if timings is None else timings.first_token_s,
                 e2e_s=time.monotonic() - self.started,
-                itl_s=[b - a for a, b in itertools.pairwise(arrivals)],
+                itl_s=first.inter_token_latencies() if first is not None else [],
             )
         bind_log_fields(tokens=out.prompt_tokens + out.completion_tokens)
         logger.info(

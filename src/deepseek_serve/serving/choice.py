@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -28,12 +29,14 @@ class ChoiceState:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     timings: RequestTimings | None = None
-    arrivals: list[float] = field(default_factory=list)  # monotonic time of each delta with tokens
+    # (monotonic time, tokens) of each delta with tokens; a delta may carry several (speculative
+    # decoding, text held back at a stop-string prefix or inside a UTF-8 character)
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
 
     def add_delta(self, delta: StreamDelta) -> None:
         """Take in one delta from the engine."""
         if delta.token_ids:
-            self.arrivals.append(time.monotonic())
+            self.arrivals.append((time.monotonic(), len(delta.token_ids)))
             # a running count, so a stream cut before its last delta (client gone, drain timeout) still
             # accounts for the tokens it got; the last delta's usage replaces it
             self.completion_tokens += len(delta.token_ids)
@@ -51,6 +54,13 @@ class ChoiceState:
                 self.cached_tokens = delta.usage.cached_tokens
                 self.drafted_tokens = delta.usage.drafted_tokens
                 self.accepted_tokens = delta.usage.accepted_tokens
+
+    def inter_token_latencies(self) -> list[float]:
+        """Seconds between tokens: a delta's gap to the previous one, spread over its tokens."""
+        out: list[float] = []
+        for (before, _), (after, n) in itertools.pairwise(self.arrivals):
+            out.extend([(after - before) / n] * n)
+        return out
 
     @property
     def text(self) -> str:
