@@ -193,6 +193,8 @@ async def test_batched_mixed_sequences_equal_their_plain_outputs(
         {"max_tokens": 60, "stop": (stop,)},
         {"max_tokens": 37},
         {"max_tokens": 48, "logprobs": True, "top_logprobs": 2},
+        # penalties (the native chain) see every accepted token before drawing the next
+        {"max_tokens": 48, "frequency_penalty": 0.6, "presence_penalty": 0.4},
     ]
     chat = {"max_tokens": 40, "logprobs": True, "top_logprobs": TOP_K, **greedy}
     refs = [await generate(plain_engine, request(plain_engine, COPY, **greedy, **c)) for c in cases]
@@ -212,6 +214,7 @@ async def test_batched_mixed_sequences_equal_their_plain_outputs(
     assert stopped.finish_reason == "stop" and stop not in got[2][0]
     assert got[1][1][-1].usage.drafted_tokens == 0  # type: ignore[union-attr]  # opted out
     assert got[0][1][-1].usage.accepted_tokens > 0  # type: ignore[union-attr]
+    assert got[5][1][-1].usage.drafted_tokens > 0  # type: ignore[union-attr]  # with penalties too
     logprobs = [lp for d in got[4][1] for lp in (d.logprobs or ())]
     ref_logprobs = [lp for d in refs[4][1] for lp in (d.logprobs or ())]
     assert [lp.token_id for lp in logprobs] == tokens_of(got[4][1])

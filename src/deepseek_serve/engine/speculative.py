@@ -137,5 +137,5 @@ class SpeculativeCounters:
         self.accepted[guesser] = self.accepted.get(guesser, 0) + accepted
 
     def snapshot(self) -> tuple[tuple[str, int, int], ...]:
-        """(guesser, drafted, accepted) per guesser."""
-        return tuple((g, self.drafted[g], self.accepted.get(g, 0)) for g in sorted(self.drafted))
+        """(guesser, drafted, accepted) per guesser; any thread (a copy of the keys first)."""
+        return tuple((g, self.drafted.get(g, 0), self.accepted.get(g, 0)) for g in sorted(list(self.drafted)))
