@@ -110,18 +110,31 @@ class LlamaCppRunner(Runner):
             draft = None
             if spec.mode == "draft":
                 assert draft_model_path is not None
-                draft = DraftModel(
-                    draft_model_path,
-                    self._tokenizer,
-                    n_ctx=self._n_ctx,
-                    n_slots=n_slots,
-                    chunk_tokens=prefill_chunk_tokens,
-                    max_batch=max_batch_size,
-                    n_threads=threads,
-                    flash_attn=flash_attn,
-                    repack=repack,
-                    allow_amx=allow_amx,
-                )
+                try:
+                    draft = DraftModel(
+                        draft_model_path,
+                        self._tokenizer,
+                        n_ctx=self._n_ctx,
+                        n_slots=n_slots,
+                        chunk_tokens=prefill_chunk_tokens,
+                        max_batch=max_batch_size,
+                        n_threads=threads,
+                        flash_attn=flash_attn,
+                        repack=repack,
+                        allow_amx=allow_amx,
+                    )
+                except BaseException:  # e.g. another tokenizer: free what is loaded, then refuse to start
+                    self._batch.free()
+                    lc.llama_free(self._ctx)
+                    lc.llama_model_free(self._model)
+                    raise
+            logger.info(
+                "speculative decoding: %s (k <= %d, up to %d decoding sequences)%s",
+                spec.mode,
+                spec.max_draft_tokens,
+                spec.max_batch,
+                f", draft model {draft_model_path}" if draft is not None else "",
+            )
             self._speculator = Speculator(
                 spec,
                 lc.llama_get_memory(self._ctx),
