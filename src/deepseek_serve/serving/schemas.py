@@ -12,18 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    SerializerFunctionWrapHandler,
-    StrictInt,
-    Tag,
-    field_validator,
-    model_serializer,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, field_validator
 
 INT32_MAX = 2**31 - 1
 MAX_LOGIT_BIAS = 1024  # entries of one logit_bias map
@@ -227,14 +216,7 @@ class UsageInfo(_Response):
     prompt_cache_miss_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
-    speculative_tokens: SpeculativeTokens | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_unset_extension(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("speculative_tokens") is None:
-            data.pop("speculative_tokens", None)
-        return data
+    speculative_tokens: SpeculativeTokens | None = Field(None, exclude_if=lambda value: value is None)
 
     @classmethod
     def build(
