@@ -36,7 +36,6 @@ def _settings(tmp: object, **extra: object) -> object:
         model_cache_dir=CACHE,
         max_batch_size=4,
         context_length=4096,
-        prefix_cache=False,
         **extra,
     )
 
@@ -57,7 +56,7 @@ async def engines(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
             speculative_draft_cost=0.3,
         )  # type: ignore[arg-type]
     )
-    plain = AsyncEngine.from_settings(_settings(tmp_path_factory.mktemp("plain")))  # type: ignore[arg-type]
+    plain = AsyncEngine.from_settings(_settings(tmp_path_factory.mktemp("plain"), prefix_cache=False))  # type: ignore[arg-type]
     await draft.start()
     await plain.start()
     yield draft, plain
@@ -113,3 +112,31 @@ async def test_seeded_sampling_with_a_draft_model_is_reproducible(
     assert text1 == text2
     _, ref = await generate(plain, _request(plain, PROMPTS[0], **params))
     assert_same_sample_or_boundary_flip(ref, first)
+
+
+async def test_the_draft_keeps_its_kv_while_the_prefix_cache_keeps_the_slot(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    """The next turn of a conversation catches the draft up from the common prefix, not the whole prompt."""
+    draft, _ = engines
+    model = draft._core.runner._speculator.draft  # type: ignore[attr-defined]
+    first = [{"role": "user", "content": PROMPTS[0]}]
+    answer, deltas = await generate(draft, _chat(draft, first))
+    assert deltas[-1].usage is not None and deltas[-1].usage.drafted_tokens > 0
+    second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "Now in Rust."}]
+    before = model.tokens_computed
+    _, deltas = await generate(draft, _chat(draft, second))
+    usage = deltas[-1].usage
+    assert usage is not None and usage.cached_tokens > 0 and usage.drafted_tokens > 0
+    # prompt tokens the draft computed for the second turn: about those past the cached prefix
+    caught_up = model.tokens_computed - before - usage.drafted_tokens
+    assert caught_up < usage.prompt_tokens - usage.cached_tokens + usage.completion_tokens + 8
+
+
+def _chat(engine: AsyncEngine, messages: list[dict[str, str]]) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=f"d{next(_ids)}",
+        prompt=engine.render_chat(messages),
+        add_special_tokens=False,
+        params=SamplingParams(temperature=0.0, max_tokens=24),
+    )

@@ -102,19 +102,19 @@ class LlamaCppRunner(Runner):
         self._n_ctx = lc.llama_n_ctx(self._ctx)
         limit = max_model_len or self.n_ctx_train or self._n_ctx
         self._max_model_len = min(limit, self._n_ctx)
-        self._slots = SlotPool(lc.llama_get_memory(self._ctx), n_slots, self._n_ctx, prefix_cache, prefix_cache_tokens)
         self._batch = TokenBatch(n_batch, n_slots)
         self._sampler = LogitsSampler(self._ctx, self._tokenizer)
         self._speculator: Speculator | None = None
+        draft = None
         if spec is not None:
-            draft = None
             if spec.mode == "draft":
                 assert draft_model_path is not None
                 try:
                     draft = DraftModel(
                         draft_model_path,
                         self._tokenizer,
-                        n_ctx=self._n_ctx,
+                        # its idle entries follow the target's; each id may hold k-1 guesses beyond
+                        n_ctx=self._n_ctx + n_slots * spec.max_draft_tokens,
                         n_slots=n_slots,
                         chunk_tokens=prefill_chunk_tokens,
                         max_batch=max_batch_size,
@@ -143,6 +143,10 @@ class LlamaCppRunner(Runner):
                 draft,
                 model_path.stat().st_size,
             )
+        on_clear = draft.forget if draft is not None else None
+        self._slots = SlotPool(
+            lc.llama_get_memory(self._ctx), n_slots, self._n_ctx, prefix_cache, prefix_cache_tokens, on_clear
+        )
         self.tokens_computed = 0  # tokens fed to llama_decode so far (shared prompt tokens count once)
         self._chat_template = model_chat_template(self._model)
         self.model_path = model_path

@@ -75,9 +75,10 @@ class Speculator:
         self._states[seq.slot] = _Speculating(lookup, AdaptiveDraft(c.max_draft_tokens, self._cost))
 
     def stop(self, slot: int) -> None:
+        """A sequence left its slot. The draft model keeps its KV for that id as long as the target's
+        prefix cache keeps the slot's (`SlotPool(on_clear=...)` drops it), so the next turn of a
+        conversation catches the draft up from the common prefix only."""
         self._states.pop(slot, None)
-        if self.draft is not None:
-            self.draft.forget(slot)
 
     def guesses(self, batch: list[ScheduledSeq], entries: list[int], room: int) -> dict[int, list[int]]:
         """Guesses for the decoding entries among `entries` (indices into `batch`), at most `room`
