@@ -97,6 +97,32 @@ class Settings(BaseSettings):
         description="KV cells finished requests may keep for prefix "
         "reuse (llama.cpp runner); idle cells slow every decode step a little",
     )
+    speculative: Literal["off", "ngram", "draft"] = Field(
+        "off",
+        description="speculative decoding (llama.cpp runner): ngram = prompt lookup (guesses copied from "
+        "the prompt and the text so far), draft = a draft model (DS_DRAFT_MODEL) guesses",
+    )
+    draft_model: str = Field(
+        "",
+        description="DS_SPECULATIVE=draft: a smaller model with the same tokenizer "
+        "(pack name, GGUF file or hub id, resolved like DS_MODEL)",
+    )
+    speculative_k: int = Field(8, ge=1, le=32, description="most tokens guessed per sequence and step")
+    speculative_ngram_min: int = Field(2, ge=1, le=16, description="prompt lookup: shortest suffix matched")
+    speculative_ngram_max: int = Field(4, ge=1, le=16, description="prompt lookup: longest suffix matched")
+    speculative_draft_cost: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="DS_SPECULATIVE=draft: a draft token's cost relative to a decode step of the "
+        "model, for the adaptive draft length; 0 = the ratio of the weight file sizes",
+    )
+    speculative_max_batch: int = Field(
+        4,
+        ge=1,
+        le=512,
+        description="sequences decoding in one step beyond which none speculates (the batch is then compute-bound)",
+    )
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queue time included")
     burst_wait_ms: float = Field(
         5.0,
@@ -294,6 +320,13 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.max_model_len and self.max_model_len > self.context_length:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds context_length ({self.context_length})")
+        if self.speculative_ngram_min > self.speculative_ngram_max:
+            raise ValueError(
+                f"speculative_ngram_min ({self.speculative_ngram_min}) exceeds "
+                f"speculative_ngram_max ({self.speculative_ngram_max})"
+            )
+        if self.speculative == "draft" and not self.draft_model:
+            raise ValueError("speculative 'draft' needs DS_DRAFT_MODEL (a GGUF file or a model-pack name)")
         if self.role == "gateway" and not self.upstreams:
             raise ValueError("role 'gateway' needs DS_UPSTREAMS (base URLs or a YAML file)")
         if self.role == "engine" and self.workers > 1:

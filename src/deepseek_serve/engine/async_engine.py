@@ -54,7 +54,7 @@ class RequestStream(AsyncIterator[StreamDelta]):
         self.num_prompt_tokens = num_prompt_tokens
         self._engine = engine
         self._pending: deque[StreamDelta] = deque()
-        self._arrivals: list[float] = []  # monotonic arrival time of each pending delta with tokens
+        self._arrivals: list[tuple[float, int]] = []  # (monotonic time, tokens) of each pending delta with tokens
         self._waiter: asyncio.Future[None] | None = None
         self._listener: Callable[[], None] | None = None
         self._finished = False  # the reader has the last delta (or closed the stream)
@@ -66,7 +66,7 @@ class RequestStream(AsyncIterator[StreamDelta]):
         if delta.finished:
             self._ended = True
         if delta.token_ids and self._listener is not None:
-            self._arrivals.append(time.monotonic())
+            self._arrivals.append((time.monotonic(), len(delta.token_ids)))
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -93,7 +93,7 @@ class RequestStream(AsyncIterator[StreamDelta]):
     def has_pending(self) -> bool:
         return bool(self._pending)
 
-    def take(self) -> tuple[list[StreamDelta], list[float]]:
+    def take(self) -> tuple[list[StreamDelta], list[tuple[float, int]]]:
         """What arrived since the last call: the deltas merged into one (`merge_deltas`), except that
         a last delta that ends the request unsuccessfully (error, timeout, abort: its text is not
         sent) stays apart from the ones before it; and the arrival times of the deltas with tokens.

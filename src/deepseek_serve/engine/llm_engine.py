@@ -256,28 +256,37 @@ class LLMEngine:
             self._finish(seq, "timeout", outputs, error="request timed out", flush=True)
 
     def _on_token(self, seq: Sequence, result: SampleResult, now: float, outputs: list[Output]) -> None:
+        """Take in a step's tokens (one, or several under speculative decoding) in order; the sequence
+        may end at any of them (stop token, stop string, max_tokens, context), and the rest are dropped."""
         state = self._states[seq.request_id]
-        token = result.token_id
         if seq.first_token_time is None:
             seq.first_token_time = now
+        if result.drafted:
+            seq.num_drafted_tokens += result.drafted
+            seq.num_accepted_tokens += len(result.more)
         params = seq.params
-        is_eos = token in self._eos and not params.ignore_eos and seq.num_output_tokens >= params.min_tokens
-        if is_eos or token in params.stop_token_ids:
-            # the end token is not part of the completion text nor its token count.
-            self._finish(seq, "stop", outputs, flush=True)
-            return
-        seq.output_token_ids.append(token)
-        self._counters.generation_tokens += 1
-        state.pending_ids.append(token)
-        if result.logprob is not None:
-            seq.output_logprobs.append(result.logprob)
-            state.pending_logprobs.append(result.logprob)
-        text, hit_stop = state.detok.push(token)
-        if hit_stop:
-            self._finish(seq, "stop", outputs, text=text)
-        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.runner.max_model_len:
-            self._finish(seq, "length", outputs, text=text + state.detok.flush())
-        elif text or state.pending_logprobs:
+        text = ""
+        for token, logprob in result.tokens():
+            is_eos = token in self._eos and not params.ignore_eos and seq.num_output_tokens >= params.min_tokens
+            if is_eos or token in params.stop_token_ids:
+                # the end token is not part of the completion text nor its token count.
+                self._finish(seq, "stop", outputs, text=text, flush=True)
+                return
+            seq.output_token_ids.append(token)
+            self._counters.generation_tokens += 1
+            state.pending_ids.append(token)
+            if logprob is not None:
+                seq.output_logprobs.append(logprob)
+                state.pending_logprobs.append(logprob)
+            piece, hit_stop = state.detok.push(token)
+            text += piece
+            if hit_stop:
+                self._finish(seq, "stop", outputs, text=text)
+                return
+            if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.runner.max_model_len:
+                self._finish(seq, "length", outputs, text=text + state.detok.flush())
+                return
+        if text or state.pending_logprobs:
             outputs.append((seq.request_id, self._delta(state, text), False))
             state.pending_ids, state.pending_logprobs = [], []
 
@@ -315,7 +324,13 @@ class LLMEngine:
             logprobs=tuple(state.pending_logprobs) if state and seq.params.logprobs else None,
             finished=True,
             finish_reason=reason,
-            usage=Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens),
+            usage=Usage(
+                seq.num_prompt_tokens,
+                seq.num_output_tokens,
+                seq.num_cached_tokens,
+                seq.num_drafted_tokens,
+                seq.num_accepted_tokens,
+            ),
             timings=timings,
             error=error,
         )
@@ -349,6 +364,7 @@ class LLMEngine:
             prefix_cache_hits_tokens_total=c.prefix_hits,
             is_running=is_running,
             kv_cached_tokens=self.runner.kv_cached_tokens,
+            speculative=self.runner.speculative_counts(),
         )
 
     def close(self) -> None:

@@ -29,6 +29,8 @@ class Sequence:
     slot: int | None = None  # runner-owned KV slot while running
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    num_drafted_tokens: int = 0  # speculative guesses verified
+    num_accepted_tokens: int = 0  # speculative guesses kept
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_reason: FinishReason | None = None

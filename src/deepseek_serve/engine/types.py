@@ -34,6 +34,7 @@ class SamplingParams:
     top_logprobs: int = 0
     min_tokens: int = 0
     grammar: str | None = None  # GBNF (llama.cpp's grammar syntax): every output must match it
+    speculative: bool = True  # may use speculative decoding when the server has it on (same output)
 
     @property
     def is_greedy(self) -> bool:
@@ -170,6 +171,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens reused from the prefix cache
+    drafted_tokens: int = 0  # speculative decoding: tokens guessed and verified
+    accepted_tokens: int = 0  # speculative decoding: guesses the model kept
 
     @property
     def total_tokens(self) -> int:
@@ -264,6 +267,7 @@ class EngineStats:
     prefix_cache_hits_tokens_total: int
     is_running: bool
     kv_cached_tokens: int = 0  # KV cells idle prefix-cache entries hold (evictable)
+    speculative: tuple[tuple[str, int, int], ...] = ()  # (guesser, tokens drafted, tokens accepted)
 
     @property
     def kv_usage_ratio(self) -> float:

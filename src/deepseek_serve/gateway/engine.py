@@ -338,12 +338,16 @@ class _Job:
 
     def final(self, reason: Any, error: str | None, usage: dict[str, Any] | None = None) -> StreamDelta:
         completion = self.tokens
-        cached = 0
+        cached = drafted = accepted = 0
         if usage:
             completion = int(usage.get("completion_tokens", completion) or 0)
             details = usage.get("prompt_tokens_details")
             if isinstance(details, dict):
                 cached = int(details.get("cached_tokens", 0) or 0)
+            speculative = usage.get("speculative_tokens")  # this project's engines, when speculation ran
+            if isinstance(speculative, dict):
+                drafted = int(speculative.get("drafted", 0) or 0)
+                accepted = int(speculative.get("accepted", 0) or 0)
         now = time.monotonic()
         first = None if self.first_token is None else self.first_token - self.submitted
         return StreamDelta(
@@ -356,6 +360,8 @@ class _Job:
                 prompt_tokens=self.num_prompt_tokens,
                 completion_tokens=completion,
                 cached_tokens=min(cached, self.num_prompt_tokens),
+                drafted_tokens=drafted,
+                accepted_tokens=accepted,
             ),
             timings=RequestTimings(queue_s=0.0, first_token_s=first, total_s=now - self.submitted),
         )
@@ -395,6 +401,8 @@ def _completion_body(model: str, ids: list[int], max_tokens: int, request: Gener
         body["logprobs"] = min(p.top_logprobs, 5)  # the completions API's limit
     if p.logit_bias:
         body["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
+    if not p.speculative:
+        body["speculative"] = False  # this project's engines; others ignore the field
     return body
 
 

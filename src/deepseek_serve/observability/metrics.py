@@ -81,6 +81,7 @@ class StateMetric:
     kind: Literal["gauge", "counter"]
     value: float
     mp_mode: GaugeMode = "livesum"
+    labels: tuple[tuple[str, str], ...] = ()  # (label, value); one name keeps the same label names
 
 
 def engine_state(stats: EngineStats, accepting: bool, now: float) -> list[StateMetric]:
@@ -132,7 +133,35 @@ def engine_state(stats: EngineStats, accepting: bool, now: float) -> list[StateM
             stats.prefix_cache_hits_tokens_total,
         ),
         StateMetric("llm_engine_steps", "Forward steps run by the engine.", "counter", stats.steps_total),
+        *speculative_state(stats),
     ]
+
+
+def speculative_state(stats: EngineStats) -> list[StateMetric]:
+    """Speculative decoding's counters per guesser (none while it is off); the acceptance rate is
+    accepted / drafted (e.g. `rate(llm_speculative_accepted_tokens_total[5m]) / rate(..drafted..)`)."""
+    out: list[StateMetric] = []
+    for guesser, drafted, accepted in stats.speculative:
+        labels = (("guesser", guesser),)
+        out.append(
+            StateMetric(
+                "llm_speculative_drafted_tokens",
+                "Tokens guessed by speculative decoding and verified by the model.",
+                "counter",
+                drafted,
+                labels=labels,
+            )
+        )
+        out.append(
+            StateMetric(
+                "llm_speculative_accepted_tokens",
+                "Guessed tokens the model kept.",
+                "counter",
+                accepted,
+                labels=labels,
+            )
+        )
+    return out
 
 
 def storage_state(state: StorageState) -> list[StateMetric]:
@@ -200,12 +229,15 @@ class StateCollector(Collector):
         self._read = read
 
     def collect(self) -> Iterable[Metric]:
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         for m in self._read():
-            if m.kind == "gauge":
-                family: Metric = GaugeMetricFamily(m.name, m.documentation, value=m.value)
-            else:
-                family = CounterMetricFamily(m.name, m.documentation, value=m.value)
-            yield family
+            family = families.get(m.name)
+            if family is None:
+                names = [label for label, _ in m.labels]
+                kind = GaugeMetricFamily if m.kind == "gauge" else CounterMetricFamily
+                family = families[m.name] = kind(m.name, m.documentation, labels=names)
+            family.add_metric([value for _, value in m.labels], m.value)
+        yield from families.values()
 
 
 class _Mirror:
@@ -218,23 +250,26 @@ class _Mirror:
 
     def update(self, metrics: list[StateMetric]) -> None:
         for m in metrics:
+            names = [label for label, _ in m.labels]
+            values = [value for _, value in m.labels]
             if m.kind == "gauge":
                 gauge = self._gauges.get(m.name)
                 if gauge is None:
                     gauge = self._gauges[m.name] = Gauge(
-                        m.name, m.documentation, registry=None, multiprocess_mode=m.mp_mode
+                        m.name, m.documentation, names, registry=None, multiprocess_mode=m.mp_mode
                     )
-                gauge.set(m.value)
+                (gauge.labels(*values) if values else gauge).set(m.value)
             else:
                 counter = self._counters.get(m.name)
                 if counter is None:
-                    counter = self._counters[m.name] = Counter(m.name, m.documentation, registry=None)
-                last = self._last.get(m.name, 0.0)
+                    counter = self._counters[m.name] = Counter(m.name, m.documentation, names, registry=None)
+                key = "\0".join([m.name, *values])
+                last = self._last.get(key, 0.0)
                 # A total that went down comes from a new source (engine rebuilt): count it from zero.
                 delta = m.value - last if m.value >= last else m.value
                 if delta > 0:
-                    counter.inc(delta)
-                self._last[m.name] = m.value
+                    (counter.labels(*values) if values else counter).inc(delta)
+                self._last[key] = m.value
 
 
 def _process_state(pid: int) -> list[StateMetric]:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -46,6 +45,8 @@ class RequestOutcome:
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    drafted_tokens: int = 0  # speculative decoding, over all choices
+    accepted_tokens: int = 0
     completion_text: str | None = None
     answer: dict[str, Any] | None = None  # the assistant message stored in the conversation
     completed: bool = False
@@ -53,7 +54,14 @@ class RequestOutcome:
 
     def usage(self) -> UsageInfo:
         """The usage block of the answer."""
-        return UsageInfo.build(self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.reasoning_tokens)
+        return UsageInfo.build(
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+            self.reasoning_tokens,
+            self.drafted_tokens,
+            self.accepted_tokens,
+        )
 
 
 def overall_finish_reason(choices: Sequence[ChoiceState]) -> str | None:
@@ -126,6 +134,8 @@ class RequestAccounting:
         out.finish_reason = overall_finish_reason(choices)
         out.prompt_tokens = plan.num_prompt_tokens
         out.completion_tokens = sum(c.completion_tokens for c in choices)
+        out.drafted_tokens = sum(c.drafted_tokens for c in choices)
+        out.accepted_tokens = sum(c.accepted_tokens for c in choices)
         out.cached_tokens = min(sum(c.cached_tokens for c in choices if c.index % plan.n == 0), out.prompt_tokens)
         first = choices[0]
         if first.splitter is not None:
@@ -235,7 +245,6 @@ class RequestAccounting:
         if services.metrics is not None and (choices or out.from_cache):
             if out.finish_reason == "timeout":
                 services.metrics.rejected("timeout")
-            arrivals = first.arrivals if first is not None else []
             services.metrics.observe_request(
                 endpoint=plan.endpoint,
                 finish_reason=CACHE_HIT_METRIC if out.from_cache else out.finish_reason,
@@ -245,7 +254,7 @@ class RequestAccounting:
                 queue_s=None if timings is None else timings.queue_s,
                 ttft_s=None if timings is None else timings.first_token_s,
                 e2e_s=time.monotonic() - self.started,
-                itl_s=[b - a for a, b in itertools.pairwise(arrivals)],
+                itl_s=first.inter_token_latencies() if first is not None else [],
             )
         bind_log_fields(tokens=out.prompt_tokens + out.completion_tokens)
         logger.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -26,21 +27,25 @@ class ChoiceState:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
     timings: RequestTimings | None = None
-    arrivals: list[float] = field(default_factory=list)  # monotonic time of each delta with tokens
+    # (monotonic time, tokens) of each delta with tokens; a delta may carry several (speculative
+    # decoding, text held back at a stop-string prefix or inside a UTF-8 character)
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
     # (content, tool calls) of a chat with tools, parsed once: the answer and the stored conversation
     # turn carry the same call ids
     tool_answer: tuple[str, list[ToolCall]] | None = None
     # the SSE event of a text-only chunk of this choice, cut around the text (render.py builds it)
     chunk_template: tuple[bytes, bytes] | None = None
 
-    def add_delta(self, delta: StreamDelta, arrivals: list[float] | None = None) -> None:
-        """Take in one delta from the engine, or several merged: `arrivals` then holds the time each of
-        them with tokens arrived (None: one delta, arrived now)."""
+    def add_delta(self, delta: StreamDelta, arrivals: list[tuple[float, int]] | None = None) -> None:
+        """Take in one delta from the engine, or several merged: `arrivals` then holds (time, tokens) of
+        each of them with tokens (None: one delta, arrived now)."""
         if arrivals is not None:
             self.arrivals.extend(arrivals)
         elif delta.token_ids:
-            self.arrivals.append(time.monotonic())
+            self.arrivals.append((time.monotonic(), len(delta.token_ids)))
         if delta.token_ids:
             # a running count, so a stream cut before its last delta (client gone, drain timeout) still
             # accounts for the tokens it got; the last delta's usage replaces it
@@ -57,6 +62,15 @@ class ChoiceState:
                 self.prompt_tokens = delta.usage.prompt_tokens
                 self.completion_tokens = delta.usage.completion_tokens
                 self.cached_tokens = delta.usage.cached_tokens
+                self.drafted_tokens = delta.usage.drafted_tokens
+                self.accepted_tokens = delta.usage.accepted_tokens
+
+    def inter_token_latencies(self) -> list[float]:
+        """Seconds between tokens: a delta's gap to the previous one, spread over its tokens."""
+        out: list[float] = []
+        for (before, _), (after, n) in itertools.pairwise(self.arrivals):
+            out.extend([(after - before) / n] * n)
+        return out
 
     @property
     def text(self) -> str:

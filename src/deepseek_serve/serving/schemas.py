@@ -104,6 +104,8 @@ class _SamplingFields(_Request):
     ignore_eos: bool | None = None
     # deepseek-serve extensions used by the storage and cache layers
     cache: bool | None = None
+    # speculative decoding when the server has it on (DS_SPECULATIVE); false opts out (same output)
+    speculative: bool | None = None
 
     @field_validator("n", mode="before")
     @classmethod
@@ -198,8 +200,14 @@ class CompletionTokensDetails(_Response):
     reasoning_tokens: int = 0
 
 
+class SpeculativeTokens(_Response):
+    drafted: int = 0  # tokens guessed and verified
+    accepted: int = 0  # guesses the model kept
+
+
 class UsageInfo(_Response):
-    """OpenAI's usage plus DeepSeek's prompt-cache fields."""
+    """OpenAI's usage plus DeepSeek's prompt-cache fields, and `speculative_tokens` (an extension,
+    present only when speculative decoding ran for the request)."""
 
     prompt_tokens: int
     completion_tokens: int
@@ -208,12 +216,22 @@ class UsageInfo(_Response):
     prompt_cache_miss_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
+    speculative_tokens: SpeculativeTokens | None = Field(None, exclude_if=lambda value: value is None)
 
     @classmethod
     def build(
-        cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int = 0
+        cls,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+        reasoning_tokens: int = 0,
+        drafted_tokens: int = 0,
+        accepted_tokens: int = 0,
     ) -> UsageInfo:
         return cls(
+            speculative_tokens=SpeculativeTokens(drafted=drafted_tokens, accepted=accepted_tokens)
+            if drafted_tokens
+            else None,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,

@@ -39,15 +39,36 @@ class ScheduledSeq:
 @dataclass(frozen=True)
 class SampleResult:
     """The token sampled for one entry, or `error`: this entry alone failed (its input could not be
-    handed to the native library, or its sampling raised) and the engine ends its request."""
+    handed to the native library, or its sampling raised) and the engine ends its request.
+
+    With speculative decoding one step may yield several tokens: `token_id` first, then `more` in
+    order (the guesses accepted after the first, then the step's own token); `drafted` counts the
+    guesses verified, `len(more)` of which were accepted. The runner has then advanced
+    `seq.num_computed_tokens` past every token but the last; the engine may keep fewer (a stop token,
+    stop string or max_tokens inside the run), and freeing the sequence drops the KV beyond.
+    """
 
     token_id: int
     logprob: TokenLogprob | None = None
     error: str | None = None
+    more: tuple[tuple[int, TokenLogprob | None], ...] = ()
+    drafted: int = 0
+    guesser: str | None = None  # which guesser proposed the drafts ("ngram", "draft")
 
     @classmethod
     def failed(cls, error: str) -> SampleResult:
         return cls(-1, None, error)
+
+    @classmethod
+    def run(cls, drawn: list[SampleResult], drafted: int, guesser: str | None) -> SampleResult:
+        """One result for the tokens of a speculative step, in order."""
+        first = drawn[0]
+        more = tuple((r.token_id, r.logprob) for r in drawn[1:])
+        return cls(first.token_id, first.logprob, None, more, drafted, guesser)
+
+    def tokens(self) -> list[tuple[int, TokenLogprob | None]]:
+        """(token id, logprob) of every token of the step, in order."""
+        return [(self.token_id, self.logprob), *self.more]
 
 
 class Tokenizer(abc.ABC):
@@ -163,6 +184,10 @@ class Runner(abc.ABC):
     def clear_prefix_cache(self) -> int:
         """Drop every idle prefix-cache entry; returns the cached tokens dropped (0 without a cache)."""
         return 0
+
+    def speculative_counts(self) -> tuple[tuple[str, int, int], ...]:
+        """(guesser, tokens drafted, tokens accepted) since start, per guesser (empty without speculation)."""
+        return ()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release native resources."""

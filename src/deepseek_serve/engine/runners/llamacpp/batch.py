@@ -22,8 +22,12 @@ class TokenBatch:
         self._logits = np.ctypeslib.as_array(self.batch.logits, shape=(capacity,))
         self._seq = [self.batch.seq_id[i] for i in range(capacity)]
 
-    def fill(self, batch: list[ScheduledSeq]) -> list[int]:
+    def fill(self, batch: list[ScheduledSeq], guesses: dict[int, list[int]] | None = None) -> list[int]:
         """Write the step's tokens (sets the batch's token count); returns the logits row of each item.
+
+        `guesses` maps a decoding item's index to draft tokens (speculative decoding): they follow its
+        last token at the next positions, and every one of them gets logits too; the item's row is then
+        the first of its 1 + len(guesses) consecutive rows.
 
         Prompt chunks that start at the same position after identical earlier tokens and begin with the
         same tokens are written once for all of them: each shared token carries every such sequence's
@@ -39,8 +43,15 @@ class TokenBatch:
             start = seq.num_computed_tokens
             k = item.num_new_tokens
             if k == 1 and start >= seq.num_prompt_tokens:  # decode: the last output token
-                n = self._put(n, (seq.output_token_ids[start - seq.num_prompt_tokens],), start, (seq.slot,))
-                out_index[i] = n - 1
+                last = seq.output_token_ids[start - seq.num_prompt_tokens]
+                drafts = guesses.get(i) if guesses else None
+                if drafts:
+                    out_index[i] = n
+                    n = self._put(n, (last, *drafts), start, (seq.slot,))
+                    self._logits[out_index[i] : n] = 1
+                else:
+                    n = self._put(n, (last,), start, (seq.slot,))
+                    out_index[i] = n - 1
             elif start + k <= seq.num_prompt_tokens:
                 prompt = seq.prompt_token_ids
                 key = (start, *prompt[: start + 1])
@@ -56,6 +67,18 @@ class TokenBatch:
         assert n <= self.capacity, f"batch of {n} tokens exceeds n_batch {self.capacity}"
         self.batch.n_tokens = n
         return out_index
+
+    def write(self, rows: list[tuple[list[int], int, int]]) -> list[int]:
+        """Write whole runs (tokens, first position, sequence id), each with logits at its last token
+        only (the draft model's steps); returns each run's logits row."""
+        n = 0
+        last_rows = []
+        for tokens, pos, seq_id in rows:
+            n = self._put(n, tokens, pos, (seq_id,))
+            self._logits[n - 1] = 1
+            last_rows.append(n - 1)
+        self.batch.n_tokens = n
+        return last_rows
 
     @property
     def num_tokens(self) -> int:

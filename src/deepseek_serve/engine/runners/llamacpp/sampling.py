@@ -395,6 +395,27 @@ class LogitsSampler:
         logprob = self.logprob(idx, token, params.top_logprobs) if params.logprobs else None
         return SampleResult(token, logprob)
 
+    def sample_run(
+        self,
+        samplers: SequenceSamplers,
+        params: SamplingParams,
+        first_row: int,
+        guesses: list[int],
+        history: list[int],
+    ) -> list[SampleResult]:
+        """Speculative verification: sample row `first_row`, and while the token drawn equals the guess
+        fed at that row's next position, the row after it. Returns the tokens drawn: the accepted
+        guesses, then the first token that differs from its guess (or follows the last guess). Each
+        draw is the one plain decoding makes at that position (same sampler state and random stream;
+        `history`, the generated tokens before `first_row`, grows by the accepted guesses)."""
+        drawn: list[SampleResult] = []
+        for j in range(len(guesses) + 1):
+            result = self.sample(samplers, params, first_row + j, history + guesses[:j] if j else history)
+            drawn.append(result)
+            if j == len(guesses) or result.token_id != guesses[j]:
+                break
+        return drawn
+
     def _fill_candidates(self, idx: int) -> lc.llama_token_data_array:
         row = lc.llama_get_logits_ith(self._ctx, idx)
         self._cand_np["id"] = self._cand_ids

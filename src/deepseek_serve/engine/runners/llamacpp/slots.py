@@ -17,6 +17,7 @@ conversation) is dropped at once, and idle entries keep at most `prefix_cache_to
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import llama_cpp as lc
@@ -43,9 +44,16 @@ class SlotPool:
     """The slots of one context's KV memory, their reservations and the prefix cache."""
 
     def __init__(
-        self, memory: lc.llama_memory_t, n_slots: int, n_ctx: int, prefix_cache: bool, prefix_cache_tokens: int
+        self,
+        memory: lc.llama_memory_t,
+        n_slots: int,
+        n_ctx: int,
+        prefix_cache: bool,
+        prefix_cache_tokens: int,
+        on_clear: Callable[[int], None] | None = None,
     ) -> None:
         self._mem = memory
+        self._on_clear = on_clear  # told each slot whose cells are dropped (the draft model drops its own)
         self._n_ctx = n_ctx
         self._prefix_cache = prefix_cache
         self._prefix_cache_tokens = prefix_cache_tokens
@@ -122,6 +130,8 @@ class SlotPool:
         if slot.tokens or slot.seq is not None:
             lc.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
         slot.tokens = []
+        if self._on_clear is not None:
+            self._on_clear(slot.index)
 
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s slot and samplers; with the prefix cache on, its KV stays as an idle entry."""
@@ -135,8 +145,14 @@ class SlotPool:
         slot.seq = None
         slot.last_used = time.monotonic()
         seq.slot = None
+        kept = min(seq.num_computed_tokens, seq.num_tokens)
+        if kept < seq.num_computed_tokens:
+            # speculative guesses past where the engine ended the sequence (a stop token, stop string
+            # or max_tokens inside an accepted run) hold KV for tokens the sequence does not have
+            lc.llama_memory_seq_rm(self._mem, slot.index, kept, -1)
+            seq.num_computed_tokens = kept
         if self._prefix_cache:
-            slot.tokens = seq.all_token_ids[: seq.num_computed_tokens]
+            slot.tokens = seq.all_token_ids[:kept]
             self._trim_prefix_cache(slot)
         else:
             slot.tokens = [0]  # force a clear
