@@ -122,5 +122,5 @@ def sampling_params(
         top_logprobs=top_logprobs,
         min_tokens=body.min_tokens or 0,
         logit_bias=_logit_bias(getattr(body, "logit_bias", None)),
-        speculative=body.speculative is not False,
+        speculative=getattr(body, "speculative", None) is not False,
     )
