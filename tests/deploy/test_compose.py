@@ -99,8 +99,13 @@ def test_networks_and_published_ports(compose: dict[str, Any]) -> None:
     assert compose["networks"]["backend"]["internal"] is True
     publishing = {name for name, svc in services.items() if svc.get("ports")}
     assert publishing == {"deepseek-app", "grafana", "gateway"}
-    for name in ("mysql", "redis", "prometheus", "mysqld-exporter", "redis-exporter", "node-exporter"):
+    for name in ("mysql", "redis", "mysqld-exporter", "redis-exporter", "node-exporter"):
         assert services[name]["networks"] == ["backend"], name
+    # Prometheus: the backend, and the internal network where it reaches the engine replicas only
+    assert services["prometheus"]["networks"] == ["backend", "metrics"]
+    assert compose["networks"]["metrics"]["internal"] is True
+    on_metrics = {name for name, svc in services.items() if "metrics" in svc.get("networks", [])}
+    assert on_metrics == {"prometheus", "engine"}
     assert set(services["deepseek-app"]["networks"]) == {"frontend", "backend"}
 
 

@@ -51,6 +51,23 @@ def test_engines_publish_nothing_share_the_secret_and_hold_no_credentials(servic
         assert _env(engine)[name] == _env(gateway)[name], name
 
 
+def test_prometheus_scrapes_the_gateway_and_every_engine_replica(services: dict[str, Any]) -> None:
+    """The app's scrape job also resolves the scale profile's service names (one target per
+    replica), on a network Prometheus shares with each of them; the dashboard and the alerts select
+    that job, so they cover the gateway and the engines."""
+    config = yaml.safe_load((ROOT / "deploy" / "monitoring" / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "deepseek-serve"]
+    (dns,) = job["dns_sd_configs"]
+    assert set(dns["names"]) == {"gateway", "engine"} and dns["type"] == "A" and dns["port"] == 8000
+    internal_port = int(_env(services["engine"])["DS_PORT"])
+    assert dns["port"] == internal_port == int(_env(services["gateway"])["DS_PORT"])
+    prometheus = set(services["prometheus"]["networks"])
+    for name in ("gateway", "engine"):
+        assert prometheus & set(services[name]["networks"]), name
+    role = [r for r in job["relabel_configs"] if r.get("target_label") == "role"]
+    assert role and role[0]["source_labels"] == ["__meta_dns_name"]
+
+
 def test_an_engine_without_the_secret_refuses_to_start_off_loopback(services: dict[str, Any]) -> None:
     from deepseek_serve.config import SettingsError
 
