@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from deepseek_serve.cache import build_cache_layer
 from deepseek_serve.config import Settings
 from deepseek_serve.engine.async_engine import AsyncEngine
-from deepseek_serve.observability.metrics import PrometheusMetrics
+from deepseek_serve.engine.types import EngineStats
+from deepseek_serve.observability.metrics import PrometheusMetrics, speculative_state
 from tests.support.monitoring import (
     BUILTIN_METRICS,
     MONITORING,
@@ -38,6 +39,11 @@ ISSUE_METRICS = {
     "llm_prefix_cache_hits_total",
     "llm_kv_cache_usage_ratio",
     "llm_batch_size",
+}
+# the families speculative decoding adds while it runs (off in the engine the fixture below builds)
+SPECULATIVE = {
+    m.name: m.kind
+    for m in speculative_state(EngineStats(0, 0, 1, 1, 1, 0, 0.0, 0, 0, 0, 0, 0, True, speculative=(("ngram", 4, 3),)))
 }
 # process facts no panel needs
 NOT_ON_DASHBOARD = {
@@ -127,7 +133,7 @@ def test_app_exposes_every_metric_the_issue_names(app_metric_families: dict[str,
 def test_every_metric_used_is_exposed_by_the_app_or_an_exporter(
     source: str, app_metric_families: dict[str, str]
 ) -> None:
-    known = app_sample_names(app_metric_families) | set(exporter_metric_names()) | BUILTIN_METRICS
+    known = app_sample_names(app_metric_families | SPECULATIVE) | set(exporter_metric_names()) | BUILTIN_METRICS
     exprs = rule_exprs() if source == "rules" else dashboard_exprs()
     used = set().union(*(promql_metric_names(e) for e in exprs))
     assert len(used) > 20
@@ -148,6 +154,14 @@ def test_dashboard_shows_every_app_metric_family(app_metric_families: dict[str, 
         if family not in NOT_ON_DASHBOARD and not (app_sample_names({family: kind}) & used)
     ]
     assert missing == []
+
+
+def test_dashboard_shows_the_speculative_counters() -> None:
+    """Speculative decoding's series exist only while it runs (none in the engine the families above
+    come from): the families `speculative_state` exposes must be on the dashboard all the same."""
+    used = set().union(*(promql_metric_names(e) for e in dashboard_exprs()))
+    assert set(SPECULATIVE) == {"llm_speculative_drafted_tokens", "llm_speculative_accepted_tokens"}
+    assert all(app_sample_names({family: kind}) & used for family, kind in SPECULATIVE.items())
 
 
 def test_exporter_list_says_where_it_came_from() -> None:

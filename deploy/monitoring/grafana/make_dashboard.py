@@ -137,6 +137,15 @@ def build() -> dict[str, Any]:
         q(hq(0.95, "llm_request_generation_tokens"), "generation p95"),
     ])
     lay.panel("Engine steps/s", [q(f"sum(rate(llm_engine_steps_total{{{APP}}}{rate}))", "steps")])
+    lay.panel("Speculative decoding: accepted / drafted tokens", [q(
+        f"sum by (guesser) ({r('llm_speculative_accepted_tokens_total')})"
+        f" / sum by (guesser) ({r('llm_speculative_drafted_tokens_total')})",
+        "{{guesser}}")], unit="percentunit",
+        description="Acceptance rate per guesser (prompt lookup, draft model); no series while speculation is off.")
+    lay.panel("Speculative decoding: tokens/s by guesser", [
+        q(f"sum by (guesser) ({r('llm_speculative_drafted_tokens_total')})", "drafted {{guesser}}"),
+        q(f"sum by (guesser) ({r('llm_speculative_accepted_tokens_total')})", "accepted {{guesser}}"),
+    ])
 
     lay.row("Gateway: upstreams")
     gw = f"{{{APP}}}"
