@@ -138,7 +138,7 @@ def test_kv_written_by_a_discarded_row_serves_the_prefix_cache(folder: Path) -> 
 
 def test_runner_launches_ahead_only_plain_greedy_rows_with_a_token_on_the_device(folder: Path) -> None:
     model = load_model(folder, torch.float32, torch.device("cpu"))
-    runner = TorchRunner(model, None, num_slots=2, max_len=64, device=torch.device("cpu"), dtype=torch.float32)
+    runner = TorchRunner(model, None, num_slots=3, max_len=64, device=torch.device("cpu"), dtype=torch.float32)
     greedy = Sequence("g", prompts((6,), seed=1)[0], SamplingParams(temperature=0.0), 4, float("inf"))
     penal = Sequence("p", prompts((6,), seed=2)[0], SamplingParams(repetition_penalty=1.2), 4, float("inf"))
     runner.allocate(greedy)
@@ -146,6 +146,9 @@ def test_runner_launches_ahead_only_plain_greedy_rows_with_a_token_on_the_device
     assert runner.can_launch_ahead([ScheduledSeq(greedy, 6, True)])
     assert not runner.can_launch_ahead([ScheduledSeq(greedy, 6, True), ScheduledSeq(penal, 6, True)])
     assert runner.can_launch_ahead([ScheduledSeq(greedy, 6, True), ScheduledSeq(penal, 3, False)])
+    # a greedy row with a logit bias goes through the sampler, which applies it
+    biased = Sequence("b", prompts((5,), seed=3)[0], SamplingParams(temperature=0.0, logit_bias=((7, 100.0),)), 3, 1e9)
+    assert not runner.can_launch_ahead([ScheduledSeq(biased, 5, True)])
     launched = runner.launch([ScheduledSeq(greedy, 6, True)])
     assert not launched.done
     # the next step before the token is taken in: fed from the device
@@ -157,6 +160,9 @@ def test_runner_launches_ahead_only_plain_greedy_rows_with_a_token_on_the_device
     penal.num_computed_tokens = penal.num_tokens
     (refused,) = runner.launch([ScheduledSeq(penal, 1, True)]).results()
     assert refused is not None and refused.error is not None
+    runner.allocate(biased)
+    (forced,) = runner.step([ScheduledSeq(biased, 5, True)])
+    assert forced is not None and forced.token_id == 7
     # the same two tokens one step at a time
     model2 = load_model(folder, torch.float32, torch.device("cpu"))
     ref = TorchRunner(model2, None, num_slots=2, max_len=64, device=torch.device("cpu"), dtype=torch.float32)

@@ -524,6 +524,7 @@ class TorchRunner(Runner):
             p.is_greedy
             and not p.logprobs
             and not p.has_penalties
+            and not p.logit_bias
             and p.grammar is None
             and seq.num_output_tokens >= p.min_tokens
         )
