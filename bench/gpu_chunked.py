@@ -18,8 +18,8 @@ Prefill paths compared (`--paths`; the same runner, switched between prompts):
 - sdpa: the eager forward with SDPA's bottom-right causal attention over a gathered copy of the slot.
 
 Before that, two device timings: the chunk attention kernel alone (one layer, 449 new tokens at
-position 7,000) per tile configuration against SDPA, and one chunk graph replay per size at that
-position (the GPU time a chunk adds to a step).
+position 7,000) per tile configuration against SDPA (`--best-tile`: the fastest is used below), and
+one chunk graph replay per size at that position (the GPU time a chunk adds to a step).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def device_ms(fn: Any, reps: int = 20) -> float:
     return pct(times, 0.5)
 
 
-def kernel_tiles(out: dict[str, Any]) -> None:
+def kernel_tiles(out: dict[str, Any], best_tile: bool) -> None:
     """One layer's chunk attention: 449 tokens (padded to 512) at position 7,000 of slot 63."""
     h, hk = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"]
     d = SHAPE["hidden_size"] // h
@@ -81,9 +81,15 @@ def kernel_tiles(out: dict[str, Any]) -> None:
     for tile in TILES:
         ca.BLOCK_M, ca.BLOCK_N, ca.NUM_WARPS, ca.NUM_STAGES = tile
         ms = device_ms(lambda: ca.chunk_attention(q, kv, chunk))
-        rows.append({"tile": tile, "ms": ms, "tflops": flops / ms / 1e9})
-        gpu.log(f"chunk attention tile {tile}: {ms * 1e3:.1f} us, {flops / ms / 1e9:.0f} TFLOP/s")
+        splits = ca.kv_splits(size, h, kv.shape[2], q.device)
+        rows.append({"tile": tile, "ms": ms, "tflops": flops / ms / 1e9, "splits": splits})
+        gpu.log(f"chunk attention tile {tile}: {ms * 1e3:.1f} us, {flops / ms / 1e9:.0f} TFLOP/s, {splits} KV splits")
     ca.BLOCK_M, ca.BLOCK_N, ca.NUM_WARPS, ca.NUM_STAGES = default
+    if best_tile:
+        best = min(rows, key=lambda r: r["ms"])["tile"]
+        ca.BLOCK_M, ca.BLOCK_N, ca.NUM_WARPS, ca.NUM_STAGES = best
+        gpu.log(f"chunk attention tile for the runs below: {best} (default {default})")
+    out["kernel_tile_used"] = (ca.BLOCK_M, ca.BLOCK_N, ca.NUM_WARPS, ca.NUM_STAGES)
     # the eager path's attention: the slot's positions gathered (a copy), KV heads repeated, SDPA
     ms = device_ms(lambda: attend_causal(q[:, :count], kv[DECODERS : DECODERS + 1, :, : start + count].clone(), hk))
     gpu.log(f"SDPA causal (slot gathered, KV heads repeated): {ms * 1e3:.1f} us")
@@ -122,12 +128,13 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--chunks", default="512,256,f192")
     ap.add_argument("--paths", default="graph,eager,sdpa", help="the first path runs every chunk size, others 512")
+    ap.add_argument("--best-tile", action="store_true", help="run with the fastest tile of the kernel timing")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu.LOG_FILE = out / "log.txt"
     results: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "rows": []}
-    kernel_tiles(results)
+    kernel_tiles(results, a.best_tile)
     hf = gpu.hf_model(SHAPE, torch.bfloat16, seed=0)
     runner = gpu.our_runner(hf, SHAPE, torch.bfloat16, slots=DECODERS + 1, max_len=MAX_LEN)
     del hf

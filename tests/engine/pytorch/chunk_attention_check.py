@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from deepseek_serve.engine.runners.pytorch import chunk_attention as ca
 from deepseek_serve.engine.runners.pytorch.chunk_attention import BLOCK_M, chunk_attention
 from deepseek_serve.engine.runners.pytorch.cuda_graphs import chunk_buffer
 from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, additive_mask
@@ -26,14 +27,26 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def check_kernel() -> None:
     """Against SDPA over the explicit causal mask: GQA and MHA, a head dim that is not a power of two,
     chunks at position 0 and further on, padded chunks (padding rows give zeros), a chunk longer than
-    one query block, a strided cache view; positions past the chunk's end are never read."""
+    one query block, a strided cache view; positions past the chunk's end are never read. Once with
+    the KV splits the sizes give, once with a split per KV block (the partial sums and the combine)."""
+    splits = []
+    for min_blocks in (ca.MIN_SPLIT_BLOCKS, 1):
+        ca.MIN_SPLIT_BLOCKS = min_blocks
+        splits += check_cases(only_split=min_blocks == 1)
+    assert max(splits) > 1 and min(splits) == 1, splits
+
+
+def check_cases(only_split: bool) -> list[int]:
+    """Runs the cases (`only_split`: those that use more than one KV split); the KV splits each used."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
+    used = []
     # (H, Hk, D, T, start, count, cache positions)
     cases = [
         (12, 2, 128, 64, 100, 50, 256),
         (4, 4, 16, 16, 0, 16, 40),
         (6, 2, 24, 32, 70, 1, 110),
         (8, 1, 64, BLOCK_M + 6, 5, BLOCK_M + 6, 140),
+        (4, 2, 32, BLOCK_M + 8, 130, 5, 200),  # a query block of padding only
     ]
     # bfloat16 on CUDA only: Triton's CPU interpreter has no bfloat16 arithmetic
     dtypes = ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)) if DEVICE.type == "cuda" else ((torch.float32, 1e-5),)
@@ -43,6 +56,9 @@ def check_kernel() -> None:
             q = torch.randn(1, t, h, d, dtype=dtype, device=DEVICE, generator=gen)
             kv = torch.randn(slots, hk, s + 5, 2 * d, dtype=dtype, device=DEVICE, generator=gen)[:, :, :s]
             chunk = torch.tensor([slot, start, count], device=DEVICE)
+            used.append(ca.kv_splits(t, h, kv.shape[2], DEVICE))
+            if only_split and used[-1] == 1:
+                continue
             out = chunk_attention(q, kv, chunk)
             assert out.shape == (1, t, h * d) and out.dtype == dtype, (out.shape, out.dtype)
             end = start + count
@@ -56,6 +72,11 @@ def check_kernel() -> None:
             poisoned[slot, :, end:] = float("nan")
             poisoned[slot + 1] = float("nan")
             assert torch.equal(chunk_attention(q, poisoned, chunk), out)
+    return used
+
+
+def check_refusal() -> None:
+    chunk = torch.tensor([0, 0, 4], device=DEVICE)
     try:
         chunk_attention(torch.randn(2, 4, 4, 16, device=DEVICE), torch.randn(2, 2, 8, 32, device=DEVICE), chunk)
     except ValueError as exc:
@@ -90,6 +111,7 @@ if __name__ == "__main__":
 
     t0 = time.perf_counter()
     check_kernel()
+    check_refusal()
     t1 = time.perf_counter()
     check_chunk_forward(Path(sys.argv[1]))
     print(f"kernel {t1 - t0:.1f} s, chunk forward {time.perf_counter() - t1:.1f} s")

@@ -8,7 +8,12 @@ position: the loop over KV blocks ends at the chunk's own last position, not at 
 Tokens i >= count are padding (a chunk rounded up to its graph's size): their output is zero.
 
 Against SDPA over the runner's cache (the eager path): no gather of the slot's S positions per layer,
-no repeat of the KV heads for GQA, no mask. Each program takes BLOCK_M tokens of one query head.
+no repeat of the KV heads for GQA, no mask. Each program takes BLOCK_M tokens of one query head and
+one of `kv_splits` shares of the positions they see: a short chunk at a long prefix has few query
+blocks, and one program walking thousands of positions alone left most SMs idle (an H200 ran 96
+programs for a 449-token chunk at position 7,000 at 73-107 TFLOP/s). With more than one split the
+programs write float32 partial sums and a second kernel (`_combine`) merges them, as in
+`decode_attention`.
 
 Shapes: q [1, T, H, D]; kv [slots, Hk, S, 2D] (K | V in the last dimension: one layer of the runner's
 cache); chunk [3] int64 (slot, start, count). Output [1, T, H * D] in q's dtype. Registered as the
@@ -29,7 +34,9 @@ from torch import Tensor
 BLOCK_M = 64
 BLOCK_N = 64
 NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 3
+MAX_SPLITS = 32  # KV splits per query block at most (`kv_splits`)
+MIN_SPLIT_BLOCKS = 4  # KV blocks per split at least
 LOG2E = 1.4426950408889634  # scores are scaled to base 2 (exp2 is the hardware's)
 
 
@@ -68,8 +75,9 @@ def _kv_block(
     s = (tl.dot(q, k, input_precision="ieee") if IEEE else tl.dot(q, k)) * qk_scale  # [M, N]
     if MASKED:
         s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
-    # position 0 is in the first block and every query sees it: m_new is finite from there on
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if MASKED:  # a row may see none of a split's positions yet: keep its sums at 0, not NaN
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -91,16 +99,22 @@ def _chunk_attention(
     stride_kvh,
     stride_kvs,
     stride_ot,
+    part_ptr,
+    stat_ptr,
+    num_splits,
     qk_scale,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     D_POW2: tl.constexpr,
     IEEE: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     mb = tl.program_id(0)
     h = tl.program_id(1)
+    split = tl.program_id(2)
     slot = tl.load(chunk_ptr)
     start = tl.load(chunk_ptr + 1)
     count = tl.load(chunk_ptr + 2)
@@ -123,21 +137,67 @@ def _chunk_attention(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D_POW2), dtype=tl.float32)
-    for n0 in range(0, unmasked, BLOCK_N):
+    # this program's share of the positions: split `split` of `num_splits` (whole KV blocks)
+    span = tl.cdiv(tl.cdiv(end, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * span
+    hi = tl.minimum(lo + span, end)
+    for n0 in range(lo, tl.minimum(unmasked, hi), BLOCK_N):
         acc, m_i, l_i = _kv_block(
             acc, m_i, l_i, q, base, n0, end, q_pos, offs_d, d_ok, stride_kvs, qk_scale, HEAD_DIM, IEEE, BLOCK_N, False
         )
-    for n0 in range(unmasked, end, BLOCK_N):
+    for n0 in range(tl.maximum(unmasked, lo), hi, BLOCK_N):
         acc, m_i, l_i = _kv_block(
             acc, m_i, l_i, q, base, n0, end, q_pos, offs_d, d_ok, stride_kvs, qk_scale, HEAD_DIM, IEEE, BLOCK_N, True
         )
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    out = tl.where((offs_m < count)[:, None], out, 0.0)  # padding queries: zeros
-    tl.store(
-        out_ptr + offs_m[:, None] * stride_ot + h * HEAD_DIM + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & d_ok[None, :],
-    )
+    real = offs_m < count
+    if SPLIT:
+        # float32 partials [T, H, splits, D] and (max, sum) [T, H, splits, 2]; a row that saw nothing
+        # here has l = 0 and max -inf (the combine weighs it 0)
+        row = (offs_m * NUM_HEADS + h) * num_splits + split
+        tl.store(part_ptr + row[:, None] * D_POW2 + offs_d[None, :], acc, mask=m_ok[:, None])
+        tl.store(stat_ptr + row * 2, tl.where(l_i == 0.0, float("-inf"), m_i), mask=m_ok)
+        tl.store(stat_ptr + row * 2 + 1, l_i, mask=m_ok)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out = tl.where(real[:, None], out, 0.0)  # padding queries: zeros
+        tl.store(
+            out_ptr + offs_m[:, None] * stride_ot + h * HEAD_DIM + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & d_ok[None, :],
+        )
+
+
+@triton.jit
+def _combine(
+    part_ptr,
+    stat_ptr,
+    chunk_ptr,
+    out_ptr,
+    stride_ot,
+    num_splits,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_POW2: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
+):
+    """Per (token, head): the splits' partial sums rescaled to a common max (base 2), divided."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    count = tl.load(chunk_ptr + 2)
+    offs_s = tl.arange(0, SPLITS_POW2)
+    offs_d = tl.arange(0, D_POW2)
+    s_ok = offs_s < num_splits
+    row = (t * NUM_HEADS + h) * num_splits + offs_s
+    m = tl.load(stat_ptr + row * 2, mask=s_ok, other=float("-inf"))
+    l_ = tl.load(stat_ptr + row * 2 + 1, mask=s_ok, other=0.0)
+    acc = tl.load(part_ptr + row[:, None] * D_POW2 + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    m_all = tl.max(m, axis=0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # padding tokens of a padding-only block
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_all))  # [SPLITS]
+    total = tl.sum(w * l_, axis=0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total == 0.0, 1.0, total)
+    out = tl.where(t < count, out, 0.0)  # padding queries: zeros
+    tl.store(out_ptr + t * stride_ot + h * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 @torch.library.custom_op("deepseek_serve::chunk_attention", mutates_args=())
@@ -150,7 +210,11 @@ def chunk_attention(q: Tensor, kv: Tensor, chunk: Tensor) -> Tensor:
     out = torch.empty((1, t, h * d), dtype=q.dtype, device=q.device)
     if t == 0:
         return out
-    _chunk_attention[(triton.cdiv(t, BLOCK_M), h)](
+    d_pow2 = max(16, triton.next_power_of_2(d))
+    splits = kv_splits(t, h, kv.shape[2], q.device)
+    part = torch.empty((t, h, splits, d_pow2) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
+    stat = torch.empty((t, h, splits, 2) if splits > 1 else (1,), dtype=torch.float32, device=q.device)
+    _chunk_attention[(triton.cdiv(t, BLOCK_M), h, splits)](
         q,
         kv,
         chunk,
@@ -162,17 +226,44 @@ def chunk_attention(q: Tensor, kv: Tensor, chunk: Tensor) -> Tensor:
         kv.stride(1),
         kv.stride(2),
         out.stride(1),
+        part,
+        stat,
+        splits,
         d**-0.5 * LOG2E,
         GROUP=h // hk,
         HEAD_DIM=d,
-        D_POW2=max(16, triton.next_power_of_2(d)),
+        D_POW2=d_pow2,
         IEEE=q.dtype == torch.float32,
+        NUM_HEADS=h,
+        SPLIT=splits > 1,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
     )
+    if splits > 1:
+        _combine[(t, h)](
+            part,
+            stat,
+            chunk,
+            out,
+            out.stride(1),
+            splits,
+            NUM_HEADS=h,
+            HEAD_DIM=d,
+            D_POW2=d_pow2,
+            SPLITS_POW2=triton.next_power_of_2(splits),
+        )
     return out
+
+
+def kv_splits(tokens: int, heads: int, positions: int, device: torch.device) -> int:
+    """KV splits per (query block, head): enough programs for about two per SM (a short chunk at a
+    long prefix has few query blocks), each split keeping at least MIN_SPLIT_BLOCKS KV blocks of the
+    cache's `positions`. Fixed per chunk size, so a CUDA graph keeps it."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    programs = triton.cdiv(tokens, BLOCK_M) * heads
+    return max(1, min(triton.cdiv(2 * sms, programs), positions // (BLOCK_N * MIN_SPLIT_BLOCKS), MAX_SPLITS))
 
 
 @chunk_attention.register_fake
