@@ -5,7 +5,9 @@ One `step()`:
    [0, n): row i is slot i, rows without work write to the cache's scratch column. On CUDA this
    forward is a CUDA graph captured per (rows bucket, KV-length bucket) (`cuda_graphs`), by default
    compiled whole (`compile.DecodeStep`);
-2. each prefill chunk (more than one token) runs as its own forward over its slot;
+2. each prefill chunk (more than one token) runs as its own forward over its slot: on CUDA a CUDA
+   graph per chunk size (`cuda_graphs.ChunkGraphs`, the attention reading the cache in place through
+   `chunk_attention`), chunks of equal length of several sequences together otherwise;
 3. logits of the rows that sample go through the on-device sampler; the chosen ids come back in
    one device-to-host copy.
 
@@ -29,7 +31,7 @@ from deepseek_serve.engine.runners import LaunchedStep, Runner, SampleResult, Sc
 from deepseek_serve.engine.runners.common import entry_refusal, split_refused
 from deepseek_serve.engine.runners.guidance import GuidanceMatcher, llguidance_available
 from deepseek_serve.engine.runners.pytorch.compile import Compiler, DecodeStep
-from deepseek_serve.engine.runners.pytorch.cuda_graphs import DecodeGraphs
+from deepseek_serve.engine.runners.pytorch.cuda_graphs import CHUNK_SIZES, ChunkGraphs, DecodeGraphs, chunk_size
 from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, additive_mask
 from deepseek_serve.engine.runners.pytorch.memory import (
     GiB,
@@ -118,6 +120,13 @@ class TorchRunner(Runner):
             DecodeStep(model, compiler=self.compiler) if compile_ops and compile_decode and self._use_graphs else None
         )
         self.graphs = DecodeGraphs(self.decode_forward, device, max_len) if self._use_graphs else None
+        # one sequence's prompt chunk: the Triton chunk attention over the cache in place (CUDA)
+        self._chunk_attention = device.type == "cuda"
+        if self._chunk_attention:
+            import deepseek_serve.engine.runners.pytorch.chunk_attention  # noqa: F401  (registers the op)
+        self.chunk_graphs = (
+            ChunkGraphs(self.chunk_forward, device, max_len, self.graphs.pool) if self.graphs is not None else None
+        )
         self._generator = torch.Generator(device=device).manual_seed(seed)
         self._eos_ids = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
         # constrained decoding (llguidance, the `grammar` extra): one matcher per slot that holds a
@@ -263,6 +272,14 @@ class TorchRunner(Runner):
         logits = self.model(tok[:, None], self.cache, fb, self.ops)[:, 0]
         return logits, logits.argmax(dim=-1)
 
+    def chunk_forward(self, inputs: Tensor, chunk: Tensor) -> Tensor:
+        """One sequence's prompt chunk: inputs [3, T] (token, rope position, cache write position),
+        chunk [3] (slot, start, count; tokens from count on are padding) -> logits [1, V] of token
+        count - 1. Device tensors only, so that a CUDA graph captures it."""
+        fb = ForwardBatch(slots=chunk[:1], positions=inputs[1:2], write_pos=inputs[2:3], mask=None, chunk=chunk)
+        h = self.model.hidden_states(inputs[0:1], self.cache, fb, self.ops)  # [1, T, d]
+        return self.model.lm_head(h[0].index_select(0, chunk[2:] - 1))
+
     def _decode(self, entries: list[ScheduledSeq]) -> tuple[Tensor, Tensor | None]:
         """(logits [n, V] over slots 0..n-1, their argmax [n] when a graph computed it) for entries
         that each feed exactly one token."""
@@ -309,8 +326,9 @@ class TorchRunner(Runner):
     def warmup(self, prefill_tokens: int = 0) -> int:
         """Compile and capture every shape the server can meet before it serves: each decode graph
         (rows bucket x KV-length bucket), the prefill forward (one row and several rows: the dynamic
-        compiles of the fused ops) and the sampler's kernels. `prefill_tokens` > 0: also one prefill of
-        that many tokens. Returns the number of graphs."""
+        compiles of the fused ops), the chunk graphs up to the size that holds `prefill_tokens` (512
+        when 0) and the sampler's kernels. `prefill_tokens` > 0: also one prefill of that many tokens.
+        Returns the number of graphs."""
         with torch.inference_mode():
             if self.graphs is not None:
                 for rows in rows_buckets(self.slots.num_slots):
@@ -322,9 +340,16 @@ class TorchRunner(Runner):
                             break
                         length = kv_len + 1
             self._warm_prefill(prefill_tokens)
+            if self.chunk_graphs is not None:
+                largest = chunk_size(min(prefill_tokens or 512, self._max_len)) or CHUNK_SIZES[-1]
+                for size in CHUNK_SIZES:
+                    if size <= largest:
+                        self.chunk_graphs.get(size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return len(self.graphs) if self.graphs is not None else 0
+        if self.graphs is None or self.chunk_graphs is None:
+            return 0
+        return len(self.graphs) + len(self.chunk_graphs)
 
     def _warm_prefill(self, prefill_tokens: int) -> None:
         """Prefill forwards into slots 0/1 and one sampled row of every kind. Before serving only:
@@ -345,6 +370,9 @@ class TorchRunner(Runner):
             mask = additive_mask((pos[:, :, None] >= self._arange[:t][None, None, :]).unsqueeze(1), self.dtype)
             slots = torch.arange(b, dtype=torch.int64, device=self.device)
             fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=b == 1)
+            if b == 1 and self._chunk_attention:
+                chunk = torch.tensor([0, 0, t], dtype=torch.int64, device=self.device)
+                fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=None, chunk=chunk)
             logits = self.model.lm_head(self.model.hidden_states(tok, self.cache, fb, self.ops)[:, -1])
         rich = SamplingParams(
             temperature=0.7,
@@ -360,9 +388,16 @@ class TorchRunner(Runner):
         self._results(sample(torch.cat([logits[:1], logits[:1]]), specs, self._generator), specs)
 
     def _prefill(self, entries: list[ScheduledSeq]) -> Tensor:
-        """Feed chunks of equal length T of several sequences in one forward; logits [B, V] of
-        each chunk's last token."""
+        """Feed chunks of equal length T of several sequences; logits [B, V] of each chunk's last
+        token. With chunk graphs each chunk replays the graph of its size; else one forward."""
         t = entries[0].num_new_tokens
+        if self.chunk_graphs is not None and chunk_size(t) is not None:
+            parts = []
+            for e in entries:
+                p0, slot = e.seq.num_computed_tokens, e.seq.slot
+                assert slot is not None
+                parts.append(self.chunk_graphs.replay(e.seq.all_token_ids[p0 : p0 + t], slot, p0))
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
         ids, starts, slot_ids = [], [], []
         for e in entries:
             p0 = e.seq.num_computed_tokens
@@ -371,9 +406,13 @@ class TorchRunner(Runner):
             slot_ids.append(e.seq.slot)
         tok = self._to_device(torch.tensor(ids, dtype=torch.int64))  # [B, T]
         pos = self._to_device(torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(t)[None, :])
+        slots = self._to_device(torch.tensor(slot_ids, dtype=torch.int64))
+        if len(entries) == 1 and self._chunk_attention:
+            chunk = self._to_device(torch.tensor([slot_ids[0], starts[0], t], dtype=torch.int64))
+            fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=None, chunk=chunk)
+            return self.model.lm_head(self.model.hidden_states(tok, self.cache, fb, self.ops)[:, -1])
         kv_len = max(starts) + t
         mask = additive_mask((self._arange[:kv_len][None, None, :] <= pos[:, :, None]).unsqueeze(1), self.dtype)
-        slots = self._to_device(torch.tensor(slot_ids, dtype=torch.int64))
         fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=len(entries) == 1)
         h = self.model.hidden_states(tok, self.cache, fb, self.ops)
         return self.model.lm_head(h[:, -1])
@@ -461,16 +500,20 @@ class TorchRunner(Runner):
 
     def _step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
         order: list[int] = []  # batch index of each sampled logits row
-        parts: list[Tensor] = []
+        parts: list[Tensor] = []  # sampled logits rows, or their argmax when every sampled row is greedy
         results: list[SampleResult | None] = [None] * len(batch)
+        greedy_only = all(self._plain_greedy(e.seq) for e in batch if e.sample)
         with torch.inference_mode():
             decode = [i for i, e in enumerate(batch) if e.num_new_tokens == 1]
             if decode:
-                logits, _ = self._decode([batch[i] for i in decode])
+                logits, greedy = self._decode([batch[i] for i in decode])
                 picked = [i for i in decode if batch[i].sample]
                 if picked:
-                    idx = torch.tensor([batch[i].seq.slot for i in picked], dtype=torch.int64)
-                    parts.append(logits[idx.to(self.device)])
+                    idx = torch.tensor([batch[i].seq.slot for i in picked], dtype=torch.int64).to(self.device)
+                    if greedy_only:
+                        parts.append(greedy[idx] if greedy is not None else logits[idx].argmax(dim=-1))
+                    else:
+                        parts.append(logits[idx])
                     order.extend(picked)
             groups: dict[int, list[int]] = {}
             for i, e in enumerate(batch):
@@ -480,11 +523,16 @@ class TorchRunner(Runner):
                 logits = self._prefill([batch[i] for i in members])
                 picked = [j for j, i in enumerate(members) if batch[i].sample]
                 if picked:
-                    parts.append(logits[picked] if len(picked) < len(members) else logits)
+                    rows = logits[picked] if len(picked) < len(members) else logits
+                    parts.append(rows.argmax(dim=-1) if greedy_only else rows)
                     order.extend(members[j] for j in picked)
             for e in batch:
                 e.seq.num_computed_tokens += e.num_new_tokens
-            if order:
+            if order and greedy_only:
+                # greedy rows need no sampler: their argmax ids in one device -> host copy
+                for i, token in zip(order, torch.cat(parts).tolist(), strict=True):
+                    results[i] = SampleResult(token)
+            elif order:
                 specs = [self._sample_row(batch[i].seq) for i in order]
                 for i, res in zip(order, self._sample_rows(torch.cat(parts), specs), strict=True):
                     results[i] = self._follow_grammar(batch[i].seq, res)
@@ -589,3 +637,5 @@ class TorchRunner(Runner):
     def close(self) -> None:
         if self.graphs is not None:
             self.graphs.clear()
+        if self.chunk_graphs is not None:
+            self.chunk_graphs.clear()
