@@ -429,6 +429,8 @@ def profile_step(runner: TorchRunner, n: int, kv_len: int) -> tuple[str, float, 
 def decode_variants(name: str, cfg: dict[str, Any], names: list[str], results: dict[str, Any], out: Path) -> None:
     """Per decode-step variant: compile + capture time, 1-row and 64-row graph replay, greedy tokens
     against the first variant, and an eager kernel profile of the 1-row step (appended to profiles.txt)."""
+    import torch._inductor.config
+
     from deepseek_serve.engine.runners.pytorch.compile import DecodeStep
 
     hf = hf_model(cfg, torch.bfloat16, seed=0)
@@ -438,9 +440,14 @@ def decode_variants(name: str, cfg: dict[str, Any], names: list[str], results: d
     prompt = torch.randint(0, cfg["vocab_size"], (PROMPT_LEN,), generator=gen).tolist()
     first: list[int] | None = None
     for vname in names:
-        opts = VARIANTS[vname]
+        # NAME+pdl: the variant with Inductor's programmatic dependent launch, where torch has it
+        opts = VARIANTS[vname.removesuffix("+pdl")]
         row: dict[str, Any] = {"model": name, "variant": vname}
         try:
+            if hasattr(torch._inductor.config.triton, "enable_pdl"):
+                torch._inductor.config.triton.enable_pdl = vname.endswith("+pdl")
+            elif vname.endswith("+pdl"):
+                raise RuntimeError("this torch's Inductor has no triton.enable_pdl")
             torch._dynamo.reset()
             runner = our_runner(hf, cfg, torch.bfloat16, slots=max(CONCURRENCY), max_len=max_len)
             runner.decode_step = None if opts is None else DecodeStep(runner.model, compiler=runner.compiler, **opts)

@@ -77,15 +77,18 @@ def in_process(model_dir: Path) -> dict[int, float]:
     return out
 
 
-def engine_core(model_dir: Path, tmp: Path, context: int, out: Path) -> dict[int, float]:
+def engine_core(model_dir: Path, tmp: Path, context: int, out: Path) -> dict[str, dict[int, float]]:
     """The server's engine core (`LLMEngine`: scheduler, runner, detokenizer, deltas) driven in this
     thread, without the event loop or HTTP: closed loop, `conc` requests in the system, 32-token
-    prompts, 256 new tokens. Then 64 streams again under cProfile (engine-core-64.prof.txt)."""
+    prompts, 256 new tokens; with overlapped steps (the default) and one step at a time, on the same
+    runner. Then 64 streams again under cProfile (engine-core-64.prof.txt, overlapped)."""
     import cProfile
+    import dataclasses
     import io
     import pstats
 
     from deepseek_serve.config import load_settings
+    from deepseek_serve.engine.llm_engine import LLMEngine
     from deepseek_serve.engine.loader import load_model as load_engine
     from deepseek_serve.engine.types import GenerationRequest, SamplingParams
 
@@ -98,38 +101,55 @@ def engine_core(model_dir: Path, tmp: Path, context: int, out: Path) -> dict[int
         max_queue_size=512,
         data_dir=tmp / "data-core",
     )
-    core = load_engine(settings).core
+    overlapped = load_engine(settings).core
+    cores = {
+        "overlap": overlapped,
+        "sync": LLMEngine(overlapped.runner, dataclasses.replace(overlapped.config, overlap=False)),
+    }
     gen = torch.Generator().manual_seed(1)
     params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
 
-    def run(conc: int, total: int) -> float:
+    def run(core: LLMEngine, conc: int, total: int, label: str = "") -> float:
         sent = done = tokens = 0
         t0 = time.perf_counter()
+        steps: list[float] = []
         while done < total:
             while sent < total and sent - done < conc:
                 ids = tuple(torch.randint(100, 30000, (32,), generator=gen).tolist())
                 request = GenerationRequest(f"r{sent}", prompt_token_ids=ids, params=params)
                 core.add_sequence(core.make_sequence(request))
                 sent += 1
-            for _, delta, _ in core.step():
+            t_step = time.perf_counter()
+            outputs = core.step()
+            steps.append(time.perf_counter() - t_step)
+            for _, delta, _ in outputs:
                 if delta is not None and delta.finished:
                     done += 1
                     tokens += delta.usage.completion_tokens if delta.usage else 0
-        return tokens / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        if label:
+            ms = sorted(1e3 * x for x in steps)
+            slow = sum(x for x in ms if x > 10)
+            gpu.log(
+                f"  {label}: {len(ms)} steps in {elapsed:.2f} s, step p50 {ms[len(ms) // 2]:.2f} / p99 "
+                f"{ms[int(len(ms) * 0.99)]:.2f} / max {ms[-1]:.1f} ms, {slow:.0f} ms in steps over 10 ms"
+            )
+        return tokens / elapsed
 
-    out_rates: dict[int, float] = {}
-    run(8, 8)
+    out_rates: dict[str, dict[int, float]] = {}
     for conc in STREAMS:
-        out_rates[conc] = run(conc, REQUESTS[conc])
-        gpu.log(f"engine core in process, {conc} streams: {out_rates[conc]:.0f} tok/s")
+        for name, core in cores.items():
+            run(core, conc, conc)  # every shape of this concurrency seen once by both
+            out_rates.setdefault(name, {})[conc] = run(core, conc, REQUESTS[conc], f"{name} c={conc}")
+            gpu.log(f"engine core in process ({name}), {conc} streams: {out_rates[name][conc]:.0f} tok/s")
     prof = cProfile.Profile()
     prof.enable()
-    rate = run(64, 64)
+    rate = run(overlapped, 64, 64)
     prof.disable()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
     (out / "engine-core-64.prof.txt").write_text(f"{rate:.0f} tok/s under cProfile\n" + buf.getvalue())
-    core.close()
+    overlapped.close()
     return out_rates
 
 
@@ -195,6 +215,7 @@ def start_server(
         "DS_LOG_FORMAT": "console",
         "DS_LOG_LEVEL": "warning",
         "DS_DRAIN_TIMEOUT_S": "1",
+        "TORCH_LOGS": "recompiles",  # a compile after ready shows in the server's log
         **extra,
     }
     if pythonpath is not None:
@@ -273,6 +294,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu.LOG_FILE = out / "log.txt"
+    torch._logging.set_logs(recompiles=True)  # a compile during a measurement shows in the log
     a.tmp.mkdir(parents=True, exist_ok=True)
     model_dir = a.tmp / "coder-1.3b-random"
     summary: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC")}
@@ -300,7 +322,14 @@ def main() -> None:
             gpu.log(f"server {name} failed: {exc!r}"[:2000])
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     inproc = summary.get("in_process_tok_s", {})
-    core = summary.get("engine_core_tok_s", {})
+    cores = summary.get("engine_core_tok_s", {})
+    core = cores.get("overlap", {})
+    gpu.log("\n| streams | runner tok/s | engine core overlapped tok/s (x runner) | one step at a time (x runner) |")
+    gpu.log("|---|---|---|---|")
+    for conc in a.streams:
+        ip = inproc.get(conc) or float("nan")
+        ov, sy = core.get(conc, 0.0), cores.get("sync", {}).get(conc, 0.0)
+        gpu.log(f"| {conc} | {ip:.0f} | {ov:.0f} ({ov / ip:.2f}) | {sy:.0f} ({sy / ip:.2f}) |")
     gpu.log(
         "\n| server | streams | pass | HTTP tok/s | in-process runner tok/s | ratio | engine core tok/s | ratio "
         "| TTFT p50 / p99 ms | ITL p99 ms |"

@@ -132,6 +132,11 @@ class Settings(BaseSettings):
         "more keep arriving (this long after each, at most 4x) to admit them together",
     )
     default_max_tokens: int = Field(1024, ge=1)
+    overlap_schedule: bool = Field(
+        True,
+        description="launch each step before taking in the previous one's tokens, where the runner can "
+        "(torch runner, plain greedy batches): the host's per-token work overlaps the forward",
+    )
     cuda_graphs: bool = True
     gpu_memory_utilization: float = Field(
         0.9,

@@ -1,5 +1,11 @@
 """LLMEngine: the synchronous core. `step()` = take aborts and deadlines, admit, schedule, run, postprocess.
 
+With a runner that supports it (`Runner.supports_overlap`, `EngineConfig.overlap`), postprocessing lags
+one step behind: `step()` launches step N+1 and then takes in step N's tokens (detokenize, stop checks,
+deltas) while the device computes N+1. A sequence that ends at step N still has a row in N+1, whose
+result is dropped; a batch that cannot be launched ahead (sampling that reads the tokens so far) first
+waits for step N.
+
 Thread contract: `make_sequence`, `add_sequence` and `abort` may be called from any thread;
 everything else runs on the engine's single worker thread (see AsyncEngine).
 """
@@ -14,7 +20,7 @@ from dataclasses import dataclass, field
 
 from deepseek_serve.engine.detokenizer import IncrementalDetokenizer
 from deepseek_serve.engine.errors import ContextLengthError, InvalidRequestError
-from deepseek_serve.engine.runners import Runner, SampleResult, Tokenizer
+from deepseek_serve.engine.runners import LaunchedStep, Runner, SampleResult, ScheduledSeq, Tokenizer
 from deepseek_serve.engine.scheduler import Scheduler
 from deepseek_serve.engine.sequence import Sequence
 from deepseek_serve.engine.types import (
@@ -42,6 +48,7 @@ class EngineConfig:
     default_max_tokens: int = 1024
     request_timeout_s: float = 600.0
     burst_wait_s: float = 0.0  # idle engine: wait while requests keep arriving (see AsyncEngine._run)
+    overlap: bool = True  # launch step N+1 before taking in step N's tokens, where the runner can
 
 
 @dataclass
@@ -126,6 +133,8 @@ class LLMEngine:
         self._cache_clears: list[threading.Event] = []
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._counters = _Counters()
+        self._overlap = config.overlap and runner.supports_overlap
+        self._in_flight: LaunchedStep | None = None  # launched, its tokens not yet taken in
 
     # --- submission (any thread) -------------------------------------------------------------------------
     def make_sequence(self, request: GenerationRequest) -> Sequence:
@@ -192,12 +201,33 @@ class LLMEngine:
         return done
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._aborted) or bool(self._cache_clears)
+        return (
+            self.scheduler.has_work() or self._in_flight is not None or bool(self._aborted) or bool(self._cache_clears)
+        )
 
     # --- the loop (engine thread) ------------------------------------------------------------------------
     def step(self) -> list[Output]:
         outputs: list[Output] = []
         self._reap(outputs)
+        self._admit(outputs)
+        batch = self.scheduler.schedule()
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and not (batch and self.runner.can_launch_ahead(batch)):
+            self._take(previous, outputs)  # the next batch depends on these tokens: schedule it after them
+            previous = None
+            self._admit(outputs)
+            batch = self.scheduler.schedule()
+        launched = self._launch(batch, outputs) if batch else None
+        if previous is not None:
+            self._take(previous, outputs)
+        if launched is not None:
+            if self._overlap and not launched.done:
+                self._in_flight = launched
+            else:
+                self._take(launched, outputs)
+        return outputs
+
+    def _admit(self, outputs: list[Output]) -> None:
         for seq in self.scheduler.admit():
             if seq.error is not None:
                 self._finish(seq, "error", outputs, error=seq.error)
@@ -206,28 +236,39 @@ class LLMEngine:
             self._counters.prefix_queries += seq.num_prompt_tokens
             self._counters.prefix_hits += seq.num_cached_tokens
             outputs.append((seq.request_id, None, True))
-        batch = self.scheduler.schedule()
-        if not batch:
-            return outputs
+
+    def _launch(self, batch: list[ScheduledSeq], outputs: list[Output]) -> LaunchedStep | None:
         try:
-            results = self.runner.step(batch)
+            return self.runner.launch(batch)
         except Exception as exc:  # isolate: fail this batch, keep the engine alive
-            logger.exception("forward step failed for %d sequences", len(batch))
-            for item in batch:
+            self._fail_step(batch, exc, outputs)
+            return None
+
+    def _fail_step(self, batch: list[ScheduledSeq], exc: Exception, outputs: list[Output]) -> None:
+        logger.exception("forward step failed for %d sequences", len(batch))
+        for item in batch:
+            if not item.seq.is_finished:
                 self._finish(item.seq, "error", outputs, error=f"forward step failed: {exc}")
-            return outputs
+
+    def _take(self, launched: LaunchedStep, outputs: list[Output]) -> None:
+        """Take in a launched step's tokens. Entries whose sequence has ended since the launch (at the
+        step before, or aborted) are dropped."""
+        try:
+            results = launched.results()
+        except Exception as exc:
+            self._fail_step(launched.batch, exc, outputs)
+            return
         now = time.monotonic()
         self._counters.steps += 1
         self._counters.last_step = now
-        for item, result in zip(batch, results, strict=True):
-            if result is None:
+        for item, result in zip(launched.batch, results, strict=True):
+            if result is None or item.seq.is_finished:
                 continue
             if result.error is not None:  # this sequence alone failed inside the runner
                 logger.error("request %s failed in the runner: %s", item.seq.request_id, result.error)
                 self._finish(item.seq, "error", outputs, error=result.error)
             else:
                 self._on_token(item.seq, result, now, outputs)
-        return outputs
 
     def _reap(self, outputs: list[Output]) -> None:
         """Apply aborts and deadlines to waiting and running sequences."""
@@ -339,6 +380,7 @@ class LLMEngine:
     def fail_all(self, message: str) -> list[Output]:
         """Last resort after an unexpected error in the loop itself: end every request with an error."""
         outputs: list[Output] = []
+        self._in_flight = None
         for seq in list(self.scheduler.running) + self.scheduler.remove_waiting(lambda s: True):
             try:
                 self._finish(seq, "error", outputs, error=message)

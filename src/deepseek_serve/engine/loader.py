@@ -70,6 +70,7 @@ def load_model(settings: Settings) -> LoadedModel:
             default_max_tokens=settings.default_max_tokens,
             request_timeout_s=settings.request_timeout_s,
             burst_wait_s=settings.burst_wait_ms / 1000.0,
+            overlap=settings.overlap_schedule,
         ),
     )
     tok = runner.tokenizer

@@ -230,7 +230,10 @@ def test_logit_bias_forces_a_token(tiny: tuple[Path, Any]) -> None:
     p = prompts((12,), seed=9)[0]
     forced = [seq(p, 5, logit_bias=((7, 100.0),)), seq(p, 5, temperature=1.0, seed=1, logit_bias=((7, 100.0),))]
     run_to_completion(make_runner(path), forced)
-    assert all(s.output_token_ids == [7] * 5 for s in forced)
+    # alone, a greedy row with a bias is not taken for plain greedy (argmax without the sampler)
+    alone = seq(p, 5, logit_bias=((7, 100.0),))
+    run_to_completion(make_runner(path), [alone])
+    assert all(s.output_token_ids == [7] * 5 for s in [*forced, alone])
 
 
 def test_seeded_sampling_is_independent_of_the_batch(tiny: tuple[Path, Any]) -> None:

@@ -14,6 +14,7 @@ picks the one for a resolved model.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,26 @@ class SampleResult:
     def tokens(self) -> list[tuple[int, TokenLogprob | None]]:
         """(token id, logprob) of every token of the step, in order."""
         return [(self.token_id, self.logprob), *self.more]
+
+
+class LaunchedStep:
+    """A step the runner has started: `results()` waits for its sampled tokens (once the device has
+    them) and returns one result per entry of `batch`, as `Runner.step` does. `done`: the results are
+    already on the host."""
+
+    def __init__(
+        self, batch: list[ScheduledSeq], collect: Callable[[], list[SampleResult | None]], done: bool = False
+    ) -> None:
+        self.batch = batch
+        self.done = done
+        self._collect = collect
+
+    def results(self) -> list[SampleResult | None]:
+        return self._collect()
+
+    @classmethod
+    def finished(cls, batch: list[ScheduledSeq], results: list[SampleResult | None]) -> LaunchedStep:
+        return cls(batch, lambda: results, done=True)
 
 
 class Tokenizer(abc.ABC):
@@ -176,6 +197,22 @@ class Runner(abc.ABC):
         beyond its reservation) or whose sampling raises gets `SampleResult.failed(...)`, whether it
         samples or not, and the others go on; an exception means the whole step failed.
         """
+
+    # overlapped steps: a runner that sets `supports_overlap` can start step N+1 before the engine has
+    # taken in step N's tokens (the sampled ids stay on the device and feed N+1), so the host's
+    # bookkeeping of step N runs while the device computes N+1
+    supports_overlap: bool = False
+
+    def launch(self, batch: list[ScheduledSeq]) -> LaunchedStep:
+        """Start one step (same contract as `step`). Without overlap it runs at once."""
+        return LaunchedStep.finished(batch, self.step(batch))
+
+    def can_launch_ahead(self, batch: list[ScheduledSeq]) -> bool:
+        """Whether `batch` may be launched while the last launched step's results are not yet taken
+        in. Its decode entries whose sequence's last token is not yet known (`num_computed_tokens ==
+        num_tokens`) then feed the token that step sampled, still on the device; a sequence that ends
+        with that token costs one discarded row."""
+        return False
 
     @abc.abstractmethod
     def free(self, seq: Sequence) -> None:

@@ -133,7 +133,7 @@ class DecodeStep:
     def __call__(self, tokens: Tensor, cache: KVCache, fb: ForwardBatch) -> tuple[Tensor, Tensor]:
         """tokens [B, 1]; `fb` over the slot range (slots None)."""
         m = self.model
-        assert m.rope is not None and fb.slots is None and fb.rows is not None
+        assert m.rope is not None and fb.slots is None and fb.rows is not None and fb.mask is not None
         x = m.model.embed_tokens(tokens)
         cs = m.rope[fb.positions].to(x.dtype)  # [B, 1, 2, D]
         rope = (cs[:, :, 0:1], cs[:, :, 1:2])

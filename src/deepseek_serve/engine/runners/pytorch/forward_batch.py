@@ -20,16 +20,18 @@ class ForwardBatch:
 
     Rows map to cache slots through `slots`. `write_pos` is the cache position of each new token
     (a scratch position for padding rows); `mask` [B, 1, T, S] is True where a query may attend, and
-    its last dimension S is the number of cache positions read.
+    its last dimension S is the number of cache positions read. With `chunk` (one sequence's prompt
+    chunk on CUDA) the attention reads the cache in place (`chunk_attention`) and there is no mask.
     """
 
     slots: Tensor | None  # [B] int64; None = rows are slots 0..B-1 (decode over a slot range)
     positions: Tensor  # [B, T] int64 rope positions
     write_pos: Tensor  # [B, T] int64 cache positions
-    mask: Tensor  # [B, 1, T, S] additive (0 / -inf) or bool
+    mask: Tensor | None  # [B, 1, T, S] additive (0 / -inf) or bool; None with `chunk`
     rows: Tensor | None = None  # [B, T] int64 cache slot of each new token (built once per forward)
     lengths: Tensor | None = None  # [B] int64 positions attended (decode with the Triton attention)
     causal_tail: bool = False  # one row whose T new tokens are the last T of the S positions read
+    chunk: Tensor | None = None  # [3] int64 (slot, start, count): B = 1, attention by `chunk_attention`
 
     def __post_init__(self) -> None:
         if self.rows is None:

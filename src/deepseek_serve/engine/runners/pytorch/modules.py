@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from deepseek_serve.engine.runners.pytorch.config import ModelArgs
 from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch
-from deepseek_serve.engine.runners.pytorch.ops import EAGER_OPS, Ops, rms_norm, rope_cache
+from deepseek_serve.engine.runners.pytorch.ops import EAGER_OPS, Ops, attend_chunk, rms_norm, rope_cache
 
 
 class RMSNorm(nn.Module):
@@ -63,8 +63,11 @@ class Attention(nn.Module):
         h, hk, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x).view(b, t, h + 2 * hk, hd)
         q, kv = ops.rope_pack(qkv, rope[0], rope[1], h, hk)  # [B, T, H, D], [B, T, Hk, 2D]
-        s = fb.mask.shape[-1]
         cache_l[fb.rows, :, fb.write_pos] = kv
+        if fb.chunk is not None:
+            return self.o_proj(attend_chunk(q, cache_l, fb.chunk))
+        assert fb.mask is not None
+        s = fb.mask.shape[-1]
         # decode over a slot range: row i is slot i (a view); else gather the rows' slots
         kvs = cache_l[:b, :, :s] if fb.slots is None else cache_l[fb.slots, :, :s]  # [B, Hk, S, 2D]
         return self.o_proj(ops.attend(q, kvs, fb, hk))

@@ -108,6 +108,13 @@ def attend_reductions(q: Tensor, kvs: Tensor, mask: Tensor, hk: int) -> Tensor:
     return out.to(q.dtype).reshape(b, 1, h * hd)
 
 
+def attend_chunk(q: Tensor, cache_l: Tensor, chunk: Tensor) -> Tensor:
+    """One sequence's chunk against its cached prefix, read in place from this layer's cache
+    `cache_l` [slots, Hk, S, 2D] (CUDA; the custom op is registered by importing `chunk_attention`).
+    q [1, T, H, D], chunk [3] (slot, start, count) -> [1, T, H * D]."""
+    return torch.ops.deepseek_serve.chunk_attention(q, cache_l, chunk)
+
+
 def attend_triton(q: Tensor, kvs: Tensor, lengths: Tensor) -> Tensor:
     """`attend_sdpa` for T == 1 through the split-KV Triton kernels (CUDA; the custom op is
     registered by importing `decode_attention`): reads each row's `lengths` positions, not the
@@ -134,10 +141,11 @@ class Ops:
         if self.attention == "triton":
             assert fb.lengths is not None
             return attend_triton(q, kvs, fb.lengths)
-        if self.attention == "reductions":
-            return attend_reductions(q, kvs, fb.mask, hk)
         if fb.causal_tail:
             return attend_causal(q, kvs, hk)
+        assert fb.mask is not None
+        if self.attention == "reductions":
+            return attend_reductions(q, kvs, fb.mask, hk)
         return attend_sdpa(q, kvs, fb.mask, hk)
 
 

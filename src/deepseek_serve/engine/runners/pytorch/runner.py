@@ -5,25 +5,33 @@ One `step()`:
    [0, n): row i is slot i, rows without work write to the cache's scratch column. On CUDA this
    forward is a CUDA graph captured per (rows bucket, KV-length bucket) (`cuda_graphs`), by default
    compiled whole (`compile.DecodeStep`);
-2. each prefill chunk (more than one token) runs as its own forward over its slot;
+2. each prefill chunk (more than one token) runs as its own forward over its slot: on CUDA a CUDA
+   graph per chunk size (`cuda_graphs.ChunkGraphs`, the attention reading the cache in place through
+   `chunk_attention`), chunks of equal length of several sequences together otherwise;
 3. logits of the rows that sample go through the on-device sampler; the chosen ids come back in
    one device-to-host copy.
+
+When every row that samples is plain greedy, `launch()` returns before that copy has landed: the
+chosen ids are also kept per slot on the device (`_next_ids`), and a decode row whose token the
+engine has not taken in yet reads its input from there, so the engine can start the next step
+before it processes this one's tokens (`Runner.can_launch_ahead`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from deepseek_serve.engine.runners import Runner, SampleResult, ScheduledSeq, Tokenizer
+from deepseek_serve.engine.runners import LaunchedStep, Runner, SampleResult, ScheduledSeq, Tokenizer
 from deepseek_serve.engine.runners.common import entry_refusal, split_refused
 from deepseek_serve.engine.runners.guidance import GuidanceMatcher, llguidance_available
 from deepseek_serve.engine.runners.pytorch.compile import Compiler, DecodeStep
-from deepseek_serve.engine.runners.pytorch.cuda_graphs import DecodeGraphs
+from deepseek_serve.engine.runners.pytorch.cuda_graphs import CHUNK_SIZES, ChunkGraphs, DecodeGraphs, chunk_size
 from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, additive_mask
 from deepseek_serve.engine.runners.pytorch.memory import (
     GiB,
@@ -70,6 +78,7 @@ def _next_pow2(x: int) -> int:
 
 class TorchRunner(Runner):
     name = "torch"
+    supports_overlap = True
 
     def __init__(
         self,
@@ -98,6 +107,10 @@ class TorchRunner(Runner):
         model.setup_rope(max_len + 1, device)
         self.slots = SlotTable(num_slots, max_len, prefix_cache)
         self._arange = torch.arange(max_len + 1, device=device)
+        # the last token sampled in each slot, on the device: the input of an overlapped decode row
+        self._next_ids = torch.zeros(num_slots, dtype=torch.int64, device=device)
+        self._last_sampled: frozenset[int] = frozenset()  # slots whose token the last launch left there
+        self._async_copies = device.type == "cuda"
         self._use_graphs = cuda_graphs and device.type == "cuda"
         # what torch.compile makes for this runner: the fused elementwise ops of every forward (CUDA)
         # and the whole decode step (CUDA graphs only: compiling per shape pays off once captured)
@@ -107,6 +120,13 @@ class TorchRunner(Runner):
             DecodeStep(model, compiler=self.compiler) if compile_ops and compile_decode and self._use_graphs else None
         )
         self.graphs = DecodeGraphs(self.decode_forward, device, max_len) if self._use_graphs else None
+        # one sequence's prompt chunk: the Triton chunk attention over the cache in place (CUDA)
+        self._chunk_attention = device.type == "cuda"
+        if self._chunk_attention:
+            import deepseek_serve.engine.runners.pytorch.chunk_attention  # noqa: F401  (registers the op)
+        self.chunk_graphs = (
+            ChunkGraphs(self.chunk_forward, device, max_len, self.graphs.pool) if self.graphs is not None else None
+        )
         self._generator = torch.Generator(device=device).manual_seed(seed)
         self._eos_ids = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
         # constrained decoding (llguidance, the `grammar` extra): one matcher per slot that holds a
@@ -235,6 +255,7 @@ class TorchRunner(Runner):
         if seq.slot is None:
             return
         self._grammars.pop(seq.slot, None)
+        self._last_sampled = self._last_sampled - {seq.slot}
         self.slots.release(seq.slot, seq.all_token_ids[: seq.num_computed_tokens])
         seq.slot = None
 
@@ -251,6 +272,14 @@ class TorchRunner(Runner):
         logits = self.model(tok[:, None], self.cache, fb, self.ops)[:, 0]
         return logits, logits.argmax(dim=-1)
 
+    def chunk_forward(self, inputs: Tensor, chunk: Tensor) -> Tensor:
+        """One sequence's prompt chunk: inputs [3, T] (token, rope position, cache write position),
+        chunk [3] (slot, start, count; tokens from count on are padding) -> logits [1, V] of token
+        count - 1. Device tensors only, so that a CUDA graph captures it."""
+        fb = ForwardBatch(slots=chunk[:1], positions=inputs[1:2], write_pos=inputs[2:3], mask=None, chunk=chunk)
+        h = self.model.hidden_states(inputs[0:1], self.cache, fb, self.ops)  # [1, T, d]
+        return self.model.lm_head(h[0].index_select(0, chunk[2:] - 1))
+
     def _decode(self, entries: list[ScheduledSeq]) -> tuple[Tensor, Tensor | None]:
         """(logits [n, V] over slots 0..n-1, their argmax [n] when a graph computed it) for entries
         that each feed exactly one token."""
@@ -259,14 +288,32 @@ class TorchRunner(Runner):
         max_pos = max(e.seq.num_computed_tokens for e in entries)
         kv_len = self.kv_bucket(max_pos + 1)
         tok, pos, wpos = [0] * n, [0] * n, [self._max_len] * n  # idle rows: scratch column
+        on_device = [0] * n  # 1: the row's token is the one last sampled in its slot (`_next_ids`)
         for e in entries:
             s, p = e.seq.slot, e.seq.num_computed_tokens
             assert s is not None
-            tok[s], pos[s], wpos[s] = e.seq.token_at(p), p, p
-        if self.graphs is None:
-            host = torch.tensor([tok, pos, wpos], dtype=torch.int64)
-            return self.decode_forward(host.to(self.device), kv_len)[0], None
-        return self.graphs.replay(tok, pos, wpos, kv_len)
+            if p < e.seq.num_tokens:
+                tok[s] = e.seq.token_at(p)
+            else:
+                on_device[s] = 1
+            pos[s], wpos[s] = p, p
+        staged = self._to_device(torch.tensor([tok, pos, wpos, on_device], dtype=torch.int64))  # [4, n]
+        g = self.graphs.get(n, kv_len) if self.graphs is not None else None
+        inputs = g.inputs if g is not None else torch.empty((3, n), dtype=torch.int64, device=self.device)
+        inputs.copy_(staged[:3])
+        if any(on_device):
+            inputs[0].copy_(torch.where(staged[3].bool(), self._next_ids[:n], staged[0]))
+        if g is None:
+            return self.decode_forward(inputs, kv_len)[0], None
+        g.graph.replay()
+        return g.logits, g.greedy
+
+    def _to_device(self, host: Tensor) -> Tensor:
+        """A host tensor on the device without waiting for the device: on CUDA through pinned memory,
+        so the copy queues behind the work already launched instead of synchronizing with it."""
+        if not self._async_copies:
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def kv_bucket(self, length: int) -> int:
         """KV positions a decode step reads: a multiple of KV_LEN_BUCKET (a power of two of it with
@@ -279,8 +326,9 @@ class TorchRunner(Runner):
     def warmup(self, prefill_tokens: int = 0) -> int:
         """Compile and capture every shape the server can meet before it serves: each decode graph
         (rows bucket x KV-length bucket), the prefill forward (one row and several rows: the dynamic
-        compiles of the fused ops) and the sampler's kernels. `prefill_tokens` > 0: also one prefill of
-        that many tokens. Returns the number of graphs."""
+        compiles of the fused ops), the chunk graphs up to the size that holds `prefill_tokens` (512
+        when 0) and the sampler's kernels. `prefill_tokens` > 0: also one prefill of that many tokens.
+        Returns the number of graphs."""
         with torch.inference_mode():
             if self.graphs is not None:
                 for rows in rows_buckets(self.slots.num_slots):
@@ -292,9 +340,16 @@ class TorchRunner(Runner):
                             break
                         length = kv_len + 1
             self._warm_prefill(prefill_tokens)
+            if self.chunk_graphs is not None:
+                largest = chunk_size(min(prefill_tokens or 512, self._max_len)) or CHUNK_SIZES[-1]
+                for size in CHUNK_SIZES:
+                    if size <= largest:
+                        self.chunk_graphs.get(size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return len(self.graphs) if self.graphs is not None else 0
+        if self.graphs is None or self.chunk_graphs is None:
+            return 0
+        return len(self.graphs) + len(self.chunk_graphs)
 
     def _warm_prefill(self, prefill_tokens: int) -> None:
         """Prefill forwards into slots 0/1 and one sampled row of every kind. Before serving only:
@@ -302,16 +357,22 @@ class TorchRunner(Runner):
         if self.slots.reserved_tokens:
             raise RuntimeError("warmup() runs before any sequence is allocated")
         self.slots.clear_idle()
-        rows = min(2, self.slots.num_slots)
         # one-row prompts of 2..128 tokens: the quantized matmuls pick their tiles per rows bucket
         short = {(1, t) for t in (4, 8, 16, 32, 64, 128) if t <= self._max_len}
-        shapes = {(1, 2), (rows, 2), (1, max(2, min(prefill_tokens, self._max_len))), *short}
+        # several rows: rows != tokens, both >= 2, so that the fused ops' dynamic compile covers every
+        # (rows, tokens) of a multi-row prefill (with rows == tokens Dynamo would assume they are equal,
+        # and the first real multi-row prefill would compile again while requests wait)
+        many = {(b, t) for b, t in ((2, 3), (3, 5)) if b <= self.slots.num_slots and t <= self._max_len}
+        shapes = {(1, 2), (1, max(2, min(prefill_tokens, self._max_len))), *short, *many}
         for b, t in sorted(shapes):
             tok = torch.zeros((b, t), dtype=torch.int64, device=self.device)
             pos = torch.arange(t, device=self.device)[None, :].expand(b, t)
             mask = additive_mask((pos[:, :, None] >= self._arange[:t][None, None, :]).unsqueeze(1), self.dtype)
             slots = torch.arange(b, dtype=torch.int64, device=self.device)
             fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=b == 1)
+            if b == 1 and self._chunk_attention:
+                chunk = torch.tensor([0, 0, t], dtype=torch.int64, device=self.device)
+                fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=None, chunk=chunk)
             logits = self.model.lm_head(self.model.hidden_states(tok, self.cache, fb, self.ops)[:, -1])
         rich = SamplingParams(
             temperature=0.7,
@@ -327,62 +388,132 @@ class TorchRunner(Runner):
         self._results(sample(torch.cat([logits[:1], logits[:1]]), specs, self._generator), specs)
 
     def _prefill(self, entries: list[ScheduledSeq]) -> Tensor:
-        """Feed chunks of equal length T of several sequences in one forward; logits [B, V] of
-        each chunk's last token."""
+        """Feed chunks of equal length T of several sequences; logits [B, V] of each chunk's last
+        token. With chunk graphs each chunk replays the graph of its size; else one forward."""
         t = entries[0].num_new_tokens
+        if self.chunk_graphs is not None and chunk_size(t) is not None:
+            parts = []
+            for e in entries:
+                p0, slot = e.seq.num_computed_tokens, e.seq.slot
+                assert slot is not None
+                parts.append(self.chunk_graphs.replay(e.seq.all_token_ids[p0 : p0 + t], slot, p0))
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
         ids, starts, slot_ids = [], [], []
         for e in entries:
             p0 = e.seq.num_computed_tokens
             ids.append(e.seq.all_token_ids[p0 : p0 + t])
             starts.append(p0)
             slot_ids.append(e.seq.slot)
-        tok = torch.tensor(ids, dtype=torch.int64).to(self.device)  # [B, T]
-        pos = (torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(t)[None, :]).to(self.device)
+        tok = self._to_device(torch.tensor(ids, dtype=torch.int64))  # [B, T]
+        pos = self._to_device(torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(t)[None, :])
+        slots = self._to_device(torch.tensor(slot_ids, dtype=torch.int64))
+        if len(entries) == 1 and self._chunk_attention:
+            chunk = self._to_device(torch.tensor([slot_ids[0], starts[0], t], dtype=torch.int64))
+            fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=None, chunk=chunk)
+            return self.model.lm_head(self.model.hidden_states(tok, self.cache, fb, self.ops)[:, -1])
         kv_len = max(starts) + t
         mask = additive_mask((self._arange[:kv_len][None, None, :] <= pos[:, :, None]).unsqueeze(1), self.dtype)
-        slots = torch.tensor(slot_ids, dtype=torch.int64).to(self.device)
         fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=len(entries) == 1)
         h = self.model.hidden_states(tok, self.cache, fb, self.ops)
         return self.model.lm_head(h[:, -1])
 
     def _refusal(self, e: ScheduledSeq) -> str | None:
         """Why this entry cannot go to the model (None when it can)."""
-        if e.seq.slot is None:
+        seq = e.seq
+        if seq.slot is None:
             return "the sequence holds no slot"
+        if e.num_new_tokens == 1 and seq.num_computed_tokens == seq.num_tokens:  # its token is on the device
+            if seq.slot not in self._last_sampled:
+                return "the sequence's next token is not known"
+            if seq.num_tokens + 1 > min(seq.max_total_tokens, self._max_len):
+                return f"1 new token at position {seq.num_tokens} does not fit the sequence's reservation"
+            return None
         return entry_refusal(e, self._max_len, self.model.args.vocab_size)
 
+    def can_launch_ahead(self, batch: list[ScheduledSeq]) -> bool:
+        # plain greedy rows only: penalties, grammars, seeds and min_tokens read the tokens so far
+        return all(not e.sample or self._plain_greedy(e.seq) for e in batch)
+
     def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
+        return self.launch(batch).results()
+
+    def launch(self, batch: list[ScheduledSeq]) -> LaunchedStep:
         results, good = split_refused(batch, self._refusal)
-        if good:
-            done = self._step([batch[i] for i in good])
-            for i, result in zip(good, done, strict=True):
+        entries = [batch[i] for i in good]
+        if entries and self.can_launch_ahead(entries):
+            collect = self._launch_greedy(entries)
+
+            def merged() -> list[SampleResult | None]:
+                for i, result in zip(good, collect(), strict=True):
+                    results[i] = result
+                return results
+
+            return LaunchedStep(batch, merged)
+        self._last_sampled = frozenset()
+        if entries:
+            for i, result in zip(good, self._step(entries), strict=True):
                 results[i] = result
-        return results
+        return LaunchedStep.finished(batch, results)
+
+    def _launch_greedy(self, batch: list[ScheduledSeq]) -> Callable[[], list[SampleResult | None]]:
+        """Run a step whose sampling rows are all plain greedy without waiting for it: each sampled id
+        goes to its slot in `_next_ids`, and one asynchronous copy of that brings them to the host.
+        Returns the function that waits for the copy and gives the results."""
+        slots = [e.seq.slot for e in batch]
+        with torch.inference_mode():
+            decode = [e for e in batch if e.num_new_tokens == 1]
+            if decode:
+                logits, greedy = self._decode(decode)
+                if greedy is None:
+                    greedy = logits.argmax(dim=-1)
+                self._next_ids[: greedy.shape[0]].copy_(greedy)  # row i is slot i
+            groups: dict[int, list[ScheduledSeq]] = {}
+            for e in batch:
+                if e.num_new_tokens > 1:
+                    groups.setdefault(e.num_new_tokens, []).append(e)
+            for members in groups.values():
+                logits = self._prefill(members)
+                picked = [j for j, e in enumerate(members) if e.sample]
+                if picked:
+                    if len(picked) < len(members):
+                        logits = logits[self._to_device(torch.tensor(picked, dtype=torch.int64))]
+                    where = self._to_device(torch.tensor([members[j].seq.slot for j in picked], dtype=torch.int64))
+                    self._next_ids.index_copy_(0, where, logits.float().argmax(dim=-1))
+            for e in batch:
+                e.seq.num_computed_tokens += e.num_new_tokens
+            host = torch.empty(self._next_ids.shape, dtype=torch.int64, pin_memory=self._async_copies)
+            host.copy_(self._next_ids, non_blocking=self._async_copies)
+            event = None
+            if self._async_copies:
+                event = torch.cuda.Event()
+                event.record()
+        self._last_sampled = frozenset(s for e, s in zip(batch, slots, strict=True) if e.sample and s is not None)
+
+        def collect() -> list[SampleResult | None]:
+            if event is not None:
+                event.synchronize()  # releases the GIL while the device works
+            ids = host.tolist()
+            pairs = zip(batch, slots, strict=True)
+            return [SampleResult(ids[s]) if e.sample and s is not None else None for e, s in pairs]
+
+        return collect
 
     def _step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
         order: list[int] = []  # batch index of each sampled logits row
-        parts: list[Tensor] = []
+        parts: list[Tensor] = []  # sampled logits rows, or their argmax when every sampled row is greedy
         results: list[SampleResult | None] = [None] * len(batch)
+        greedy_only = all(self._plain_greedy(e.seq) for e in batch if e.sample)
         with torch.inference_mode():
             decode = [i for i, e in enumerate(batch) if e.num_new_tokens == 1]
             if decode:
                 logits, greedy = self._decode([batch[i] for i in decode])
                 picked = [i for i in decode if batch[i].sample]
-                if (
-                    greedy is not None
-                    and len(decode) == len(batch)
-                    and all(self._plain_greedy(batch[i].seq) for i in picked)
-                ):
-                    # fast path: argmax computed inside the graph; one small device -> host copy
-                    ids = greedy.tolist()
-                    for e in batch:
-                        e.seq.num_computed_tokens += 1
-                    for i in picked:
-                        results[i] = SampleResult(ids[batch[i].seq.slot])  # type: ignore[index]
-                    return results
                 if picked:
-                    idx = torch.tensor([batch[i].seq.slot for i in picked], dtype=torch.int64)
-                    parts.append(logits[idx.to(self.device)])
+                    idx = torch.tensor([batch[i].seq.slot for i in picked], dtype=torch.int64).to(self.device)
+                    if greedy_only:
+                        parts.append(greedy[idx] if greedy is not None else logits[idx].argmax(dim=-1))
+                    else:
+                        parts.append(logits[idx])
                     order.extend(picked)
             groups: dict[int, list[int]] = {}
             for i, e in enumerate(batch):
@@ -392,11 +523,16 @@ class TorchRunner(Runner):
                 logits = self._prefill([batch[i] for i in members])
                 picked = [j for j, i in enumerate(members) if batch[i].sample]
                 if picked:
-                    parts.append(logits[picked] if len(picked) < len(members) else logits)
+                    rows = logits[picked] if len(picked) < len(members) else logits
+                    parts.append(rows.argmax(dim=-1) if greedy_only else rows)
                     order.extend(members[j] for j in picked)
             for e in batch:
                 e.seq.num_computed_tokens += e.num_new_tokens
-            if order:
+            if order and greedy_only:
+                # greedy rows need no sampler: their argmax ids in one device -> host copy
+                for i, token in zip(order, torch.cat(parts).tolist(), strict=True):
+                    results[i] = SampleResult(token)
+            elif order:
                 specs = [self._sample_row(batch[i].seq) for i in order]
                 for i, res in zip(order, self._sample_rows(torch.cat(parts), specs), strict=True):
                     results[i] = self._follow_grammar(batch[i].seq, res)
@@ -436,6 +572,7 @@ class TorchRunner(Runner):
             p.is_greedy
             and not p.logprobs
             and not p.has_penalties
+            and not p.logit_bias
             and p.grammar is None
             and seq.num_output_tokens >= p.min_tokens
         )
@@ -500,3 +637,5 @@ class TorchRunner(Runner):
     def close(self) -> None:
         if self.graphs is not None:
             self.graphs.clear()
+        if self.chunk_graphs is not None:
+            self.chunk_graphs.clear()
