@@ -36,6 +36,7 @@ from deepseek_serve.engine.runners.pytorch.modules import CausalLM, KVCache
 from deepseek_serve.engine.runners.pytorch.ops import EAGER_OPS
 from deepseek_serve.engine.runners.pytorch.sampler import SampleOutput, SampleRow, sample
 from deepseek_serve.engine.runners.pytorch.slots import SlotTable
+from deepseek_serve.engine.runners.pytorch.speculative import TorchSpeculator
 from deepseek_serve.engine.types import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ class TorchRunner(Runner):
         self.supports_grammar = tokenizer is not None and llguidance_available()
         self._grammars: dict[int, GuidanceMatcher] = {}
         self._guidance_tokenizer: object | None = None
+        self.speculator: TorchSpeculator | None = None  # prompt lookup (DS_SPECULATIVE=ngram)
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
@@ -174,6 +176,7 @@ class TorchRunner(Runner):
             chat_template=read_chat_template(Path(model_path)),
         )
         runner.warmup(settings.prefill_chunk_tokens)
+        runner.speculator = TorchSpeculator.from_settings(runner, settings)
         return runner
 
     # --- Runner properties -------------------------------------------------------------------------
@@ -202,6 +205,9 @@ class TorchRunner(Runner):
     @property
     def kv_cached_tokens(self) -> int:
         return self.slots.cached_tokens
+
+    def speculative_counts(self) -> tuple[tuple[str, int, int], ...]:
+        return self.speculator.counters.snapshot() if self.speculator is not None else ()
 
     def clear_prefix_cache(self) -> int:
         # the KV stays in the buffer: a freed slot is overwritten by its next sequence
@@ -353,7 +359,9 @@ class TorchRunner(Runner):
 
     def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
         results, good = split_refused(batch, self._refusal)
-        if good:
+        if good and self.speculator is not None:  # rows with guesses verified apart, the rest via _step
+            self.speculator.step(batch, good, results)
+        elif good:
             done = self._step([batch[i] for i in good])
             for i, result in zip(good, done, strict=True):
                 results[i] = result
