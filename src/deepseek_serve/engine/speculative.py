@@ -141,6 +141,10 @@ class StepCost:
     def measured(self) -> bool:
         return bool(self._points)
 
+    def describe(self) -> str:
+        """The curve at the current scale, "tokens: milliseconds" per point (for logs and benchmarks)."""
+        return ", ".join(f"{n:.0f}: {self.scale * t * 1e3:.1f}" for n, t in self._make_curve())
+
     def estimate(self, num_tokens: int) -> float:
         """Seconds a step of `num_tokens` tokens is expected to take (0 for none)."""
         if num_tokens <= 0:

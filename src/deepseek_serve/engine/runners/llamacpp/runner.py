@@ -147,6 +147,7 @@ class LlamaCppRunner(Runner):
             )
             if spec.adaptive:
                 self._speculator.calibrate(self._ctx, self._batch, self._n_vocab // 2)
+                logger.info("step cost, batch tokens: ms: %s", self._speculator.step_cost.describe())
         on_clear = draft.forget if draft is not None else None
         self._slots = SlotPool(
             lc.llama_get_memory(self._ctx), n_slots, self._n_ctx, prefix_cache, prefix_cache_tokens, on_clear
