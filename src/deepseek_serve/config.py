@@ -99,8 +99,8 @@ class Settings(BaseSettings):
     )
     speculative: Literal["off", "ngram", "draft"] = Field(
         "off",
-        description="speculative decoding (llama.cpp runner): ngram = prompt lookup (guesses copied from "
-        "the prompt and the text so far), draft = a draft model (DS_DRAFT_MODEL) guesses",
+        description="speculative decoding: ngram = prompt lookup (guesses copied from "
+        "the prompt and the text so far), draft = a draft model (DS_DRAFT_MODEL) guesses (llama.cpp runner only)",
     )
     draft_model: str = Field(
         "",
@@ -110,18 +110,18 @@ class Settings(BaseSettings):
     speculative_k: int = Field(8, ge=1, le=32, description="most tokens guessed per sequence and step")
     speculative_ngram_min: int = Field(2, ge=1, le=16, description="prompt lookup: shortest suffix matched")
     speculative_ngram_max: int = Field(4, ge=1, le=16, description="prompt lookup: longest suffix matched")
-    speculative_draft_cost: float = Field(
-        0.0,
-        ge=0.0,
-        le=10.0,
-        description="DS_SPECULATIVE=draft: a draft token's cost relative to a decode step of the "
-        "model, for the adaptive draft length; 0 = the ratio of the weight file sizes",
-    )
     speculative_max_batch: int = Field(
-        4,
+        8,
         ge=1,
         le=512,
-        description="sequences decoding in one step beyond which none speculates (the batch is then compute-bound)",
+        description="sequences decoding in one step beyond which none speculates (below it the measured "
+        "step costs decide)",
+    )
+    speculative_adaptive: bool = Field(
+        True,
+        description="plan each step's guesses from measured step costs and acceptance (speculation "
+        "switches itself off where it would cost); false = every speculating sequence carries "
+        "DS_SPECULATIVE_K guesses (prompt lookup: what it found)",
     )
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queue time included")
     burst_wait_ms: float = Field(

@@ -26,6 +26,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         tmp_path_factory.mktemp("spec-srv"),
         DS_SPECULATIVE="ngram",
         DS_SPECULATIVE_MAX_BATCH="4",
+        DS_SPECULATIVE_ADAPTIVE="false",  # guesses every step, whatever this machine's costs
         # runs compared token for token share one KV layout: no prefix-cache hits (see test_engine.py, NEAR_TIE)
         DS_PREFIX_CACHE="false",
         DS_RESPONSE_CACHE="false",

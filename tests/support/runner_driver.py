@@ -41,10 +41,11 @@ def run_to_completion(
         if on_step is not None:
             on_step(steps)
         for entry, res in zip(batch, results, strict=True):
-            if res is not None:
-                entry.seq.output_token_ids.append(res.token_id)
-                if res.logprob is not None:
-                    entry.seq.output_logprobs.append(res.logprob)
+            if res is not None:  # one token, or several under speculative decoding
+                for token, logprob in res.tokens()[: entry.seq.max_tokens - entry.seq.num_output_tokens]:
+                    entry.seq.output_token_ids.append(token)
+                    if logprob is not None:
+                        entry.seq.output_logprobs.append(logprob)
         for seq in [s for s in live if s.num_output_tokens >= s.max_tokens]:
             seq.status = SequenceStatus.FINISHED
             runner.free(seq)

@@ -11,6 +11,7 @@ engine/speculative.py).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import llama_cpp as lc
@@ -20,6 +21,7 @@ from deepseek_serve.engine.runners.common import common_prefix_len
 from deepseek_serve.engine.runners.llamacpp.backend import create_context, load_model
 from deepseek_serve.engine.runners.llamacpp.batch import TokenBatch
 from deepseek_serve.engine.runners.llamacpp.tokenizer import LlamaCppTokenizer
+from deepseek_serve.engine.speculative import StepCost
 
 
 class TokenizerMismatchError(ValueError):
@@ -70,7 +72,7 @@ class DraftModel:
             check_same_tokenizer(target, LlamaCppTokenizer(self._model), model_path)
             self._chunk = chunk_tokens
             n_batch = chunk_tokens + max_batch
-            self._ctx = create_context(
+            self.ctx = create_context(
                 self._model,
                 n_ctx=n_ctx,
                 n_batch=n_batch,
@@ -81,13 +83,14 @@ class DraftModel:
         except BaseException:
             lc.llama_model_free(self._model)
             raise
-        self._mem = lc.llama_get_memory(self._ctx)
-        self._batch = TokenBatch(n_batch, 1)
+        self._mem = lc.llama_get_memory(self.ctx)
+        self.batch = TokenBatch(n_batch, 1)
         self._n_vocab = target.vocab_size
         self._held: list[list[int]] = [[] for _ in range(n_slots)]  # per sequence id: tokens whose KV is here
         self.model_path = model_path
         self.size_bytes = model_path.stat().st_size
         self.tokens_computed = 0
+        self.step_cost = StepCost()  # the wall time of its steps, by token count
         self._open = True
 
     def propose(self, requests: list[tuple[int, list[int], int]]) -> list[list[int]]:
@@ -134,15 +137,18 @@ class DraftModel:
         return guesses
 
     def _decode(self, runs: list[tuple[list[int], int, int]]) -> list[int]:
-        rows = self._batch.write(runs)
-        rc = lc.llama_decode(self._ctx, self._batch.batch)
+        rows = self.batch.write(runs)
+        t0 = time.perf_counter()
+        rc = lc.llama_decode(self.ctx, self.batch.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode of the draft model failed with code {rc}")
-        self.tokens_computed += self._batch.num_tokens
+        lc.llama_synchronize(self.ctx)
+        self.step_cost.observe(self.batch.num_tokens, time.perf_counter() - t0)
+        self.tokens_computed += self.batch.num_tokens
         return rows
 
     def _argmax(self, row: int) -> int:
-        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, row), shape=(self._n_vocab,))
         return int(logits.argmax())
 
     def forget(self, slot: int) -> None:
@@ -154,6 +160,6 @@ class DraftModel:
     def close(self) -> None:
         if self._open:
             self._open = False
-            self._batch.free()
-            lc.llama_free(self._ctx)
+            self.batch.free()
+            lc.llama_free(self.ctx)
             lc.llama_model_free(self._model)

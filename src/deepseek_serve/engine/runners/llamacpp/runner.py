@@ -9,6 +9,7 @@ written once; sampling is native or numpy (`sampling`). With speculative decodin
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -143,8 +144,10 @@ class LlamaCppRunner(Runner):
                 self._sampler,
                 self._max_model_len,
                 draft,
-                model_path.stat().st_size,
             )
+            if spec.adaptive:
+                self._speculator.calibrate(self._ctx, self._batch, self._n_vocab // 2)
+                logger.info("step cost, batch tokens: ms: %s", self._speculator.step_cost.describe())
         on_clear = draft.forget if draft is not None else None
         self._slots = SlotPool(
             lc.llama_get_memory(self._ctx), n_slots, self._n_ctx, prefix_cache, prefix_cache_tokens, on_clear
@@ -174,14 +177,7 @@ class LlamaCppRunner(Runner):
             repack=settings.llama_repack,
             allow_amx=settings.llama_amx,
             grammar_engine=settings.grammar_engine,
-            speculative=SpeculativeConfig(
-                mode=settings.speculative,
-                max_draft_tokens=settings.speculative_k,
-                ngram_min=settings.speculative_ngram_min,
-                ngram_max=settings.speculative_ngram_max,
-                max_batch=settings.speculative_max_batch,
-                draft_cost=settings.speculative_draft_cost,
-            ),
+            speculative=SpeculativeConfig.from_settings(settings),
             draft_model_path=draft_path,
         )
 
@@ -262,10 +258,11 @@ class LlamaCppRunner(Runner):
             return results
         guesses: dict[int, list[int]] = {}
         if self._speculator is not None:
-            guesses = self._speculator.guesses(batch, accepted, self._batch.capacity - planned)
+            guesses = self._speculator.guesses(batch, accepted, planned, self._batch.capacity - planned)
         out_index = self._batch.fill(
             [batch[i] for i in accepted], {j: guesses[i] for j, i in enumerate(accepted) if i in guesses}
         )
+        t0 = time.perf_counter()
         rc = lc.llama_decode(self._ctx, self._batch.batch)
         if rc == 1:
             # no contiguous KV room: drop the prefix cache and retry once
@@ -273,6 +270,9 @@ class LlamaCppRunner(Runner):
             rc = lc.llama_decode(self._ctx, self._batch.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
+        if self._speculator is not None:  # the price of a step by its token count
+            lc.llama_synchronize(self._ctx)
+            self._speculator.observe_step(self._batch.num_tokens, time.perf_counter() - t0)
         self.tokens_computed += self._batch.num_tokens
         for i, idx in zip(accepted, out_index, strict=True):
             item = batch[i]

@@ -4,7 +4,8 @@ Layout: `runner` (TorchRunner: slots, steps, sampling results), `config` (ModelA
 `ops` (the layer's computation as functions, `Ops`), `modules` (the decoder and its KV cache),
 `forward_batch` (what a forward reads besides tokens), `compile` (everything torch.compile'd),
 `cuda_graphs` (captured decode forwards), `loading`, `quantize` (+ Triton `quant_kernels`),
-`decode_attention` (Triton), `memory` (the KV budget), `slots`, `sampler`, `tokenizer`.
+`decode_attention` (Triton), `memory` (the KV budget), `slots`, `sampler`, `tokenizer`,
+`speculative` (prompt lookup).
 """
 
 from deepseek_serve.engine.runners.pytorch.runner import TorchRunner

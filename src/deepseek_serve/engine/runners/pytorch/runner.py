@@ -44,6 +44,7 @@ from deepseek_serve.engine.runners.pytorch.modules import CausalLM, KVCache
 from deepseek_serve.engine.runners.pytorch.ops import EAGER_OPS
 from deepseek_serve.engine.runners.pytorch.sampler import SampleOutput, SampleRow, sample
 from deepseek_serve.engine.runners.pytorch.slots import SlotTable
+from deepseek_serve.engine.runners.pytorch.speculative import TorchSpeculator
 from deepseek_serve.engine.types import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ class TorchRunner(Runner):
         self.supports_grammar = tokenizer is not None and llguidance_available()
         self._grammars: dict[int, GuidanceMatcher] = {}
         self._guidance_tokenizer: object | None = None
+        self.speculator: TorchSpeculator | None = None  # prompt lookup (DS_SPECULATIVE=ngram)
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
@@ -194,6 +196,7 @@ class TorchRunner(Runner):
             chat_template=read_chat_template(Path(model_path)),
         )
         runner.warmup(settings.prefill_chunk_tokens)
+        runner.speculator = TorchSpeculator.from_settings(runner, settings)
         return runner
 
     # --- Runner properties -------------------------------------------------------------------------
@@ -222,6 +225,9 @@ class TorchRunner(Runner):
     @property
     def kv_cached_tokens(self) -> int:
         return self.slots.cached_tokens
+
+    def speculative_counts(self) -> tuple[tuple[str, int, int], ...]:
+        return self.speculator.counters.snapshot() if self.speculator is not None else ()
 
     def clear_prefix_cache(self) -> int:
         # the KV stays in the buffer: a freed slot is overwritten by its next sequence
@@ -431,7 +437,10 @@ class TorchRunner(Runner):
         return entry_refusal(e, self._max_len, self.model.args.vocab_size)
 
     def can_launch_ahead(self, batch: list[ScheduledSeq]) -> bool:
-        # plain greedy rows only: penalties, grammars, seeds and min_tokens read the tokens so far
+        # plain greedy rows only: penalties, grammars, seeds and min_tokens read the tokens so far;
+        # speculation verifies guesses made from the tokens so far, so it runs one step at a time
+        if self.speculator is not None:
+            return False
         return all(not e.sample or self._plain_greedy(e.seq) for e in batch)
 
     def step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
@@ -450,7 +459,9 @@ class TorchRunner(Runner):
 
             return LaunchedStep(batch, merged)
         self._last_sampled = frozenset()
-        if entries:
+        if entries and self.speculator is not None:  # rows with guesses verified apart, the rest via _step
+            self.speculator.step(batch, good, results)
+        elif entries:
             for i, result in zip(good, self._step(entries), strict=True):
                 results[i] = result
         return LaunchedStep.finished(batch, results)
