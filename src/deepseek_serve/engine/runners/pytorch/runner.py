@@ -373,12 +373,12 @@ class TorchRunner(Runner):
         for b, t in sorted(shapes):
             tok = torch.zeros((b, t), dtype=torch.int64, device=self.device)
             pos = torch.arange(t, device=self.device)[None, :].expand(b, t)
-            mask = additive_mask((pos[:, :, None] >= self._arange[:t][None, None, :]).unsqueeze(1), self.dtype)
             slots = torch.arange(b, dtype=torch.int64, device=self.device)
-            fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=b == 1)
             if b == 1 and self._chunk_attention:
                 chunk = torch.tensor([0, 0, t], dtype=torch.int64, device=self.device)
                 fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=None, chunk=chunk)
+            else:
+                fb = self.masked_batch(slots, pos, t)
             logits = self.model.lm_head(self.model.hidden_states(tok, self.cache, fb, self.ops)[:, -1])
         rich = SamplingParams(
             temperature=0.7,
@@ -417,11 +417,14 @@ class TorchRunner(Runner):
             chunk = self._to_device(torch.tensor([slot_ids[0], starts[0], t], dtype=torch.int64))
             fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=None, chunk=chunk)
             return self.model.lm_head(self.model.hidden_states(tok, self.cache, fb, self.ops)[:, -1])
-        kv_len = max(starts) + t
-        mask = additive_mask((self._arange[:kv_len][None, None, :] <= pos[:, :, None]).unsqueeze(1), self.dtype)
-        fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=len(entries) == 1)
-        h = self.model.hidden_states(tok, self.cache, fb, self.ops)
+        h = self.model.hidden_states(tok, self.cache, self.masked_batch(slots, pos, max(starts) + t), self.ops)
         return self.model.lm_head(h[:, -1])
+
+    def masked_batch(self, slots: Tensor, pos: Tensor, kv_len: int) -> ForwardBatch:
+        """Rows of tokens fed at positions `pos` [B, T] of their `slots` [B], each attending to its
+        slot's positions up to its own (a causal mask over the first `kv_len` positions)."""
+        mask = additive_mask((self._arange[:kv_len][None, None, :] <= pos[:, :, None]).unsqueeze(1), self.dtype)
+        return ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=mask, causal_tail=slots.shape[0] == 1)
 
     def _refusal(self, e: ScheduledSeq) -> str | None:
         """Why this entry cannot go to the model (None when it can)."""
@@ -510,21 +513,19 @@ class TorchRunner(Runner):
         return collect
 
     def _step(self, batch: list[ScheduledSeq]) -> list[SampleResult | None]:
+        if all(self._plain_greedy(e.seq) for e in batch if e.sample):
+            return self._launch_greedy(batch)()  # no sampler: the argmax ids in one device -> host copy
         order: list[int] = []  # batch index of each sampled logits row
-        parts: list[Tensor] = []  # sampled logits rows, or their argmax when every sampled row is greedy
+        parts: list[Tensor] = []
         results: list[SampleResult | None] = [None] * len(batch)
-        greedy_only = all(self._plain_greedy(e.seq) for e in batch if e.sample)
         with torch.inference_mode():
             decode = [i for i, e in enumerate(batch) if e.num_new_tokens == 1]
             if decode:
-                logits, greedy = self._decode([batch[i] for i in decode])
+                logits, _ = self._decode([batch[i] for i in decode])
                 picked = [i for i in decode if batch[i].sample]
                 if picked:
                     idx = torch.tensor([batch[i].seq.slot for i in picked], dtype=torch.int64).to(self.device)
-                    if greedy_only:
-                        parts.append(greedy[idx] if greedy is not None else logits[idx].argmax(dim=-1))
-                    else:
-                        parts.append(logits[idx])
+                    parts.append(logits[idx])
                     order.extend(picked)
             groups: dict[int, list[int]] = {}
             for i, e in enumerate(batch):
@@ -534,16 +535,11 @@ class TorchRunner(Runner):
                 logits = self._prefill([batch[i] for i in members])
                 picked = [j for j, i in enumerate(members) if batch[i].sample]
                 if picked:
-                    rows = logits[picked] if len(picked) < len(members) else logits
-                    parts.append(rows.argmax(dim=-1) if greedy_only else rows)
+                    parts.append(logits[picked] if len(picked) < len(members) else logits)
                     order.extend(members[j] for j in picked)
             for e in batch:
                 e.seq.num_computed_tokens += e.num_new_tokens
-            if order and greedy_only:
-                # greedy rows need no sampler: their argmax ids in one device -> host copy
-                for i, token in zip(order, torch.cat(parts).tolist(), strict=True):
-                    results[i] = SampleResult(token)
-            elif order:
+            if order:
                 specs = [self._sample_row(batch[i].seq) for i in order]
                 for i, res in zip(order, self._sample_rows(torch.cat(parts), specs), strict=True):
                     results[i] = self._follow_grammar(batch[i].seq, res)

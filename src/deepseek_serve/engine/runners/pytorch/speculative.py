@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from deepseek_serve.engine.runners import SampleResult, ScheduledSeq
-from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, additive_mask
 from deepseek_serve.engine.sequence import Sequence
 from deepseek_serve.engine.speculative import (
     Acceptance,
@@ -96,7 +95,6 @@ class TorchSpeculator:
             and item.num_new_tokens == 1
             and not seq.is_prefilling
             and seq.params.speculative
-            and not seq.params.logit_bias
             and self.runner._plain_greedy(seq)
         )
 
@@ -187,16 +185,7 @@ class TorchSpeculator:
         t = len(tokens[0])
         tok = torch.tensor(tokens, dtype=torch.int64).to(runner.device)  # [B, T]
         pos = (torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(t)[None, :]).to(runner.device)
-        kv_len = max(starts) + t
-        allowed = runner._arange[:kv_len][None, None, :] <= pos[:, :, None]  # [B, T, S]
-        mask = additive_mask(allowed.unsqueeze(1), runner.dtype)  # [B, 1, T, S]
-        fb = ForwardBatch(
-            slots=torch.tensor(slots, dtype=torch.int64).to(runner.device),
-            positions=pos,
-            write_pos=pos,
-            mask=mask,
-            causal_tail=len(tokens) == 1,
-        )
+        fb = runner.masked_batch(torch.tensor(slots, dtype=torch.int64).to(runner.device), pos, max(starts) + t)
         return runner.model(tok, runner.cache, fb, runner.ops)
 
     # --- costs --------------------------------------------------------------------------------------
