@@ -5,6 +5,7 @@ the wrappers; the runner owns one and hands its products to the forward passes."
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,6 +22,9 @@ from deepseek_serve.engine.runners.pytorch.ops import (
     rope_pack,
     silu_mul,
 )
+
+# one-row MLPs through `gemv_kernels` (SiLU·up inside the down projection's split-K GEMV)
+GEMV_DOWN = True
 
 
 def raise_recompile_limits() -> None:
@@ -39,10 +43,17 @@ def _decode_layer(
     fb: ForwardBatch,
     ops: Ops,
 ) -> tuple[Tensor, Tensor]:
-    return layer(x, residual, rope, cache_l, fb, ops)
+    return layer(_summed(x, residual.dtype), residual, rope, cache_l, fb, ops)
+
+
+def _summed(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x [B, 1, d], or the MLP's partial sums [S, B, 1, d] (`Ops.gemv_down`): summed here, inside the
+    compiled function, so that Inductor fuses the sum into the residual add and RMSNorm."""
+    return x.sum(0).to(dtype) if x.dim() == 4 else x
 
 
 def _decode_logits(model: CausalLM, x: Tensor, residual: Tensor) -> Tensor:
+    x = _summed(x, residual.dtype)
     norm = model.model.norm
     h, _ = add_rms_norm(x, residual, norm.weight, norm.eps)
     return model.lm_head(h[:, 0])
@@ -101,7 +112,8 @@ class DecodeStep:
     (`attend_reductions`). `eager_argmax`: the argmax after the compiled head, in ATen.
     Compiles per model shape: one for 1 row, one for any other row count; the KV length is dynamic.
     `backend`: torch.compile's (tests trace on CPU with "aot_eager"). `compiler`: the one whose
-    wrappers to use (a new one when None).
+    wrappers to use (a new one when None). `gemv_down`: the one-row step's MLPs run SiLU·up and the
+    down projection as one split-K GEMV kernel (`gemv_kernels`; None = GEMV_DOWN on CUDA).
     """
 
     def __init__(
@@ -112,6 +124,7 @@ class DecodeStep:
         backend: str = "inductor",
         eager_argmax: bool = True,
         compiler: Compiler | None = None,
+        gemv_down: bool | None = None,
     ) -> None:
         if attention != "auto" and attention not in DECODE_ATTENTIONS:
             names = ", ".join(["auto", *DECODE_ATTENTIONS])
@@ -122,7 +135,13 @@ class DecodeStep:
         self.ops_one = decode_attention_ops("triton" if attention == "auto" else attention)
         self.ops_many = decode_attention_ops("sdpa" if attention == "auto" else attention)
         if self.ops_one.attention == "triton":
-            import deepseek_serve.engine.runners.pytorch.decode_attention  # noqa: F401  (registers the op)
+            import deepseek_serve.engine.runners.pytorch.decode_attention
+        if gemv_down is None:
+            gemv_down = GEMV_DOWN and next(model.parameters()).device.type == "cuda"
+        if gemv_down:
+            import deepseek_serve.engine.runners.pytorch.gemv_kernels  # noqa: F401  (registers the ops)
+
+            self.ops_one = replace(self.ops_one, gemv_down=True)
         self.model = model
         self.eager_argmax = eager_argmax
         compiler = compiler or Compiler()
@@ -142,6 +161,8 @@ class DecodeStep:
         torch._dynamo.maybe_mark_dynamic(fb.mask, 3)
         many = tokens.shape[0] > 1
         ops = self.ops_many if many else self.ops_one
+        if ops.gemv_down:
+            x = x.unsqueeze(0)  # the layers pass on the MLP's partial sums [S, B, 1, d]
         if ops.attention == "triton":
             fb.lengths = fb.positions[:, 0] + 1
         if many:

@@ -83,7 +83,42 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, d, bias=args.mlp_bias)
 
     def forward(self, x: Tensor, ops: Ops = EAGER_OPS) -> Tensor:
+        """x [B, T, d] -> [B, T, d]; with `ops.gemv_down`, partial sums [S, B, T, d] of it (the caller
+        sums them: S <= 8, float32 or x's dtype), from the GEMV kernels for one row."""
+        if ops.gemv_down:
+            partials = mlp_partials(self, x.view(-1, x.shape[-1])) if x.numel() == x.shape[-1] else None
+            if partials is not None:
+                return partials.view(partials.shape[0], *x.shape)
+            return self.down_proj(ops.silu_mul(self.gate_up_proj(x))).unsqueeze(0)
         return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+
+
+def _has_gemv(linear: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether `linear` has a GEMV kernel: a quantized linear with `gemv` on, or a plain one of `dtype`."""
+    if isinstance(linear, nn.Linear):
+        return linear.weight.dtype == dtype
+    return bool(getattr(linear, "gemv", False))
+
+
+def mlp_partials(mlp: MLP, x: Tensor) -> Tensor | None:
+    """Partial sums [S, 1, d] of mlp(x) for one row x [1, d] through `gemv_kernels` (registered by
+    importing it): the down projection computes SiLU·up from gate_up's output (or from its partial
+    sums, for a quantized gate_up with a GEMV kernel; a plain gate_up is left to the caller's
+    compiler, which fuses the RMSNorm into it). None where the down projection has no GEMV kernel."""
+    gu, down = mlp.gate_up_proj, mlp.down_proj
+    if not _has_gemv(down, x.dtype):
+        return None
+    if not isinstance(gu, nn.Linear) and _has_gemv(gu, x.dtype) and gu.bias is None:
+        gate_up = gu.gemv_partials(x)  # [S, 1, 2I]
+    else:
+        gate_up = gu(x)  # [1, 2I]
+    if isinstance(down, nn.Linear):
+        partials = torch.ops.deepseek_serve.gemv_float(gate_up, down.weight, True)
+    else:
+        partials = down.gemv_partials(gate_up, silu=True)
+    if down.bias is not None:
+        return (partials.sum(0) + down.bias).unsqueeze(0)
+    return partials
 
 
 class DecoderLayer(nn.Module):
@@ -103,7 +138,8 @@ class DecoderLayer(nn.Module):
         fb: ForwardBatch,
         ops: Ops = EAGER_OPS,
     ) -> tuple[Tensor, Tensor]:
-        """(x, residual) -> (mlp output, residual before it); the caller adds the last pair."""
+        """(x, residual) -> (mlp output, residual before it); the caller adds the last pair. With
+        `ops.gemv_down` the mlp output is partial sums [S, B, T, d] (see `MLP.forward`)."""
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
         if residual is None:
             h, residual = ops.rms_norm(x, n1.weight, n1.eps), x

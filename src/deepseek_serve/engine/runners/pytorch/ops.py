@@ -129,13 +129,15 @@ DECODE_ATTENTIONS = ("sdpa", "reductions", "triton")
 class Ops:
     """The elementwise pieces of a layer and its attention. `attention`: "sdpa" (SDPA with the mask,
     or causal for a causal tail), "reductions" (`attend_reductions`) or "triton" (`attend_triton`);
-    the last two are for one decode token per row."""
+    the last two are for one decode token per row. `gemv_down`: one-row MLPs run their down projection
+    through the GEMV kernel that computes SiLU·up itself (`modules.silu_down`)."""
 
     rms_norm: Callable[[Tensor, Tensor, float], Tensor]
     add_rms_norm: Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
     silu_mul: Callable[[Tensor], Tensor]
     rope_pack: Callable[[Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor]]
     attention: str = "sdpa"
+    gemv_down: bool = False
 
     def attend(self, q: Tensor, kvs: Tensor, fb: ForwardBatch, hk: int) -> Tensor:
         if self.attention == "triton":

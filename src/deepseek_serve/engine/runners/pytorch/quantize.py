@@ -6,9 +6,10 @@ every `nn.Linear` of the decoder layers with a quantized twin in place, and the 
   `_weight_int4pack_mm` (bfloat16; the fastest for a few rows, slow for many) or the Triton kernel of
   `quant_kernels`; CPU: `_weight_int4pack_mm_for_cpu`.
 
-CUDA kernels by rows M (the batch's tokens), measured on an H200 (docs/performance.md): one int8 row
-inside a compiled decode step is left to Inductor (`Int8OneRow` "inductor"), whose coordinate-
-descent-tuned reduction fuses the int8 -> bf16 cast (faster there than the Triton kernel); up to
+CUDA kernels by rows M (the batch's tokens), measured on an H200 (docs/performance.md): up to
+GEMV_MAX_ROWS rows the split-K GEMV kernels of `gemv_kernels` (int8, and int4 in the Triton layout;
+`Int8OneRow` "gemv"); the older one-row choices stay selectable: Inductor's coordinate-descent-tuned
+reduction inside a compiled decode step ("inductor"), the Triton matmul ("triton"); up to
 TRITON_MAX_ROWS the Triton weight-only matmuls (weights read once, dequantized in registers, K split
 over programs when M is small); above it (prefill) the weights are dequantized and cuBLAS
 multiplies. int4 defaults to tinygemm (INT4_KERNEL): the fastest one-row kernel measured, though 3x
@@ -28,17 +29,29 @@ from torch import Tensor, nn
 
 QuantMode = Literal["none", "int8", "int4"]
 Int4Kernel = Literal["triton", "tinygemm"]
-Int8OneRow = Literal["inductor", "triton"]  # the kernel of one int8 row inside torch.compile
+Int4OneRow = Literal["gemv", "kernel"]  # one int4 row (Triton layout): the GEMV kernel or the layout's kernel
+Int8OneRow = Literal["gemv", "inductor", "triton"]  # the kernel of one int8 row
 INT4_INNER_K_TILES = 8
+GEMV_MAX_ROWS = 1
 TRITON_MAX_ROWS = 128
-INT8_ONE_ROW: Int8OneRow = "inductor"
+INT8_ONE_ROW: Int8OneRow = "gemv"
 INT4_KERNEL: Int4Kernel = "tinygemm"  # CUDA default (bfloat16; other dtypes use the Triton kernel)
+INT4_ONE_ROW: Int4OneRow = "gemv"
 
 
 def triton_kernels() -> bool:
     """Whether `quant_kernels` (Triton) is importable; importing it registers the custom ops."""
     try:
         importlib.import_module("deepseek_serve.engine.runners.pytorch.quant_kernels")
+    except ImportError:
+        return False
+    return True
+
+
+def gemv_kernels() -> bool:
+    """Whether `gemv_kernels` (Triton) is importable; importing it registers the custom ops."""
+    try:
+        importlib.import_module("deepseek_serve.engine.runners.pytorch.gemv_kernels")
     except ImportError:
         return False
     return True
@@ -102,9 +115,16 @@ def int4_group_size(k: int, preferred: int = INT4_GROUP_SIZE) -> int:
     raise ValueError(f"in_features {k} is not a multiple of 32: int4 needs K % 32 == 0")
 
 
+def _finish(partials: Tensor, dtype: torch.dtype) -> Tensor:
+    """`gemv_kernels.gemv_finish` (that module needs Triton): [SPLIT, M, N] -> [M, N] in `dtype`."""
+    return (partials[0] if partials.shape[0] == 1 else partials.sum(0)).to(dtype)
+
+
 class Int8Linear(nn.Module):
     """Per-output-channel int8 weights, weight-only. CPU: aten's fused `_weight_int8pack_mm` with bf16
-    activations (its float32 path is not vectorized); CUDA: see the module docstring."""
+    activations (its float32 path is not vectorized); CUDA: see the module docstring. `gemv`: up to
+    GEMV_MAX_ROWS rows through `gemv_kernels` (on CUDA with `one_row` "gemv"; tests set it on CPU,
+    where the kernels run in Triton's interpreter)."""
 
     weight: Tensor
     scales: Tensor
@@ -116,6 +136,7 @@ class Int8Linear(nn.Module):
         self._cpu = linear.weight.device.type == "cpu"
         self._one_row_inductor = one_row == "inductor"
         self._triton = not self._cpu and triton_kernels()
+        self.gemv = one_row == "gemv" and not self._cpu and gemv_kernels()
         act_dtype = torch.bfloat16 if self._cpu else linear.weight.dtype
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales.to(act_dtype))
@@ -124,7 +145,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         m = x2.shape[0]
-        if self._cpu:
+        if m <= GEMV_MAX_ROWS and self.gemv:
+            y = _finish(self.gemv_partials(x2), x.dtype)
+        elif self._cpu:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
         elif m == 1 and self._one_row_inductor and torch.compiler.is_compiling():
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
@@ -135,16 +158,28 @@ class Int8Linear(nn.Module):
         y = y.view(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
+    def gemv_partials(self, x: Tensor, silu: bool = False) -> Tensor:
+        """Partial sums [SPLIT, M, N] of the GEMV kernel, bias excluded (`gemv_kernels`: x [M, K],
+        gate_up [M, 2K] with `silu`, or partial sums of either); needs `gemv`."""
+        return torch.ops.deepseek_serve.gemv_int8(x, self.weight, self.scales, silu)
+
 
 class Int4Linear(nn.Module):
     """Group-wise int4 weights. `kernel`: "triton" (`pack_int4` layout, `quant_kernels.w4_mm`; CUDA,
     or Triton's interpreter), "tinygemm" (aten's CUDA kernel, bfloat16 only), "cpu" (aten's CPU
-    kernel); None = INT4_KERNEL on CUDA, "cpu" on CPU."""
+    kernel); None = INT4_KERNEL on CUDA, "cpu" on CPU. `gemv`: up to GEMV_MAX_ROWS rows of the
+    Triton layout through `gemv_kernels` (on CUDA with `one_row` "gemv"; tests set it on CPU)."""
 
     weight: Tensor
     scales_and_zeros: Tensor
 
-    def __init__(self, linear: nn.Linear, group_size: int = 0, kernel: Int4Kernel | None = None) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        group_size: int = 0,
+        kernel: Int4Kernel | None = None,
+        one_row: Int4OneRow = INT4_ONE_ROW,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group_size = int4_group_size(self.in_features, group_size or INT4_GROUP_SIZE)
@@ -169,6 +204,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", packed)
         self.register_buffer("scales_and_zeros", sz.to(w.dtype))
         self.bias = linear.bias
+        self.gemv = self.kernel == "triton" and one_row == "gemv" and self.on_cuda and gemv_kernels()
 
     def dequantized(self, dtype: torch.dtype) -> Tensor:
         """The weights as [N, K] in `dtype` (Triton layout only)."""
@@ -177,7 +213,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel == "triton":
+        if x2.shape[0] <= GEMV_MAX_ROWS and self.gemv:
+            y = _finish(self.gemv_partials(x2), x.dtype)
+        elif self.kernel == "triton":
             if x2.shape[0] <= TRITON_MAX_ROWS:
                 y = torch.ops.deepseek_serve.w4_mm(x2, self.weight, self.scales_and_zeros, self.group_size)
             else:
@@ -189,14 +227,30 @@ class Int4Linear(nn.Module):
         y = y.view(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
+    def gemv_partials(self, x: Tensor, silu: bool = False) -> Tensor:
+        """Partial sums [SPLIT, M, N] of the GEMV kernel, bias excluded (see `Int8Linear.gemv_partials`);
+        needs `gemv`."""
+        sz = self.scales_and_zeros
+        return torch.ops.deepseek_serve.gemv_int4(x, self.weight, sz, self.group_size, silu)
 
-def _swap(parent: nn.Module, mode: QuantMode, group_size: int, kernel: Int4Kernel | None, one_row: Int8OneRow) -> None:
+
+def _swap(
+    parent: nn.Module,
+    mode: QuantMode,
+    group_size: int,
+    kernel: Int4Kernel | None,
+    one_row: Int8OneRow,
+    int4_one_row: Int4OneRow,
+) -> None:
     for name, child in parent.named_children():
         if isinstance(child, nn.Linear):
-            q = Int8Linear(child, one_row) if mode == "int8" else Int4Linear(child, group_size, kernel)
+            if mode == "int8":
+                q: nn.Module = Int8Linear(child, one_row)
+            else:
+                q = Int4Linear(child, group_size, kernel, int4_one_row)
             setattr(parent, name, q)
         else:
-            _swap(child, mode, group_size, kernel, one_row)
+            _swap(child, mode, group_size, kernel, one_row, int4_one_row)
 
 
 def quantize_model(
@@ -205,20 +259,21 @@ def quantize_model(
     group_size: int = 0,
     int4_kernel: Int4Kernel | None = None,
     int8_one_row: Int8OneRow = INT8_ONE_ROW,
+    int4_one_row: Int4OneRow = INT4_ONE_ROW,
 ) -> None:
     """Swap the linear layers of `model.model.layers` for quantized ones and the LM head for int8
     (under int4 too: a 4-bit head costs more accuracy than its bytes are worth).
 
     The embedding table and norms stay in the model dtype. For a tied LM head, the head quantizes a
     copy of the embedding (the embedding itself is read by row and stays unquantized).
-    `group_size`: int4 group along K (0 = INT4_GROUP_SIZE); `int4_kernel` and `int8_one_row`: the CUDA
-    kernels (see `Int4Linear` and the module docstring).
+    `group_size`: int4 group along K (0 = INT4_GROUP_SIZE); `int4_kernel`, `int8_one_row` and
+    `int4_one_row`: the CUDA kernels (see `Int4Linear` and the module docstring).
     """
     if mode == "none":
         return
     if mode not in ("int8", "int4"):
         raise ValueError(f"unknown quantization {mode!r} (none, int8, int4)")
-    _swap(model.model.layers, mode, group_size, int4_kernel, int8_one_row)  # type: ignore[union-attr, arg-type]
+    _swap(model.model.layers, mode, group_size, int4_kernel, int8_one_row, int4_one_row)  # type: ignore[union-attr, arg-type]
     model.lm_head = Int8Linear(model.lm_head, int8_one_row)  # type: ignore[arg-type]
 
 

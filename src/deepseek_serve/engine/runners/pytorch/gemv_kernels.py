@@ -1,0 +1,265 @@
+"""Memory-bound GEMV kernels in Triton for one-row decode: y[M, N] = act(x)[M, K] @ W[N, K]^T for
+M = 1 (correct for any M, meant for a few rows), without tensor cores.
+
+Each program owns BLOCK_N outputs and one of SPLIT slices of K: it loads [BLOCK_N, BLOCK_K] weight
+tiles (contiguous along K, so wide loads), multiplies them by the activation slice in float32 and
+reduces along K at the end. The programs write partial sums [SPLIT, M, N] (float32; in the input's
+dtype when SPLIT is 1) and the consumer sums them in a fixed order (deterministic, unlike atomics):
+inside a compiled decode step Inductor unrolls a sum over at most MAX_SPLIT partials into its next
+kernel (the RoPE, the residual add and RMSNorm), and a GEMV kernel takes partial sums [XS, M, K] as
+its input and sums them on load (a quantized gate_up's partials into the down projection), so no
+kernel is launched for the sums. `gemv_finish` sums where nothing fuses. Weights:
+
+- "float": bf16 / fp16 / fp32 [N, K], the activation's dtype;
+- "int8": int8 [N, K] with one scale per output channel (`quantize.quantize_int8`);
+- "int4": codes packed two per byte in groups of G along K (`quantize.pack_int4`: byte j of a group
+  holds code j in its low nibble and code j + G/2 in its high one), scales and zeros [K / G, N, 2]
+  (value = (code - 8) * scale + zero). A group adds scale * dot(x, codes) + (zero - 8 scale) * sum(x).
+
+`silu`: the activation is SiLU(gate) * up of a gate_up row [M, 2K] (the MLP's down projection reads
+the gate_up output directly; each program computes only its K slice), rounded to the input dtype as
+the unfused `silu_mul` would. Custom ops (`deepseek_serve::gemv_float` / `gemv_int8` / `gemv_int4`):
+torch.compile keeps each opaque and CUDA graphs capture it. CUDA, or Triton's CPU interpreter in tests.
+"""
+
+# Triton kernel parameters are untyped pointers and scalars (Triton specializes on them).
+# mypy: disable-error-code="no-untyped-def"
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+Kind = Literal["float", "int8", "int4"]
+KINDS: tuple[Kind, ...] = ("float", "int8", "int4")
+NUM_SMS = 132  # H100 / H200; the split heuristic aims at about two programs per SM
+MAX_SPLIT = 8  # Inductor unrolls a sum over at most 8 partials into its consumer (unroll_reductions_threshold)
+
+
+class GemvConfig(NamedTuple):
+    block_n: int
+    block_k: int  # elements of K per iteration (int4: a multiple of the group)
+    split: int  # K slices; the partials' first dimension
+    num_warps: int
+
+
+@triton.jit
+def _load_x(x_row, off, ok, stride_xs, XS: tl.constexpr):
+    """float32 sum of the XS input slices at offsets `off` of one row."""
+    v = tl.load(x_row + off, mask=ok, other=0.0).to(tl.float32)
+    for s in tl.static_range(1, XS):
+        v += tl.load(x_row + s * stride_xs + off, mask=ok, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _activation(x_row, rk, K, ok, stride_xs, XS: tl.constexpr, SILU: tl.constexpr):
+    """The float32 activation at K positions `rk` of one row: x, or SiLU(gate) * up rounded to the
+    input dtype (as an unfused `silu_mul` of a bf16 gate_up would be)."""
+    if SILU:
+        g = _load_x(x_row, rk, ok, stride_xs, XS)
+        u = _load_x(x_row, K + rk, ok, stride_xs, XS)
+        a = g * tl.sigmoid(g) * u
+        return a.to(x_row.dtype.element_ty).to(tl.float32)
+    return _load_x(x_row, rk, ok, stride_xs, XS)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    part_ptr,
+    M,
+    N,
+    K,
+    stride_xs,
+    stride_xm,
+    stride_wn,
+    K_PER_SPLIT,
+    XS: tl.constexpr,  # input slices summed on load (partial sums of the layer before)
+    KIND: tl.constexpr,  # 0 float, 1 int8, 2 int4
+    SILU: tl.constexpr,
+    GROUP: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    HALF: tl.constexpr = GROUP // 2
+    NG: tl.constexpr = BK // GROUP
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_ok = rn < N
+    w_rows = w_ptr + rn.to(tl.int64) * stride_wn  # [BN] (an LM head may pass 2^31 elements)
+    k_start = pid_k * K_PER_SPLIT
+    x_row = x_ptr + m * stride_xm
+    if KIND == 2:
+        rt = tl.arange(0, NG)
+        rj = tl.arange(0, HALF)
+        acc4 = tl.zeros((BN, NG), dtype=tl.float32)
+        for kk in range(0, K_PER_SPLIT, BK):
+            g = (k_start + kk) // GROUP + rt  # [NG] groups of this tile
+            g_ok = g < K // GROUP
+            xk = g[:, None] * GROUP + rj[None, :]  # [NG, HALF]
+            x_lo = _activation(x_row, xk, K, g_ok[:, None], stride_xs, XS, SILU)
+            x_hi = _activation(x_row, xk + HALF, K, g_ok[:, None], stride_xs, XS, SILU)
+            wp = w_rows[:, None, None] + g[None, :, None] * HALF + rj[None, None, :]
+            b = tl.load(wp, mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)  # [BN, NG, HALF] uint8
+            lo = (b & 0xF).to(tl.float32)
+            hi = (b >> 4).to(tl.float32)
+            dot = tl.sum(lo * x_lo[None, :, :] + hi * x_hi[None, :, :], axis=2)  # [BN, NG]
+            x_sum = tl.sum(x_lo + x_hi, axis=1)  # [NG]
+            sp = s_ptr + g[None, :] * (N * 2) + rn[:, None] * 2
+            sz_ok = n_ok[:, None] & g_ok[None, :]
+            scale = tl.load(sp, mask=sz_ok, other=0.0).to(tl.float32)
+            zero = tl.load(sp + 1, mask=sz_ok, other=0.0).to(tl.float32)
+            acc4 += dot * scale + x_sum[None, :] * (zero - 8.0 * scale)
+        out = tl.sum(acc4, axis=1)
+    else:
+        rk0 = tl.arange(0, BK)
+        acc = tl.zeros((BN, BK), dtype=tl.float32)
+        for kk in range(0, K_PER_SPLIT, BK):
+            rk = k_start + kk + rk0
+            k_ok = rk < K
+            xv = _activation(x_row, rk, K, k_ok, stride_xs, XS, SILU)  # [BK]
+            w = tl.load(w_rows[:, None] + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+            acc += w.to(tl.float32) * xv[None, :]
+        out = tl.sum(acc, axis=1)
+        if KIND == 1:
+            out = out * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(part_ptr + (pid_k * M + m) * N + rn, out.to(part_ptr.dtype.element_ty), mask=n_ok)
+
+
+def default_config(kind: Kind, n: int, k: int, group: int = 0) -> GemvConfig:
+    """The tile and split of a (kind, N, K): BLOCK_N rows of BLOCK_K, K split so that the programs
+    come near 2 per SM (at most MAX_SPLIT slices, each at least two iterations long)."""
+    block_k = max(256, group) if kind == "int4" else 256
+    block_n = 32 if n <= 4096 else 64
+    blocks = triton.cdiv(n, block_n)
+    split = max(1, min(MAX_SPLIT, triton.cdiv(2 * NUM_SMS, blocks), k // (2 * block_k)))
+    return GemvConfig(block_n, block_k, split, 4)
+
+
+# (kind, N, K, group) -> config, filled by `tune` (benchmarks) over `default_config`
+OVERRIDES: dict[tuple[str, int, int, int], GemvConfig] = {}
+
+
+def config_for(kind: Kind, n: int, k: int, group: int = 0) -> GemvConfig:
+    return OVERRIDES.get((kind, n, k, group)) or default_config(kind, n, k, group)
+
+
+def _k_per_split(k: int, cfg: GemvConfig) -> tuple[int, int]:
+    """(K per split, a multiple of BLOCK_K; the number of non-empty splits)."""
+    per = triton.cdiv(triton.cdiv(k, cfg.split), cfg.block_k) * cfg.block_k
+    return per, triton.cdiv(k, per)
+
+
+def _slices(x: Tensor, k: int, silu: bool, name: str) -> Tensor:
+    """x [M, Kx] or [XS, M, Kx] (partial sums) -> [XS, M, Kx]; Kx = 2K with `silu`."""
+    x3 = x.unsqueeze(0) if x.dim() == 2 else x
+    if x3.dim() != 3 or x3.shape[2] != (2 * k if silu else k) or x3.stride(2) != 1 or x3.shape[0] > MAX_SPLIT:
+        raise ValueError(f"{name}: x {tuple(x.shape)} for K {k} (silu {silu})")
+    return x3
+
+
+def _partials(kind: Kind, x3: Tensor, n: int, k: int, group: int) -> Tensor:
+    """The output buffer [SPLIT, M, N]: x's dtype for one split (no sum left to do), else float32."""
+    _, split = _k_per_split(k, config_for(kind, n, k, group))
+    dtype = x3.dtype if split == 1 else torch.float32
+    return torch.empty((split, x3.shape[1], n), dtype=dtype, device=x3.device)
+
+
+def _launch(kind: Kind, x: Tensor, w: Tensor, s: Tensor | None, n: int, k: int, silu: bool, group: int) -> Tensor:
+    x3 = _slices(x, k, silu, f"gemv_{kind}")
+    cfg = config_for(kind, n, k, group)
+    per, split = _k_per_split(k, cfg)
+    part = _partials(kind, x3, n, k, group)
+    m = x3.shape[1]
+    if m == 0:
+        return part
+    grid = (triton.cdiv(n, cfg.block_n), split, m)
+    _gemv_kernel[grid](
+        x3,
+        w,
+        w if s is None else s,
+        part,
+        m,
+        n,
+        k,
+        x3.stride(0),
+        x3.stride(1),
+        w.stride(0),
+        per,
+        XS=x3.shape[0],
+        KIND=KINDS.index(kind),
+        SILU=silu,
+        GROUP=max(group, 2),
+        BN=cfg.block_n,
+        BK=cfg.block_k,
+        num_warps=cfg.num_warps,
+    )
+    return part
+
+
+def _fake(kind: Kind, x: Tensor, n: int, k: int, group: int, silu: bool) -> Tensor:
+    return _partials(kind, _slices(x, k, silu, f"gemv_{kind}"), n, k, group)
+
+
+# x below: [M, K] (or a gate_up [M, 2K] with `silu`), or [XS, M, ...] partial sums of the layer before
+# (XS <= MAX_SPLIT). Output: partials [SPLIT, M, N], float32, or x's dtype when SPLIT is 1.
+
+
+@torch.library.custom_op("deepseek_serve::gemv_float", mutates_args=())
+def gemv_float(x: Tensor, w: Tensor, silu: bool) -> Tensor:
+    """w [N, K] in x's dtype."""
+    if w.stride(1) != 1:
+        raise ValueError("gemv_float: w must be contiguous along K")
+    return _launch("float", x, w, None, w.shape[0], w.shape[1], silu, 0)
+
+
+@gemv_float.register_fake
+def _(x: Tensor, w: Tensor, silu: bool) -> Tensor:
+    return _fake("float", x, w.shape[0], w.shape[1], 0, silu)
+
+
+@torch.library.custom_op("deepseek_serve::gemv_int8", mutates_args=())
+def gemv_int8(x: Tensor, w: Tensor, scales: Tensor, silu: bool) -> Tensor:
+    """w [N, K] int8, scales [N]."""
+    n, k = w.shape
+    if w.stride(1) != 1 or scales.shape != (n,):
+        raise ValueError(f"gemv_int8: w {tuple(w.shape)} / scales {tuple(scales.shape)}")
+    return _launch("int8", x, w, scales.contiguous(), n, k, silu, 0)
+
+
+@gemv_int8.register_fake
+def _(x: Tensor, w: Tensor, scales: Tensor, silu: bool) -> Tensor:
+    return _fake("int8", x, w.shape[0], w.shape[1], 0, silu)
+
+
+@torch.library.custom_op("deepseek_serve::gemv_int4", mutates_args=())
+def gemv_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, silu: bool) -> Tensor:
+    """packed [N, K / 2] uint8 (`pack_int4`), scales_and_zeros [K / G, N, 2]."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if k % group_size or packed.stride(1) != 1 or scales_and_zeros.shape != (k // group_size, n, 2):
+        raise ValueError(f"gemv_int4: packed {tuple(packed.shape)} / group {group_size}")
+    return _launch("int4", x, packed, scales_and_zeros.contiguous(), n, k, silu, group_size)
+
+
+@gemv_int4.register_fake
+def _(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, silu: bool) -> Tensor:
+    return _fake("int4", x, packed.shape[0], packed.shape[1] * 2, group_size, silu)
+
+
+def gemv_finish(partials: Tensor, dtype: torch.dtype) -> Tensor:
+    """partials [SPLIT, M, N] -> [M, N] in `dtype` (traced by torch.compile into the consumer; one
+    split is a view)."""
+    return (partials[0] if partials.shape[0] == 1 else partials.sum(0)).to(dtype)
+
+
+def linear(x: Tensor, w: Tensor, silu: bool = False) -> Tensor:
+    """`F.linear(x, w)` (or of SiLU(gate) * up with `silu`) for x [M, K or 2K] through `gemv_float`."""
+    return gemv_finish(gemv_float(x, w, silu), x.dtype)
