@@ -67,7 +67,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # quant, quantize_model options, Decode
     "int8-gemv": dict(quant="int8", opts=dict(int8_one_row="gemv"), gemv_down=True),
     "int4-gemv-g32": dict(quant="int4", opts=dict(int4_kernel="triton", group_size=32), gemv_down=True),
     "int8-inductor": dict(quant="int8", opts=dict(int8_one_row="inductor"), gemv_down=False),
-    "int4-tinygemm-g32": dict(quant="int4", opts=dict(int4_kernel="tinygemm", group_size=32), gemv_down=False),
+    "int4-tinygemm-g32": dict(
+        quant="int4", opts=dict(int4_kernel="tinygemm", group_size=32, int8_one_row="inductor"), gemv_down=False
+    ),
     "int4-gemv-g128": dict(quant="int4", opts=dict(int4_kernel="triton", group_size=128), gemv_down=True),
 }
 T0 = time.perf_counter()
@@ -105,6 +107,7 @@ def check(results: dict[str, Any]) -> None:
         (3, 96, 33, True),
     ]
     errs: dict[str, float] = {}
+    failed: list[str] = []
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         for m, k, n, silu in shapes:
             x = torch.randn(m, 2 * k if silu else k, device=DEVICE, generator=gen).to(dtype)
@@ -123,17 +126,23 @@ def check(results: dict[str, Any]) -> None:
                     deq = dequantize_int4(codes, sz.float(), group).double()
                     cases.append((f"int4_g{group}", (pack_int4(codes, group), sz), group, deq))
             for name, wk, group, w_ref in cases:
-                out = gemv_kernels.gemv_finish(call(name.split("_")[0], x, wk, silu, group), torch.float64)
-                err = rel_err(out, a @ w_ref.t())
                 key = f"{name}_{str(dtype)[6:]}_{m}x{k}x{n}{'_silu' if silu else ''}"
-                errs[key] = err
+                try:
+                    out = gemv_kernels.gemv_finish(call(name.split("_")[0], x, wk, silu, group), torch.float64)
+                except Exception as exc:  # reported, and the timings still run
+                    failed.append(f"{key}: {exc!r}"[:1000])
+                    continue
+                errs[key] = err = rel_err(out, a @ w_ref.t())
                 if not err < tol:
-                    raise AssertionError(f"{key}: rel err {err:.2e} >= {tol}")
+                    failed.append(f"{key}: rel err {err:.2e} >= {tol}")
     results["checks"] = errs
+    results["check_failures"] = failed
+    for f in failed:
+        gpu.log(f"CHECK FAILED {f}")
     gpu.log(
-        f"checks passed: {len(errs)} cases, max rel err fp32 "
-        f"{max(v for k, v in errs.items() if 'float32' in k):.1e}, bf16 "
-        f"{max(v for k, v in errs.items() if 'bfloat16' in k):.1e}"
+        f"checks: {len(failed)} failed, {len(errs)} compared; max rel err fp32 "
+        f"{max((v for k, v in errs.items() if 'float32' in k), default=math.nan):.1e}, bf16 "
+        f"{max((v for k, v in errs.items() if 'bfloat16' in k), default=math.nan):.1e}"
     )
 
 
