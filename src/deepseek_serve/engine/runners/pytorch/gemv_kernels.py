@@ -35,7 +35,6 @@ from torch import Tensor
 
 Kind = Literal["float", "int8", "int4"]
 KINDS: tuple[Kind, ...] = ("float", "int8", "int4")
-NUM_SMS = 132  # H100 / H200; the split heuristic aims at about two programs per SM
 MAX_SPLIT = 8  # Inductor unrolls a sum over at most 8 partials into its consumer (unroll_reductions_threshold)
 
 
@@ -135,16 +134,29 @@ def _gemv_kernel(
 
 
 def default_config(kind: Kind, n: int, k: int, group: int = 0) -> GemvConfig:
-    """The tile and split of a (kind, N, K): BLOCK_N rows of BLOCK_K, K split so that the programs
-    come near 2 per SM (at most MAX_SPLIT slices, each at least two iterations long)."""
-    block_k = max(256, group) if kind == "int4" else 256
-    block_n = 32 if n <= 4096 else 64
-    blocks = triton.cdiv(n, block_n)
-    split = max(1, min(MAX_SPLIT, triton.cdiv(2 * NUM_SMS, blocks), k // (2 * block_k)))
-    return GemvConfig(block_n, block_k, split, 4)
+    """The tile and split of a (kind, N, K) by shape class: the fastest of a grid of 6 tiles x splits
+    1/2/4/8 per kind for the 1.5B linears, at one row on an H200 (bench/gpu_gemv.py,
+    bench/results/gpu-h200-gemv.json, µs per call):
+
+    - long K (the down projection, K 8,960 -> N 1,536): float (32, 512, 8 splits, 8 warps) 12.0 µs,
+      int8 (32, 256, 8, 4) 10.1, int4 g32 (32, 1024, 8, 8) 10.1 (the defaults before: 13.0 / 10.9 / 15.6);
+    - the LM head (N 151,936): float (64, 256, 1, 4) 111.5, int8 (32, 256, 1, 4) 82.0 (108 before);
+    - the rest (K 1,536 -> N 1,536 ... 17,920): float (128, 128, 8, 8) 4.6-19.5, int8 (32, 256, 4, 4)
+      4.4-14.8, int4 g32 (32, 256, 4, 4) 5.6-13.3 (qkv's best tiles were within 3% of these).
+
+    At most MAX_SPLIT splits and none emptier than one BLOCK_K; int4 tiles hold whole groups."""
+    if k >= 4096:
+        block_n, block_k, split, warps = {"float": (32, 512, 8, 8), "int8": (32, 256, 8, 4)}.get(kind, (32, 1024, 8, 8))
+    elif n >= 65536:
+        block_n, block_k, split, warps = {"float": (64, 256, 1, 4)}.get(kind, (32, 256, 1, 4))
+    else:
+        block_n, block_k, split, warps = {"float": (128, 128, 8, 8)}.get(kind, (32, 256, 4, 4))
+    if kind == "int4":
+        block_k = max(block_k, group)
+    return GemvConfig(block_n, block_k, max(1, min(split, MAX_SPLIT, triton.cdiv(k, block_k))), warps)
 
 
-# (kind, N, K, group) -> config, filled by `tune` (benchmarks) over `default_config`
+# (kind, N, K, group) -> config: benchmarks try other configs here; `default_config` otherwise
 OVERRIDES: dict[tuple[str, int, int, int], GemvConfig] = {}
 
 
