@@ -100,6 +100,20 @@ def test_greedy_batched_mixed_lengths_match_generate(tiny: tuple[Path, Any]) -> 
         assert s.output_token_ids == reference(hf, p, 12), f"prompt of {len(p)} tokens"
 
 
+def test_overlapped_driver_matches_generate(tiny: tuple[Path, Any]) -> None:
+    """Launching step N+1 before taking in step N's tokens (the engine's way, which bench/gpu.py
+    measures) feeds each next token from the device: the same tokens as `generate()`, each sequence
+    stopping at its own length although a step of it may already be in flight."""
+    path, hf = tiny
+    runner = make_runner(path)
+    ps = prompts((5, 30, 17), seed=2)
+    seqs = [seq(p, n) for p, n in zip(ps, (3, 11, 7), strict=True)]
+    run_to_completion(runner, seqs, prefill_chunk=16, overlap=True)
+    for p, s in zip(ps, seqs, strict=True):
+        assert s.output_token_ids == reference(hf, p, s.max_tokens), f"prompt of {len(p)} tokens"
+    assert runner.kv_used_tokens == 0  # every sequence freed
+
+
 def test_prefix_cache_reuses_idle_slot(tiny: tuple[Path, Any]) -> None:
     path, hf = tiny
     runner = make_runner(path, slots=2)
