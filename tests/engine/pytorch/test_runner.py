@@ -15,6 +15,7 @@ from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, ad
 from deepseek_serve.engine.runners.pytorch.loading import CheckpointError, load_model
 from deepseek_serve.engine.runners.pytorch.modules import KVCache
 from deepseek_serve.engine.runners.pytorch.ops import attend_causal, attend_sdpa
+from deepseek_serve.engine.runners.pytorch.packing import PackLayout, Segment
 from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
 from deepseek_serve.engine.runners.pytorch.slots import KVCopy, SlotTable
 from deepseek_serve.engine.sequence import Sequence
@@ -98,6 +99,59 @@ def test_greedy_batched_mixed_lengths_match_generate(tiny: tuple[Path, Any]) -> 
     assert steps < 4 * (12 + 5)  # batched, not one sequence after the other
     for p, s in zip(ps, seqs, strict=True):
         assert s.output_token_ids == reference(hf, p, 12), f"prompt of {len(p)} tokens"
+
+
+def test_packed_prefill_gives_each_sequence_what_it_gives_alone(tiny: tuple[Path, Any]) -> None:
+    """Five prompts of different lengths admitted together: every step's chunks (several lengths)
+    run as one packed forward, or as several when they exceed the tokens of one; without packing each
+    chunk runs alone. Token for token, each sequence generates what it generates alone."""
+    path, _ = tiny
+    ps = prompts((3, 17, 40, 71, 9), seed=5)
+    alone = []
+    for p in ps:
+        s = seq(p, 8)
+        run_to_completion(make_runner(path, slots=1), [s], prefill_chunk=32)
+        alone.append(s.output_token_ids)
+    for packed_tokens, packed in ((1024, True), (40, True), (1024, False)):
+        runner = make_runner(path, slots=5, packed_prefill=packed)
+        runner._packed_tokens = packed_tokens
+        forwards: list[list[int]] = []  # chunk lengths of each prefill forward
+        prefill_packed = runner._prefill_packed
+
+        def counted(segments: list[Segment], run: Any = prefill_packed, seen: Any = forwards) -> torch.Tensor:
+            seen.append([len(s.ids) for s in segments])
+            return run(segments)
+
+        runner._prefill_packed = counted  # type: ignore[method-assign]
+        seqs = [seq(p, 8) for p in ps]
+        run_to_completion(runner, seqs, prefill_chunk=32)
+        assert [s.output_token_ids for s in seqs] == alone, (packed_tokens, packed)
+        # step 1: chunks of 3, 17, 32, 32, 9 tokens; step 2: 8, 32; step 3: 7
+        expected = {
+            (1024, True): [[3, 17, 32, 32, 9], [8, 32], [7]],
+            (40, True): [[3, 17], [32], [32], [9], [8, 32], [7]],
+            (1024, False): [[3], [17], [32], [32], [9], [8], [32], [7]],
+        }
+        assert forwards == expected[packed_tokens, packed]
+
+
+def test_pack_layout_rows_and_blocks() -> None:
+    """The host buffer of a packed forward: tokens end to end, each with its rope position, slot and
+    cache position (padding: the scratch position), query blocks within one segment, each segment's
+    last row."""
+    layout = PackLayout(8, 3)
+    inputs, blocks, last = layout.views(layout.pack([Segment([5, 6, 7], 2, 10), Segment([8, 9], 0, 0)], 99))
+    assert inputs.tolist() == [
+        [5, 6, 7, 8, 9, 0, 0, 0],
+        [10, 11, 12, 0, 1, 0, 0, 0],
+        [2, 2, 2, 0, 0, 0, 0, 0],
+        [10, 11, 12, 0, 1, 99, 99, 99],
+    ]
+    assert layout.num_blocks == 4
+    assert blocks.tolist() == [[2, 10, 0, 3, 3], [0, 0, 3, 2, 2], [0, 0, 5, 0, 3], [0, 0, 0, 0, 0]]
+    assert last.tolist() == [2, 4, 0]
+    with pytest.raises(ValueError, match="do not fit"):
+        layout.pack([Segment([1] * 9, 0, 0)], 99)
 
 
 def test_prefix_cache_reuses_idle_slot(tiny: tuple[Path, Any]) -> None:

@@ -1,0 +1,87 @@
+"""A step's prompt chunks packed into one row of tokens, so that one forward (one CUDA graph replay)
+prefills several sequences: a packed (varlen) prefill.
+
+Each chunk is a `Segment`: `ids` fed at positions start.. of cache slot `slot`. A `PackLayout` (a
+buffer of `size` tokens for at most `max_segments` segments) lays the segments' tokens end to end
+from row 0; rows after the last are padding. Everything the forward reads is one int64 tensor,
+copied to the device in one copy (`PackLayout.pack`), in three parts (`PackLayout.views`):
+
+- inputs [4, size]: token, rope position, cache slot and cache position of each row (padding: token
+  0 at position 0, written to the cache's scratch position of slot 0, attended by nothing);
+- blocks [NB, 5]: the query blocks of the chunk attention (`chunk_attention`): (slot, pos, offset,
+  count, width), at most BLOCK_M rows each and never two segments in one; the padding rows in
+  blocks of count 0; unused table rows all zero (width 0);
+- last [max_segments]: the row of each segment's last token (0 for unused entries), whose logits
+  the forward returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+BLOCK_M = 64  # query rows per block of the chunk attention
+
+
+class Segment(NamedTuple):
+    """One sequence's prompt chunk: `ids` at positions start, start + 1, ... of cache slot `slot`."""
+
+    ids: list[int]
+    slot: int
+    start: int
+
+
+@dataclass(frozen=True)
+class PackLayout:
+    size: int  # token rows
+    max_segments: int
+
+    @property
+    def num_blocks(self) -> int:
+        """Rows of the block table: enough for any segments that fit. Cutting the `size` rows into
+        runs (the segments, then the padding) of lengths c_j costs sum(ceil(c_j / BLOCK_M)) <=
+        size // BLOCK_M + runs blocks, and each block holds at least one row."""
+        return min(self.size, self.size // BLOCK_M + self.max_segments + 1)
+
+    @property
+    def numel(self) -> int:
+        return 4 * self.size + 5 * self.num_blocks + self.max_segments
+
+    def views(self, buffer: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """buffer [numel] -> (inputs [4, size], blocks [NB, 5], last [max_segments]), views of it."""
+        t, nb = self.size, self.num_blocks
+        return buffer[: 4 * t].view(4, t), buffer[4 * t : 4 * t + 5 * nb].view(nb, 5), buffer[4 * t + 5 * nb :]
+
+    def pack(self, segments: list[Segment], scratch_pos: int) -> Tensor:
+        """The host buffer [numel] int64 for `segments` (at most `max_segments`, `size` tokens in all,
+        each at least one token); padding rows write cache position `scratch_pos` of slot 0."""
+        if len(segments) > self.max_segments:
+            raise ValueError(f"{len(segments)} segments do not fit a layout of {self.max_segments}")
+        tok: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        blocks: list[int] = []
+        last: list[int] = []
+        for ids, slot, start in segments:
+            n, offset = len(ids), len(tok)
+            assert n > 0, "an empty segment"
+            tok += ids
+            pos += range(start, start + n)
+            slots += [slot] * n
+            for i in range(0, n, BLOCK_M):
+                count = min(BLOCK_M, n - i)
+                blocks += (slot, start + i, offset + i, count, count)
+            last.append(offset + n - 1)
+        used = len(tok)
+        if used > self.size:
+            raise ValueError(f"{used} tokens do not fit a layout of {self.size}")
+        for i in range(used, self.size, BLOCK_M):
+            blocks += (0, 0, i, 0, min(BLOCK_M, self.size - i))
+        pad = [0] * (self.size - used)
+        buf = tok + pad + pos + pad + slots + pad + pos + [scratch_pos] * len(pad)
+        buf += blocks + [0] * (5 * self.num_blocks - len(blocks))
+        buf += last + [0] * (self.max_segments - len(last))
+        return torch.tensor(buf, dtype=torch.int64)
