@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 BLOCK_M = 64  # query rows per block of the chunk attention
+MAX_SEGMENTS = 64  # prompt chunks one packed forward of the runner takes at most
 
 
 class Segment(NamedTuple):

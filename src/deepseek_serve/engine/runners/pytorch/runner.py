@@ -43,7 +43,7 @@ from deepseek_serve.engine.runners.pytorch.memory import (
 )
 from deepseek_serve.engine.runners.pytorch.modules import CausalLM, KVCache
 from deepseek_serve.engine.runners.pytorch.ops import EAGER_OPS
-from deepseek_serve.engine.runners.pytorch.packing import PackLayout, Segment
+from deepseek_serve.engine.runners.pytorch.packing import MAX_SEGMENTS, PackLayout, Segment
 from deepseek_serve.engine.runners.pytorch.sampler import SampleOutput, SampleRow, sample
 from deepseek_serve.engine.runners.pytorch.slots import SlotTable
 from deepseek_serve.engine.runners.pytorch.speculative import TorchSpeculator
@@ -57,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_LEN_BUCKET = 256
-MAX_SEGMENTS = 64  # prompt chunks packed into one prefill forward at most
 
 
 def resolve_device(name: str) -> torch.device:
