@@ -103,8 +103,9 @@ def test_greedy_batched_mixed_lengths_match_generate(tiny: tuple[Path, Any]) -> 
 
 def test_packed_prefill_gives_each_sequence_what_it_gives_alone(tiny: tuple[Path, Any]) -> None:
     """Five prompts of different lengths admitted together: every step's chunks (several lengths)
-    run as one packed forward, or as several when they exceed the tokens of one; without packing each
-    chunk runs alone. Token for token, each sequence generates what it generates alone."""
+    run as one packed forward, or as several when they exceed the tokens or the chunks of one;
+    without packing each chunk runs alone. Token for token, each sequence generates what it
+    generates alone."""
     path, _ = tiny
     ps = prompts((3, 17, 40, 71, 9), seed=5)
     alone = []
@@ -112,9 +113,17 @@ def test_packed_prefill_gives_each_sequence_what_it_gives_alone(tiny: tuple[Path
         s = seq(p, 8)
         run_to_completion(make_runner(path, slots=1), [s], prefill_chunk=32)
         alone.append(s.output_token_ids)
-    for packed_tokens, packed in ((1024, True), (40, True), (1024, False)):
-        runner = make_runner(path, slots=5, packed_prefill=packed)
-        runner._packed_tokens = packed_tokens
+    # step 1: chunks of 3, 17, 32, 32, 9 tokens; step 2: 8, 32; step 3: 7
+    expected = {
+        (1024, 5): [[3, 17, 32, 32, 9], [8, 32], [7]],
+        (40, 5): [[3, 17], [32], [32], [9], [8, 32], [7]],
+        (1024, 2): [[3, 17], [32, 32], [9], [8, 32], [7]],
+        (1024, 1): [[3], [17], [32], [32], [9], [8], [32], [7]],
+    }
+    for packed_tokens, max_segments in expected:
+        runner = make_runner(path, slots=5, packed_prefill=max_segments > 1)
+        assert runner.max_segments == (5 if max_segments > 1 else 1)  # packed: up to a chunk per slot
+        runner._packed_tokens, runner.max_segments = packed_tokens, max_segments
         forwards: list[list[int]] = []  # chunk lengths of each prefill forward
         prefill_packed = runner._prefill_packed
 
@@ -125,14 +134,8 @@ def test_packed_prefill_gives_each_sequence_what_it_gives_alone(tiny: tuple[Path
         runner._prefill_packed = counted  # type: ignore[method-assign]
         seqs = [seq(p, 8) for p in ps]
         run_to_completion(runner, seqs, prefill_chunk=32)
-        assert [s.output_token_ids for s in seqs] == alone, (packed_tokens, packed)
-        # step 1: chunks of 3, 17, 32, 32, 9 tokens; step 2: 8, 32; step 3: 7
-        expected = {
-            (1024, True): [[3, 17, 32, 32, 9], [8, 32], [7]],
-            (40, True): [[3, 17], [32], [32], [9], [8, 32], [7]],
-            (1024, False): [[3], [17], [32], [32], [9], [8], [32], [7]],
-        }
-        assert forwards == expected[packed_tokens, packed]
+        assert [s.output_token_ids for s in seqs] == alone, (packed_tokens, max_segments)
+        assert forwards == expected[packed_tokens, max_segments]
 
 
 def test_pack_layout_rows_and_blocks() -> None:
