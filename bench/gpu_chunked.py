@@ -83,7 +83,7 @@ def kernel_tiles(out: dict[str, Any], best_tile: bool) -> None:
         ca.BLOCK_M, ca.BLOCK_N, ca.NUM_WARPS, ca.NUM_STAGES = tile
         packing.BLOCK_M = tile[0]  # the query blocks of the table follow the kernel's
         layout = packing.PackLayout(size, 1)
-        host = layout.pack([packing.Segment([0] * count, DECODERS, start)], MAX_LEN)
+        host = layout.pack([packing.Segment([0] * count, DECODERS, start)])
         blocks = layout.views(host.cuda())[1]
         ms = device_ms(lambda blocks=blocks: ca.chunk_attention(q, kv, blocks))
         splits = ca.kv_splits(size, h, kv.shape[2], q.device)

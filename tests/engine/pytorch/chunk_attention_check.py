@@ -19,7 +19,7 @@ from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, ad
 from deepseek_serve.engine.runners.pytorch.loading import load_model
 from deepseek_serve.engine.runners.pytorch.modules import KVCache
 from deepseek_serve.engine.runners.pytorch.ops import attend_sdpa
-from deepseek_serve.engine.runners.pytorch.packing import BLOCK_M, PackLayout, Segment
+from deepseek_serve.engine.runners.pytorch.packing import BLOCK_M, PackLayout, Segment, token_rows
 from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,7 +63,7 @@ def check_cases(only_split: bool) -> list[int]:
             num_slots = 4
             layout = PackLayout(size, max_segments)
             segments = [Segment([0] * count, slot, start) for slot, start, count in spans]
-            _, blocks, _ = layout.views(layout.pack(segments, SCRATCH).to(DEVICE))
+            _, blocks, _ = layout.views(layout.pack(segments).to(DEVICE))
             q = torch.randn(1, size, h, d, dtype=dtype, device=DEVICE, generator=gen)
             kv = torch.randn(num_slots, hk, s + 5, 2 * d, dtype=dtype, device=DEVICE, generator=gen)[:, :, :s]
             used.append(ca.kv_splits(size, h, kv.shape[2], DEVICE))
@@ -89,7 +89,7 @@ def check_cases(only_split: bool) -> list[int]:
 
 
 def check_refusal() -> None:
-    blocks = PackLayout(4, 1).views(PackLayout(4, 1).pack([Segment([0] * 4, 0, 0)], SCRATCH).to(DEVICE))[1]
+    blocks = PackLayout(4, 1).views(PackLayout(4, 1).pack([Segment([0] * 4, 0, 0)]).to(DEVICE))[1]
     try:
         chunk_attention(torch.randn(2, 4, 4, 16, device=DEVICE), torch.randn(2, 2, 8, 32, device=DEVICE), blocks)
     except ValueError as exc:
@@ -100,7 +100,8 @@ def check_refusal() -> None:
 
 def check_layout() -> None:
     """The block table covers every row once, never two segments in one block, and fits its size for
-    the worst cases: every segment ending one row into a block, segments of one token."""
+    the worst cases (every segment ending one row into a block, segments of one token); the rows'
+    positions, slots and cache positions it gives (`token_rows`, on the device)."""
     for size, max_segments, lengths in (
         (128, 3, [65, 1, 62]),
         (192, 4, [65, 65, 1, 61]),
@@ -110,18 +111,21 @@ def check_layout() -> None:
     ):
         layout = PackLayout(size, max_segments)
         segments = [Segment(list(range(n)), i, 3 * i) for i, n in enumerate(lengths)]
-        inputs, blocks, last = layout.views(layout.pack(segments, SCRATCH))
+        tokens, blocks, last = layout.views(layout.pack(segments))
         covered = torch.zeros(size, dtype=torch.int64)
-        for slot, start, offset, count, width in blocks.tolist():
+        for _, _, offset, count, width in blocks.tolist():
             covered[offset : offset + width] += 1
             assert count in (0, width) and width <= BLOCK_M
-            if count:
-                assert torch.equal(inputs[2, offset : offset + count], torch.full((count,), slot))
-                assert torch.equal(inputs[1, offset : offset + count], torch.arange(start, start + count))
         assert torch.equal(covered, torch.ones(size, dtype=torch.int64)), (size, lengths)
         ends = torch.tensor(lengths).cumsum(0) - 1
         assert torch.equal(last[: len(lengths)], ends) and not last[len(lengths) :].any()
-        assert (inputs[3, int(ends[-1]) + 1 :] == SCRATCH).all()
+        pos, slots, wpos = token_rows(blocks.to(DEVICE), size, SCRATCH).cpu()
+        used = int(ends[-1]) + 1
+        assert tokens[:used].tolist() == [t for s in segments for t in s.ids] and not tokens[used:].any()
+        assert pos[:used].tolist() == [p for s in segments for p in range(s.start, s.start + len(s.ids))]
+        assert slots[:used].tolist() == [s.slot for s in segments for _ in s.ids]
+        assert torch.equal(wpos[:used], pos[:used]) and (wpos[used:] == SCRATCH).all()
+        assert not pos[used:].any() and not slots[used:].any()
 
 
 def check_packed_forward(checkpoint: Path) -> None:
@@ -153,9 +157,9 @@ def check_packed_forward(checkpoint: Path) -> None:
         for size, spans in steps:
             segments = [Segment(ids[slot][a:b], slot, a) for slot, a, b in spans]
             layout = PackLayout(size, 4)
-            inputs, blocks, last = layout.views(layout.pack(segments, 96).to(DEVICE))
+            tokens, blocks, last = layout.views(layout.pack(segments).to(DEVICE))
             expected = torch.stack([refs[slot][b - 1] for slot, _, b in spans])
-            logits = runners[0].packed_forward(inputs, blocks, last)[: len(spans)]
+            logits = runners[0].packed_forward(tokens, blocks, last)[: len(spans)]
             torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(runners[1]._prefill_masked(segments), expected, atol=1e-4, rtol=1e-4)
     for runner in runners:

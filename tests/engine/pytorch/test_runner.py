@@ -15,7 +15,7 @@ from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, ad
 from deepseek_serve.engine.runners.pytorch.loading import CheckpointError, load_model
 from deepseek_serve.engine.runners.pytorch.modules import KVCache
 from deepseek_serve.engine.runners.pytorch.ops import attend_causal, attend_sdpa
-from deepseek_serve.engine.runners.pytorch.packing import PackLayout, Segment
+from deepseek_serve.engine.runners.pytorch.packing import PackLayout, Segment, token_rows
 from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
 from deepseek_serve.engine.runners.pytorch.slots import KVCopy, SlotTable
 from deepseek_serve.engine.sequence import Sequence
@@ -139,22 +139,22 @@ def test_packed_prefill_gives_each_sequence_what_it_gives_alone(tiny: tuple[Path
 
 
 def test_pack_layout_rows_and_blocks() -> None:
-    """The host buffer of a packed forward: tokens end to end, each with its rope position, slot and
-    cache position (padding: the scratch position), query blocks within one segment, each segment's
-    last row."""
+    """The host buffer of a packed forward: tokens end to end, query blocks within one segment, each
+    segment's last row; from the blocks, each row's rope position, slot and cache position (padding:
+    the scratch position)."""
     layout = PackLayout(8, 3)
-    inputs, blocks, last = layout.views(layout.pack([Segment([5, 6, 7], 2, 10), Segment([8, 9], 0, 0)], 99))
-    assert inputs.tolist() == [
-        [5, 6, 7, 8, 9, 0, 0, 0],
+    tokens, blocks, last = layout.views(layout.pack([Segment([5, 6, 7], 2, 10), Segment([8, 9], 0, 0)]))
+    assert tokens.tolist() == [5, 6, 7, 8, 9, 0, 0, 0]
+    assert layout.num_blocks == 4
+    assert blocks.tolist() == [[2, 10, 0, 3, 3], [0, 0, 3, 2, 2], [0, 0, 5, 0, 3], [0, 0, 0, 0, 0]]
+    assert last.tolist() == [2, 4, 0]
+    assert token_rows(blocks, 8, 99).tolist() == [
         [10, 11, 12, 0, 1, 0, 0, 0],
         [2, 2, 2, 0, 0, 0, 0, 0],
         [10, 11, 12, 0, 1, 99, 99, 99],
     ]
-    assert layout.num_blocks == 4
-    assert blocks.tolist() == [[2, 10, 0, 3, 3], [0, 0, 3, 2, 2], [0, 0, 5, 0, 3], [0, 0, 0, 0, 0]]
-    assert last.tolist() == [2, 4, 0]
     with pytest.raises(ValueError, match="do not fit"):
-        layout.pack([Segment([1] * 9, 0, 0)], 99)
+        layout.pack([Segment([1] * 9, 0, 0)])
 
 
 def test_prefix_cache_reuses_idle_slot(tiny: tuple[Path, Any]) -> None:

@@ -22,8 +22,7 @@ T = TypeVar("T")
 DecodeForward = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 """inputs [3, n] (token, rope position, cache write position), KV length -> (logits [n, V], argmax [n])."""
 PackedForward = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""inputs [4, T] (token, rope position, cache slot, cache position), blocks [NB, 5], last [S] (see
-`packing`) -> logits [S, V] of each segment's last token."""
+"""tokens [T], blocks [NB, 5], last [S] (see `packing`) -> logits [S, V] of each segment's last token."""
 
 # token buckets with a packed prefill graph: n packed tokens run in the smallest that holds them
 CHUNK_SIZES = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
@@ -112,14 +111,11 @@ class PackedGraphs:
     """The captured packed prefill graphs of one runner, one per token bucket in CHUNK_SIZES (for at
     most min(`max_segments`, bucket) segments), in the decode graphs' memory pool (replays never
     overlap). The segments are padded to their bucket: padding tokens write the cache's scratch
-    position `scratch_pos` and are not attended to."""
+    position and are not attended to."""
 
-    def __init__(
-        self, forward: PackedForward, device: torch.device, scratch_pos: int, pool: GraphPool, max_segments: int
-    ) -> None:
+    def __init__(self, forward: PackedForward, device: torch.device, pool: GraphPool, max_segments: int) -> None:
         self._forward = forward
         self._device = device
-        self._scratch_pos = scratch_pos
         self._pool = pool
         self.max_segments = max_segments
         self._graphs: dict[int, PackedGraph] = {}
@@ -134,9 +130,9 @@ class PackedGraphs:
         if g is not None:
             return g
         layout = PackLayout(size, min(self.max_segments, size))
-        buffer = layout.pack([], self._scratch_pos).to(self._device)
-        inputs, blocks, last = layout.views(buffer)
-        graph, logits = _capture(lambda: self._forward(inputs, blocks, last), self._pool)
+        buffer = layout.pack([]).to(self._device)
+        tokens, blocks, last = layout.views(buffer)
+        graph, logits = _capture(lambda: self._forward(tokens, blocks, last), self._pool)
         g = PackedGraph(graph, layout, buffer, logits)
         self._graphs[size] = g
         return g
@@ -147,7 +143,7 @@ class PackedGraphs:
         size = chunk_size(sum(len(s.ids) for s in segments))
         assert size is not None and segments
         g = self.get(size)
-        host = g.layout.pack(segments, self._scratch_pos)
+        host = g.layout.pack(segments)
         # pinned through torch's caching host allocator, which keeps the block until the copy is done
         g.buffer.copy_(host.pin_memory(), non_blocking=True)
         g.graph.replay()

@@ -43,7 +43,7 @@ from deepseek_serve.engine.runners.pytorch.memory import (
 )
 from deepseek_serve.engine.runners.pytorch.modules import CausalLM, KVCache
 from deepseek_serve.engine.runners.pytorch.ops import EAGER_OPS
-from deepseek_serve.engine.runners.pytorch.packing import MAX_SEGMENTS, PackLayout, Segment
+from deepseek_serve.engine.runners.pytorch.packing import MAX_SEGMENTS, PackLayout, Segment, token_rows
 from deepseek_serve.engine.runners.pytorch.sampler import SampleOutput, SampleRow, sample
 from deepseek_serve.engine.runners.pytorch.slots import SlotTable
 from deepseek_serve.engine.runners.pytorch.speculative import TorchSpeculator
@@ -131,7 +131,7 @@ class TorchRunner(Runner):
             import deepseek_serve.engine.runners.pytorch.chunk_attention  # noqa: F401  (registers the op)
         self.max_segments = min(num_slots, MAX_SEGMENTS) if packed_prefill else 1
         self.chunk_graphs = (
-            PackedGraphs(self.packed_forward, device, max_len, self.graphs.pool, self.max_segments)
+            PackedGraphs(self.packed_forward, device, self.graphs.pool, self.max_segments)
             if self.graphs is not None
             else None
         )
@@ -287,16 +287,16 @@ class TorchRunner(Runner):
         logits = self.model(tok[:, None], self.cache, fb, self.ops)[:, 0]
         return logits, logits.argmax(dim=-1)
 
-    def packed_forward(self, inputs: Tensor, blocks: Tensor, last: Tensor) -> Tensor:
-        """Prompt chunks of several sequences packed into one row (`packing`): inputs [4, T] (token,
-        rope position, cache slot, cache position), blocks [NB, 5] (the chunk attention's query
-        blocks), last [S] (the row of each chunk's last token) -> logits [S, V]. Device tensors only,
-        so that a CUDA graph captures it; the attention is `chunk_attention` (CUDA, or Triton's
-        interpreter)."""
+    def packed_forward(self, tokens: Tensor, blocks: Tensor, last: Tensor) -> Tensor:
+        """Prompt chunks of several sequences packed into one row (`packing`): tokens [T], blocks
+        [NB, 5] (the chunk attention's query blocks, which also give each row's position and slot),
+        last [S] (the row of each chunk's last token) -> logits [S, V]. Device tensors only, so that
+        a CUDA graph captures it; the attention is `chunk_attention` (CUDA, or Triton's interpreter)."""
+        rows = token_rows(blocks, tokens.shape[0], self._max_len)  # [3, T]: position, slot, cache position
         fb = ForwardBatch(
-            slots=None, positions=inputs[1:2], write_pos=inputs[3:4], mask=None, rows=inputs[2:3], blocks=blocks
+            slots=None, positions=rows[0:1], write_pos=rows[2:3], mask=None, rows=rows[1:2], blocks=blocks
         )
-        return self._last_logits(inputs[0:1], fb, last)
+        return self._last_logits(tokens[None], fb, last)
 
     def _last_logits(self, tokens: Tensor, fb: ForwardBatch, last: Tensor) -> Tensor:
         """tokens [1, T] -> logits [S, V] of the rows `last` [S]."""
@@ -451,7 +451,7 @@ class TorchRunner(Runner):
         n = sum(len(seg.ids) for seg in segments)
         if self._chunk_attention:
             layout = PackLayout(n, len(segments))
-            return self.packed_forward(*layout.views(self._to_device(layout.pack(segments, self._max_len))))
+            return self.packed_forward(*layout.views(self._to_device(layout.pack(segments))))
         return self._prefill_masked(segments)
 
     def _prefill_masked(self, segments: list[Segment]) -> Tensor:
