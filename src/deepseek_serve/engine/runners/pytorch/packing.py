@@ -97,6 +97,6 @@ def token_rows(blocks: Tensor, size: int, scratch_pos: int) -> Tensor:
     pos = torch.where(real, start + i, 0)
     values = torch.stack([pos, torch.where(real, slot, 0), torch.where(real, pos, scratch_pos)])  # [3, NB, BM]
     # each row is in one block; lanes past a block's width go to a discarded row `size`
-    target = torch.where(i < width, offset + i, size).flatten().expand(3, -1)  # [3, NB BM]
+    target = torch.where(i < width, offset + i, size).flatten().repeat(3, 1)  # [3, NB BM]
     out = torch.zeros((3, size + 1), dtype=torch.int64, device=blocks.device)
     return out.scatter_(1, target, values.flatten(1))[:, :size]
