@@ -4,8 +4,10 @@ Run on a CUDA machine from the repository root:
     PYTHONPATH=src python3 bench/gpu.py [--out DIR] [--quick]
 
 1. checks: tiny random Llama/Qwen2 models (fp32, CUDA graphs on) give the same greedy tokens as
-   transformers `generate()` for mixed-length batched requests; int8/int4 linears match their
-   dequantized weights;
+   transformers `generate()` for mixed-length batched requests (each step's prompt chunks of
+   different lengths packed into one prefill graph replay); int8/int4 linears match their
+   dequantized weights (tests/engine/pytorch/packed_prefill_check.py checks the packed prefill
+   further);
 2. measures the device-to-device copy bandwidth (bytes read + written);
 3. for random bf16 models of the exact DeepSeek-R1-Distill-Qwen-1.5B and deepseek-coder-1.3b shapes:
    tokens/s at 1, 8, 32, 64 concurrent sequences (128-token prompts, 256 new tokens) for this runner
@@ -188,7 +190,7 @@ def check_correctness(results: dict[str, Any]) -> None:
         results.setdefault("correctness", {})[f"{name}-tiny-fp32"] = f"{ok}/{len(prompts)}"
         results["correctness"][f"{name}-tiny-fp32-solo"] = ok_solo
         log(
-            f"correctness {name} tiny fp32 (graphs, batched, lengths {lens}): {ok}/{len(prompts)} equal; "
+            f"correctness {name} tiny fp32 (graphs, packed prefill, lengths {lens}): {ok}/{len(prompts)} equal; "
             f"alone: {'equal' if ok_solo else 'DIFFERENT'}"
         )
         del hf, runner

@@ -138,6 +138,11 @@ class Settings(BaseSettings):
         "(torch runner, plain greedy batches): the host's per-token work overlaps the forward",
     )
     cuda_graphs: bool = True
+    packed_prefill: bool = Field(
+        True,
+        description="torch runner: the prompt chunks of one step (several sequences) run as one packed "
+        "forward (one CUDA graph replay); false: one forward per sequence's chunk",
+    )
     gpu_memory_utilization: float = Field(
         0.9,
         gt=0.0,
