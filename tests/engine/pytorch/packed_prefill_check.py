@@ -82,7 +82,8 @@ def check_model(name: str, cfg: dict[str, Any], warm: bool) -> None:
     # warm-up (the bucket it captured last), of 1024 (the largest bucket) otherwise
     assert replays == ([4, 2, 2] if warm else [8]), replays
     if warm:
-        assert (len(graphs.graphs), len(graphs.chunk_graphs)) == captured, "a graph was captured while serving"
+        now = (len(graphs.graphs), len(graphs.chunk_graphs))
+        assert now == captured, f"a graph was captured while serving: (decode, packed) graphs {captured} -> {now}"
     check_replay_logits(hf, cfg)
     print(f"{name}: {len(prompts)} prompts equal to generate() (graphs, eager, unpacked); replays {replays}")
 

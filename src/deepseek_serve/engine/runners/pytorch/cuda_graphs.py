@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import Tensor
 
-from deepseek_serve.engine.runners.pytorch.packing import PackLayout, Segment
+from deepseek_serve.engine.runners.pytorch.packing import PackLayout, Segment, packed_rows, segment_cap
 
 if TYPE_CHECKING:
     from torch.cuda.graphs import _POOL_HANDLE as GraphPool
@@ -129,7 +129,7 @@ class PackedGraphs:
         g = self._graphs.get(size)
         if g is not None:
             return g
-        layout = PackLayout(size, min(self.max_segments, size))
+        layout = PackLayout(size, segment_cap(size, self.max_segments))
         buffer = layout.pack([]).to(self._device)
         tokens, blocks, last = layout.views(buffer)
         graph, logits = _capture(lambda: self._forward(tokens, blocks, last), self._pool)
@@ -140,7 +140,7 @@ class PackedGraphs:
     def replay(self, segments: list[Segment]) -> Tensor:
         """Prefill the segments (at most `max_segments`, their tokens fitting a bucket: `chunk_size`);
         logits [len(segments), V] of each one's last token (a new tensor)."""
-        size = chunk_size(sum(len(s.ids) for s in segments))
+        size = chunk_size(packed_rows(sum(len(s.ids) for s in segments), len(segments)))
         assert size is not None and segments
         g = self.get(size)
         host = g.layout.pack(segments)

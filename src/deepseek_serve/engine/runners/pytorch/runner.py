@@ -43,7 +43,7 @@ from deepseek_serve.engine.runners.pytorch.memory import (
 )
 from deepseek_serve.engine.runners.pytorch.modules import CausalLM, KVCache
 from deepseek_serve.engine.runners.pytorch.ops import EAGER_OPS
-from deepseek_serve.engine.runners.pytorch.packing import MAX_SEGMENTS, PackLayout, Segment, token_rows
+from deepseek_serve.engine.runners.pytorch.packing import MAX_SEGMENTS, PackLayout, Segment, packed_rows, token_rows
 from deepseek_serve.engine.runners.pytorch.sampler import SampleOutput, SampleRow, sample
 from deepseek_serve.engine.runners.pytorch.slots import SlotTable
 from deepseek_serve.engine.runners.pytorch.speculative import TorchSpeculator
@@ -425,12 +425,14 @@ class TorchRunner(Runner):
 
     def _pack(self, segments: list[Segment]) -> list[list[Segment]]:
         """Consecutive segments grouped into forwards of at most `max_segments` segments and
-        `_packed_tokens` tokens (a longer segment alone)."""
+        `_packed_tokens` token rows (`packed_rows`: a segment takes SEGMENT_TOKENS rows at least; a
+        longer segment alone)."""
         groups: list[list[Segment]] = []
         tokens = 0
         for seg in segments:
             n = len(seg.ids)
-            if groups and tokens + n <= self._packed_tokens and len(groups[-1]) < self.max_segments:
+            k = len(groups[-1]) + 1 if groups else 0
+            if groups and packed_rows(tokens + n, k) <= self._packed_tokens and k <= self.max_segments:
                 groups[-1].append(seg)
                 tokens += n
             else:
@@ -441,7 +443,7 @@ class TorchRunner(Runner):
     def _prefill_packed(self, segments: list[Segment]) -> Tensor:
         """One forward over the packed segments: logits [len(segments), V]. The graph of their token
         bucket when there is one, else eager (the chunk attention on CUDA, SDPA with a mask on CPU)."""
-        n = sum(len(seg.ids) for seg in segments)
+        n = packed_rows(sum(len(seg.ids) for seg in segments), len(segments))
         if self.chunk_graphs is not None and n <= self._packed_tokens and chunk_size(n) is not None:
             return self.chunk_graphs.replay(segments)
         return self._prefill_eager(segments)
