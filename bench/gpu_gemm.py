@@ -105,12 +105,12 @@ LOG_FILE: Path | None = None
 def check_one(kind: str, cfg: TileConfig, group: int, dtype_name: str, m: int, n: int, k: int) -> dict[str, Any]:
     """One launch against reference math; compiles the config (worker side). kind: w8 | w4."""
     t = time.perf_counter()
-    dtype = getattr(torch, dtype_name)
-    gen = torch.Generator(device=DEVICE).manual_seed(m * 7 + n + k)
-    w = torch.randn(n, k, device=DEVICE, generator=gen)
-    x = torch.randn(m, k, device=DEVICE, generator=gen).to(dtype)
     row: dict[str, Any] = dict(kind=kind, cfg=list(cfg), group=group, dtype=dtype_name, m=m, n=n, k=k)
     try:
+        dtype = getattr(torch, dtype_name)
+        gen = torch.Generator(device=DEVICE).manual_seed(m * 7 + n + k)
+        w = torch.randn(n, k, device=DEVICE, generator=gen)
+        x = torch.randn(m, k, device=DEVICE, generator=gen).to(dtype)
         if kind == "w8":
             q, s = quantize_int8(w)
             ref = x.float() @ (q.float() * s[:, None]).t()
