@@ -63,15 +63,77 @@ BUCKETS = (16, 32, 64, 128)  # M buckets: rows 2..16 use the 16 entry, 17..32 th
 MAX_COUNTERS = 4096  # tiles of one split launch (split only runs when tiles < the SM count)
 MIN_K_STEPS = 2  # K iterations per split at least
 
-# Placeholders until the H200 sweep of bench/gpu_gemm.py fills them in.
+# The fastest config per (M bucket, shape class) of the sweep in bench/gpu_gemm.py on an H200 (2026-11-30
+# 17:22 UTC, bench/results/gpu-h200-gemm.json: 1.5B-shape linears at 16/32/64/128 rows, each config timed
+# in CUDA-graph replays over weight copies that defeat the L2; a class's time summed over its linears).
+# Groups of 64 were not swept: they take the groups-of-32 configs (K tiles are multiples of 64).
 W8_CONFIGS: dict[tuple[int, ShapeClass], TileConfig] = {
-    (b, c): TileConfig(b, 128, 128, 4, 4) for b in BUCKETS for c in ("small", "deep", "wide", "huge")
+    (16, "small"): TileConfig(16, 64, 128, 4, 4, fast=True),
+    (16, "wide"): TileConfig(16, 128, 128, 4, 4, swap=False),
+    (16, "deep"): TileConfig(16, 128, 128, 8, 4, fast=True),
+    (16, "huge"): TileConfig(16, 128, 128, 4, 4, swap=False),
+    (32, "small"): TileConfig(32, 64, 256, 4, 4, fast=True),
+    (32, "wide"): TileConfig(32, 64, 128, 4, 4, fast=True),
+    (32, "deep"): TileConfig(32, 128, 128, 4, 4, swap=False, fast=True),
+    (32, "huge"): TileConfig(32, 128, 128, 4, 4, swap=False, fast=True),
+    (64, "small"): TileConfig(64, 64, 256, 4, 4, fast=True),
+    (64, "wide"): TileConfig(64, 64, 128, 4, 4, fast=True),
+    (64, "deep"): TileConfig(64, 128, 128, 8, 4, fast=True),
+    (64, "huge"): TileConfig(64, 128, 128, 4, 4),
+    (128, "small"): TileConfig(128, 64, 128, 4, 4, split=3, fast=True),
+    (128, "wide"): TileConfig(128, 64, 128, 4, 4, fast=True),
+    (128, "deep"): TileConfig(128, 64, 128, 4, 4, split=4, fast=True),
+    (128, "huge"): TileConfig(128, 128, 128, 8, 4, fast=True),
 }
 W4_CONFIGS: dict[tuple[int, int, ShapeClass], TileConfig] = {
-    (g, b, c): TileConfig(b, 128, 128, 4, 4)
-    for g in (32, 64, 128)
-    for b in BUCKETS
-    for c in ("small", "deep", "wide", "huge")
+    (32, 16, "small"): TileConfig(16, 64, 128, 4, 4, fast=True),
+    (32, 16, "wide"): TileConfig(16, 128, 128, 4, 4, swap=False, fast=True),
+    (32, 16, "deep"): TileConfig(16, 128, 128, 8, 4, fast=True),
+    (32, 16, "huge"): TileConfig(16, 128, 128, 4, 4, swap=False, fast=True),
+    (32, 32, "small"): TileConfig(32, 64, 128, 4, 4, fast=True),
+    (32, 32, "wide"): TileConfig(32, 128, 64, 4, 4, fast=True),
+    (32, 32, "deep"): TileConfig(32, 128, 128, 8, 4, fast=True),
+    (32, 32, "huge"): TileConfig(32, 128, 256, 4, 3, fast=True),
+    (32, 64, "small"): TileConfig(64, 64, 128, 4, 4, fast=True),
+    (32, 64, "wide"): TileConfig(64, 128, 64, 4, 4, fast=True),
+    (32, 64, "deep"): TileConfig(64, 128, 128, 4, 4, fast=True),
+    (32, 64, "huge"): TileConfig(64, 128, 64, 4, 4, fast=True),
+    (32, 128, "small"): TileConfig(64, 128, 128, 4, 4, fast=True),
+    (32, 128, "wide"): TileConfig(64, 128, 128, 4, 4, fast=True),
+    (32, 128, "deep"): TileConfig(128, 128, 128, 8, 4, fast=True),
+    (32, 128, "huge"): TileConfig(128, 128, 64, 4, 4, fast=True),
+    (64, 16, "small"): TileConfig(16, 64, 128, 4, 4, fast=True),
+    (64, 16, "wide"): TileConfig(16, 128, 128, 4, 4, swap=False, fast=True),
+    (64, 16, "deep"): TileConfig(16, 128, 128, 8, 4, fast=True),
+    (64, 16, "huge"): TileConfig(16, 128, 128, 4, 4, swap=False, fast=True),
+    (64, 32, "small"): TileConfig(32, 64, 128, 4, 4, fast=True),
+    (64, 32, "wide"): TileConfig(32, 128, 64, 4, 4, fast=True),
+    (64, 32, "deep"): TileConfig(32, 128, 128, 8, 4, fast=True),
+    (64, 32, "huge"): TileConfig(32, 128, 256, 4, 3, fast=True),
+    (64, 64, "small"): TileConfig(64, 64, 128, 4, 4, fast=True),
+    (64, 64, "wide"): TileConfig(64, 128, 64, 4, 4, fast=True),
+    (64, 64, "deep"): TileConfig(64, 128, 128, 4, 4, fast=True),
+    (64, 64, "huge"): TileConfig(64, 128, 64, 4, 4, fast=True),
+    (64, 128, "small"): TileConfig(64, 128, 128, 4, 4, fast=True),
+    (64, 128, "wide"): TileConfig(64, 128, 128, 4, 4, fast=True),
+    (64, 128, "deep"): TileConfig(128, 128, 128, 8, 4, fast=True),
+    (64, 128, "huge"): TileConfig(128, 128, 64, 4, 4, fast=True),
+    (128, 16, "small"): TileConfig(16, 64, 128, 4, 4, fast=True),
+    (128, 16, "wide"): TileConfig(16, 128, 128, 4, 4, swap=False, fast=True),
+    (128, 16, "deep"): TileConfig(16, 128, 128, 8, 4, fast=True),
+    (128, 16, "huge"): TileConfig(16, 128, 128, 4, 4, swap=False, fast=True),
+    (128, 32, "small"): TileConfig(32, 64, 128, 4, 4, split=3, fast=True),
+    (128, 32, "wide"): TileConfig(32, 64, 128, 4, 4, fast=True),
+    (128, 32, "deep"): TileConfig(32, 128, 128, 8, 4, fast=True),
+    (128, 32, "huge"): TileConfig(32, 128, 256, 4, 3, fast=True),
+    (128, 64, "small"): TileConfig(64, 64, 128, 4, 4, split=3, fast=True),
+    (128, 64, "wide"): TileConfig(64, 64, 128, 4, 4, fast=True),
+    (128, 64, "deep"): TileConfig(64, 128, 128, 8, 4, fast=True),
+    (128, 64, "huge"): TileConfig(64, 128, 128, 4, 4, fast=True),
+    (128, 128, "small"): TileConfig(64, 128, 128, 4, 4, split=3, fast=True),
+    (128, 128, "wide"): TileConfig(64, 128, 128, 4, 4, fast=True),
+    (128, 128, "deep"): TileConfig(128, 128, 128, 8, 4, fast=True),
+    (128, 128, "huge"): TileConfig(128, 128, 128, 8, 4, fast=True),
 }
 # float32 activations (float32 models; the interpreter in tests): TF32 dots over one generic tile
 FP32_CONFIG = TileConfig(16, 64, 128, 4, 2)
