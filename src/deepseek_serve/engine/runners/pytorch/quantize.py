@@ -9,12 +9,11 @@ every `nn.Linear` of the decoder layers with a quantized twin in place, and the 
 CUDA kernels by rows M (the batch's tokens), measured on an H200 (docs/performance.md): one int8 row
 inside a compiled decode step is left to Inductor (`Int8OneRow` "inductor"), whose coordinate-
 descent-tuned reduction fuses the int8 -> bf16 cast (faster there than the Triton kernel); up to
-TRITON_MAX_ROWS the Triton weight-only matmuls (weights read once, dequantized in registers, K split
-over programs when M is small); above it (prefill) the weights are dequantized and cuBLAS
-multiplies. int4 defaults to tinygemm (INT4_KERNEL): the fastest one-row kernel measured, though 3x
-slower than bf16 at 64 rows, where the Triton `w4_mm` is 1.4x slower; one packing serves all row
-counts, so the kernel is chosen per model. Benchmarks pick other kernels through `quantize_model`'s
-arguments.
+TRITON_MAX_ROWS the Triton weight-only matmuls (`quant_kernels`: weights read once, dequantized in
+registers, tile configs per M bucket); above it (prefill) the weights are dequantized and cuBLAS
+multiplies. int4 defaults to the Triton kernels (INT4_KERNEL, the `pack_int4` layout for every row
+count); aten's tinygemm (its own packing, fast for one row, slow for many) stays selectable per model.
+Benchmarks pick other kernels through `quantize_model`'s arguments.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ Int8OneRow = Literal["inductor", "triton"]  # the kernel of one int8 row inside 
 INT4_INNER_K_TILES = 8
 TRITON_MAX_ROWS = 128
 INT8_ONE_ROW: Int8OneRow = "inductor"
-INT4_KERNEL: Int4Kernel = "tinygemm"  # CUDA default (bfloat16; other dtypes use the Triton kernel)
+INT4_KERNEL: Int4Kernel = "triton"  # CUDA default
 
 
 def triton_kernels() -> bool:
@@ -175,10 +174,18 @@ class Int4Linear(nn.Module):
         codes = unpack_int4(self.weight, self.group_size)
         return dequantize_int4(codes, self.scales_and_zeros.float(), self.group_size).to(dtype)
 
+    def _one_row(self, x2: Tensor) -> Tensor:
+        """x2 [1, K] -> [1, N] in the `pack_int4` layout: the place of a one-row GEMV kernel; today the
+        tile kernel with its smallest row tile."""
+        return torch.ops.deepseek_serve.w4_mm(x2, self.weight, self.scales_and_zeros, self.group_size)
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
+        m = x2.shape[0]
         if self.kernel == "triton":
-            if x2.shape[0] <= TRITON_MAX_ROWS:
+            if m == 1:
+                y = self._one_row(x2)
+            elif m <= TRITON_MAX_ROWS:
                 y = torch.ops.deepseek_serve.w4_mm(x2, self.weight, self.scales_and_zeros, self.group_size)
             else:
                 y = F.linear(x2, self.dequantized(x.dtype))
