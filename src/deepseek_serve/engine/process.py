@@ -28,6 +28,7 @@ import logging.config
 import multiprocessing
 import multiprocessing.connection
 import pickle
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -108,7 +109,12 @@ def _rebuild_error(kind: str, fields: dict[str, Any]) -> Exception:
 
 # --- the child ---------------------------------------------------------------------------------------------
 def _child_main(conn: Connection, settings: Settings, log_config: dict[str, Any] | None) -> None:
-    """The engine process: load the model, report ready (or the error), then serve the pipe."""
+    """The engine process: load the model, report ready (or the error), then serve the pipe.
+
+    It ignores SIGINT and SIGTERM (a terminal's Ctrl-C and a `kill` of the process group reach it
+    too): the API process drains and then stops it, and it exits on its own when the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if log_config is not None:
         logging.config.dictConfig(log_config)
     else:
@@ -317,7 +323,7 @@ class ProcessEngine(AsyncEngine):
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         """Stop accepting; let open requests finish for up to `drain_timeout_s`; abort the rest; stop
-        the engine process (terminated, then killed, if it does not exit in time)."""
+        the engine process (killed if it does not exit in time)."""
         self._accepting = False
         deadline = time.monotonic() + drain_timeout_s
         while self._streams and self._exit_message is None and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -329,12 +335,9 @@ class ProcessEngine(AsyncEngine):
         process = self._process
         await asyncio.to_thread(process.join, 30.0)
         if process.is_alive():
-            logger.warning("the engine process did not stop in time: terminating it")
-            process.terminate()
+            logger.warning("the engine process did not stop in time: killing it")
+            process.kill()
             await asyncio.to_thread(process.join, 5.0)
-            if process.is_alive():
-                process.kill()
-                await asyncio.to_thread(process.join, 5.0)
         self._close_pipe()
         if self._reader is not None:
             await asyncio.to_thread(self._reader.join, 5.0)

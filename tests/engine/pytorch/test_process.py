@@ -230,7 +230,8 @@ def test_server_streams_to_the_openai_client(folder: Path, tmp_path: Path) -> No
         "DS_CONTEXT_LENGTH": str(CONTEXT),
         "DS_LOG_FORMAT": "json",
     }
-    with ServeProcess(tmp_path / "server", timeout_s=180, **env) as server:
+    server = ServeProcess(tmp_path / "server", timeout_s=180, **env)
+    with server:
         client = server.openai_client()
         chunks = list(
             client.chat.completions.create(
@@ -246,6 +247,10 @@ def test_server_streams_to_the_openai_client(folder: Path, tmp_path: Path) -> No
         assert reasons[-1] == "length"
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    # SIGTERM to the process group: the API process drains and stops the engine process, which
+    # ignores the signal itself
+    assert server.stop() == 0
+    assert "exited unexpectedly" not in server.stderr()
     # the engine process logs as the server does: JSON lines (the loader's line is written there)
     lines = [json.loads(line) for line in server.stderr().splitlines() if line.startswith("{")]
     assert any(r["logger"] == "deepseek_serve.engine.loader" and "loaded from" in r["message"] for r in lines)
