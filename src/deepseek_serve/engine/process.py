@@ -131,7 +131,13 @@ def _child_main(conn: Connection, settings: Settings, log_config: dict[str, Any]
             stats=core.stats(),
             summary=prefix_summary.encode(prefix_summary.summarize(core.runner.cached_prefixes())),
         )
-        message = pickle.dumps(("ready", ready))  # fails here, reported, for a tokenizer that cannot cross
+        try:
+            message = pickle.dumps(("ready", ready))
+        except Exception as exc:
+            raise RuntimeError(
+                f"the {loaded.info.runner} runner's tokenizer cannot be sent to the API process ({exc}); "
+                "set DS_ENGINE_PROCESS=off"
+            ) from exc
     except BaseException as exc:
         logger.exception("the engine process could not load the model")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
