@@ -57,14 +57,26 @@ _LOAD_TIMEOUT_S = 3600.0  # model download + load + warm-up on the device
 
 def use_engine_process(settings: Settings) -> bool:
     """Whether `DS_ENGINE_PROCESS` puts the engine in its own process: "on"/"off" as said; "auto" =
-    on for the torch runner on CUDA (resolves the model, which downloads it if needed, as loading
-    would), off otherwise."""
+    on for the torch runner on CUDA, off otherwise. With `DS_RUNNER=auto` the runner follows the
+    model's format: a pack is GGUF (llama.cpp); otherwise the model is resolved (downloaded if needed,
+    as loading would do next) to find out."""
     if settings.engine_process != "auto":
         return settings.engine_process == "on"
     if settings.runner == "llamacpp" or settings.device == "cpu":
         return False
+    from deepseek_serve.models.resolve import parse_model_spec, resolve_model
+
+    if settings.runner == "auto" and parse_model_spec(settings.model).pack:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    if not torch.cuda.is_available():
+        return False
+    if settings.runner == "torch":
+        return True
     from deepseek_serve.engine.runners import choose_runner
-    from deepseek_serve.models.resolve import resolve_model
 
     model = resolve_model(
         settings.model,
@@ -74,13 +86,7 @@ def use_engine_process(settings: Settings) -> bool:
         served_name=settings.served_model_name,
         index_url=settings.pack_index_url,
     )
-    if choose_runner(settings, model) != "torch":
-        return False
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+    return choose_runner(settings, model) == "torch"
 
 
 @dataclass(frozen=True)

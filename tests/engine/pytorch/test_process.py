@@ -254,3 +254,15 @@ def test_server_streams_to_the_openai_client(folder: Path, tmp_path: Path) -> No
     # the engine process logs as the server does: JSON lines (the loader's line is written there)
     lines = [json.loads(line) for line in server.stderr().splitlines() if line.startswith("{")]
     assert any(r["logger"] == "deepseek_serve.engine.loader" and "loaded from" in r["message"] for r in lines)
+
+
+def test_engine_process_setting(folder: Path, tmp_path: Path) -> None:
+    import torch
+
+    assert use_engine_process(make_settings(tmp_path, engine_process="on"))
+    assert not use_engine_process(settings_for(folder, tmp_path, engine_process="off"))
+    # auto: the llama.cpp runner (a pack is GGUF) and the CPU keep the engine in a thread
+    assert not use_engine_process(make_settings(tmp_path, engine_process="auto"))
+    assert not use_engine_process(settings_for(folder, tmp_path, engine_process="auto"))
+    on_cuda = use_engine_process(settings_for(folder, tmp_path, engine_process="auto", device="auto", runner="auto"))
+    assert on_cuda == torch.cuda.is_available()
