@@ -455,8 +455,13 @@ class ProcessEngine(AsyncEngine):
                 loop.call_soon_threadsafe(self._on_message, message)
             except RuntimeError:  # the event loop is closed
                 return
-        # wait for the exit without reaping it: shutdown() may be joining the process meanwhile
+        # wait for the exit (the sentinel closes a moment before the exit status can be read); reap it
+        # here only when shutdown() is not joining the process
         multiprocessing.connection.wait([self._process.sentinel], 5.0)
+        for _ in range(100):
+            if self._stopping or self._process.exitcode is not None:
+                break
+            time.sleep(0.01)
         try:
             loop.call_soon_threadsafe(self._on_exit)
         except RuntimeError:
