@@ -8,7 +8,8 @@ started with multiprocessing's spawn context (CUDA needs spawn) and talks to it 
 - engine -> API: ("ready", _Ready) or ("failed", text) once after loading; ("added", request_id,
   error or None) for each add; ("out", outputs) with each step's outputs, the list of
   (request_id, delta, scheduled) that `AsyncEngine._deliver` takes; ("stats", EngineStats, prefix
-  summary or None) at most every `_STATS_INTERVAL_S` while busy and once on going idle;
+  summary when it changed, else None) at most every `_STATS_INTERVAL_S` while busy (the summary at
+  most every `_SUMMARY_INTERVAL_S`) and once on going idle;
   ("cleared", token) once a prefix-cache clear is done.
 
 Requests are validated on the API side by the child's `RequestChecker` (pickled into the ready
@@ -51,6 +52,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _STATS_INTERVAL_S = 0.2  # the most often a busy child sends a stats snapshot
+# the most often a busy child recomputes the prefix-cache summary (hashing up to 1,024 blocks takes a
+# few ms of the step loop; gateways read it once per DS_GATEWAY_HEALTH_INTERVAL_S, 1 s by default)
+_SUMMARY_INTERVAL_S = 1.0
 _IDLE_WAIT_S = 0.5  # an idle child blocks this long on the pipe between checks
 _LOAD_TIMEOUT_S = 3600.0  # model download + load + warm-up on the device
 
@@ -171,12 +175,12 @@ class _ChildLoop:
     def run(self) -> None:
         core = self.core
         busy = False
-        next_stats = 0.0
+        next_stats = next_summary = 0.0
         while not self.stopped:
             if not core.has_work():
                 if busy:
                     busy = False
-                    self.send_stats()
+                    self.send_stats(with_summary=True)
                 self.drain(_IDLE_WAIT_S)
                 continue
             if not busy:
@@ -196,7 +200,10 @@ class _ChildLoop:
             now = time.monotonic()
             if now >= next_stats:
                 next_stats = now + _STATS_INTERVAL_S
-                self.send_stats()
+                with_summary = now >= next_summary
+                if with_summary:
+                    next_summary = now + _SUMMARY_INTERVAL_S
+                self.send_stats(with_summary)
             self.drain(0.0)
 
     def drain(self, timeout: float) -> None:
@@ -256,12 +263,13 @@ class _ChildLoop:
                 left.append((token, done))
         self.clears = left
 
-    def send_stats(self) -> None:
-        entries = self.core.runner.cached_prefixes()
+    def send_stats(self, with_summary: bool) -> None:
+        """The core's stats, and with `with_summary` the prefix-cache summary when it changed."""
+        changed: str | None = None
+        entries = self.core.runner.cached_prefixes() if with_summary else self.summary_of
         same = len(entries) == len(self.summary_of) and all(
             a is b for a, b in zip(entries, self.summary_of, strict=False)
         )
-        changed: str | None = None
         if not same:
             self.summary_of = entries
             summary = prefix_summary.encode(prefix_summary.summarize(entries))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from deepseek_serve.config import Settings
+from deepseek_serve.engine import prefix_summary
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.errors import (
     ContextLengthError,
@@ -266,3 +267,29 @@ def test_engine_process_setting(folder: Path, tmp_path: Path) -> None:
     assert not use_engine_process(settings_for(folder, tmp_path, engine_process="auto"))
     on_cuda = use_engine_process(settings_for(folder, tmp_path, engine_process="auto", device="auto", runner="auto"))
     assert on_cuda == torch.cuda.is_available()
+
+
+def test_prefix_summary_follows_the_cache(engine: ProcessEngine, loop: asyncio.Runner) -> None:
+    """A finished request's prompt stays in the prefix cache; the summary the engine process sends
+    on going idle holds its blocks, and is empty again after a clear."""
+    ids = tuple(range(100, 170))  # 70 tokens: two whole blocks
+
+    async def run() -> tuple[str, str]:
+        await engine.clear_prefix_cache()
+        prompt = GenerationRequest(request_id="prefix", prompt_token_ids=ids, params=SamplingParams(max_tokens=2))
+        await engine.complete(prompt)
+        async with asyncio.timeout(20):
+            while not engine.prefix_cache_summary():  # noqa: ASYNC110 - the snapshot the engine process sends
+                await asyncio.sleep(0.05)
+        held = engine.prefix_cache_summary()
+        await engine.clear_prefix_cache()
+        await engine.complete(request(1, "x", max_tokens=1))  # a step after the clear, then idle again
+        async with asyncio.timeout(20):
+            while engine.prefix_cache_summary() == held:  # noqa: ASYNC110 - as above
+                await asyncio.sleep(0.05)
+        return held, engine.prefix_cache_summary()
+
+    held, after = loop.run(run())
+    blocks = prefix_summary.block_hashes(ids)
+    assert len(blocks) == 2 and set(blocks) <= prefix_summary.decode(held)
+    assert not set(blocks) & prefix_summary.decode(after)
