@@ -156,6 +156,8 @@ def _child_main(conn: Connection, settings: Settings, log_config: dict[str, Any]
     conn.send_bytes(message)
     try:
         _ChildLoop(conn, core, ready.summary).run()
+    except OSError:  # a send to an API process that is gone (broken pipe)
+        logger.info("the API process closed the pipe: the engine process exits")
     finally:
         core.close()
         conn.close()

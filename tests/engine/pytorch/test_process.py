@@ -9,6 +9,9 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from deepseek_serve.engine.errors import (
 )
 from deepseek_serve.engine.process import ProcessEngine, use_engine_process
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams
-from tests.support.server import ServeProcess
+from tests.support.server import REPO, ServeProcess
 from tests.support.settings import make_settings
 from tests.support.torch_models import CODER, tiny_checkpoint
 
@@ -293,3 +296,37 @@ def test_prefix_summary_follows_the_cache(engine: ProcessEngine, loop: asyncio.R
     blocks = prefix_summary.block_hashes(ids)
     assert len(blocks) == 2 and set(blocks) <= prefix_summary.decode(held)
     assert not set(blocks) & prefix_summary.decode(after)
+
+
+def test_engine_process_exits_when_the_api_process_dies(folder: Path, tmp_path: Path) -> None:
+    """The API process is SIGKILLed: the engine process sees the pipe close and exits on its own."""
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from deepseek_serve.engine.process import ProcessEngine\n"
+        "from tests.support.settings import make_settings\n"
+        "settings = make_settings(Path(sys.argv[2]), model=sys.argv[1], runner='torch', device='cpu',\n"
+        "    engine_process='on', context_length=256, max_batch_size=4, cuda_graphs=False)\n"
+        "engine = ProcessEngine.from_settings(settings)\n"
+        "print(engine._process.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(pid)
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
