@@ -4,8 +4,10 @@ Run on a CUDA machine from the repository root:
     PYTHONPATH=src python3 bench/gpu.py [--out DIR] [--quick]
 
 1. checks: tiny random Llama/Qwen2 models (fp32, CUDA graphs on) give the same greedy tokens as
-   transformers `generate()` for mixed-length batched requests; int8/int4 linears match their
-   dequantized weights;
+   transformers `generate()` for mixed-length batched requests (each step's prompt chunks of
+   different lengths packed into one prefill graph replay); int8/int4 linears match their
+   dequantized weights (tests/engine/pytorch/packed_prefill_check.py checks the packed prefill
+   further);
 2. measures the device-to-device copy bandwidth (bytes read + written);
 3. for random bf16 models of the exact DeepSeek-R1-Distill-Qwen-1.5B and deepseek-coder-1.3b shapes:
    tokens/s at 1, 8, 32, 64 concurrent sequences (128-token prompts, 256 new tokens) for this runner
@@ -85,6 +87,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=1024, max_position_embeddings=1024)
 CONCURRENCY: tuple[int, ...] = (1, 8, 32, 64)
 PROMPT_LEN, NEW_TOKENS = 128, 256
+OVERLAP = True  # bench_runner: steps overlapped as in the engine (--sync-steps: one at a time)
 
 LOG: list[str] = []
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -187,7 +190,7 @@ def check_correctness(results: dict[str, Any]) -> None:
         results.setdefault("correctness", {})[f"{name}-tiny-fp32"] = f"{ok}/{len(prompts)}"
         results["correctness"][f"{name}-tiny-fp32-solo"] = ok_solo
         log(
-            f"correctness {name} tiny fp32 (graphs, batched, lengths {lens}): {ok}/{len(prompts)} equal; "
+            f"correctness {name} tiny fp32 (graphs, packed prefill, lengths {lens}): {ok}/{len(prompts)} equal; "
             f"alone: {'equal' if ok_solo else 'DIFFERENT'}"
         )
         del hf, runner
@@ -245,7 +248,8 @@ def timed(fn: Any) -> float:
 
 
 def bench_runner(runner: TorchRunner, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
-    """Total tokens/s (prefill included) and decode-only tokens/s."""
+    """Total tokens/s (prefill included) and decode-only tokens/s; steps overlapped as the engine
+    runs them (step N+1 launched before step N's tokens are taken in) unless --sync-steps."""
     seqs = make_seqs(prompts, new_tokens)
     marks: dict[str, float] = {}
 
@@ -255,7 +259,7 @@ def bench_runner(runner: TorchRunner, prompts: list[list[int]], new_tokens: int)
             marks["prefilled"] = time.perf_counter()
 
     t0 = time.perf_counter()
-    run_to_completion(runner, seqs, prefill_chunk=PROMPT_LEN, on_step=on_step)
+    run_to_completion(runner, seqs, prefill_chunk=PROMPT_LEN, on_step=on_step, overlap=OVERLAP)
     sync()
     t1 = time.perf_counter()
     n = len(prompts) * new_tokens
@@ -494,7 +498,7 @@ def decode_variants(name: str, cfg: dict[str, Any], names: list[str], results: d
 
 
 def main() -> None:
-    global CONCURRENCY, PROMPT_LEN, NEW_TOKENS, LOG_FILE
+    global CONCURRENCY, PROMPT_LEN, NEW_TOKENS, LOG_FILE, OVERLAP
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--quick", action="store_true", help="generate() baseline with 32 new tokens")
@@ -504,6 +508,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and few tokens (CPU dry run)")
     ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
     ap.add_argument("--no-quant", action="store_true", help="skip the int8 / int4 runs")
+    ap.add_argument("--sync-steps", action="store_true", help="one runner step at a time (no overlap)")
     ap.add_argument(
         "--variants",
         default="",
@@ -511,6 +516,7 @@ def main() -> None:
     )
     a = ap.parse_args()
     CONCURRENCY = tuple(int(c) for c in a.concurrency.split(","))
+    OVERLAP = not a.sync_steps
     if a.smoke:
         CONCURRENCY, PROMPT_LEN, NEW_TOKENS = (1, 4), 16, 8
         for shape in SHAPES.values():

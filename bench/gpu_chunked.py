@@ -13,7 +13,8 @@ prompt is prefilled, and p99 / steady. A chunk spec `fN` instead takes N prompt 
 whatever the number of decode rows (another rule, for comparison).
 
 Prefill paths compared (`--paths`; the same runner, switched between prompts):
-- graph: each chunk replays the CUDA graph of its size (`ChunkGraphs`), attention `chunk_attention`;
+- graph: each step's chunk replays the packed prefill graph of its size (`PackedGraphs`), attention
+  `chunk_attention`;
 - eager: the same forward without the graph (Triton chunk attention, Python dispatch per op);
 - sdpa: the eager forward with SDPA's bottom-right causal attention over a gathered copy of the slot.
 
@@ -36,6 +37,7 @@ import torch
 import gpu  # bench/gpu.py
 from deepseek_serve.engine.runners import ScheduledSeq
 from deepseek_serve.engine.runners.pytorch import chunk_attention as ca
+from deepseek_serve.engine.runners.pytorch import packing
 from deepseek_serve.engine.runners.pytorch.ops import attend_causal
 from deepseek_serve.engine.sequence import Sequence, SequenceStatus
 from deepseek_serve.engine.types import SamplingParams
@@ -74,20 +76,25 @@ def kernel_tiles(out: dict[str, Any], best_tile: bool) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, size, h, d, dtype=torch.bfloat16, device="cuda", generator=gen)
     kv = torch.randn(DECODERS + 1, hk, MAX_LEN + 1, 2 * d, dtype=torch.bfloat16, device="cuda", generator=gen)
-    chunk = torch.tensor([DECODERS, start, count], device="cuda")
     flops = 4 * h * d * sum(start + i + 1 for i in range(count))
     rows = []
     default = (ca.BLOCK_M, ca.BLOCK_N, ca.NUM_WARPS, ca.NUM_STAGES)
     for tile in TILES:
         ca.BLOCK_M, ca.BLOCK_N, ca.NUM_WARPS, ca.NUM_STAGES = tile
-        ms = device_ms(lambda: ca.chunk_attention(q, kv, chunk))
+        packing.BLOCK_M = tile[0]  # the query blocks of the table follow the kernel's
+        layout = packing.PackLayout(size, 1)
+        host = layout.pack([packing.Segment([0] * count, DECODERS, start)])
+        blocks = layout.views(host.cuda())[1]
+        ms = device_ms(lambda blocks=blocks: ca.chunk_attention(q, kv, blocks))
         splits = ca.kv_splits(size, h, kv.shape[2], q.device)
         rows.append({"tile": tile, "ms": ms, "tflops": flops / ms / 1e9, "splits": splits})
         gpu.log(f"chunk attention tile {tile}: {ms * 1e3:.1f} us, {flops / ms / 1e9:.0f} TFLOP/s, {splits} KV splits")
     ca.BLOCK_M, ca.BLOCK_N, ca.NUM_WARPS, ca.NUM_STAGES = default
+    packing.BLOCK_M = default[0]
     if best_tile:
         best = min(rows, key=lambda r: r["ms"])["tile"]
         ca.BLOCK_M, ca.BLOCK_N, ca.NUM_WARPS, ca.NUM_STAGES = best
+        packing.BLOCK_M = best[0]
         gpu.log(f"chunk attention tile for the runs below: {best} (default {default})")
     out["kernel_tile_used"] = (ca.BLOCK_M, ca.BLOCK_N, ca.NUM_WARPS, ca.NUM_STAGES)
     # the eager path's attention: the slot's positions gathered (a copy), KV heads repeated, SDPA
@@ -97,12 +104,13 @@ def kernel_tiles(out: dict[str, Any], best_tile: bool) -> None:
 
 
 def graph_replays(runner: Any, out: dict[str, Any]) -> None:
-    """Device time of one chunk graph replay per size at position 7,000 of the last slot."""
+    """Device time of one packed graph replay (one segment) per size at position 7,000 of the last slot."""
     rows = []
     assert runner.chunk_graphs is not None
     for size in (64, 128, 256, 384, 512):
         ids = list(range(1, size + 1))
-        ms = device_ms(lambda ids=ids: runner.chunk_graphs.replay(ids, DECODERS, 7000))
+        segments = [packing.Segment(ids, DECODERS, 7000)]
+        ms = device_ms(lambda segments=segments: runner.chunk_graphs.replay(segments))
         rows.append({"tokens": size, "ms": ms})
         gpu.log(f"chunk graph {size} tokens at position 7000: {ms:.3f} ms")
     out["chunk_graph_ms"] = rows

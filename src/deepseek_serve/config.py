@@ -137,7 +137,18 @@ class Settings(BaseSettings):
         description="launch each step before taking in the previous one's tokens, where the runner can "
         "(torch runner, plain greedy batches): the host's per-token work overlaps the forward",
     )
+    engine_process: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="run the scheduler loop in its own process behind the API process (its own GIL: "
+        "stepping and SSE framing no longer slow each other); auto = on for the torch runner on CUDA, "
+        "off otherwise (the llama.cpp runner always keeps the engine in a thread of the API process)",
+    )
     cuda_graphs: bool = True
+    packed_prefill: bool = Field(
+        True,
+        description="torch runner: the prompt chunks of one step (several sequences) run as one packed "
+        "forward (one CUDA graph replay); false: one forward per sequence's chunk",
+    )
     gpu_memory_utilization: float = Field(
         0.9,
         gt=0.0,

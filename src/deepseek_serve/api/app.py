@@ -161,6 +161,12 @@ def _build_engine(settings: Settings) -> AsyncEngine:
         from deepseek_serve.gateway.engine import GatewayEngine
 
         return GatewayEngine.from_settings(settings)
+    from deepseek_serve.engine.process import ProcessEngine, use_engine_process
+
+    if use_engine_process(settings):
+        from deepseek_serve.observability.logs import uvicorn_log_config
+
+        return ProcessEngine.from_settings(settings, log_config=uvicorn_log_config(settings))
     return AsyncEngine.from_settings(settings)
 
 

@@ -121,11 +121,82 @@ def check_request(
     return max_tokens
 
 
+@dataclass(frozen=True)
+class RequestChecker:
+    """The request checks of one loaded model: what `make_sequence` and `check_request` need to know
+    (tokenizer, vocabulary, context, default budget and timeout, whether the runner can constrain
+    decoding). `LLMEngine` uses it, and so does the API side of an engine in another process
+    (engine/process.py), which receives it pickled and validates without a round trip. Any thread."""
+
+    tokenizer: Tokenizer
+    vocab_size: int
+    max_model_len: int
+    default_max_tokens: int
+    request_timeout_s: float
+    runner_name: str
+    supports_grammar: bool
+
+    @classmethod
+    def for_runner(cls, runner: Runner, config: EngineConfig) -> RequestChecker:
+        return cls(
+            tokenizer=runner.tokenizer,
+            vocab_size=runner.tokenizer.vocab_size,
+            max_model_len=runner.max_model_len,
+            default_max_tokens=config.default_max_tokens,
+            request_timeout_s=config.request_timeout_s,
+            runner_name=runner.name,
+            supports_grammar=runner.supports_grammar,
+        )
+
+    def make_sequence(self, request: GenerationRequest) -> Sequence:
+        """Tokenize and validate; raises InvalidRequestError / ContextLengthError before any work."""
+        params = request.params
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+        elif request.prompt is not None:
+            ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        else:
+            raise InvalidRequestError("either prompt or prompt_token_ids is required", param="prompt")
+        max_tokens = self.check_request(params, ids)
+        timeout = request.deadline_s if request.deadline_s is not None else self.request_timeout_s
+        return Sequence(
+            request_id=request.request_id,
+            prompt_token_ids=ids,
+            params=params,
+            max_tokens=max_tokens,
+            deadline=time.monotonic() + timeout,
+        )
+
+    def check_token_ids(self, ids: Iterable[int], param: str = "prompt") -> None:
+        """Raise InvalidRequestError unless every id is a token of the vocabulary."""
+        check_token_ids(ids, self.vocab_size, param)
+
+    def check_request(self, params: SamplingParams, ids: list[int], context: bool = True) -> int:
+        """`check_request` (above) with this model's vocabulary, context and default budget, and
+        whether its runner can constrain decoding."""
+        if params.grammar is not None and not self.supports_grammar:
+            raise InvalidRequestError(
+                f"The {self.runner_name} runner cannot constrain decoding on this server "
+                "(response_format json_object/json_schema, forced tool calls): it needs the llguidance "
+                "package (pip install llguidance).",
+                param="response_format",
+            )
+        return check_request(
+            params,
+            ids,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            default_max_tokens=self.default_max_tokens,
+            context=context,
+        )
+
+
 class LLMEngine:
     def __init__(self, runner: Runner, config: EngineConfig) -> None:
         self.runner = runner
         self.config = config
         self.tokenizer: Tokenizer = runner.tokenizer
+        self.checker = RequestChecker.for_runner(runner, config)
         self.scheduler = Scheduler(runner, config.max_batch_size, config.max_queue_size, config.prefill_chunk_tokens)
         self._states: dict[str, _SeqState] = {}
         self._abort_lock = threading.Lock()
@@ -138,46 +209,16 @@ class LLMEngine:
 
     # --- submission (any thread) -------------------------------------------------------------------------
     def make_sequence(self, request: GenerationRequest) -> Sequence:
-        """Tokenize and validate; raises InvalidRequestError / ContextLengthError before any work."""
-        params = request.params
-        if request.prompt_token_ids is not None:
-            ids = list(request.prompt_token_ids)
-        elif request.prompt is not None:
-            ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
-        else:
-            raise InvalidRequestError("either prompt or prompt_token_ids is required", param="prompt")
-        max_tokens = self.check_request(params, ids)
-        timeout = request.deadline_s if request.deadline_s is not None else self.config.request_timeout_s
-        return Sequence(
-            request_id=request.request_id,
-            prompt_token_ids=ids,
-            params=params,
-            max_tokens=max_tokens,
-            deadline=time.monotonic() + timeout,
-        )
+        """Tokenize and validate (`RequestChecker.make_sequence`)."""
+        return self.checker.make_sequence(request)
 
     def check_token_ids(self, ids: Iterable[int], param: str = "prompt") -> None:
         """Raise InvalidRequestError unless every id is a token of the vocabulary."""
-        check_token_ids(ids, self.tokenizer.vocab_size, param)
+        self.checker.check_token_ids(ids, param)
 
     def check_request(self, params: SamplingParams, ids: list[int], context: bool = True) -> int:
-        """`check_request` (below) with this engine's vocabulary, context and default budget, and
-        whether its runner can constrain decoding."""
-        if params.grammar is not None and not self.runner.supports_grammar:
-            raise InvalidRequestError(
-                f"The {self.runner.name} runner cannot constrain decoding on this server "
-                "(response_format json_object/json_schema, forced tool calls): it needs the llguidance "
-                "package (pip install llguidance).",
-                param="response_format",
-            )
-        return check_request(
-            params,
-            ids,
-            vocab_size=self.tokenizer.vocab_size,
-            max_model_len=self.runner.max_model_len,
-            default_max_tokens=self.config.default_max_tokens,
-            context=context,
-        )
+        """`RequestChecker.check_request` for this engine's runner."""
+        return self.checker.check_request(params, ids, context)
 
     def add_sequence(self, seq: Sequence) -> None:
         """Enqueue; raises QueueFullError."""

@@ -1,5 +1,6 @@
-"""The Triton chunk attention (one sequence's prompt chunk against its cached prefix): the kernel
-against SDPA over the explicit mask, and the runner's chunk forward against the masked model.
+"""The Triton chunk attention (packed prompt chunks of several sequences against their cached
+prefixes): the kernel against SDPA per segment over the explicit mask, the packed layout, and the
+runner's packed forward (kernel and masked SDPA paths) against the masked model.
 
 Without a GPU the kernel runs in Triton's CPU interpreter, in a child process (the interpreter must be
 on before `triton` is first imported). Needs the `triton` package (CUDA builds of torch ship it).

@@ -15,6 +15,7 @@ from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, ad
 from deepseek_serve.engine.runners.pytorch.loading import CheckpointError, load_model
 from deepseek_serve.engine.runners.pytorch.modules import KVCache
 from deepseek_serve.engine.runners.pytorch.ops import attend_causal, attend_sdpa
+from deepseek_serve.engine.runners.pytorch.packing import PackLayout, Segment, token_rows
 from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
 from deepseek_serve.engine.runners.pytorch.slots import KVCopy, SlotTable
 from deepseek_serve.engine.sequence import Sequence
@@ -98,6 +99,76 @@ def test_greedy_batched_mixed_lengths_match_generate(tiny: tuple[Path, Any]) -> 
     assert steps < 4 * (12 + 5)  # batched, not one sequence after the other
     for p, s in zip(ps, seqs, strict=True):
         assert s.output_token_ids == reference(hf, p, 12), f"prompt of {len(p)} tokens"
+
+
+def test_overlapped_driver_matches_generate(tiny: tuple[Path, Any]) -> None:
+    """Launching step N+1 before taking in step N's tokens (the engine's way, which bench/gpu.py
+    measures) feeds each next token from the device: the same tokens as `generate()`, each sequence
+    stopping at its own length although a step of it may already be in flight."""
+    path, hf = tiny
+    runner = make_runner(path)
+    ps = prompts((5, 30, 17), seed=2)
+    seqs = [seq(p, n) for p, n in zip(ps, (3, 11, 7), strict=True)]
+    run_to_completion(runner, seqs, prefill_chunk=16, overlap=True)
+    for p, s in zip(ps, seqs, strict=True):
+        assert s.output_token_ids == reference(hf, p, s.max_tokens), f"prompt of {len(p)} tokens"
+    assert runner.kv_used_tokens == 0  # every sequence freed
+
+
+def test_packed_prefill_gives_each_sequence_what_it_gives_alone(tiny: tuple[Path, Any]) -> None:
+    """Five prompts of different lengths admitted together: every step's chunks (several lengths)
+    run as one packed forward, or as several when they exceed the tokens or the chunks of one;
+    without packing each chunk runs alone. Token for token, each sequence generates what it
+    generates alone."""
+    path, _ = tiny
+    ps = prompts((3, 17, 40, 71, 9), seed=5)
+    alone = []
+    for p in ps:
+        s = seq(p, 8)
+        run_to_completion(make_runner(path, slots=1), [s], prefill_chunk=32)
+        alone.append(s.output_token_ids)
+    # step 1: chunks of 3, 17, 32, 32, 9 tokens; step 2: 8, 32; step 3: 7
+    expected = {
+        (1024, 5): [[3, 17, 32, 32, 9], [8, 32], [7]],
+        (40, 5): [[3, 17], [32], [32], [9], [8, 32], [7]],
+        (1024, 2): [[3, 17], [32, 32], [9], [8, 32], [7]],
+        (1024, 1): [[3], [17], [32], [32], [9], [8], [32], [7]],
+    }
+    for packed_tokens, max_segments in expected:
+        runner = make_runner(path, slots=5, packed_prefill=max_segments > 1)
+        assert runner.max_segments == (5 if max_segments > 1 else 1)  # packed: up to a chunk per slot
+        runner._packed_tokens, runner.max_segments = packed_tokens, max_segments
+        forwards: list[list[int]] = []  # chunk lengths of each prefill forward
+        prefill_packed = runner._prefill_packed
+
+        def counted(segments: list[Segment], run: Any = prefill_packed, seen: Any = forwards) -> torch.Tensor:
+            seen.append([len(s.ids) for s in segments])
+            return run(segments)
+
+        runner._prefill_packed = counted  # type: ignore[method-assign]
+        seqs = [seq(p, 8) for p in ps]
+        run_to_completion(runner, seqs, prefill_chunk=32)
+        assert [s.output_token_ids for s in seqs] == alone, (packed_tokens, max_segments)
+        assert forwards == expected[packed_tokens, max_segments]
+
+
+def test_pack_layout_rows_and_blocks() -> None:
+    """The host buffer of a packed forward: tokens end to end, query blocks within one segment, each
+    segment's last row; from the blocks, each row's rope position, slot and cache position (padding:
+    the scratch position)."""
+    layout = PackLayout(8, 3)
+    tokens, blocks, last = layout.views(layout.pack([Segment([5, 6, 7], 2, 10), Segment([8, 9], 0, 0)]))
+    assert tokens.tolist() == [5, 6, 7, 8, 9, 0, 0, 0]
+    assert layout.num_blocks == 4
+    assert blocks.tolist() == [[2, 10, 0, 3, 3], [0, 0, 3, 2, 2], [0, 0, 5, 0, 3], [0, 0, 0, 0, 0]]
+    assert last.tolist() == [2, 4, 0]
+    assert token_rows(blocks, 8, 99).tolist() == [
+        [10, 11, 12, 0, 1, 0, 0, 0],
+        [2, 2, 2, 0, 0, 0, 0, 0],
+        [10, 11, 12, 0, 1, 99, 99, 99],
+    ]
+    with pytest.raises(ValueError, match="do not fit"):
+        layout.pack([Segment([1] * 9, 0, 0)])
 
 
 def test_prefix_cache_reuses_idle_slot(tiny: tuple[Path, Any]) -> None:

@@ -1,6 +1,7 @@
 """CUDA graphs of the torch runner: the decode forward, one per (rows, KV length) bucket, and the
-prefill chunk forward, one per chunk size; captured on first use into one shared memory pool,
-replayed with the step's inputs copied in."""
+packed prefill forward (the prompt chunks of up to `max_segments` sequences in one row of tokens),
+one per token bucket; captured on first use (the runner's warm-up captures every one it serves) into
+one shared memory pool, replayed with the step's inputs copied in."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import Tensor
 
+from deepseek_serve.engine.runners.pytorch.packing import PackLayout, Segment, packed_rows, segment_cap
+
 if TYPE_CHECKING:
     from torch.cuda.graphs import _POOL_HANDLE as GraphPool
 
@@ -18,36 +21,19 @@ T = TypeVar("T")
 
 DecodeForward = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 """inputs [3, n] (token, rope position, cache write position), KV length -> (logits [n, V], argmax [n])."""
-ChunkForward = Callable[[Tensor, Tensor], Tensor]
-"""inputs [3, T] (token, rope position, cache write position), chunk [3] (slot, start, count) ->
-logits [1, V] of the chunk's last real token."""
+PackedForward = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""tokens [T], blocks [NB, 5], last [S] (see `packing`) -> logits [S, V] of each segment's last token."""
 
-# chunk sizes with a graph: a chunk of n tokens runs in the smallest that holds it, padded
+# token buckets with a packed prefill graph: n packed tokens run in the smallest that holds them
 CHUNK_SIZES = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 
 
 def chunk_size(n: int) -> int | None:
-    """The graph size for a chunk of n tokens; None when it is larger than every size."""
+    """The graph size for n packed tokens; None when it is larger than every size."""
     for size in CHUNK_SIZES:
         if n <= size:
             return size
     return None
-
-
-def chunk_buffer(ids: list[int], slot: int, start: int, size: int, scratch_pos: int) -> Tensor:
-    """A chunk graph's inputs on the host, [3 size + 3] int64: tokens, rope positions, cache write
-    positions (each `size` long: the chunk, then padding that writes `scratch_pos`), then (slot,
-    start, count)."""
-    n = len(ids)
-    host = torch.empty(3 * size + 3, dtype=torch.int64)
-    host[:n] = torch.tensor(ids, dtype=torch.int64)
-    host[n:size] = 0
-    positions = torch.arange(start, start + size, dtype=torch.int64).clamp_(max=scratch_pos)
-    host[size : 2 * size] = positions
-    host[2 * size : 3 * size] = positions
-    host[2 * size + n : 3 * size] = scratch_pos
-    host[3 * size :] = torch.tensor([slot, start, n], dtype=torch.int64)
-    return host
 
 
 def _capture(forward: Callable[[], T], pool: GraphPool) -> tuple[torch.cuda.CUDAGraph, T]:
@@ -114,54 +100,54 @@ class DecodeGraphs:
 
 
 @dataclass
-class ChunkGraph:
+class PackedGraph:
     graph: torch.cuda.CUDAGraph
-    buffer: Tensor  # [3 T + 3] int64: `inputs` then `chunk`, filled by one copy per replay
-    logits: Tensor  # [1, V]
+    layout: PackLayout
+    buffer: Tensor  # [layout.numel] int64: inputs, blocks, last; filled by one copy per replay
+    logits: Tensor  # [max_segments, V]
 
 
-class ChunkGraphs:
-    """The captured prefill chunk graphs of one runner, one per size in CHUNK_SIZES, in the decode
-    graphs' memory pool (replays never overlap). A chunk is padded to its graph's size: padding tokens
-    write the cache's scratch position `scratch_pos` and are not attended to."""
+class PackedGraphs:
+    """The captured packed prefill graphs of one runner, one per token bucket in CHUNK_SIZES (for at
+    most min(`max_segments`, bucket) segments), in the decode graphs' memory pool (replays never
+    overlap). The segments are padded to their bucket: padding tokens write the cache's scratch
+    position and are not attended to."""
 
-    def __init__(self, forward: ChunkForward, device: torch.device, scratch_pos: int, pool: GraphPool) -> None:
+    def __init__(self, forward: PackedForward, device: torch.device, pool: GraphPool, max_segments: int) -> None:
         self._forward = forward
         self._device = device
-        self._scratch_pos = scratch_pos
         self._pool = pool
-        self._graphs: dict[int, ChunkGraph] = {}
+        self.max_segments = max_segments
+        self._graphs: dict[int, PackedGraph] = {}
 
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def get(self, size: int) -> ChunkGraph:
-        """The graph for chunks of `size` tokens (one of CHUNK_SIZES), captured now if it is not yet.
-        Capturing writes only the scratch position of slot 0."""
+    def get(self, size: int) -> PackedGraph:
+        """The graph for `size` tokens (one of CHUNK_SIZES), captured now if it is not yet. Capturing
+        writes only the scratch position of slot 0 (no segments: every token is padding)."""
         g = self._graphs.get(size)
         if g is not None:
             return g
-        buffer = torch.zeros(3 * size + 3, dtype=torch.int64, device=self._device)
-        buffer[2 * size : 3 * size].fill_(self._scratch_pos)
-        buffer[3 * size + 2] = 1  # (slot 0, start 0, count 1)
-        inputs, chunk = buffer[: 3 * size].view(3, size), buffer[3 * size :]
-        graph, logits = _capture(lambda: self._forward(inputs, chunk), self._pool)
-        g = ChunkGraph(graph, buffer, logits)
+        layout = PackLayout(size, segment_cap(size, self.max_segments))
+        buffer = layout.pack([]).to(self._device)
+        tokens, blocks, last = layout.views(buffer)
+        graph, logits = _capture(lambda: self._forward(tokens, blocks, last), self._pool)
+        g = PackedGraph(graph, layout, buffer, logits)
         self._graphs[size] = g
         return g
 
-    def replay(self, ids: list[int], slot: int, start: int) -> Tensor:
-        """Prefill `ids` at positions start.. of `slot`; logits [1, V] of the last one (a new tensor).
-        The chunk must fit a graph (`chunk_size`)."""
-        n = len(ids)
-        size = chunk_size(n)
-        assert size is not None and n > 0
+    def replay(self, segments: list[Segment]) -> Tensor:
+        """Prefill the segments (at most `max_segments`, their tokens fitting a bucket: `chunk_size`);
+        logits [len(segments), V] of each one's last token (a new tensor)."""
+        size = chunk_size(packed_rows(sum(len(s.ids) for s in segments), len(segments)))
+        assert size is not None and segments
         g = self.get(size)
-        host = chunk_buffer(ids, slot, start, size, self._scratch_pos)
+        host = g.layout.pack(segments)
         # pinned through torch's caching host allocator, which keeps the block until the copy is done
         g.buffer.copy_(host.pin_memory(), non_blocking=True)
         g.graph.replay()
-        return g.logits.clone()  # another chunk of the same size may replay before these are read
+        return g.logits[: len(segments)].clone()  # another replay of this graph may come before these are read
 
     def clear(self) -> None:
         self._graphs.clear()

@@ -20,8 +20,10 @@ class ForwardBatch:
 
     Rows map to cache slots through `slots`. `write_pos` is the cache position of each new token
     (a scratch position for padding rows); `mask` [B, 1, T, S] is True where a query may attend, and
-    its last dimension S is the number of cache positions read. With `chunk` (one sequence's prompt
-    chunk on CUDA) the attention reads the cache in place (`chunk_attention`) and there is no mask.
+    its last dimension S is the number of cache positions read. A packed prefill (`packing`: one row
+    of several sequences' prompt chunks) gives each token's slot in `rows`; with `blocks` the
+    attention reads the cache in place (`chunk_attention`) and there is no mask; with `kv_concat` the
+    keys are the first S / len(slots) positions of each of `slots`, concatenated, under `mask`.
     """
 
     slots: Tensor | None  # [B] int64; None = rows are slots 0..B-1 (decode over a slot range)
@@ -31,7 +33,8 @@ class ForwardBatch:
     rows: Tensor | None = None  # [B, T] int64 cache slot of each new token (built once per forward)
     lengths: Tensor | None = None  # [B] int64 positions attended (decode with the Triton attention)
     causal_tail: bool = False  # one row whose T new tokens are the last T of the S positions read
-    chunk: Tensor | None = None  # [3] int64 (slot, start, count): B = 1, attention by `chunk_attention`
+    blocks: Tensor | None = None  # [NB, 5] int64 query blocks: B = 1, attention by `chunk_attention`
+    kv_concat: bool = False  # B = 1: keys are the S / len(slots) first positions of each slot, in order
 
     def __post_init__(self) -> None:
         if self.rows is None:

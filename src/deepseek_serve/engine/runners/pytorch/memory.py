@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from deepseek_serve.engine.runners.pytorch.config import ModelArgs
+from deepseek_serve.engine.runners.pytorch.cuda_graphs import CHUNK_SIZES, chunk_size
+from deepseek_serve.engine.runners.pytorch.packing import MAX_SEGMENTS, segment_cap
 
 GiB = 1 << 30
 FIXED_RESERVE = 512 << 20  # cuBLAS / Triton workspaces, the CUDA graph pool's own slack, fragmentation
@@ -68,8 +70,9 @@ def activation_reserve(
       and probabilities in float32 (SDPA's math path, the worst case), the additive mask repeated over
       the query heads of a KV head, and the layer's activations (twice, for the input and the output);
     - the sampler's float32 copies of the logits of every slot;
-    - the logits each captured decode graph keeps in the shared pool (rows x vocab per graph; none
-      without graphs: kv_buckets = 0);
+    - the logits each captured graph keeps in the shared pool: rows x vocab per decode graph, and
+      `segment_cap` segments x vocab per packed prefill graph up to the bucket of
+      `chunk_tokens` (none without graphs: kv_buckets = 0);
     - `fixed` for workspaces (CUDA).
     """
     item = dtype.itemsize
@@ -80,6 +83,11 @@ def activation_reserve(
     layer = 2 * t * (3 * args.hidden_size + (h + 2 * hk) * d + 3 * i) * item
     sampler = num_slots * args.vocab_size * 4 * SAMPLER_COPIES
     graphs = sum(rows_buckets(num_slots)) * kv_buckets * (args.vocab_size * item + 8)
+    if kv_buckets:
+        largest = chunk_size(t) or CHUNK_SIZES[-1]
+        cap = min(MAX_SEGMENTS, num_slots)
+        segments = sum(segment_cap(size, cap) for size in CHUNK_SIZES if size <= largest)
+        graphs += segments * args.vocab_size * item
     return attention + layer + sampler + graphs + fixed
 
 

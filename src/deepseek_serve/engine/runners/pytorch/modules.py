@@ -64,10 +64,15 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).view(b, t, h + 2 * hk, hd)
         q, kv = ops.rope_pack(qkv, rope[0], rope[1], h, hk)  # [B, T, H, D], [B, T, Hk, 2D]
         cache_l[fb.rows, :, fb.write_pos] = kv
-        if fb.chunk is not None:
-            return self.o_proj(attend_chunk(q, cache_l, fb.chunk))
+        if fb.blocks is not None:
+            return self.o_proj(attend_chunk(q, cache_l, fb.blocks))
         assert fb.mask is not None
         s = fb.mask.shape[-1]
+        if fb.kv_concat:  # one packed row: its segments' slots side by side
+            assert fb.slots is not None
+            n = fb.slots.shape[0]
+            kvs = cache_l[fb.slots, :, : s // n].transpose(0, 1).reshape(1, hk, s, 2 * hd)  # [1, Hk, S, 2D]
+            return self.o_proj(ops.attend(q, kvs, fb, hk))
         # decode over a slot range: row i is slot i (a view); else gather the rows' slots
         kvs = cache_l[:b, :, :s] if fb.slots is None else cache_l[fb.slots, :, :s]  # [B, Hk, S, 2D]
         return self.o_proj(ops.attend(q, kvs, fb, hk))

@@ -108,11 +108,11 @@ def attend_reductions(q: Tensor, kvs: Tensor, mask: Tensor, hk: int) -> Tensor:
     return out.to(q.dtype).reshape(b, 1, h * hd)
 
 
-def attend_chunk(q: Tensor, cache_l: Tensor, chunk: Tensor) -> Tensor:
-    """One sequence's chunk against its cached prefix, read in place from this layer's cache
+def attend_chunk(q: Tensor, cache_l: Tensor, blocks: Tensor) -> Tensor:
+    """Packed prompt chunks against their cached prefixes, read in place from this layer's cache
     `cache_l` [slots, Hk, S, 2D] (CUDA; the custom op is registered by importing `chunk_attention`).
-    q [1, T, H, D], chunk [3] (slot, start, count) -> [1, T, H * D]."""
-    return torch.ops.deepseek_serve.chunk_attention(q, cache_l, chunk)
+    q [1, T, H, D], blocks [NB, 5] (the query blocks, see `packing`) -> [1, T, H * D]."""
+    return torch.ops.deepseek_serve.chunk_attention(q, cache_l, blocks)
 
 
 def attend_triton(q: Tensor, kvs: Tensor, lengths: Tensor) -> Tensor:

@@ -9,14 +9,14 @@ every `nn.Linear` of the decoder layers with a quantized twin in place, and the 
 CUDA kernels by rows M (the batch's tokens), measured on an H200 (docs/performance.md): one int8 row
 inside a compiled decode step is left to Inductor (`Int8OneRow` "inductor"), whose coordinate-
 descent-tuned reductions fuse the RMSNorm and the int8 -> bf16 cast (1.393 ms per 1.5B-shape step vs
-1.426 with the split-K GEMV kernels of `gemv_kernels`, "gemv", which also serve one int4 row of the
-Triton layout: `Int4OneRow`); "triton" is the Triton matmul; up to TRITON_MAX_ROWS the Triton
-weight-only matmuls (weights read once, dequantized in registers, K split over programs when M is
-small); above it (prefill) the weights are dequantized and cuBLAS
-multiplies. int4 defaults to tinygemm (INT4_KERNEL): the fastest one-row kernel measured, though 3x
-slower than bf16 at 64 rows, where the Triton `w4_mm` is 1.4x slower; one packing serves all row
-counts, so the kernel is chosen per model. Benchmarks pick other kernels through `quantize_model`'s
-arguments.
+1.426 with the split-K GEMV kernels of `gemv_kernels`, `Int8OneRow` "gemv"); "triton" is the Triton
+matmul. One int4 row of the Triton layout goes through the GEMV kernel (`Int4OneRow` "gemv": 5.6-13.3
+µs per 1.5B linear against 6.1-17.0 for the tile kernel's 16-row tile in another run, "kernel"). Up to TRITON_MAX_ROWS
+the Triton weight-only matmuls (`quant_kernels`: weights read once, dequantized in registers, tile
+configs per M bucket); above it (prefill) the weights are dequantized and cuBLAS multiplies. int4
+defaults to the Triton kernels (INT4_KERNEL, the `pack_int4` layout for every row count); aten's
+tinygemm (its own packing, fast for one row, slow for many) stays selectable per model. Benchmarks
+pick other kernels through `quantize_model`'s arguments.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ INT4_INNER_K_TILES = 8
 GEMV_MAX_ROWS = 1
 TRITON_MAX_ROWS = 128
 INT8_ONE_ROW: Int8OneRow = "inductor"
-INT4_KERNEL: Int4Kernel = "tinygemm"  # CUDA default (bfloat16; other dtypes use the Triton kernel)
+INT4_KERNEL: Int4Kernel = "triton"  # CUDA default
 INT4_ONE_ROW: Int4OneRow = "gemv"
 
 
@@ -212,12 +212,20 @@ class Int4Linear(nn.Module):
         codes = unpack_int4(self.weight, self.group_size)
         return dequantize_int4(codes, self.scales_and_zeros.float(), self.group_size).to(dtype)
 
+    def _one_row(self, x2: Tensor) -> Tensor:
+        """x2 [1, K] -> [1, N] in the `pack_int4` layout: the split-K GEMV kernel (`gemv`), else the
+        tile kernel with its smallest row tile."""
+        if self.gemv:
+            return _finish(self.gemv_partials(x2), x2.dtype)
+        return torch.ops.deepseek_serve.w4_mm(x2, self.weight, self.scales_and_zeros, self.group_size)
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= GEMV_MAX_ROWS and self.gemv:
-            y = _finish(self.gemv_partials(x2), x.dtype)
-        elif self.kernel == "triton":
-            if x2.shape[0] <= TRITON_MAX_ROWS:
+        m = x2.shape[0]
+        if self.kernel == "triton":
+            if m <= GEMV_MAX_ROWS:
+                y = self._one_row(x2)
+            elif m <= TRITON_MAX_ROWS:
                 y = torch.ops.deepseek_serve.w4_mm(x2, self.weight, self.scales_and_zeros, self.group_size)
             else:
                 y = F.linear(x2, self.dequantized(x.dtype))

@@ -5,9 +5,10 @@ One `step()`:
    [0, n): row i is slot i, rows without work write to the cache's scratch column. On CUDA this
    forward is a CUDA graph captured per (rows bucket, KV-length bucket) (`cuda_graphs`), by default
    compiled whole (`compile.DecodeStep`);
-2. each prefill chunk (more than one token) runs as its own forward over its slot: on CUDA a CUDA
-   graph per chunk size (`cuda_graphs.ChunkGraphs`, the attention reading the cache in place through
-   `chunk_attention`), chunks of equal length of several sequences together otherwise;
+2. the prefill chunks (entries of more than one token, any lengths) are packed into one row of tokens
+   (`packing`) and run as one forward: on CUDA the CUDA graph of the smallest token bucket that holds
+   them (`cuda_graphs.PackedGraphs`), the attention reading each chunk's slot in place through
+   `chunk_attention`; more tokens than the largest bucket take several forwards;
 3. logits of the rows that sample go through the on-device sampler; the chosen ids come back in
    one device-to-host copy.
 
@@ -31,7 +32,7 @@ from deepseek_serve.engine.runners import LaunchedStep, Runner, SampleResult, Sc
 from deepseek_serve.engine.runners.common import entry_refusal, split_refused
 from deepseek_serve.engine.runners.guidance import GuidanceMatcher, llguidance_available
 from deepseek_serve.engine.runners.pytorch.compile import Compiler, DecodeStep
-from deepseek_serve.engine.runners.pytorch.cuda_graphs import CHUNK_SIZES, ChunkGraphs, DecodeGraphs, chunk_size
+from deepseek_serve.engine.runners.pytorch.cuda_graphs import CHUNK_SIZES, DecodeGraphs, PackedGraphs, chunk_size
 from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, additive_mask
 from deepseek_serve.engine.runners.pytorch.memory import (
     GiB,
@@ -42,6 +43,7 @@ from deepseek_serve.engine.runners.pytorch.memory import (
 )
 from deepseek_serve.engine.runners.pytorch.modules import CausalLM, KVCache
 from deepseek_serve.engine.runners.pytorch.ops import EAGER_OPS
+from deepseek_serve.engine.runners.pytorch.packing import MAX_SEGMENTS, PackLayout, Segment, packed_rows, token_rows
 from deepseek_serve.engine.runners.pytorch.sampler import SampleOutput, SampleRow, sample
 from deepseek_serve.engine.runners.pytorch.slots import SlotTable
 from deepseek_serve.engine.runners.pytorch.speculative import TorchSpeculator
@@ -96,6 +98,7 @@ class TorchRunner(Runner):
         seed: int = 0,
         compile_ops: bool = True,
         compile_decode: bool = True,
+        packed_prefill: bool = True,
     ) -> None:
         self.model = model
         self.args = model.args
@@ -121,13 +124,18 @@ class TorchRunner(Runner):
             DecodeStep(model, compiler=self.compiler) if compile_ops and compile_decode and self._use_graphs else None
         )
         self.graphs = DecodeGraphs(self.decode_forward, device, max_len) if self._use_graphs else None
-        # one sequence's prompt chunk: the Triton chunk attention over the cache in place (CUDA)
+        # prompt chunks packed into one forward: the Triton chunk attention over the cache in place
+        # (CUDA); `packed_prefill` off: one chunk per forward
         self._chunk_attention = device.type == "cuda"
         if self._chunk_attention:
             import deepseek_serve.engine.runners.pytorch.chunk_attention  # noqa: F401  (registers the op)
+        self.max_segments = min(num_slots, MAX_SEGMENTS) if packed_prefill else 1
         self.chunk_graphs = (
-            ChunkGraphs(self.chunk_forward, device, max_len, self.graphs.pool) if self.graphs is not None else None
+            PackedGraphs(self.packed_forward, device, self.graphs.pool, self.max_segments)
+            if self.graphs is not None
+            else None
         )
+        self._packed_tokens = CHUNK_SIZES[-1]  # tokens of one packed forward at most (set by warmup)
         self._generator = torch.Generator(device=device).manual_seed(seed)
         self._eos_ids = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
         # constrained decoding (llguidance, the `grammar` extra): one matcher per slot that holds a
@@ -193,6 +201,7 @@ class TorchRunner(Runner):
             dtype=dtype,
             cuda_graphs=settings.cuda_graphs,
             prefix_cache=settings.prefix_cache,
+            packed_prefill=settings.packed_prefill,
             chat_template=read_chat_template(Path(model_path)),
         )
         runner.warmup(settings.prefill_chunk_tokens)
@@ -278,13 +287,21 @@ class TorchRunner(Runner):
         logits = self.model(tok[:, None], self.cache, fb, self.ops)[:, 0]
         return logits, logits.argmax(dim=-1)
 
-    def chunk_forward(self, inputs: Tensor, chunk: Tensor) -> Tensor:
-        """One sequence's prompt chunk: inputs [3, T] (token, rope position, cache write position),
-        chunk [3] (slot, start, count; tokens from count on are padding) -> logits [1, V] of token
-        count - 1. Device tensors only, so that a CUDA graph captures it."""
-        fb = ForwardBatch(slots=chunk[:1], positions=inputs[1:2], write_pos=inputs[2:3], mask=None, chunk=chunk)
-        h = self.model.hidden_states(inputs[0:1], self.cache, fb, self.ops)  # [1, T, d]
-        return self.model.lm_head(h[0].index_select(0, chunk[2:] - 1))
+    def packed_forward(self, tokens: Tensor, blocks: Tensor, last: Tensor) -> Tensor:
+        """Prompt chunks of several sequences packed into one row (`packing`): tokens [T], blocks
+        [NB, 5] (the chunk attention's query blocks, which also give each row's position and slot),
+        last [S] (the row of each chunk's last token) -> logits [S, V]. Device tensors only, so that
+        a CUDA graph captures it; the attention is `chunk_attention` (CUDA, or Triton's interpreter)."""
+        rows = token_rows(blocks, tokens.shape[0], self._max_len)  # [3, T]: position, slot, cache position
+        fb = ForwardBatch(
+            slots=None, positions=rows[0:1], write_pos=rows[2:3], mask=None, rows=rows[1:2], blocks=blocks
+        )
+        return self._last_logits(tokens[None], fb, last)
+
+    def _last_logits(self, tokens: Tensor, fb: ForwardBatch, last: Tensor) -> Tensor:
+        """tokens [1, T] -> logits [S, V] of the rows `last` [S]."""
+        h = self.model.hidden_states(tokens, self.cache, fb, self.ops)  # [1, T, d]
+        return self.model.lm_head(h[0].index_select(0, last))
 
     def _decode(self, entries: list[ScheduledSeq]) -> tuple[Tensor, Tensor | None]:
         """(logits [n, V] over slots 0..n-1, their argmax [n] when a graph computed it) for entries
@@ -332,8 +349,9 @@ class TorchRunner(Runner):
     def warmup(self, prefill_tokens: int = 0) -> int:
         """Compile and capture every shape the server can meet before it serves: each decode graph
         (rows bucket x KV-length bucket), the prefill forward (one row and several rows: the dynamic
-        compiles of the fused ops), the chunk graphs up to the size that holds `prefill_tokens` (512
-        when 0) and the sampler's kernels. `prefill_tokens` > 0: also one prefill of that many tokens.
+        compiles of the fused ops), the packed prefill graphs up to the token bucket that holds
+        `prefill_tokens` (512 when 0; the most tokens one packed forward takes from then on) and the
+        sampler's kernels. `prefill_tokens` > 0: also one prefill of that many tokens.
         Returns the number of graphs."""
         with torch.inference_mode():
             if self.graphs is not None:
@@ -348,6 +366,7 @@ class TorchRunner(Runner):
             self._warm_prefill(prefill_tokens)
             if self.chunk_graphs is not None:
                 largest = chunk_size(min(prefill_tokens or 512, self._max_len)) or CHUNK_SIZES[-1]
+                self._packed_tokens = largest  # nothing is captured after warm-up
                 for size in CHUNK_SIZES:
                     if size <= largest:
                         self.chunk_graphs.get(size)
@@ -365,20 +384,20 @@ class TorchRunner(Runner):
         self.slots.clear_idle()
         # one-row prompts of 2..128 tokens: the quantized matmuls pick their tiles per rows bucket
         short = {(1, t) for t in (4, 8, 16, 32, 64, 128) if t <= self._max_len}
-        # several rows: rows != tokens, both >= 2, so that the fused ops' dynamic compile covers every
-        # (rows, tokens) of a multi-row prefill (with rows == tokens Dynamo would assume they are equal,
-        # and the first real multi-row prefill would compile again while requests wait)
+        # several rows (the speculator's verify forward): rows != tokens, both >= 2, so that the fused
+        # ops' dynamic compile covers every (rows, tokens) of a multi-row forward (with rows == tokens
+        # Dynamo would assume they are equal, and the first real one would compile again while
+        # requests wait)
         many = {(b, t) for b, t in ((2, 3), (3, 5)) if b <= self.slots.num_slots and t <= self._max_len}
         shapes = {(1, 2), (1, max(2, min(prefill_tokens, self._max_len))), *short, *many}
         for b, t in sorted(shapes):
+            if b == 1:  # a packed prefill of t tokens
+                logits = self._prefill_eager([Segment([0] * t, 0, 0)])
+                continue
             tok = torch.zeros((b, t), dtype=torch.int64, device=self.device)
             pos = torch.arange(t, device=self.device)[None, :].expand(b, t)
             slots = torch.arange(b, dtype=torch.int64, device=self.device)
-            if b == 1 and self._chunk_attention:
-                chunk = torch.tensor([0, 0, t], dtype=torch.int64, device=self.device)
-                fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=None, chunk=chunk)
-            else:
-                fb = self.masked_batch(slots, pos, t)
+            fb = self.masked_batch(slots, pos, t)
             logits = self.model.lm_head(self.model.hidden_states(tok, self.cache, fb, self.ops)[:, -1])
         rich = SamplingParams(
             temperature=0.7,
@@ -394,31 +413,75 @@ class TorchRunner(Runner):
         self._results(sample(torch.cat([logits[:1], logits[:1]]), specs, self._generator), specs)
 
     def _prefill(self, entries: list[ScheduledSeq]) -> Tensor:
-        """Feed chunks of equal length T of several sequences; logits [B, V] of each chunk's last
-        token. With chunk graphs each chunk replays the graph of its size; else one forward."""
-        t = entries[0].num_new_tokens
-        if self.chunk_graphs is not None and chunk_size(t) is not None:
-            parts = []
-            for e in entries:
-                p0, slot = e.seq.num_computed_tokens, e.seq.slot
-                assert slot is not None
-                parts.append(self.chunk_graphs.replay(e.seq.all_token_ids[p0 : p0 + t], slot, p0))
-            return torch.cat(parts) if len(parts) > 1 else parts[0]
-        ids, starts, slot_ids = [], [], []
+        """Feed the prompt chunks of `entries` (any lengths, each more than one token), packed into
+        as few forwards as hold them; logits [len(entries), V] of each chunk's last token."""
+        segments = []
         for e in entries:
-            p0 = e.seq.num_computed_tokens
-            ids.append(e.seq.all_token_ids[p0 : p0 + t])
-            starts.append(p0)
-            slot_ids.append(e.seq.slot)
-        tok = self._to_device(torch.tensor(ids, dtype=torch.int64))  # [B, T]
-        pos = self._to_device(torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(t)[None, :])
-        slots = self._to_device(torch.tensor(slot_ids, dtype=torch.int64))
-        if len(entries) == 1 and self._chunk_attention:
-            chunk = self._to_device(torch.tensor([slot_ids[0], starts[0], t], dtype=torch.int64))
-            fb = ForwardBatch(slots=slots, positions=pos, write_pos=pos, mask=None, chunk=chunk)
-            return self.model.lm_head(self.model.hidden_states(tok, self.cache, fb, self.ops)[:, -1])
-        h = self.model.hidden_states(tok, self.cache, self.masked_batch(slots, pos, max(starts) + t), self.ops)
-        return self.model.lm_head(h[:, -1])
+            p0, slot = e.seq.num_computed_tokens, e.seq.slot
+            assert slot is not None
+            segments.append(Segment(e.seq.all_token_ids[p0 : p0 + e.num_new_tokens], slot, p0))
+        parts = [self._prefill_packed(group) for group in self._pack(segments)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _pack(self, segments: list[Segment]) -> list[list[Segment]]:
+        """Consecutive segments grouped into forwards of at most `max_segments` segments and
+        `_packed_tokens` token rows (`packed_rows`: a segment takes SEGMENT_TOKENS rows at least; a
+        longer segment alone)."""
+        groups: list[list[Segment]] = []
+        tokens = 0
+        for seg in segments:
+            n = len(seg.ids)
+            k = len(groups[-1]) + 1 if groups else 0
+            if groups and packed_rows(tokens + n, k) <= self._packed_tokens and k <= self.max_segments:
+                groups[-1].append(seg)
+                tokens += n
+            else:
+                groups.append([seg])
+                tokens = n
+        return groups
+
+    def _prefill_packed(self, segments: list[Segment]) -> Tensor:
+        """One forward over the packed segments: logits [len(segments), V]. The graph of their token
+        bucket when there is one, else eager (the chunk attention on CUDA, SDPA with a mask on CPU)."""
+        n = packed_rows(sum(len(seg.ids) for seg in segments), len(segments))
+        if self.chunk_graphs is not None and n <= self._packed_tokens and chunk_size(n) is not None:
+            return self.chunk_graphs.replay(segments)
+        return self._prefill_eager(segments)
+
+    def _prefill_eager(self, segments: list[Segment]) -> Tensor:
+        """`_prefill_packed` without a graph."""
+        n = sum(len(seg.ids) for seg in segments)
+        if self._chunk_attention:
+            layout = PackLayout(n, len(segments))
+            return self.packed_forward(*layout.views(self._to_device(layout.pack(segments))))
+        return self._prefill_masked(segments)
+
+    def _prefill_masked(self, segments: list[Segment]) -> Tensor:
+        """`packed_forward` through SDPA (no chunk attention: CPU): one segment attends with the
+        bottom-right causal mask over its slot's positions; several over their slots' first `kv_len`
+        positions concatenated, each token masked to its own slot's positions up to its own."""
+        lengths = torch.tensor([len(seg.ids) for seg in segments])
+        tok = self._to_device(torch.tensor([[t for seg in segments for t in seg.ids]], dtype=torch.int64))  # [1, T]
+        pos = self._to_device(
+            torch.tensor([[p for seg in segments for p in range(seg.start, seg.start + len(seg.ids))]])
+        )  # [1, T]
+        slots = self._to_device(torch.tensor([seg.slot for seg in segments], dtype=torch.int64))  # [S]
+        last = self._to_device(lengths.cumsum(0) - 1)  # [S]
+        kv_len = max(seg.start + len(seg.ids) for seg in segments)
+        if len(segments) == 1:
+            return self._last_logits(tok, self.masked_batch(slots, pos, kv_len), last)
+        seg_of = torch.repeat_interleave(torch.arange(len(segments)), lengths).to(self.device)  # [T]
+        key = torch.arange(len(segments) * kv_len, device=self.device)  # j kv_len + p: position p of slot j
+        allowed = (key[None, :] // kv_len == seg_of[:, None]) & (key[None, :] % kv_len <= pos[0][:, None])
+        fb = ForwardBatch(
+            slots=slots,
+            positions=pos,
+            write_pos=pos,
+            mask=additive_mask(allowed[None, None], self.dtype),  # [1, 1, T, S kv_len]
+            rows=slots[seg_of][None, :],
+            kv_concat=True,
+        )
+        return self._last_logits(tok, fb, last)
 
     def masked_batch(self, slots: Tensor, pos: Tensor, kv_len: int) -> ForwardBatch:
         """Rows of tokens fed at positions `pos` [B, T] of their `slots` [B], each attending to its
@@ -481,17 +544,14 @@ class TorchRunner(Runner):
                 if greedy is None:
                     greedy = logits.argmax(dim=-1)
                 self._next_ids[: greedy.shape[0]].copy_(greedy)  # row i is slot i
-            groups: dict[int, list[ScheduledSeq]] = {}
-            for e in batch:
-                if e.num_new_tokens > 1:
-                    groups.setdefault(e.num_new_tokens, []).append(e)
-            for members in groups.values():
-                logits = self._prefill(members)
-                picked = [j for j, e in enumerate(members) if e.sample]
+            prefill = [e for e in batch if e.num_new_tokens > 1]
+            if prefill:
+                logits = self._prefill(prefill)
+                picked = [j for j, e in enumerate(prefill) if e.sample]
                 if picked:
-                    if len(picked) < len(members):
+                    if len(picked) < len(prefill):
                         logits = logits[self._to_device(torch.tensor(picked, dtype=torch.int64))]
-                    where = self._to_device(torch.tensor([members[j].seq.slot for j in picked], dtype=torch.int64))
+                    where = self._to_device(torch.tensor([prefill[j].seq.slot for j in picked], dtype=torch.int64))
                     self._next_ids.index_copy_(0, where, logits.float().argmax(dim=-1))
             for e in batch:
                 e.seq.num_computed_tokens += e.num_new_tokens
@@ -527,16 +587,13 @@ class TorchRunner(Runner):
                     idx = torch.tensor([batch[i].seq.slot for i in picked], dtype=torch.int64).to(self.device)
                     parts.append(logits[idx])
                     order.extend(picked)
-            groups: dict[int, list[int]] = {}
-            for i, e in enumerate(batch):
-                if e.num_new_tokens > 1:
-                    groups.setdefault(e.num_new_tokens, []).append(i)
-            for members in groups.values():
-                logits = self._prefill([batch[i] for i in members])
-                picked = [j for j, i in enumerate(members) if batch[i].sample]
+            prefill = [i for i, e in enumerate(batch) if e.num_new_tokens > 1]
+            if prefill:
+                logits = self._prefill([batch[i] for i in prefill])
+                picked = [j for j, i in enumerate(prefill) if batch[i].sample]
                 if picked:
-                    parts.append(logits[picked] if len(picked) < len(members) else logits)
-                    order.extend(members[j] for j in picked)
+                    parts.append(logits[picked] if len(picked) < len(prefill) else logits)
+                    order.extend(prefill[j] for j in picked)
             for e in batch:
                 e.seq.num_computed_tokens += e.num_new_tokens
             if order:
