@@ -138,10 +138,11 @@ class Settings(BaseSettings):
         "(torch runner, plain greedy batches): the host's per-token work overlaps the forward",
     )
     engine_process: Literal["auto", "on", "off"] = Field(
-        "auto",
+        "off",
         description="run the scheduler loop in its own process behind the API process (its own GIL: "
         "stepping and SSE framing no longer slow each other); auto = on for the torch runner on CUDA, "
-        "off otherwise (the llama.cpp runner always keeps the engine in a thread of the API process)",
+        "off otherwise (the llama.cpp runner always keeps the engine in a thread of the API process). "
+        "Off by default until it is measured under load on a GPU (docs/performance.md)",
     )
     cuda_graphs: bool = True
     packed_prefill: bool = Field(

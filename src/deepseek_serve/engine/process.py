@@ -461,6 +461,12 @@ class ProcessEngine(AsyncEngine):
                 message = conn.recv()
             except (EOFError, OSError, ValueError):
                 break
+            except Exception:
+                # a message this side cannot read: nobody would drain the pipe, and the engine process
+                # would block on its next send with every stream waiting; end it instead
+                logger.exception("unreadable message from the engine process: stopping it")
+                self._process.kill()
+                break
             try:
                 loop.call_soon_threadsafe(self._on_message, message)
             except RuntimeError:  # the event loop is closed

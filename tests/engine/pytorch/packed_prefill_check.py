@@ -74,6 +74,8 @@ def check_model(name: str, cfg: dict[str, Any], warm: bool) -> None:
         seqs = make_seqs(prompts, NEW_TOKENS)
         run_to_completion(runner, seqs, prefill_chunk=512)
         outputs[label] = [s.output_token_ids for s in seqs]
+        if runner is graphs:  # before close(), which drops the graphs
+            served = (len(graphs.graphs), len(graphs.chunk_graphs))
         runner.close()
     for label, got in outputs.items():
         bad = [n for n, ref, out in zip(LENGTHS, refs, got, strict=True) if ref != out]
@@ -82,8 +84,7 @@ def check_model(name: str, cfg: dict[str, Any], warm: bool) -> None:
     # warm-up (the bucket it captured last), of 1024 (the largest bucket) otherwise
     assert replays == ([4, 2, 2] if warm else [8]), replays
     if warm:
-        now = (len(graphs.graphs), len(graphs.chunk_graphs))
-        assert now == captured, f"a graph was captured while serving: (decode, packed) graphs {captured} -> {now}"
+        assert served == captured, f"a graph was captured while serving: (decode, packed) graphs {captured} -> {served}"
     check_replay_logits(hf, cfg)
     print(f"{name}: {len(prompts)} prompts equal to generate() (graphs, eager, unpacked); replays {replays}")
 

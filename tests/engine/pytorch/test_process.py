@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from deepseek_serve.config import Settings
@@ -233,6 +234,7 @@ def test_server_streams_to_the_openai_client(folder: Path, tmp_path: Path) -> No
         "DS_CUDA_GRAPHS": "false",
         "DS_CONTEXT_LENGTH": str(CONTEXT),
         "DS_LOG_FORMAT": "json",
+        "DS_MAX_BATCH_SIZE": "64",
     }
     server = ServeProcess(tmp_path / "server", timeout_s=180, **env)
     with server:
@@ -251,6 +253,8 @@ def test_server_streams_to_the_openai_client(folder: Path, tmp_path: Path) -> No
         assert reasons[-1] == "length"
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        # 64 streams at once (one per slot): every one runs to its length through the pipe
+        assert asyncio.run(concurrent_streams(server, 64, 12)) == [12] * 64
     # SIGTERM to the process group: the API process drains and stops the engine process, which
     # ignores the signal itself
     assert server.stop() == 0
@@ -258,6 +262,32 @@ def test_server_streams_to_the_openai_client(folder: Path, tmp_path: Path) -> No
     # the engine process logs as the server does: JSON lines (the loader's line is written there)
     lines = [json.loads(line) for line in server.stderr().splitlines() if line.startswith("{")]
     assert any(r["logger"] == "deepseek_serve.engine.loader" and "loaded from" in r["message"] for r in lines)
+
+
+async def concurrent_streams(server: ServeProcess, n: int, max_tokens: int) -> list[int]:
+    """Completion tokens of `n` streamed completions sent together by the official async client."""
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=120)
+    model = (await client.models.list()).data[0].id
+
+    async def one(i: int) -> int:
+        stream = await client.completions.create(
+            model=model,
+            prompt=f"# task {i}\ndef f{i}(x):",
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        usage = None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+        return usage.completion_tokens if usage is not None else -1
+
+    try:
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+    finally:
+        await client.close()
 
 
 def test_engine_process_setting(folder: Path, tmp_path: Path) -> None:
