@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     engine_process: Literal["auto", "on", "off"] = Field(
         "off",
         description="run the scheduler loop in its own process behind the API process (its own GIL: "
-        "stepping and SSE framing no longer slow each other); auto = on for the torch runner on CUDA, "
+        "stepping and SSE framing do not slow each other); auto = on for the torch runner on CUDA, "
         "off otherwise (the llama.cpp runner always keeps the engine in a thread of the API process). "
         "Off by default until it is measured under load on a GPU (docs/performance.md)",
     )
