@@ -188,11 +188,11 @@ def single_client(url: str, conc: int, label: str, tmp: Path) -> dict[str, Any]:
     }
 
 
-def http_bench(url: str, conc: int, label: str, tmp: Path, single: bool) -> dict[str, Any]:
+def http_bench(url: str, conc: int, label: str, tmp: Path, single: bool, timeout_s: float) -> dict[str, Any]:
     if single:
         row = single_client(url, conc, label, tmp)
     else:
-        row = sse_load.run_load(url, conc, REQUESTS[conc], CLIENT_PROCS[conc], 256)
+        row = sse_load.run_load(url, conc, REQUESTS[conc], CLIENT_PROCS[conc], 256, timeout_s=timeout_s)
     row = {**row, "streams": conc, "pass": label}
     gpu.log(json.dumps(row))
     return row
@@ -216,6 +216,7 @@ def start_server(
         "DS_LOG_LEVEL": "warning",
         "DS_DRAIN_TIMEOUT_S": "1",
         "TORCH_LOGS": "recompiles",  # a compile after ready shows in the server's log
+        "PYTHONFAULTHANDLER": "1",  # stacks of every thread on SIGABRT (a pass that times out)
         **extra,
     }
     if pythonpath is not None:
@@ -229,8 +230,10 @@ def start_server(
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except ProcessLookupError:  # already gone (a stalled server aborted)
         proc.wait(30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -264,9 +267,17 @@ def serve_and_load(
                 continue
             for conc in a.streams:
                 try:
-                    rows.append(http_bench(url, conc, f"{name}-{label}", a.tmp, a.single_client))
+                    rows.append(http_bench(url, conc, f"{name}-{label}", a.tmp, a.single_client, a.pass_timeout))
+                except TimeoutError as exc:
+                    # a stalled server: SIGABRT makes faulthandler (PYTHONFAULTHANDLER) write every
+                    # thread's stack of every server process (the engine process too) to its log
+                    gpu.log(f"http {name} {label} c={conc}: {exc}; stacks in server-{name}.log")
+                    os.killpg(proc.pid, signal.SIGABRT)
+                    break
                 except Exception as exc:
                     gpu.log(f"http {name} {label} c={conc} failed: {exc!r}"[:2000])
+            if proc.poll() is not None:
+                break
         result["http"] = rows
     finally:
         stop_server(proc)
@@ -282,6 +293,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048, help="DS_CONTEXT_LENGTH of the server")
     ap.add_argument("--streams", default=",".join(map(str, STREAMS)))
     ap.add_argument("--single-client", action="store_true", help="one `deepseek-serve bench` process")
+    ap.add_argument(
+        "--pass-timeout", type=float, default=120.0, help="seconds a load pass may take (then: the server's stacks)"
+    )
     ap.add_argument("--before", default=None, help="PYTHONPATH of the code to compare with (its src/)")
     ap.add_argument(
         "--variant",

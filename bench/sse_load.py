@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import queue
 import time
 from typing import Any
 
@@ -85,9 +86,16 @@ def _worker(args: tuple[str, str, int, list[int], int], barrier: Any, results: A
 
 
 def run_load(
-    url: str, concurrency: int, num_requests: int, procs: int, max_tokens: int, model: str | None = None
+    url: str,
+    concurrency: int,
+    num_requests: int,
+    procs: int,
+    max_tokens: int,
+    model: str | None = None,
+    timeout_s: float = 900.0,
 ) -> dict[str, Any]:
-    """One closed-loop phase split over `procs` processes; the merged figures."""
+    """One closed-loop phase split over `procs` processes; the merged figures. TimeoutError (the client
+    processes stopped) when it has not ended after `timeout_s`."""
     if model is None:
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
     procs = max(1, min(procs, concurrency))
@@ -104,7 +112,12 @@ def run_load(
     ]
     for w in workers:
         w.start()
-    parts = [results.get(timeout=900) for _ in workers]
+    try:
+        parts = [results.get(timeout=timeout_s) for _ in workers]
+    except queue.Empty:
+        for w in workers:
+            w.terminate()
+        raise TimeoutError(f"the load of {concurrency} streams did not end in {timeout_s:.0f} s") from None
     for w in workers:
         w.join(30)
     for part in parts:
