@@ -23,6 +23,7 @@ Writes summary.json, server-*.log and log.txt under --out (default: $OUT or ./be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -262,17 +263,19 @@ def serve_and_load(
         result["gpu_memory_after_ready"] = smi.stdout.strip()
         rows = []
         for label in passes:
-            if label == "warm":
-                sse_load.run_load(url, 64, 64, 4, 16)
-                continue
-            for conc in a.streams:
+            for conc in (64,) if label == "warm" else a.streams:
                 try:
-                    rows.append(http_bench(url, conc, f"{name}-{label}", a.tmp, a.single_client, a.pass_timeout))
+                    if label == "warm":  # unrecorded: 64 streams of 16 tokens
+                        sse_load.run_load(url, 64, 64, 4, 16, timeout_s=a.pass_timeout)
+                    else:
+                        rows.append(http_bench(url, conc, f"{name}-{label}", a.tmp, a.single_client, a.pass_timeout))
                 except TimeoutError as exc:
                     # a stalled server: SIGABRT makes faulthandler (PYTHONFAULTHANDLER) write every
                     # thread's stack of every server process (the engine process too) to its log
                     gpu.log(f"http {name} {label} c={conc}: {exc}; stacks in server-{name}.log")
                     os.killpg(proc.pid, signal.SIGABRT)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(30)
                     break
                 except Exception as exc:
                     gpu.log(f"http {name} {label} c={conc} failed: {exc!r}"[:2000])
