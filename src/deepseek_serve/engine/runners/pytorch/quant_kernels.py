@@ -102,22 +102,6 @@ W4_CONFIGS: dict[tuple[int, int, ShapeClass], TileConfig] = {
     (32, 128, "wide"): TileConfig(64, 128, 128, 4, 4, fast=True),
     (32, 128, "deep"): TileConfig(128, 128, 128, 8, 4, fast=True),
     (32, 128, "huge"): TileConfig(128, 128, 64, 4, 4, fast=True),
-    (64, 16, "small"): TileConfig(16, 64, 128, 4, 4, fast=True),
-    (64, 16, "wide"): TileConfig(16, 128, 128, 4, 4, swap=False, fast=True),
-    (64, 16, "deep"): TileConfig(16, 128, 128, 8, 4, fast=True),
-    (64, 16, "huge"): TileConfig(16, 128, 128, 4, 4, swap=False, fast=True),
-    (64, 32, "small"): TileConfig(32, 64, 128, 4, 4, fast=True),
-    (64, 32, "wide"): TileConfig(32, 128, 64, 4, 4, fast=True),
-    (64, 32, "deep"): TileConfig(32, 128, 128, 8, 4, fast=True),
-    (64, 32, "huge"): TileConfig(32, 128, 256, 4, 3, fast=True),
-    (64, 64, "small"): TileConfig(64, 64, 128, 4, 4, fast=True),
-    (64, 64, "wide"): TileConfig(64, 128, 64, 4, 4, fast=True),
-    (64, 64, "deep"): TileConfig(64, 128, 128, 4, 4, fast=True),
-    (64, 64, "huge"): TileConfig(64, 128, 64, 4, 4, fast=True),
-    (64, 128, "small"): TileConfig(64, 128, 128, 4, 4, fast=True),
-    (64, 128, "wide"): TileConfig(64, 128, 128, 4, 4, fast=True),
-    (64, 128, "deep"): TileConfig(128, 128, 128, 8, 4, fast=True),
-    (64, 128, "huge"): TileConfig(128, 128, 64, 4, 4, fast=True),
     (128, 16, "small"): TileConfig(16, 64, 128, 4, 4, fast=True),
     (128, 16, "wide"): TileConfig(16, 128, 128, 4, 4, swap=False, fast=True),
     (128, 16, "deep"): TileConfig(16, 128, 128, 8, 4, fast=True),
@@ -135,6 +119,8 @@ W4_CONFIGS: dict[tuple[int, int, ShapeClass], TileConfig] = {
     (128, 128, "deep"): TileConfig(128, 128, 128, 8, 4, fast=True),
     (128, 128, "huge"): TileConfig(128, 128, 128, 8, 4, fast=True),
 }
+# groups of 64: the groups-of-32 configs (see above)
+W4_CONFIGS.update({(64, m, c): cfg for (g, m, c), cfg in list(W4_CONFIGS.items()) if g == 32})
 # float32 activations (float32 models; the interpreter in tests): TF32 dots over one generic tile
 FP32_CONFIG = TileConfig(16, 64, 128, 4, 2)
 
