@@ -16,7 +16,8 @@ Run on a CUDA machine from the repository root (the server's Python packages ins
    right after ready (no warm-up request), then a second pass;
 5. with --before SRC: the same against a server running the code in SRC (another checkout's src/),
    one pass after a warm-up pass, for a before/after on the same machine; with --variant, this code
-   with other settings (e.g. --variant coalesce4:DS_STREAM_COALESCE_MS=4).
+   with other settings (e.g. --variant workers4:DS_ENGINE_PROCESS=on,DS_WORKERS=4: four API workers
+   over one engine process), passes as --variant-passes says; --skip-default: no default server.
 Writes summary.json, server-*.log and log.txt under --out (default: $OUT or ./bench-out).
 """
 
@@ -58,7 +59,7 @@ def write_model(dst: Path, tokenizer: Path) -> None:
     torch.cuda.empty_cache()
 
 
-def in_process(model_dir: Path) -> dict[int, float]:
+def in_process(model_dir: Path, streams: tuple[int, ...] = STREAMS) -> dict[int, float]:
     from deepseek_serve.engine.runners.pytorch.loading import load_model
     from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
 
@@ -67,7 +68,7 @@ def in_process(model_dir: Path) -> dict[int, float]:
     runner.warmup(512)
     gen = torch.Generator().manual_seed(0)
     out = {}
-    for conc in STREAMS:
+    for conc in streams:
         prompts = [torch.randint(0, SHAPE["vocab_size"], (128,), generator=gen).tolist() for _ in range(conc)]
         gpu.bench_runner(runner, prompts, 2)
         r = gpu.bench_runner(runner, prompts, 256)
@@ -293,6 +294,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True, type=Path)
     ap.add_argument("--tmp", default="/tmp/gpu-http", type=Path)
     ap.add_argument("--skip-in-process", action="store_true")
+    ap.add_argument("--skip-engine-core", action="store_true", help="in process: the runner only")
     ap.add_argument("--context", type=int, default=2048, help="DS_CONTEXT_LENGTH of the server")
     ap.add_argument("--streams", default=",".join(map(str, STREAMS)))
     ap.add_argument("--single-client", action="store_true", help="one `deepseek-serve bench` process")
@@ -300,6 +302,10 @@ def main() -> None:
         "--pass-timeout", type=float, default=120.0, help="seconds a load pass may take (then: the server's stacks)"
     )
     ap.add_argument("--before", default=None, help="PYTHONPATH of the code to compare with (its src/)")
+    ap.add_argument("--skip-default", action="store_true", help="no server with the default settings")
+    ap.add_argument(
+        "--variant-passes", default="warm,second", help="the passes of each --variant server (first: right after ready)"
+    )
     ap.add_argument(
         "--variant",
         action="append",
@@ -319,19 +325,22 @@ def main() -> None:
     write_model(model_dir, a.tokenizer)
     gpu.log(f"model written in {time.monotonic() - t0:.1f} s")
     if not a.skip_in_process:
-        summary["in_process_tok_s"] = in_process(model_dir)
-        summary["engine_core_tok_s"] = engine_core(model_dir, a.tmp, a.context, out)
+        summary["in_process_tok_s"] = in_process(model_dir, a.streams)
+        if not a.skip_engine_core:
+            summary["engine_core_tok_s"] = engine_core(model_dir, a.tmp, a.context, out)
         gc.collect()
         torch.cuda.empty_cache()  # the servers size their KV from the free memory
         gpu.log(f"GPU memory in use after the in-process runs: {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
-    servers: list[tuple[str, tuple[str, ...], str | None, dict[str, str]]] = [("after", ("first", "second"), None, {})]
+    servers: list[tuple[str, tuple[str, ...], str | None, dict[str, str]]] = []
+    if not a.skip_default:
+        servers.append(("after", ("first", "second"), None, {}))
     if a.before:
         pp = os.pathsep.join([a.before, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
         servers.append(("before", ("warm", "second"), pp, {}))
     for variant in a.variant:
         name, _, pairs = variant.partition(":")
         env = dict(pair.split("=", 1) for pair in pairs.split(",") if pair)
-        servers.append((name, ("warm", "second"), None, env))
+        servers.append((name, tuple(a.variant_passes.split(",")), None, env))
     for name, passes, pythonpath, extra in servers:
         try:
             summary[name] = serve_and_load(name, model_dir, a, out, passes, pythonpath, extra)

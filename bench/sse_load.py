@@ -100,9 +100,17 @@ def run_load(
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
     procs = max(1, min(procs, concurrency))
     shares = [concurrency // procs + (1 if p < concurrency % procs else 0) for p in range(procs)]
-    indexes: list[list[int]] = [[] for _ in range(procs)]
-    for i in range(num_requests):  # requests dealt in proportion to each process's streams
-        indexes[i % procs].append(i)
+    # requests dealt in proportion to each process's streams, so that every stream runs as many
+    # requests (num_requests / concurrency of them when that divides): dealt round robin, a process
+    # with fewer streams would run one request more than its streams hold and end the phase alone
+    quotas = [share * num_requests // concurrency for share in shares]
+    for p in range(num_requests - sum(quotas)):
+        quotas[p % procs] += 1
+    indexes: list[list[int]] = []
+    start = 0
+    for quota in quotas:
+        indexes.append(list(range(start, start + quota)))
+        start += quota
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(procs)
     results = ctx.Queue()

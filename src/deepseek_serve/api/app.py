@@ -161,8 +161,12 @@ def _build_engine(settings: Settings) -> AsyncEngine:
         from deepseek_serve.gateway.engine import GatewayEngine
 
         return GatewayEngine.from_settings(settings)
-    from deepseek_serve.engine.process import ProcessEngine, use_engine_process
+    from deepseek_serve.engine.process import ProcessEngine, connect_from_env, use_engine_process
 
+    if settings.role == "all":
+        shared = connect_from_env()  # a worker of `serve --workers N` over one engine process
+        if shared is not None:
+            return shared
     if use_engine_process(settings):
         from deepseek_serve.observability.logs import uvicorn_log_config
 

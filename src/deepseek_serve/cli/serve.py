@@ -1,23 +1,30 @@
 """`deepseek-serve serve`: the OpenAI-compatible API under Uvicorn (uvloop + httptools).
 
-Each worker process builds its own app (and engine) through the factory
+Each worker process builds its own app through the factory
 `deepseek_serve.api.app:create_app_from_env`, which reads `DS_*`; flags are passed on to the
-workers as `DS_*` environment variables. Connections go through `api/http_protocol.py` (deadlines
-for idle connections, request headers and bodies; a header size limit). SIGTERM: Uvicorn stops
-accepting, in-flight requests finish for up to `DS_DRAIN_TIMEOUT_S`, the lifespan drains the engine,
-and the process exits 0.
+workers as `DS_*` environment variables. With several workers and the engine in its own process
+(`DS_ENGINE_PROCESS`), this process starts one engine process (`EngineHost`) and every worker connects
+to it: one model in memory, the API work spread over the workers. Otherwise each worker loads its own.
+Connections go through `api/http_protocol.py` (deadlines for idle connections, request headers and
+bodies; a header size limit). SIGTERM: Uvicorn stops accepting, in-flight requests finish for up to
+`DS_DRAIN_TIMEOUT_S`, the lifespan drains the engine, and the process exits 0.
 """
 
 from __future__ import annotations
 
+import logging.config
 import math
 import os
 import signal
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
 from deepseek_serve.cli._common import pull_pack_first, settings_from_cli
+
+if TYPE_CHECKING:
+    from deepseek_serve.config import Settings
+    from deepseek_serve.engine.process import EngineHost
 
 APP_FACTORY = "deepseek_serve.api.app:create_app_from_env"
 
@@ -26,7 +33,13 @@ def serve(
     host: Annotated[str | None, typer.Option("--host", help="bind address (DS_HOST)")] = None,
     port: Annotated[int | None, typer.Option("--port", "-p", help="TCP port (DS_PORT)")] = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", "-w", help="worker processes, each loads the model (DS_WORKERS)")
+        int | None,
+        typer.Option(
+            "--workers",
+            "-w",
+            help="API worker processes (DS_WORKERS); they share one engine process when DS_ENGINE_PROCESS "
+            "is on, else each loads the model",
+        ),
     ] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="GGUF file, HF folder or hub id (DS_MODEL)")
@@ -43,9 +56,6 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API (or one role of a scaled-out deployment: --role)."""
-    import uvicorn
-
-    from deepseek_serve.api.http_protocol import protocol_factory
     from deepseek_serve.observability.logs import uvicorn_log_config
 
     overrides = {"host": host, "port": port, "workers": workers, "model": model, "log_level": log_level, "role": role}
@@ -57,11 +67,38 @@ def serve(
             os.environ[f"DS_{name.upper()}"] = str(value)
     # Uvicorn re-raises SIGTERM after its graceful shutdown; a no-op handler makes that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    engine_host: EngineHost | None = None
     if settings.workers > 1:
+        from deepseek_serve.engine.process import EngineHost, use_engine_process
         from deepseek_serve.observability.metrics import prepare_multiprocess_dir
 
         # before the workers spawn: they inherit PROMETHEUS_MULTIPROC_DIR and share /metrics files.
         prepare_multiprocess_dir(settings.data_dir)
+        if settings.role == "all" and use_engine_process(settings):
+            logging.config.dictConfig(uvicorn_log_config(settings))  # as Uvicorn will: the host logs too
+            try:
+                engine_host = EngineHost.start(settings, log_config=uvicorn_log_config(settings))
+            except RuntimeError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from None
+            os.environ.update(engine_host.environ())  # the workers connect to it
+            # the engine gone: stop serving (Uvicorn's supervisor drains the workers on SIGTERM)
+            engine_host.watch(lambda: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        _run_uvicorn(settings)
+    finally:
+        if engine_host is not None:
+            engine_host.stop()
+    if engine_host is not None and engine_host.died:
+        raise typer.Exit(1)
+
+
+def _run_uvicorn(settings: Settings) -> None:
+    import uvicorn
+
+    from deepseek_serve.api.http_protocol import protocol_factory
+    from deepseek_serve.observability.logs import uvicorn_log_config
+
     uvicorn.run(
         APP_FACTORY,
         factory=True,

@@ -16,6 +16,15 @@ Requests are validated on the API side by the child's `RequestChecker` (pickled 
 message, tokenizer included), so a bad request never makes a round trip. `stats()` and
 `prefix_cache_summary()` read the last snapshot the child sent. If the child dies, every open
 stream ends with an error delta and the engine stops accepting (readiness fails).
+
+Several API workers over one engine (`deepseek-serve serve --workers N` with the engine process on):
+the serve supervisor starts the engine process through `EngineHost`, which also listens on a Unix
+socket in a private folder (mode 0700, connections authenticated by a random key). Each worker's
+`ProcessEngine.connect` gets the same ready message over its own connection and speaks the same
+protocol; the engine process routes each step's outputs to the connection that added the request, and
+ends a worker's requests when its connection closes. The supervisor's pipe is the control connection:
+when it closes (the supervisor is gone) the engine process exits. One worker at a time (the oldest
+connection) exports the engine's metrics, so that several workers do not add them up.
 """
 
 from __future__ import annotations
@@ -28,13 +37,17 @@ import logging
 import logging.config
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
+import queue
+import shutil
 import signal
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, Listener
 from typing import TYPE_CHECKING, Any
 
 from deepseek_serve.engine import prefix_summary
@@ -42,7 +55,14 @@ from deepseek_serve.engine.async_engine import AsyncEngine, RequestStream
 from deepseek_serve.engine.chat_template import ChatTemplate
 from deepseek_serve.engine.errors import EngineError, EngineStoppedError, QueueFullError
 from deepseek_serve.engine.llm_engine import LLMEngine, Output, RequestChecker
-from deepseek_serve.engine.types import EngineStats, GenerationRequest, ModelInfo, SamplingParams, StreamDelta
+from deepseek_serve.engine.types import (
+    EngineState,
+    EngineStats,
+    GenerationRequest,
+    ModelInfo,
+    SamplingParams,
+    StreamDelta,
+)
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -57,6 +77,10 @@ _STATS_INTERVAL_S = 0.2  # the most often a busy child sends a stats snapshot
 _SUMMARY_INTERVAL_S = 1.0
 _IDLE_WAIT_S = 0.5  # an idle child blocks this long on the pipe between checks
 _LOAD_TIMEOUT_S = 3600.0  # model download + load + warm-up on the device
+_CONNECT_TIMEOUT_S = 60.0  # a worker's wait for the ready message of a running engine process
+# where `serve` tells its workers the engine process's socket and key (hex)
+ENGINE_SOCKET_ENV = "DS_ENGINE_SOCKET"
+ENGINE_AUTHKEY_ENV = "DS_ENGINE_AUTHKEY"
 
 
 def use_engine_process(settings: Settings) -> bool:
@@ -104,6 +128,14 @@ class _Ready:
     summary: str
 
 
+@dataclass(frozen=True)
+class _Listen:
+    """Where the engine process takes API worker connections (`EngineHost`)."""
+
+    address: str
+    authkey: bytes
+
+
 def _error_fields(exc: BaseException) -> tuple[str, dict[str, Any]]:
     """An add's failure as (kind, constructor fields), rebuilt by `_rebuild_error`."""
     if isinstance(exc, QueueFullError):
@@ -118,8 +150,11 @@ def _rebuild_error(kind: str, fields: dict[str, Any]) -> Exception:
 
 
 # --- the child ---------------------------------------------------------------------------------------------
-def _child_main(conn: Connection, settings: Settings, log_config: dict[str, Any] | None) -> None:
-    """The engine process: load the model, report ready (or the error), then serve the pipe.
+def _child_main(
+    conn: Connection, settings: Settings, log_config: dict[str, Any] | None, listen: _Listen | None = None
+) -> None:
+    """The engine process: load the model, report ready (or the error), then serve the pipe (and with
+    `listen`, API worker connections on a Unix socket).
 
     It ignores SIGINT and SIGTERM (a terminal's Ctrl-C and a `kill` of the process group reach it
     too): the API process drains and then stops it, and it exits on its own when the pipe closes."""
@@ -131,6 +166,7 @@ def _child_main(conn: Connection, settings: Settings, log_config: dict[str, Any]
         logging.basicConfig(level=settings.log_level.upper())
     from deepseek_serve.engine.loader import load_model
 
+    listener: Listener | None = None
     try:
         loaded = load_model(settings)
         core = loaded.core
@@ -148,37 +184,64 @@ def _child_main(conn: Connection, settings: Settings, log_config: dict[str, Any]
                 f"the {loaded.info.runner} runner's tokenizer cannot be sent to the API process ({exc}); "
                 "set DS_ENGINE_PROCESS=off"
             ) from exc
+        if listen is not None:
+            listener = Listener(listen.address, family="AF_UNIX", backlog=64, authkey=listen.authkey)
     except BaseException as exc:
         logger.exception("the engine process could not load the model")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         conn.close()
         return
     conn.send_bytes(message)
+    loop = _ChildLoop(conn, core, ready.summary, shared=listener is not None)
+    if listener is not None:
+        loop.listen(listener, message)
     try:
-        _ChildLoop(conn, core, ready.summary).run()
+        loop.run()
     except OSError:  # a send to an API process that is gone (broken pipe)
         logger.info("the API process closed the pipe: the engine process exits")
     finally:
+        if listener is not None:
+            listener.close()
         core.close()
         conn.close()
 
 
 class _ChildLoop:
-    """The child's one thread: commands, steps, outputs and stats; no locks."""
+    """The child's main thread: commands, steps, outputs and stats; no locks.
 
-    def __init__(self, conn: Connection, core: LLMEngine, summary: str) -> None:
-        self.conn = conn
+    `shared`: the first connection is the serve supervisor's control pipe (it adds nothing; its EOF or
+    "stop" ends the loop) and API workers join over the socket (`listen`); each output goes to the
+    connection that added its request. Otherwise the one connection is the API process's."""
+
+    def __init__(self, conn: Connection, core: LLMEngine, summary: str, shared: bool = False) -> None:
+        self.control = conn
         self.core = core
+        self.shared = shared
+        self.conns: list[Connection] = [conn]
+        self.owner: dict[str, Connection] = {}  # shared: each live request's connection
+        self.joined: queue.SimpleQueue[Connection] = queue.SimpleQueue()
+        self.wake: int | None = None  # read end of the accept thread's wake-up pipe
+        self.dead: list[Connection] = []  # worker connections a send failed on
         self.stopped = False
-        self.clears: list[tuple[int, threading.Event]] = []
+        self.clears: list[tuple[Connection, int, threading.Event]] = []
         self.summary = summary
         self.summary_of: list[Any] = []
+
+    def listen(self, listener: Listener, ready: bytes) -> None:
+        """Accept API workers in a thread: each gets `ready`, then joins the loop's connections."""
+        wake, wake_w = os.pipe()
+        self.wake = wake
+        threading.Thread(
+            target=_accept, args=(listener, ready, self.joined, wake_w), name="engine-accept", daemon=True
+        ).start()
 
     def run(self) -> None:
         core = self.core
         busy = False
         next_stats = next_summary = 0.0
         while not self.stopped:
+            if self.dead:
+                self.drop_dead()
             if not core.has_work():
                 if busy:
                     busy = False
@@ -196,7 +259,7 @@ class _ChildLoop:
                 logger.exception("engine step failed")
                 outputs = core.fail_all("internal engine error")
             if outputs:
-                self.conn.send(("out", outputs))
+                self.send_outputs(outputs)
             if self.clears:
                 self.answer_clears()
             now = time.monotonic()
@@ -208,38 +271,127 @@ class _ChildLoop:
                 self.send_stats(with_summary)
             self.drain(0.0)
 
-    def drain(self, timeout: float) -> None:
-        """Handle every command waiting on the pipe, after waiting up to `timeout` for the first. EOF
-        (the API process is gone) stops the loop."""
-        conn = self.conn
+    # --- connections -------------------------------------------------------------------------------
+    def send(self, conn: Connection, message: tuple[Any, ...]) -> None:
+        """Send on `conn`; a failure on the control pipe ends the process (OSError), on a worker's
+        connection drops that worker."""
         try:
-            if not conn.poll(timeout):
-                return
+            conn.send(message)
+        except OSError:
+            if conn is self.control:
+                raise
+            if conn not in self.dead:
+                self.dead.append(conn)
+
+    def send_outputs(self, outputs: list[Output]) -> None:
+        if not self.shared:
+            self.send(self.control, ("out", outputs))
+            return
+        routed: dict[Connection, list[Output]] = {}
+        owner = self.owner
+        for out in outputs:
+            conn = owner.get(out[0])
+            if conn is None:  # its worker is gone: the request was aborted
+                continue
+            routed.setdefault(conn, []).append(out)
+            if out[1] is not None and out[1].finished:
+                del owner[out[0]]
+        for conn, part in routed.items():
+            self.send(conn, ("out", part))
+
+    def workers(self) -> list[Connection]:
+        return self.conns[1:] if self.shared else self.conns
+
+    def reporter(self) -> Connection | None:
+        """The connection whose worker exports the engine's metrics: the oldest."""
+        workers = self.workers()
+        return workers[0] if workers else None
+
+    def take_joined(self) -> None:
+        assert self.wake is not None
+        os.read(self.wake, 4096)
+        if self.joined.empty():
+            return
+        while not self.joined.empty():
+            conn = self.joined.get()
+            self.conns.append(conn)
+            # the ready message's snapshot was taken at load: the current one, with the summary
+            self.send(conn, ("stats", self.core.stats(), self.summary, conn is self.reporter()))
+        logger.info("API workers connected: %d", len(self.workers()))
+
+    def drop(self, conn: Connection) -> None:
+        """A worker's connection closed: end its requests, hand metrics to the next worker."""
+        if conn not in self.conns:
+            return
+        was_reporter = conn is self.reporter()
+        self.conns.remove(conn)
+        mine = [rid for rid, owner in self.owner.items() if owner is conn]
+        for request_id in mine:
+            del self.owner[request_id]
+            self.core.abort(request_id)
+        conn.close()
+        logger.info("an API worker disconnected (%d requests aborted): %d connected", len(mine), len(self.workers()))
+        if was_reporter:
+            self.send_stats(with_summary=False)
+
+    def drop_dead(self) -> None:
+        dead, self.dead = self.dead, []
+        for conn in dead:
+            self.drop(conn)
+
+    def drain(self, timeout: float) -> None:
+        """Handle every command waiting on the connections, after waiting up to `timeout` for the
+        first. EOF of the control pipe (the API process or the supervisor is gone) stops the loop."""
+        waiting: list[Any] = [*self.conns, self.wake] if self.wake is not None else self.conns
+        try:
+            ready = multiprocessing.connection.wait(waiting, timeout)
+        except OSError:
+            ready = list(self.conns)
+        for source in ready:
+            if isinstance(source, Connection):
+                self.read(source)
+            else:  # the wake-up pipe's read end
+                self.take_joined()
+
+    def read(self, conn: Connection) -> None:
+        try:
             while not self.stopped:
-                self.handle(conn.recv())
+                self.handle(conn, conn.recv())
                 if not conn.poll():
                     return
         except (EOFError, OSError):
-            logger.info("the API process closed the pipe: the engine process exits")
-            self.stopped = True
+            if conn is self.control:
+                logger.info("the API process closed the pipe: the engine process exits")
+                self.stopped = True
+            else:
+                self.drop(conn)
 
-    def handle(self, message: tuple[Any, ...]) -> None:
+    def handle(self, conn: Connection, message: tuple[Any, ...]) -> None:
         kind = message[0]
         core = self.core
         if kind == "add":
             seq = message[1]
-            try:
-                core.add_sequence(seq)
-                error = None
-            except Exception as exc:
-                error = _error_fields(exc)
-            self.conn.send(("added", seq.request_id, error))
+            error: tuple[str, dict[str, Any]] | None = None
+            if self.shared and seq.request_id in self.owner:
+                error = ("internal", {"message": f"request id {seq.request_id} is already running"})
+            else:
+                try:
+                    core.add_sequence(seq)
+                    if self.shared:
+                        self.owner[seq.request_id] = conn
+                except Exception as exc:
+                    error = _error_fields(exc)
+            self.send(conn, ("added", seq.request_id, error))
         elif kind == "abort":
-            core.abort(message[1])
+            if not self.shared or self.owner.get(message[1]) is conn:  # a worker aborts only its own
+                core.abort(message[1])
         elif kind == "clear":
-            self.clears.append((message[1], core.request_prefix_cache_clear()))
+            self.clears.append((conn, message[1], core.request_prefix_cache_clear()))
         elif kind == "stop":
-            self.stopped = True
+            if conn is self.control:
+                self.stopped = True
+            else:  # a worker shutting down: its requests end, its connection closes (EOF there)
+                self.drop(conn)
 
     def gather_burst(self) -> None:
         """`AsyncEngine._gather_burst`, reading the pipe for more adds between waits."""
@@ -258,15 +410,16 @@ class _ChildLoop:
 
     def answer_clears(self) -> None:
         left = []
-        for token, done in self.clears:
-            if done.is_set():
-                self.conn.send(("cleared", token))
-            else:
-                left.append((token, done))
+        for conn, token, done in self.clears:
+            if not done.is_set():
+                left.append((conn, token, done))
+            elif conn in self.conns:
+                self.send(conn, ("cleared", token))
         self.clears = left
 
     def send_stats(self, with_summary: bool) -> None:
-        """The core's stats, and with `with_summary` the prefix-cache summary when it changed."""
+        """The core's stats, and with `with_summary` the prefix-cache summary when it changed, to every
+        API connection; the last field says whether that worker exports the engine's metrics."""
         changed: str | None = None
         entries = self.core.runner.cached_prefixes() if with_summary else self.summary_of
         same = len(entries) == len(self.summary_of) and all(
@@ -277,14 +430,39 @@ class _ChildLoop:
             summary = prefix_summary.encode(prefix_summary.summarize(entries))
             if summary != self.summary:
                 self.summary = changed = summary
-        self.conn.send(("stats", self.core.stats(), changed))
+        stats = self.core.stats()
+        reporter = self.reporter()
+        for conn in self.workers():
+            self.send(conn, ("stats", stats, changed, conn is reporter))
+
+
+def _accept(listener: Listener, ready: bytes, joined: queue.SimpleQueue[Connection], wake: int) -> None:
+    """The engine process's accept thread: authenticate each API worker, send it the ready message,
+    hand it to the loop (and wake the loop). Ends when the listener closes."""
+    while True:
+        try:
+            conn = listener.accept()
+        except multiprocessing.AuthenticationError:
+            logger.warning("a connection to the engine socket failed authentication")
+            continue
+        except OSError:
+            return
+        try:
+            conn.send_bytes(ready)
+        except OSError:
+            conn.close()
+            continue
+        joined.put(conn)
+        os.write(wake, b"\0")
 
 
 # --- the API side ------------------------------------------------------------------------------------------
 class ProcessEngine(AsyncEngine):
     """`AsyncEngine`'s surface over an engine process. Create with `from_settings`, then `start()`."""
 
-    def __init__(self, process: BaseProcess, conn: Connection, ready: _Ready) -> None:
+    def __init__(self, process: BaseProcess | None, conn: Connection, ready: _Ready) -> None:
+        """`process`: the engine process this API process started and owns; None for a connection to
+        a shared one (`connect`)."""
         # AsyncEngine.__init__ wants a core in this process: its state is set here instead.
         self._process = process
         self._conn = conn
@@ -309,6 +487,7 @@ class ProcessEngine(AsyncEngine):
         self._accepting = False
         self._stopping = False
         self._exit_message: str | None = None  # set once the engine process is gone
+        self._reports_metrics = True  # this API process exports the engine's metrics
         atexit.register(self._close_pipe)
 
     # --- construction ------------------------------------------------------------------------------
@@ -334,6 +513,25 @@ class ProcessEngine(AsyncEngine):
         logger.info("engine process %d serving model %s", process.pid, ready.info.id)
         return cls(process, parent, ready)
 
+    @classmethod
+    def connect(cls, address: str, authkey: bytes, timeout_s: float = _CONNECT_TIMEOUT_S) -> ProcessEngine:
+        """Connect to a running engine process shared by several API workers (`EngineHost`);
+        RuntimeError when it cannot be reached or does not answer in `timeout_s`."""
+        try:
+            conn = multiprocessing.connection.Client(address, family="AF_UNIX", authkey=authkey)
+        except (OSError, multiprocessing.AuthenticationError) as exc:
+            raise RuntimeError(f"cannot connect to the engine process at {address}: {exc}") from exc
+        try:
+            if not conn.poll(timeout_s):
+                raise RuntimeError(f"the engine process at {address} did not answer in {timeout_s:.0f}s")
+            message = conn.recv()
+        except BaseException:
+            conn.close()
+            raise
+        ready: _Ready = message[1]
+        logger.info("connected to the engine process serving model %s", ready.info.id)
+        return cls(None, conn, ready)
+
     # --- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         if self._reader is not None:
@@ -345,7 +543,8 @@ class ProcessEngine(AsyncEngine):
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         """Stop accepting; let open requests finish for up to `drain_timeout_s`; abort the rest; stop
-        the engine process (killed if it does not exit in time)."""
+        the engine process (killed if it does not exit in time). On a shared engine process: leave it
+        (it ends this worker's requests and closes the connection) and let it run."""
         self._accepting = False
         deadline = time.monotonic() + drain_timeout_s
         while self._streams and self._exit_message is None and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -355,11 +554,14 @@ class ProcessEngine(AsyncEngine):
         self._stopping = True
         self._send(("stop",))
         process = self._process
-        await asyncio.to_thread(process.join, 30.0)
-        if process.is_alive():
-            logger.warning("the engine process did not stop in time: killing it")
-            process.kill()
-            await asyncio.to_thread(process.join, 5.0)
+        if process is not None:
+            await asyncio.to_thread(process.join, 30.0)
+            if process.is_alive():
+                logger.warning("the engine process did not stop in time: killing it")
+                process.kill()
+                await asyncio.to_thread(process.join, 5.0)
+        elif self._reader is not None:  # the engine process closes its end: the reader sees EOF
+            await asyncio.to_thread(self._reader.join, 5.0)
         self._close_pipe()
         if self._reader is not None:
             await asyncio.to_thread(self._reader.join, 5.0)
@@ -435,6 +637,10 @@ class ProcessEngine(AsyncEngine):
     def prefix_cache_summary(self) -> str:
         return self._summary
 
+    def metrics_snapshot(self) -> EngineState:
+        """As `AsyncEngine`'s; on a shared engine process only one worker (`reports` True) exports it."""
+        return EngineState(stats=self.stats(), accepting=self.is_accepting, reports=self._reports_metrics)
+
     # --- the pipe ----------------------------------------------------------------------------------
     def _send(self, message: tuple[Any, ...]) -> bool:
         """Send to the engine process; False when it is gone."""
@@ -463,21 +669,27 @@ class ProcessEngine(AsyncEngine):
                 break
             except Exception:
                 # a message this side cannot read: nobody would drain the pipe, and the engine process
-                # would block on its next send with every stream waiting; end it instead
+                # would block on its next send with every stream waiting; end it (or, when shared,
+                # this connection) instead
                 logger.exception("unreadable message from the engine process: stopping it")
-                self._process.kill()
+                if self._process is not None:
+                    self._process.kill()
+                else:
+                    self._close_pipe()
                 break
             try:
                 loop.call_soon_threadsafe(self._on_message, message)
             except RuntimeError:  # the event loop is closed
                 return
-        # wait for the exit (the sentinel closes a moment before the exit status can be read); reap it
-        # here only when shutdown() is not joining the process
-        multiprocessing.connection.wait([self._process.sentinel], 5.0)
-        for _ in range(100):
-            if self._stopping or self._process.exitcode is not None:
-                break
-            time.sleep(0.01)
+        process = self._process
+        if process is not None:
+            # wait for the exit (the sentinel closes a moment before the exit status can be read); reap
+            # it here only when shutdown() is not joining the process
+            multiprocessing.connection.wait([process.sentinel], 5.0)
+            for _ in range(100):
+                if self._stopping or process.exitcode is not None:
+                    break
+                time.sleep(0.01)
         try:
             loop.call_soon_threadsafe(self._on_exit)
         except RuntimeError:
@@ -491,6 +703,7 @@ class ProcessEngine(AsyncEngine):
             self._stats = message[1]
             if message[2] is not None:
                 self._summary = message[2]
+            self._reports_metrics = message[3]
         elif kind == "added":
             reply = self._adds.pop(message[1], None)
             if reply is not None and not reply.done():
@@ -504,6 +717,8 @@ class ProcessEngine(AsyncEngine):
         """The engine process is gone: end every open stream with an error, refuse new requests."""
         if self._stopping:
             text = "the engine stopped"
+        elif self._process is None:
+            text = "the shared engine process closed the connection (it stopped or exited)"
         else:
             text = f"the engine process exited unexpectedly (exit code {self._process.exitcode})"
             logger.error("%s: %d open requests end with an error", text, len(self._streams))
@@ -542,3 +757,91 @@ def _wait_ready(process: BaseProcess, conn: Connection) -> _Ready:
         raise RuntimeError(f"the engine process could not load the model: {message[1]}")
     ready: _Ready = message[1]
     return ready
+
+
+class EngineHost:
+    """The engine process of a `serve --workers N` supervisor, shared by its API workers.
+
+    `start` loads the model in the engine process, which then also listens on a Unix socket in a
+    private temporary folder; `environ()` tells workers (inherited `DS_ENGINE_SOCKET`,
+    `DS_ENGINE_AUTHKEY`) where to `ProcessEngine.connect`. The supervisor keeps the control pipe:
+    `stop()` ends the engine process, and so does the supervisor's exit (EOF)."""
+
+    def __init__(self, process: BaseProcess, conn: Connection, address: str, authkey: bytes, folder: str) -> None:
+        self.process = process
+        self._conn = conn
+        self.address = address
+        self._authkey = authkey
+        self._folder = folder
+        self._stopping = False
+        self.died = False  # the engine process exited before stop()
+
+    @classmethod
+    def start(cls, settings: Settings, log_config: dict[str, Any] | None = None) -> EngineHost:
+        """Start the engine process and wait until it has loaded the model and listens; RuntimeError
+        with its error when it cannot."""
+        folder = tempfile.mkdtemp(prefix="deepseek-serve-engine-")  # mode 0700: only this user connects
+        address = os.path.join(folder, "engine.sock")
+        authkey = os.urandom(32)
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        process = ctx.Process(
+            target=_child_main, args=(child, settings, log_config, _Listen(address, authkey)), name="engine"
+        )
+        process.start()
+        child.close()
+        try:
+            ready = _wait_ready(process, parent)
+        except BaseException:
+            parent.close()
+            process.join(10.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        logger.info("engine process %d serving model %s to API workers at %s", process.pid, ready.info.id, address)
+        return cls(process, parent, address, authkey, folder)
+
+    def environ(self) -> dict[str, str]:
+        """What API workers need to connect (they inherit it)."""
+        return {ENGINE_SOCKET_ENV: self.address, ENGINE_AUTHKEY_ENV: self._authkey.hex()}
+
+    def watch(self, on_exit: Callable[[], None]) -> None:
+        """Call `on_exit` (from a thread) if the engine process exits before `stop()`."""
+
+        def wait() -> None:
+            multiprocessing.connection.wait([self.process.sentinel])
+            if not self._stopping:
+                self.died = True
+                logger.error("the engine process exited unexpectedly (exit code %s)", self.process.exitcode)
+                on_exit()
+
+        threading.Thread(target=wait, name="engine-watch", daemon=True).start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """End the engine process (killed if it does not exit in `timeout_s`) and remove its socket."""
+        self._stopping = True
+        try:
+            self._conn.send(("stop",))
+        except OSError:
+            pass
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            logger.warning("the engine process did not stop in time: killing it")
+            self.process.kill()
+            self.process.join(5.0)
+        self._conn.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def connect_from_env() -> ProcessEngine | None:
+    """A connection to the shared engine process `serve` started for its workers, when it did."""
+    address = os.environ.get(ENGINE_SOCKET_ENV)
+    if not address:
+        return None
+    try:
+        authkey = bytes.fromhex(os.environ.get(ENGINE_AUTHKEY_ENV, ""))
+    except ValueError as exc:
+        raise RuntimeError(f"{ENGINE_AUTHKEY_ENV} is not a hex key") from exc
+    return ProcessEngine.connect(address, authkey)

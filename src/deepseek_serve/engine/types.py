@@ -276,7 +276,9 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class EngineState:
-    """What the engine reports to metrics: its stats and whether it takes new requests."""
+    """What the engine reports to metrics: its stats and whether it takes new requests. `reports`
+    False: another API worker exports this (shared) engine's metrics; this one adds none."""
 
     stats: EngineStats
     accepting: bool
+    reports: bool = True

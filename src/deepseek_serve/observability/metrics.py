@@ -472,7 +472,11 @@ class PrometheusMetrics:
         """Every component's state; one that fails adds nothing (a scrape must not fail with it)."""
         out: list[StateMetric] = []
         if self._engine is not None:
-            out += self._read("engine", self._engine, lambda s: engine_state(s.stats, s.accepting, time.monotonic()))
+            out += self._read(
+                "engine",
+                self._engine,
+                lambda s: engine_state(s.stats, s.accepting, time.monotonic()) if s.reports else [],
+            )
         if self._storage is not None:
             out += self._read("storage", self._storage, storage_state)
         if self._cache is not None:
