@@ -15,7 +15,8 @@ Run on a CUDA machine from the repository root:
    SiLU·down), int8 (vs Inductor's one-row reduction) and int4 (vs tinygemm): the 1-row graph replay,
    the kernel count of the 1-row step, then one-stream decode tok/s (128-token prompt, 128 new tokens);
 4. if time is left, Inductor's coordinate-descent-tuned reductions for the same linears.
-Sections stop starting work past --budget-s. Writes gemv.json, log.txt and profiles.txt under --out.
+Sections stop starting work past --budget-s; --decode-defaults runs the decode variants on
+`default_config`'s tiles instead of the best measured ones. Writes gemv.json, log.txt and profiles.txt under --out.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ LINEARS = {  # name: (K, N, SiLU·up fused)
 # (BLOCK_N, BLOCK_K, num_warps) per kind; SPLIT is swept per linear (a runtime argument: no compile)
 TILES: dict[str, list[tuple[int, int, int]]] = {
     "float": [(16, 256, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8), (32, 512, 8), (128, 128, 8)],
-    "int8": [(16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 512, 8), (128, 256, 8)],
-    "int4": [(16, 512, 4), (32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 512, 8), (128, 256, 8), (32, 1024, 8)],
+    "int8": [(8, 256, 2), (16, 128, 2), (16, 256, 2), (16, 256, 4), (16, 512, 4), (32, 256, 4), (64, 512, 8)],
+    "int4": [(8, 512, 2), (16, 512, 2), (16, 512, 4), (32, 256, 4), (32, 512, 4), (128, 256, 8), (32, 1024, 8)],
 }
 DEQUANTS = (gemv_kernels.PTX,)  # swept over the grid for the quantized kinds; all three at the default tile
 SPLITS = (1, 2, 4, 8)
@@ -412,6 +413,9 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="start nothing new after this many seconds")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--skip-linears", action="store_true")
+    ap.add_argument(
+        "--decode-defaults", action="store_true", help="decode variants on default_config, not the measured best"
+    )
     a = ap.parse_args()
     BUDGET_S = a.budget_s
     out = Path(a.out)
@@ -430,7 +434,8 @@ def main() -> None:
         gpu.log(f"checks done at {time.perf_counter() - T0:.0f} s")
         if not a.skip_linears:
             best = bench_linears(results)
-            gemv_kernels.OVERRIDES.update(best)  # the decode variants run the measured best configs
+            if not a.decode_defaults:
+                gemv_kernels.OVERRIDES.update(best)  # the decode variants run the measured best configs
             gpu.log(f"linears done at {time.perf_counter() - T0:.0f} s")
             (out / "gemv.json").write_text(json.dumps(results, indent=2))
         bench_variants(results, [v for v in a.variants.split(",") if v], out)

@@ -252,23 +252,30 @@ def _gemv_kernel(
 
 
 def default_config(kind: Kind, n: int, k: int, group: int = 0) -> GemvConfig:
-    """The tile and split of a (kind, N, K) by shape class: the fastest of a grid of 6 tiles x splits
-    1/2/4/8 per kind for the 1.5B linears, at one row on an H200 (bench/gpu_gemv.py,
-    bench/results/gpu-h200-gemv.json, µs per call):
+    """The tile and split of a (kind, N, K) by shape class: the fastest of a grid of 6-7 tiles x splits
+    1/2/4/8 per kind for the 1.5B linears, at one row on an H200, the quantized kinds with PTX bit-trick
+    dequantization (bench/gpu_gemv.py, bench/results/gpu-h200-gemv-fast.json, µs per call):
 
-    - long K (the down projection, K 8,960 -> N 1,536): float (32, 512, 8 splits, 8 warps) 12.0 µs,
-      int8 (32, 256, 8, 4) 10.1, int4 g32 (32, 1024, 8, 8) 10.1 (the defaults before: 13.0 / 10.9 / 15.6);
-    - the LM head (N 151,936): float (64, 256, 1, 4) 111.5, int8 (32, 256, 1, 4) 82.0 (108 before);
-    - the rest (K 1,536 -> N 1,536 ... 17,920): float (128, 128, 8, 8) 4.6-19.5, int8 (32, 256, 4, 4)
-      4.4-14.8, int4 g32 (32, 256, 4, 4) 5.6-13.3 (qkv's best tiles were within 3% of these).
+    - long K (the down projection, K 8,960 -> N 1,536): float (32, 512, 8 splits, 8 warps) 11.8-14.6,
+      int8 (16, 256, 8, 4) 8.3, int4 g32 (32, 1024, 8, 8) 10.2;
+    - the LM head (N 151,936): float (64, 256, 1, 4) 111.2, int8 (16, 256, 1, 4) 66.6, int4 g32
+      (16, 512, 1, 4) 73.8;
+    - wide (N >= 8,192: gate_up, K 1,536 -> N 17,920): float (128, 128, 8, 8) 19.1, int8 (16, 256, 4,
+      4) 12.4, int4 g32 (16, 512, 1, 4) 12.7;
+    - the rest (K 1,536 -> N 1,536 / 2,048: qkv, o): float (128, 128, 8, 8) 4.5-4.8, int8 (16, 256, 4,
+      4) 3.6-3.8, int4 g32 (128, 256, 4, 8) 5.5.
 
     At most MAX_SPLIT splits and none emptier than one BLOCK_K; int4 tiles hold whole groups."""
     if k >= 4096:
-        block_n, block_k, split, warps = {"float": (32, 512, 8, 8), "int8": (32, 256, 8, 4)}.get(kind, (32, 1024, 8, 8))
+        block_n, block_k, split, warps = {"float": (32, 512, 8, 8), "int8": (16, 256, 8, 4)}.get(kind, (32, 1024, 8, 8))
     elif n >= 65536:
-        block_n, block_k, split, warps = {"float": (64, 256, 1, 4)}.get(kind, (32, 256, 1, 4))
+        block_n, block_k, split, warps = {"float": (64, 256, 1, 4), "int8": (16, 256, 1, 4)}.get(kind, (16, 512, 1, 4))
+    elif n >= 8192:
+        block_n, block_k, split, warps = {"float": (128, 128, 8, 8), "int8": (16, 256, 4, 4)}.get(kind, (16, 512, 1, 4))
     else:
-        block_n, block_k, split, warps = {"float": (128, 128, 8, 8)}.get(kind, (32, 256, 4, 4))
+        block_n, block_k, split, warps = {"float": (128, 128, 8, 8), "int8": (16, 256, 4, 4)}.get(
+            kind, (128, 256, 4, 8)
+        )
     if kind == "int4":
         block_k = max(block_k, group)
     return GemvConfig(block_n, block_k, max(1, min(split, MAX_SPLIT, triton.cdiv(k, block_k))), warps)
