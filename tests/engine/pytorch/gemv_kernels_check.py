@@ -113,7 +113,7 @@ def check_dequant_exact() -> None:
     """Each code -> float32 conversion (CAST, BITS, PTX; PTX runs as BITS off CUDA) gives exactly the
     reference's (code - zero) * scale: integer activations, power-of-two scales and integer zeros make
     every product and sum exact in float32, so outputs must equal float64 math bit for bit (int4 scales
-    and zeros in float32, and in bf16, read as pairs). Weights
+    and zeros in float32 and in bf16). Weights
     include the extremes (int8 rows of -128 and 127, int4 rows of codes 0 and 15), N and K tails, one
     split past K's end and tiles of 2 and 16 bytes per thread."""
     gen = torch.Generator(device=DEVICE).manual_seed(5)
@@ -140,7 +140,7 @@ def check_dequant_exact() -> None:
             scale = 2.0 ** torch.randint(-2, 2, (k // group, n), device=DEVICE, generator=gen).float()
             zero = torch.randint(-4, 5, (k // group, n), device=DEVICE, generator=gen).float()
             sz = torch.stack([scale, zero], dim=-1)
-            if group == 64:  # bf16 scales and zeros (exact here): the kernel reads them as int32 pairs
+            if group == 64:  # bf16 scales and zeros (exact here)
                 sz = sz.to(torch.bfloat16)
             deq = dequantize_int4(codes, sz.float(), group).double()
             # the reference dequantization itself: (code - 8) * scale + zero

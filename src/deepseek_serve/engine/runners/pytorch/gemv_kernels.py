@@ -200,7 +200,6 @@ def _gemv_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     DEQUANT: tl.constexpr,  # CAST / BITS / PTX
-    SZ_PAIRS: tl.constexpr,  # int4: bf16 scales and zeros passed as int32 pairs
 ):
     HALF: tl.constexpr = GROUP // 2
     NG: tl.constexpr = BK // GROUP
@@ -227,15 +226,10 @@ def _gemv_kernel(
             lo, hi = _int4_to_f32(b, DEQUANT)  # codes - 8
             dot = tl.sum(lo * x_lo[None, :, :] + hi * x_hi[None, :, :], axis=2)  # [BN, NG]
             x_sum = tl.sum(x_lo + x_hi, axis=1)  # [NG]
+            sp = s_ptr + g[None, :] * (N * 2) + rn[:, None] * 2
             sz_ok = n_ok[:, None] & g_ok[None, :]
-            if SZ_PAIRS:  # bf16 (scale, zero) pairs read as one int32: scale the low half, zero the high
-                sz = tl.load(s_ptr + g[None, :] * N + rn[:, None], mask=sz_ok, other=0)
-                scale = (sz << 16).to(tl.float32, bitcast=True)
-                zero = ((sz >> 16) << 16).to(tl.float32, bitcast=True)
-            else:
-                sp = s_ptr + g[None, :] * (N * 2) + rn[:, None] * 2
-                scale = tl.load(sp, mask=sz_ok, other=0.0).to(tl.float32)
-                zero = tl.load(sp + 1, mask=sz_ok, other=0.0).to(tl.float32)
+            scale = tl.load(sp, mask=sz_ok, other=0.0).to(tl.float32)
+            zero = tl.load(sp + 1, mask=sz_ok, other=0.0).to(tl.float32)
             acc4 += dot * scale + x_sum[None, :] * zero
         out = tl.sum(acc4, axis=1)
     else:
@@ -326,10 +320,6 @@ def _launch(kind: Kind, x: Tensor, w: Tensor, s: Tensor | None, n: int, k: int, 
         return part
     grid = (triton.cdiv(n, cfg.block_n), split, m)
     dequant = cfg.dequant
-    pairs = s is not None and kind == "int4" and s.dtype == torch.bfloat16  # bf16 -> float32 is a 16-bit shift
-    if pairs:
-        assert s is not None
-        s = s.view(torch.int32)  # [K / G, N, 1]: (scale, zero) in one word
     if dequant == PTX and (not x.is_cuda or _bytes_per_thread(kind, cfg, group) < 4):
         dequant = BITS  # inline PTX: CUDA only, whole 4-byte packs per thread
     _gemv_kernel[grid](
@@ -351,7 +341,6 @@ def _launch(kind: Kind, x: Tensor, w: Tensor, s: Tensor | None, n: int, k: int, 
         BN=cfg.block_n,
         BK=cfg.block_k,
         DEQUANT=dequant if kind != "float" else CAST,
-        SZ_PAIRS=pairs,
         num_warps=cfg.num_warps,
     )
     return part
