@@ -256,8 +256,8 @@ def default_config(kind: Kind, n: int, k: int, group: int = 0) -> GemvConfig:
     1/2/4/8 per kind for the 1.5B linears, at one row on an H200, the quantized kinds with PTX bit-trick
     dequantization (bench/gpu_gemv.py, bench/results/gpu-h200-gemv-fast.json, µs per call):
 
-    - long K (the down projection, K 8,960 -> N 1,536): float (32, 512, 8 splits, 8 warps) 11.8-14.6,
-      int8 (16, 256, 8, 4) 8.3, int4 g32 (32, 1024, 8, 8) 10.2;
+    - long K (the down projection, K 8,960 -> N 1,536): float (32, 256, 8 splits, 4 warps) 11.8
+      ((32, 512, 8, 8): 14.6), int8 (16, 256, 8, 4) 8.3, int4 g32 (32, 1024, 8, 8) 10.2;
     - the LM head (N 151,936): float (64, 256, 1, 4) 111.2, int8 (16, 256, 1, 4) 66.6, int4 g32
       (16, 512, 1, 4) 73.8;
     - wide (N >= 8,192: gate_up, K 1,536 -> N 17,920): float (128, 128, 8, 8) 19.1, int8 (16, 256, 4,
@@ -267,7 +267,7 @@ def default_config(kind: Kind, n: int, k: int, group: int = 0) -> GemvConfig:
 
     At most MAX_SPLIT splits and none emptier than one BLOCK_K; int4 tiles hold whole groups."""
     if k >= 4096:
-        block_n, block_k, split, warps = {"float": (32, 512, 8, 8), "int8": (16, 256, 8, 4)}.get(kind, (32, 1024, 8, 8))
+        block_n, block_k, split, warps = {"float": (32, 256, 8, 4), "int8": (16, 256, 8, 4)}.get(kind, (32, 1024, 8, 8))
     elif n >= 65536:
         block_n, block_k, split, warps = {"float": (64, 256, 1, 4), "int8": (16, 256, 1, 4)}.get(kind, (16, 512, 1, 4))
     elif n >= 8192:
