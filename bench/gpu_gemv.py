@@ -8,13 +8,15 @@ Run on a CUDA machine from the repository root:
    1.5B shapes and odd small ones, bf16 and fp32, against float64 reference math;
 2. linears of the DeepSeek-R1-Distill-Qwen-1.5B shape at one row (qkv, o, gate_up, down with SiLU·up,
    LM head): bf16 cuBLAS, int4 tinygemm (g32, g128), and the GEMV kernels over a grid of (BLOCK_N,
-   BLOCK_K, num_warps) x SPLIT; device µs per call from CUDA-graph replays over enough weight
-   copies to defeat the L2 (`gpu_quant.graph_time_us`); the best config of each is used below;
+   BLOCK_K, num_warps) x SPLIT (int8 / int4: PTX bit-trick dequantization over the grid; CAST, BITS
+   and PTX at the default tile); device µs per call from CUDA-graph replays over enough
+   weight copies to defeat the L2 (`gpu_quant.graph_time_us`); the best config of each is used below;
 3. decode variants on random bf16 weights of the 1.5B shape: old vs GEMV kernels for bf16 (fused
    SiLU·down), int8 (vs Inductor's one-row reduction) and int4 (vs tinygemm): the 1-row graph replay,
    the kernel count of the 1-row step, then one-stream decode tok/s (128-token prompt, 128 new tokens);
 4. if time is left, Inductor's coordinate-descent-tuned reductions for the same linears.
-Sections stop starting work past --budget-s. Writes gemv.json, log.txt and profiles.txt under --out.
+Sections stop starting work past --budget-s; --decode-defaults runs the decode variants on
+`default_config`'s tiles instead of the best measured ones. Writes gemv.json, log.txt and profiles.txt under --out.
 """
 
 from __future__ import annotations
@@ -57,9 +59,10 @@ LINEARS = {  # name: (K, N, SiLU·up fused)
 # (BLOCK_N, BLOCK_K, num_warps) per kind; SPLIT is swept per linear (a runtime argument: no compile)
 TILES: dict[str, list[tuple[int, int, int]]] = {
     "float": [(16, 256, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8), (32, 512, 8), (128, 128, 8)],
-    "int8": [(16, 512, 4), (32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 512, 8), (128, 256, 8)],
-    "int4": [(32, 256, 4), (64, 256, 4), (64, 512, 8), (128, 256, 8), (128, 512, 8), (32, 1024, 8)],
+    "int8": [(8, 256, 2), (16, 128, 2), (16, 256, 2), (16, 256, 4), (16, 512, 4), (32, 256, 4), (64, 512, 8)],
+    "int4": [(8, 512, 2), (16, 512, 2), (16, 512, 4), (32, 256, 4), (32, 512, 4), (128, 256, 8), (32, 1024, 8)],
 }
+DEQUANTS = (gemv_kernels.PTX,)  # swept over the grid for the quantized kinds; all three at the default tile
 SPLITS = (1, 2, 4, 8)
 VARIANTS: dict[str, dict[str, Any]] = {  # quant, quantize_model options, DecodeStep's gemv_down; by priority
     "bf16": dict(quant="none", gemv_down=False),
@@ -151,7 +154,7 @@ def bench_linears(results: dict[str, Any]) -> dict[tuple[str, int, int, int], Ge
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     rows = []
     for name, (k, n, silu) in LINEARS.items():
-        if left() < 150:
+        if left() < 110:
             gpu.log(f"linears: out of time before {name}")
             break
         row = bench_linear(name, k, n, silu, gen, best)
@@ -213,17 +216,22 @@ def bench_linear(
         kind = wname.split("_")[0]
         group = int(wname[6:]) if kind == "int4" else 0
         key = (kind, n, k, group)
-        cands = [gemv_kernels.default_config(kind, n, k, group)]  # type: ignore[arg-type]
+        default = gemv_kernels.default_config(kind, n, k, group)  # type: ignore[arg-type]
+        cands = [default]
+        modes = DEQUANTS if kind != "float" else (default.dequant,)
+        if kind != "float":
+            cands += [default._replace(dequant=d) for d in (gemv_kernels.CAST, gemv_kernels.BITS, gemv_kernels.PTX)]
         if wname != "int4_g128":
             for bn, bk, warps in TILES[kind]:
                 if bk % max(group, 1) == 0:
-                    cands += [GemvConfig(bn, bk, sp, warps) for sp in SPLITS if k // bk >= sp]
+                    cands += [GemvConfig(bn, bk, sp, warps, d) for d in modes for sp in SPLITS if k // bk >= sp]
         timings: list[tuple[float, GemvConfig]] = []
         for cfg in dict.fromkeys(cands):
             gemv_kernels.OVERRIDES[key] = cfg
             try:
+                mode = "" if kind == "float" else f"_{gemv_kernels.DEQUANT_NAMES[cfg.dequant]}"
                 us = timed(
-                    f"gemv_{wname}_{cfg.block_n}x{cfg.block_k}_s{cfg.split}_w{cfg.num_warps}",
+                    f"gemv_{wname}_{cfg.block_n}x{cfg.block_k}_s{cfg.split}_w{cfg.num_warps}{mode}",
                     [lambda w=w, kind=kind, group=group: call(kind, x, w, silu, group) for w in weights[wname]],
                     bpw,
                 )
@@ -235,6 +243,13 @@ def bench_linear(
         row[f"best_{wname}"] = [round(us, 2), list(cfg)]
         row[f"best_{wname}_GBps"] = round(n * k * bpw / us / 1e3)
         row[f"default_{wname}"] = timings[0][0]
+        if kind != "float":
+            for d in (gemv_kernels.CAST, gemv_kernels.BITS, gemv_kernels.PTX):
+                us_d = next(t for t, c in timings if c == default._replace(dequant=d))
+                row[f"default_{gemv_kernels.DEQUANT_NAMES[d]}_{wname}"] = us_d
+            for d in (gemv_kernels.CAST, gemv_kernels.BITS, gemv_kernels.PTX):
+                dt = [(t, c) for t, c in timings if c.dequant == d]
+                row[f"best_{gemv_kernels.DEQUANT_NAMES[d]}_{wname}"] = [round(min(dt)[0], 2), list(min(dt)[1])]
     return row
 
 
@@ -348,21 +363,24 @@ def report(results: dict[str, Any]) -> None:
     if lin:
         gpu.log(
             "\n| linear (K x N) | bf16 cuBLAS | Inductor bf16 / int8 | gemv bf16 | gemv int8 | tinygemm g32 / g128 "
-            "| gemv int4 g32 / g128 |"
+            "| gemv int4 g32 / g128 | default tile int8 cast / bits / ptx | default tile int4 g32 cast / bits / ptx |"
         )
-        gpu.log("|---|---|---|---|---|---|---|")
+        gpu.log("|---|---|---|---|---|---|---|---|---|")
         ind = results.get("inductor", {})
         for r in lin:
             nm = r["linear"]
 
             def b(key: str, r: dict[str, Any] = r) -> str:
                 v = r.get(f"best_{key}")
-                return f"{v[0]:.1f} ({r[f'best_{key}_GBps']} GB/s)" if v else "-"
+                return f"{v[0]:.1f} ({r[f'best_{key}_GBps']} GB/s) {v[1]}" if v else "-"
+
+            def d(key: str, r: dict[str, Any] = r) -> str:
+                return " / ".join(f"{r.get(f'default_{m}_{key}', math.nan):.1f}" for m in gemv_kernels.DEQUANT_NAMES)
 
             gpu.log(
                 f"| {nm} {r['K']} x {r['N']} | {r.get('bf16_cublas')} | {ind.get(f'{nm}_bf16', '-')} / "
                 f"{ind.get(f'{nm}_int8', '-')} | {b('float')} | {b('int8')} | {r.get('int4_tinygemm_g32')} / "
-                f"{r.get('int4_tinygemm_g128')} | {b('int4_g32')} / {b('int4_g128')} |"
+                f"{r.get('int4_tinygemm_g128')} | {b('int4_g32')} / {b('int4_g128')} | {d('int8')} | {d('int4_g32')} |"
             )
     variants = results.get("variants", [])
     if variants:
@@ -395,6 +413,9 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="start nothing new after this many seconds")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--skip-linears", action="store_true")
+    ap.add_argument(
+        "--decode-defaults", action="store_true", help="decode variants on default_config, not the measured best"
+    )
     a = ap.parse_args()
     BUDGET_S = a.budget_s
     out = Path(a.out)
@@ -413,7 +434,8 @@ def main() -> None:
         gpu.log(f"checks done at {time.perf_counter() - T0:.0f} s")
         if not a.skip_linears:
             best = bench_linears(results)
-            gemv_kernels.OVERRIDES.update(best)  # the decode variants run the measured best configs
+            if not a.decode_defaults:
+                gemv_kernels.OVERRIDES.update(best)  # the decode variants run the measured best configs
             gpu.log(f"linears done at {time.perf_counter() - T0:.0f} s")
             (out / "gemv.json").write_text(json.dumps(results, indent=2))
         bench_variants(results, [v for v in a.variants.split(",") if v], out)

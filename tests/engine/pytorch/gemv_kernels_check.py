@@ -109,6 +109,53 @@ def check_kernels() -> None:
     print("gemv kernels ok")
 
 
+def check_dequant_exact() -> None:
+    """Each code -> float32 conversion (CAST, BITS, PTX; PTX runs as BITS off CUDA) gives exactly the
+    reference's (code - zero) * scale: integer activations, power-of-two scales and integer zeros make
+    every product and sum exact in float32, so outputs must equal float64 math bit for bit (int4 scales
+    and zeros in float32 and in bf16). Weights
+    include the extremes (int8 rows of -128 and 127, int4 rows of codes 0 and 15), N and K tails, one
+    split past K's end and tiles of 2 and 16 bytes per thread."""
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    ptx = DEVICE.type == "cuda"
+    # (M, N, K, group, config)
+    cases = [
+        (1, 37, 200, 0, GemvConfig(16, 64, 3, 4)),
+        (2, 70, 328, 0, GemvConfig(32, 128, 2, 2)),
+        (1, 37, 96, 32, GemvConfig(16, 32, 1, 4)),
+        (1, 70, 320, 32, GemvConfig(32, 64, 3, 2)),
+        (2, 37, 192, 64, GemvConfig(32, 128, 2, 1)),
+    ]
+    for m, n, k, group, cfg in cases:
+        x = torch.randint(-3, 4, (m, k), device=DEVICE, generator=gen).float()
+        if group == 0:
+            q = torch.randint(-128, 128, (n, k), device=DEVICE, generator=gen, dtype=torch.int8)
+            q[0], q[1], q[2, ::2], q[2, 1::2] = -128, 127, -128, 127
+            scales = 2.0 ** torch.randint(-3, 2, (n,), device=DEVICE, generator=gen).float()
+            ref = x.double() @ (q.double() * scales.double()[:, None]).t()
+            wk, s, kind = q, scales, "int8"
+        else:
+            codes = torch.randint(0, 16, (n, k), device=DEVICE, generator=gen, dtype=torch.uint8)
+            codes[0], codes[1], codes[2, ::2], codes[2, 1::2] = 0, 15, 0, 15
+            scale = 2.0 ** torch.randint(-2, 2, (k // group, n), device=DEVICE, generator=gen).float()
+            zero = torch.randint(-4, 5, (k // group, n), device=DEVICE, generator=gen).float()
+            sz = torch.stack([scale, zero], dim=-1)
+            if group == 64:  # bf16 scales and zeros (exact here)
+                sz = sz.to(torch.bfloat16)
+            deq = dequantize_int4(codes, sz.float(), group).double()
+            # the reference dequantization itself: (code - 8) * scale + zero
+            groups = codes.double().view(n, k // group, group) - 8
+            assert torch.equal(deq, (groups * scale.t().double()[..., None] + zero.t().double()[..., None]).view(n, k))
+            ref = x.double() @ deq.t()
+            wk, s, kind = pack_int4(codes, group), sz, "int4"
+        for dequant in (gemv_kernels.CAST, gemv_kernels.BITS, gemv_kernels.PTX):
+            c = cfg._replace(dequant=dequant)
+            out = run(kind, x, wk, s, False, group, c)
+            name = gemv_kernels.DEQUANT_NAMES[dequant] + ("" if ptx or dequant != gemv_kernels.PTX else " (as bits)")
+            assert torch.equal(out, ref), (kind, name, m, n, k, group, c, (out - ref).abs().max().item())
+    print("gemv dequantization exact")
+
+
 def check_linears() -> None:
     """Int8Linear / Int4Linear (Triton layout) at one row through the GEMV kernels, bias and SiLU·up
     included, against their dequantized weights."""
@@ -184,6 +231,7 @@ def check_decode_step(path: Path) -> None:
 
 if __name__ == "__main__":
     check_kernels()
+    check_dequant_exact()
     check_linears()
     if len(sys.argv) > 1:
         check_decode_step(Path(sys.argv[1]))

@@ -1,6 +1,8 @@
 """The one-row GEMV kernels (float, int8, int4; plain and with SiLU·up fused) against reference math,
-through the quantized linears, and inside the compiled decode step of a tiny model (greedy tokens equal
-to those of the older path).
+each code -> float conversion (casts, bit tricks; the PTX one runs as the plain bit tricks here) bit
+for bit against (code - zero) * scale at the code extremes (int8 -128 / 127, int4 0 / 15) and odd
+tails, through the quantized linears, and inside the compiled decode step of a tiny model (greedy
+tokens equal to those of the older path).
 
 Without a GPU the kernels run in Triton's CPU interpreter, in a child process (the interpreter must be
 on before `triton` is first imported). Needs the `triton` package (CUDA builds of torch ship it).

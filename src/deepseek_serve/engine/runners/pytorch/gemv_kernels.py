@@ -14,7 +14,17 @@ kernel is launched for the sums. `gemv_finish` sums where nothing fuses. Weights
 - "int8": int8 [N, K] with one scale per output channel (`quantize.quantize_int8`);
 - "int4": codes packed two per byte in groups of G along K (`quantize.pack_int4`: byte j of a group
   holds code j in its low nibble and code j + G/2 in its high one), scales and zeros [K / G, N, 2]
-  (value = (code - 8) * scale + zero). A group adds scale * dot(x, codes) + (zero - 8 scale) * sum(x).
+  (value = (code - 8) * scale + zero). A group adds scale * dot(x, codes - 8) + zero * sum(x).
+
+Codes become float32 in one of three ways (`GemvConfig.dequant`): CAST, int -> float conversions (the
+conversion units give 16 results per clock per SM on sm_90, fewer than one int8 / int4 weight stream
+of an H200 needs); BITS, bit tricks in plain Triton: the code (made non-negative) goes into the
+mantissa of 2^23 by an integer add / OR, the result is reinterpreted as a float32 and 2^23 plus the
+offset is subtracted (exact: every integer below 2^24 is a float32); PTX, the same in inline PTX over
+4 packed bytes at a time (`prmt` byte moves for int8, `lop3` masks of 5 nibbles in place for int4, as
+`quant_kernels`' bf16 `_int8_to_bf16` / `_int4_to_bf16` do for the tile kernels). All three give
+exactly code (int8) or code - 8 (int4). PTX needs CUDA: elsewhere (Triton's CPU interpreter) it runs
+as BITS.
 
 `silu`: the activation is SiLU(gate) * up of a gate_up row [M, 2K] (the MLP's down projection reads
 the gate_up output directly; each program computes only its K slice), rounded to the input dtype as
@@ -36,6 +46,8 @@ from torch import Tensor
 Kind = Literal["float", "int8", "int4"]
 KINDS: tuple[Kind, ...] = ("float", "int8", "int4")
 MAX_SPLIT = 8  # Inductor unrolls a sum over at most 8 partials into its consumer (unroll_reductions_threshold)
+CAST, BITS, PTX = 0, 1, 2  # code -> float32 conversions, see the module docstring
+DEQUANT_NAMES = ("cast", "bits", "ptx")
 
 
 class GemvConfig(NamedTuple):
@@ -43,6 +55,7 @@ class GemvConfig(NamedTuple):
     block_k: int  # elements of K per iteration (int4: a multiple of the group)
     split: int  # K slices; the partials' first dimension
     num_warps: int
+    dequant: int = PTX  # CAST / BITS / PTX (quantized kinds)
 
 
 @triton.jit
@@ -67,6 +80,107 @@ def _activation(x_row, rk, K, ok, stride_xs, XS: tl.constexpr, SILU: tl.constexp
 
 
 @triton.jit
+def _int8_to_f32_bits(w):
+    """int8 -> float32, exact: (w + 128) added to the bits of 2^23, reinterpreted, 2^23 + 128 off."""
+    return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _int8_to_f32_ptx(w):
+    """int8 -> float32, exact, 4 bytes at a time: the bytes XOR 0x80 (w + 128) moved by `prmt` into the
+    low byte of 2^23's bits, then 2^23 + 128 subtracted."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 u;
+        xor.b32 u, $4, 0x80808080;
+        prmt.b32 $0, u, 0x4B000000, 0x7440;
+        prmt.b32 $1, u, 0x4B000000, 0x7441;
+        prmt.b32 $2, u, 0x4B000000, 0x7442;
+        prmt.b32 $3, u, 0x4B000000, 0x7443;
+        sub.f32 $0, $0, 0f4B000080;
+        sub.f32 $1, $1, 0f4B000080;
+        sub.f32 $2, $2, 0f4B000080;
+        sub.f32 $3, $3, 0f4B000080;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r",
+        args=[w],
+        dtype=tl.int32,
+        is_pure=True,
+        pack=4,
+    ).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_to_f32_bits(b):
+    """Packed bytes -> (low nibbles - 8, high nibbles - 8) as float32, exact: each nibble ORed into
+    the bits of 2^23, reinterpreted, 2^23 + 8 subtracted."""
+    bi = b.to(tl.int32)
+    lo = ((bi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    hi = ((bi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    return lo, hi
+
+
+@triton.jit
+def _int4_to_f32_ptx(b):
+    """`_int4_to_f32_bits` 4 bytes (8 nibbles) at a time: a nibble at bit p (p <= 16) of the word, or
+    of the word >> 12, masked in place by one `lop3` into the bits of 2^23 (2^23 + code * 2^p), then
+    one FMA: * 2^-p - (2^(23 - p) + 8) (exact: power-of-two scaling, an integer result)."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 v;
+        shr.b32 v, $8, 12;
+        lop3.b32 $0, $8, 0x0000000F, 0x4B000000, 0xEA;
+        lop3.b32 $4, $8, 0x000000F0, 0x4B000000, 0xEA;
+        lop3.b32 $1, $8, 0x00000F00, 0x4B000000, 0xEA;
+        lop3.b32 $5, $8, 0x0000F000, 0x4B000000, 0xEA;
+        lop3.b32 $2, $8, 0x000F0000, 0x4B000000, 0xEA;
+        lop3.b32 $6, v, 0x00000F00, 0x4B000000, 0xEA;
+        lop3.b32 $3, v, 0x0000F000, 0x4B000000, 0xEA;
+        lop3.b32 $7, v, 0x000F0000, 0x4B000000, 0xEA;
+        fma.rn.f32 $0, $0, 0f3F800000, 0fCB000008;
+        fma.rn.f32 $4, $4, 0f3D800000, 0fC9000080;
+        fma.rn.f32 $1, $1, 0f3B800000, 0fC7000800;
+        fma.rn.f32 $5, $5, 0f39800000, 0fC5008000;
+        fma.rn.f32 $2, $2, 0f37800000, 0fC3080000;
+        fma.rn.f32 $6, $6, 0f3B800000, 0fC7000800;
+        fma.rn.f32 $3, $3, 0f39800000, 0fC5008000;
+        fma.rn.f32 $7, $7, 0f37800000, 0fC3080000;
+        }
+        """,
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
+        args=[b],
+        dtype=(tl.int32, tl.int32),
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def _int8_to_f32(w, DEQUANT: tl.constexpr):
+    if DEQUANT == 2:
+        return _int8_to_f32_ptx(w)
+    elif DEQUANT == 1:
+        return _int8_to_f32_bits(w)
+    else:
+        return w.to(tl.float32)
+
+
+@triton.jit
+def _int4_to_f32(b, DEQUANT: tl.constexpr):
+    """Packed bytes -> (low nibbles - 8, high nibbles - 8), float32."""
+    if DEQUANT == 2:
+        lo, hi = _int4_to_f32_ptx(b)
+        return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
+    elif DEQUANT == 1:
+        return _int4_to_f32_bits(b)
+    else:
+        return ((b & 0xF).to(tl.int32) - 8).to(tl.float32), ((b >> 4).to(tl.int32) - 8).to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -85,6 +199,7 @@ def _gemv_kernel(
     GROUP: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    DEQUANT: tl.constexpr,  # CAST / BITS / PTX
 ):
     HALF: tl.constexpr = GROUP // 2
     NG: tl.constexpr = BK // GROUP
@@ -108,15 +223,14 @@ def _gemv_kernel(
             x_hi = _activation(x_row, xk + HALF, K, g_ok[:, None], stride_xs, XS, SILU)
             wp = w_rows[:, None, None] + g[None, :, None] * HALF + rj[None, None, :]
             b = tl.load(wp, mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)  # [BN, NG, HALF] uint8
-            lo = (b & 0xF).to(tl.float32)
-            hi = (b >> 4).to(tl.float32)
+            lo, hi = _int4_to_f32(b, DEQUANT)  # codes - 8
             dot = tl.sum(lo * x_lo[None, :, :] + hi * x_hi[None, :, :], axis=2)  # [BN, NG]
             x_sum = tl.sum(x_lo + x_hi, axis=1)  # [NG]
             sp = s_ptr + g[None, :] * (N * 2) + rn[:, None] * 2
             sz_ok = n_ok[:, None] & g_ok[None, :]
             scale = tl.load(sp, mask=sz_ok, other=0.0).to(tl.float32)
             zero = tl.load(sp + 1, mask=sz_ok, other=0.0).to(tl.float32)
-            acc4 += dot * scale + x_sum[None, :] * (zero - 8.0 * scale)
+            acc4 += dot * scale + x_sum[None, :] * zero
         out = tl.sum(acc4, axis=1)
     else:
         rk0 = tl.arange(0, BK)
@@ -126,7 +240,11 @@ def _gemv_kernel(
             k_ok = rk < K
             xv = _activation(x_row, rk, K, k_ok, stride_xs, XS, SILU)  # [BK]
             w = tl.load(w_rows[:, None] + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            acc += w.to(tl.float32) * xv[None, :]
+            if KIND == 1:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+                wf = _int8_to_f32(w, DEQUANT)
+            else:
+                wf = w.to(tl.float32)
+            acc += wf * xv[None, :]
         out = tl.sum(acc, axis=1)
         if KIND == 1:
             out = out * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -134,23 +252,30 @@ def _gemv_kernel(
 
 
 def default_config(kind: Kind, n: int, k: int, group: int = 0) -> GemvConfig:
-    """The tile and split of a (kind, N, K) by shape class: the fastest of a grid of 6 tiles x splits
-    1/2/4/8 per kind for the 1.5B linears, at one row on an H200 (bench/gpu_gemv.py,
-    bench/results/gpu-h200-gemv.json, µs per call):
+    """The tile and split of a (kind, N, K) by shape class: the fastest of a grid of 6-7 tiles x splits
+    1/2/4/8 per kind for the 1.5B linears, at one row on an H200, the quantized kinds with PTX bit-trick
+    dequantization (bench/gpu_gemv.py, bench/results/gpu-h200-gemv-fast.json, µs per call):
 
-    - long K (the down projection, K 8,960 -> N 1,536): float (32, 512, 8 splits, 8 warps) 12.0 µs,
-      int8 (32, 256, 8, 4) 10.1, int4 g32 (32, 1024, 8, 8) 10.1 (the defaults before: 13.0 / 10.9 / 15.6);
-    - the LM head (N 151,936): float (64, 256, 1, 4) 111.5, int8 (32, 256, 1, 4) 82.0 (108 before);
-    - the rest (K 1,536 -> N 1,536 ... 17,920): float (128, 128, 8, 8) 4.6-19.5, int8 (32, 256, 4, 4)
-      4.4-14.8, int4 g32 (32, 256, 4, 4) 5.6-13.3 (qkv's best tiles were within 3% of these).
+    - long K (the down projection, K 8,960 -> N 1,536): float (32, 256, 8 splits, 4 warps) 11.8
+      ((32, 512, 8, 8): 14.6), int8 (16, 256, 8, 4) 8.3, int4 g32 (32, 1024, 8, 8) 10.2;
+    - the LM head (N 151,936): float (64, 256, 1, 4) 111.2, int8 (16, 256, 1, 4) 66.6, int4 g32
+      (16, 512, 1, 4) 73.8;
+    - wide (N >= 8,192: gate_up, K 1,536 -> N 17,920): float (128, 128, 8, 8) 19.1, int8 (16, 256, 4,
+      4) 12.4, int4 g32 (16, 512, 1, 4) 12.7;
+    - the rest (K 1,536 -> N 1,536 / 2,048: qkv, o): float (128, 128, 8, 8) 4.5-4.8, int8 (16, 256, 4,
+      4) 3.6-3.8, int4 g32 (128, 256, 4, 8) 5.5.
 
     At most MAX_SPLIT splits and none emptier than one BLOCK_K; int4 tiles hold whole groups."""
     if k >= 4096:
-        block_n, block_k, split, warps = {"float": (32, 512, 8, 8), "int8": (32, 256, 8, 4)}.get(kind, (32, 1024, 8, 8))
+        block_n, block_k, split, warps = {"float": (32, 256, 8, 4), "int8": (16, 256, 8, 4)}.get(kind, (32, 1024, 8, 8))
     elif n >= 65536:
-        block_n, block_k, split, warps = {"float": (64, 256, 1, 4)}.get(kind, (32, 256, 1, 4))
+        block_n, block_k, split, warps = {"float": (64, 256, 1, 4), "int8": (16, 256, 1, 4)}.get(kind, (16, 512, 1, 4))
+    elif n >= 8192:
+        block_n, block_k, split, warps = {"float": (128, 128, 8, 8), "int8": (16, 256, 4, 4)}.get(kind, (16, 512, 1, 4))
     else:
-        block_n, block_k, split, warps = {"float": (128, 128, 8, 8)}.get(kind, (32, 256, 4, 4))
+        block_n, block_k, split, warps = {"float": (128, 128, 8, 8), "int8": (16, 256, 4, 4)}.get(
+            kind, (128, 256, 4, 8)
+        )
     if kind == "int4":
         block_k = max(block_k, group)
     return GemvConfig(block_n, block_k, max(1, min(split, MAX_SPLIT, triton.cdiv(k, block_k))), warps)
@@ -194,6 +319,9 @@ def _launch(kind: Kind, x: Tensor, w: Tensor, s: Tensor | None, n: int, k: int, 
     if m == 0:
         return part
     grid = (triton.cdiv(n, cfg.block_n), split, m)
+    dequant = cfg.dequant
+    if dequant == PTX and (not x.is_cuda or _bytes_per_thread(kind, cfg, group) < 4):
+        dequant = BITS  # inline PTX: CUDA only, whole 4-byte packs per thread
     _gemv_kernel[grid](
         x3,
         w,
@@ -212,9 +340,16 @@ def _launch(kind: Kind, x: Tensor, w: Tensor, s: Tensor | None, n: int, k: int, 
         GROUP=max(group, 2),
         BN=cfg.block_n,
         BK=cfg.block_k,
+        DEQUANT=dequant if kind != "float" else CAST,
         num_warps=cfg.num_warps,
     )
     return part
+
+
+def _bytes_per_thread(kind: Kind, cfg: GemvConfig, group: int) -> int:
+    """Weight bytes of one tile per thread (int4: BLOCK_K / 2 per row)."""
+    per_row = cfg.block_k // 2 if kind == "int4" else cfg.block_k
+    return cfg.block_n * per_row // (32 * cfg.num_warps)
 
 
 def _fake(kind: Kind, x: Tensor, n: int, k: int, group: int, silu: bool) -> Tensor:

@@ -7,9 +7,9 @@ every `nn.Linear` of the decoder layers with a quantized twin in place, and the 
   `quant_kernels`; CPU: `_weight_int4pack_mm_for_cpu`.
 
 CUDA kernels by rows M (the batch's tokens), measured on an H200 (docs/performance.md): one int8 row
-inside a compiled decode step is left to Inductor (`Int8OneRow` "inductor"), whose coordinate-
-descent-tuned reductions fuse the RMSNorm and the int8 -> bf16 cast (1.393 ms per 1.5B-shape step vs
-1.426 with the split-K GEMV kernels of `gemv_kernels`, `Int8OneRow` "gemv"); "triton" is the Triton
+goes through the split-K GEMV kernel of `gemv_kernels` (`Int8OneRow` "gemv": codes dequantized by
+bit tricks, 1.342 ms per 1.5B-shape decode step vs 1.646 with "inductor", where Inductor's
+coordinate-descent-tuned reductions fuse the RMSNorm and the int8 -> bf16 cast); "triton" is the Triton
 matmul. One int4 row of the Triton layout goes through the GEMV kernel (`Int4OneRow` "gemv": 5.6-13.3
 µs per 1.5B linear against 6.1-17.0 for the tile kernel's 16-row tile in another run, "kernel"). Up to TRITON_MAX_ROWS
 the Triton weight-only matmuls (`quant_kernels`: weights read once, dequantized in registers, tile
@@ -35,7 +35,7 @@ Int8OneRow = Literal["gemv", "inductor", "triton"]  # the kernel of one int8 row
 INT4_INNER_K_TILES = 8
 GEMV_MAX_ROWS = 1
 TRITON_MAX_ROWS = 128
-INT8_ONE_ROW: Int8OneRow = "inductor"
+INT8_ONE_ROW: Int8OneRow = "gemv"
 INT4_KERNEL: Int4Kernel = "triton"  # CUDA default
 INT4_ONE_ROW: Int4OneRow = "gemv"
 
