@@ -156,6 +156,31 @@ def check_dequant_exact() -> None:
     print("gemv dequantization exact")
 
 
+def check_split_argument() -> None:
+    """The number of partial sums is an argument of each op, fixed by the wrapper from the config: it
+    is a constant of the traced graph (so a compiled graph cached on disk is keyed by it), and an op
+    called with another count than its config gives refuses."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w = torch.randn(1, 96).to(DEVICE), torch.randn(40, 96).to(DEVICE)
+    key = ("float", 40, 96, 0)
+    gemv_kernels.OVERRIDES[key] = GemvConfig(16, 32, 3, 4)
+    try:
+        graph = make_fx(lambda x, w: gemv_kernels.gemv_float(x, w), tracing_mode="fake")(x, w)
+        calls = [n for n in graph.graph.nodes if n.target == torch.ops.deepseek_serve.gemv_float.default]
+        assert len(calls) == 1 and calls[0].args[2:] == (False, 3), calls
+        assert tuple(calls[0].meta["val"].shape) == (3, 1, 40)
+        try:
+            torch.ops.deepseek_serve.gemv_float(x, w, False, 2)
+        except ValueError as exc:
+            assert "2 partial sums" in str(exc), exc
+        else:
+            raise AssertionError("a split count other than the config's was accepted")
+    finally:
+        gemv_kernels.OVERRIDES.pop(key, None)
+    print("gemv split argument ok")
+
+
 def check_linears() -> None:
     """Int8Linear / Int4Linear (Triton layout) at one row through the GEMV kernels, bias and SiLU·up
     included, against their dequantized weights."""
@@ -232,6 +257,7 @@ def check_decode_step(path: Path) -> None:
 if __name__ == "__main__":
     check_kernels()
     check_dequant_exact()
+    check_split_argument()
     check_linears()
     if len(sys.argv) > 1:
         check_decode_step(Path(sys.argv[1]))

@@ -22,6 +22,7 @@ from deepseek_serve.engine.runners.pytorch.ops import (
     rope_pack,
     silu_mul,
 )
+from deepseek_serve.engine.runners.pytorch.quantize import gemv_kernels
 
 # one-row MLPs through `gemv_kernels` (SiLU·up inside the down projection's split-K GEMV)
 GEMV_DOWN = True
@@ -135,12 +136,12 @@ class DecodeStep:
         self.ops_one = decode_attention_ops("triton" if attention == "auto" else attention)
         self.ops_many = decode_attention_ops("sdpa" if attention == "auto" else attention)
         if self.ops_one.attention == "triton":
-            import deepseek_serve.engine.runners.pytorch.decode_attention
+            pass
         if gemv_down is None:
             gemv_down = GEMV_DOWN and next(model.parameters()).device.type == "cuda"
         if gemv_down:
-            import deepseek_serve.engine.runners.pytorch.gemv_kernels  # noqa: F401  (registers the ops)
-
+            if not gemv_kernels():  # imports them (registers the ops)
+                raise RuntimeError("gemv_down needs the gemv_kernels module (Triton)")
             self.ops_one = replace(self.ops_one, gemv_down=True)
         self.model = model
         self.eager_argmax = eager_argmax

@@ -303,18 +303,26 @@ def _slices(x: Tensor, k: int, silu: bool, name: str) -> Tensor:
     return x3
 
 
-def _partials(kind: Kind, x3: Tensor, n: int, k: int, group: int) -> Tensor:
+def num_splits(kind: Kind, n: int, k: int, group: int = 0) -> int:
+    """How many partial sums a (kind, N, K, group) GEMV returns: its config's non-empty K splits."""
+    return _k_per_split(k, config_for(kind, n, k, group))[1]
+
+
+def _partials(x3: Tensor, n: int, split: int) -> Tensor:
     """The output buffer [SPLIT, M, N]: x's dtype for one split (no sum left to do), else float32."""
-    _, split = _k_per_split(k, config_for(kind, n, k, group))
     dtype = x3.dtype if split == 1 else torch.float32
     return torch.empty((split, x3.shape[1], n), dtype=dtype, device=x3.device)
 
 
-def _launch(kind: Kind, x: Tensor, w: Tensor, s: Tensor | None, n: int, k: int, silu: bool, group: int) -> Tensor:
+def _launch(
+    kind: Kind, x: Tensor, w: Tensor, s: Tensor | None, n: int, k: int, silu: bool, group: int, split: int
+) -> Tensor:
     x3 = _slices(x, k, silu, f"gemv_{kind}")
     cfg = config_for(kind, n, k, group)
-    per, split = _k_per_split(k, cfg)
-    part = _partials(kind, x3, n, k, group)
+    per, splits = _k_per_split(k, cfg)
+    if splits != split:
+        raise ValueError(f"gemv_{kind}: called for {split} partial sums, its config ({cfg}) gives {splits}")
+    part = _partials(x3, n, split)
     m = x3.shape[1]
     if m == 0:
         return part
@@ -352,53 +360,70 @@ def _bytes_per_thread(kind: Kind, cfg: GemvConfig, group: int) -> int:
     return cfg.block_n * per_row // (32 * cfg.num_warps)
 
 
-def _fake(kind: Kind, x: Tensor, n: int, k: int, group: int, silu: bool) -> Tensor:
-    return _partials(kind, _slices(x, k, silu, f"gemv_{kind}"), n, k, group)
+def _fake(x: Tensor, n: int, k: int, silu: bool, split: int, kind: Kind) -> Tensor:
+    return _partials(_slices(x, k, silu, f"gemv_{kind}"), n, split)
 
 
 # x below: [M, K] (or a gate_up [M, 2K] with `silu`), or [XS, M, ...] partial sums of the layer before
-# (XS <= MAX_SPLIT). Output: partials [SPLIT, M, N], float32, or x's dtype when SPLIT is 1.
+# (XS <= MAX_SPLIT). Output: partials [SPLIT, M, N], float32, or x's dtype when SPLIT is 1. `split` is
+# `num_splits` of the op's shape, passed by the wrappers below: an argument, it is a constant of every
+# traced graph, so a compiled graph cached on disk (Inductor's FX graph cache) never outlives a change
+# of the configs that would change its output shape.
 
 
 @torch.library.custom_op("deepseek_serve::gemv_float", mutates_args=())
-def gemv_float(x: Tensor, w: Tensor, silu: bool) -> Tensor:
-    """w [N, K] in x's dtype."""
+def _gemv_float(x: Tensor, w: Tensor, silu: bool, split: int) -> Tensor:
     if w.stride(1) != 1:
         raise ValueError("gemv_float: w must be contiguous along K")
-    return _launch("float", x, w, None, w.shape[0], w.shape[1], silu, 0)
+    return _launch("float", x, w, None, w.shape[0], w.shape[1], silu, 0, split)
 
 
-@gemv_float.register_fake
-def _(x: Tensor, w: Tensor, silu: bool) -> Tensor:
-    return _fake("float", x, w.shape[0], w.shape[1], 0, silu)
+@_gemv_float.register_fake
+def _(x: Tensor, w: Tensor, silu: bool, split: int) -> Tensor:
+    return _fake(x, w.shape[0], w.shape[1], silu, split, "float")
 
 
 @torch.library.custom_op("deepseek_serve::gemv_int8", mutates_args=())
-def gemv_int8(x: Tensor, w: Tensor, scales: Tensor, silu: bool) -> Tensor:
-    """w [N, K] int8, scales [N]."""
+def _gemv_int8(x: Tensor, w: Tensor, scales: Tensor, silu: bool, split: int) -> Tensor:
     n, k = w.shape
     if w.stride(1) != 1 or scales.shape != (n,):
         raise ValueError(f"gemv_int8: w {tuple(w.shape)} / scales {tuple(scales.shape)}")
-    return _launch("int8", x, w, scales.contiguous(), n, k, silu, 0)
+    return _launch("int8", x, w, scales.contiguous(), n, k, silu, 0, split)
 
 
-@gemv_int8.register_fake
-def _(x: Tensor, w: Tensor, scales: Tensor, silu: bool) -> Tensor:
-    return _fake("int8", x, w.shape[0], w.shape[1], 0, silu)
+@_gemv_int8.register_fake
+def _(x: Tensor, w: Tensor, scales: Tensor, silu: bool, split: int) -> Tensor:
+    return _fake(x, w.shape[0], w.shape[1], silu, split, "int8")
 
 
 @torch.library.custom_op("deepseek_serve::gemv_int4", mutates_args=())
-def gemv_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, silu: bool) -> Tensor:
-    """packed [N, K / 2] uint8 (`pack_int4`), scales_and_zeros [K / G, N, 2]."""
+def _gemv_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, silu: bool, split: int) -> Tensor:
     n, k = packed.shape[0], packed.shape[1] * 2
     if k % group_size or packed.stride(1) != 1 or scales_and_zeros.shape != (k // group_size, n, 2):
         raise ValueError(f"gemv_int4: packed {tuple(packed.shape)} / group {group_size}")
-    return _launch("int4", x, packed, scales_and_zeros.contiguous(), n, k, silu, group_size)
+    return _launch("int4", x, packed, scales_and_zeros.contiguous(), n, k, silu, group_size, split)
 
 
-@gemv_int4.register_fake
-def _(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, silu: bool) -> Tensor:
-    return _fake("int4", x, packed.shape[0], packed.shape[1] * 2, group_size, silu)
+@_gemv_int4.register_fake
+def _(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, silu: bool, split: int) -> Tensor:
+    return _fake(x, packed.shape[0], packed.shape[1] * 2, silu, split, "int4")
+
+
+def gemv_float(x: Tensor, w: Tensor, silu: bool = False) -> Tensor:
+    """Partials of x @ w.T; w [N, K] in x's dtype."""
+    return torch.ops.deepseek_serve.gemv_float(x, w, silu, num_splits("float", w.shape[0], w.shape[1]))
+
+
+def gemv_int8(x: Tensor, w: Tensor, scales: Tensor, silu: bool = False) -> Tensor:
+    """Partials of x @ (w * scales[:, None]).T; w [N, K] int8, scales [N]."""
+    return torch.ops.deepseek_serve.gemv_int8(x, w, scales, silu, num_splits("int8", w.shape[0], w.shape[1]))
+
+
+def gemv_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int, silu: bool = False) -> Tensor:
+    """Partials of x through group-wise int4 weights: packed [N, K / 2] uint8 (`pack_int4`),
+    scales_and_zeros [K / G, N, 2]."""
+    split = num_splits("int4", packed.shape[0], packed.shape[1] * 2, group_size)
+    return torch.ops.deepseek_serve.gemv_int4(x, packed, scales_and_zeros, group_size, silu, split)
 
 
 def gemv_finish(partials: Tensor, dtype: torch.dtype) -> Tensor:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from deepseek_serve.engine.runners.pytorch.config import ModelArgs
 from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch
 from deepseek_serve.engine.runners.pytorch.ops import EAGER_OPS, Ops, attend_chunk, rms_norm, rope_cache
+from deepseek_serve.engine.runners.pytorch.quantize import gemv
 
 
 class RMSNorm(nn.Module):
@@ -118,7 +119,7 @@ def mlp_partials(mlp: MLP, x: Tensor) -> Tensor | None:
     else:
         gate_up = gu(x)  # [1, 2I]
     if isinstance(down, nn.Linear):
-        partials = torch.ops.deepseek_serve.gemv_float(gate_up, down.weight, True)
+        partials = gemv().gemv_float(gate_up, down.weight, True)
     else:
         partials = down.gemv_partials(gate_up, silu=True)
     if down.bias is not None:

@@ -22,6 +22,7 @@ pick other kernels through `quantize_model`'s arguments.
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -49,13 +50,26 @@ def triton_kernels() -> bool:
     return True
 
 
+_GEMV: ModuleType | None = None  # `gemv_kernels`, once `gemv_kernels()` has imported it
+
+
 def gemv_kernels() -> bool:
     """Whether `gemv_kernels` (Triton) is importable; importing it registers the custom ops."""
+    global _GEMV
     try:
-        importlib.import_module("deepseek_serve.engine.runners.pytorch.gemv_kernels")
+        _GEMV = importlib.import_module("deepseek_serve.engine.runners.pytorch.gemv_kernels")
     except ImportError:
         return False
     return True
+
+
+def gemv() -> ModuleType:
+    """The `gemv_kernels` module (imported here on first use outside a traced graph: `DecodeStep`
+    loads it before it compiles)."""
+    if _GEMV is None and not gemv_kernels():
+        raise RuntimeError("the GEMV kernels need Triton")
+    assert _GEMV is not None
+    return _GEMV
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -162,7 +176,7 @@ class Int8Linear(nn.Module):
     def gemv_partials(self, x: Tensor, silu: bool = False) -> Tensor:
         """Partial sums [SPLIT, M, N] of the GEMV kernel, bias excluded (`gemv_kernels`: x [M, K],
         gate_up [M, 2K] with `silu`, or partial sums of either); needs `gemv`."""
-        return torch.ops.deepseek_serve.gemv_int8(x, self.weight, self.scales, silu)
+        return gemv().gemv_int8(x, self.weight, self.scales, silu)
 
 
 class Int4Linear(nn.Module):
@@ -240,7 +254,7 @@ class Int4Linear(nn.Module):
         """Partial sums [SPLIT, M, N] of the GEMV kernel, bias excluded (see `Int8Linear.gemv_partials`);
         needs `gemv`."""
         sz = self.scales_and_zeros
-        return torch.ops.deepseek_serve.gemv_int4(x, self.weight, sz, self.group_size, silu)
+        return gemv().gemv_int4(x, self.weight, sz, self.group_size, silu)
 
 
 def _swap(
