@@ -138,11 +138,11 @@ class Settings(BaseSettings):
         "(torch runner, plain greedy batches): the host's per-token work overlaps the forward",
     )
     engine_process: Literal["auto", "on", "off"] = Field(
-        "off",
+        "auto",
         description="run the scheduler loop in its own process behind the API process (its own GIL: "
-        "stepping and SSE framing do not slow each other); auto = on for the torch runner on CUDA, "
-        "off otherwise (the llama.cpp runner always keeps the engine in a thread of the API process). "
-        "Off by default until it is measured under load on a GPU (docs/performance.md)",
+        "stepping and SSE framing do not slow each other), shared by every worker of `serve --workers "
+        "N`; auto = on for the torch runner on CUDA, off otherwise (the llama.cpp runner keeps the "
+        "engine in a thread of the API process)",
     )
     cuda_graphs: bool = True
     packed_prefill: bool = Field(
@@ -161,7 +161,13 @@ class Settings(BaseSettings):
     # --- HTTP server -----------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    workers: int = Field(1, ge=1, le=64, description="Uvicorn worker processes (each loads the model)")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Uvicorn worker processes: with the engine in its own process they share it (unset: "
+        "`serve` starts min(4, CPU count) of them then), else each loads the model",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="JSON list; empty = CORS off")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     drain_timeout_s: float = Field(30.0, ge=0)
@@ -346,8 +352,11 @@ class Settings(BaseSettings):
             raise ValueError("speculative 'draft' needs DS_DRAFT_MODEL (a GGUF file or a model-pack name)")
         if self.role == "gateway" and not self.upstreams:
             raise ValueError("role 'gateway' needs DS_UPSTREAMS (base URLs or a YAML file)")
-        if self.role == "engine" and self.workers > 1:
-            raise ValueError("role 'engine' runs one engine per process (DS_WORKERS=1); add engines as upstreams")
+        if self.role == "engine" and self.workers > 1 and self.engine_process != "on":
+            raise ValueError(
+                "role 'engine' with DS_WORKERS > 1 needs DS_ENGINE_PROCESS=on (the workers share one engine "
+                "process); without it, one engine per process: add engines as upstreams"
+            )
         if self.role == "engine" and not self.engine_secret and not self.binds_loopback_only:
             raise ValueError("role 'engine' on a non-loopback address needs DS_ENGINE_SECRET")
         return self

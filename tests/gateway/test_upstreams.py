@@ -120,6 +120,8 @@ def test_gateway_role_needs_upstreams_and_engine_role_a_secret_off_loopback() ->
     assert load_settings(_env_file=None, role="engine").role == "engine"  # loopback: secret optional
     with pytest.raises(SettingsError, match="one engine per process"):
         load_settings(_env_file=None, role="engine", workers=2)
+    # several API workers of an engine role share one engine process
+    assert load_settings(_env_file=None, role="engine", workers=2, engine_process="on").workers == 2
     with pytest.raises(SettingsError, match="DS_ROLE"):
         load_settings(_env_file=None, role="router")
 

@@ -163,7 +163,7 @@ def _build_engine(settings: Settings) -> AsyncEngine:
         return GatewayEngine.from_settings(settings)
     from deepseek_serve.engine.process import ProcessEngine, connect_from_env, use_engine_process
 
-    if settings.role == "all":
+    if settings.role in ("all", "engine"):
         shared = connect_from_env()  # a worker of `serve --workers N` over one engine process
         if shared is not None:
             return shared

@@ -212,7 +212,8 @@ def metric(text: str, name: str) -> float:
 def test_serve_with_workers_shares_one_engine(folder: Path, tmp_path: Path) -> None:
     """`serve --workers 2` with the engine process: the model is loaded once, both workers serve
     streams through it (the official client, 24 at once), the engine's token counter is exported once
-    (not per worker), SIGTERM exits 0; then the engine process killed under a serving supervisor ends
+    (not per worker), SIGTERM exits 0; then, with no worker count given, serve starts min(4, CPU
+    count) workers over the engine process, and that process killed under the serving supervisor ends
     the server with exit code 1."""
     env = {
         "DS_MODEL": str(folder),
@@ -240,11 +241,47 @@ def test_serve_with_workers_shares_one_engine(folder: Path, tmp_path: Path) -> N
     assert "API workers connected: 2" in log
     assert "exited unexpectedly" not in log
 
-    again = ServeProcess(tmp_path / "server2", args=("--workers", "2"), timeout_s=240, **env)
+    # no worker count given: with the engine process, serve starts min(4, CPU count) workers over it
+    again = ServeProcess(tmp_path / "server2", timeout_s=240, **env)
     with again:
+        auto = min(4, os.cpu_count() or 1)
+        deadline = time.monotonic() + 60
+        while f"API workers connected: {auto}" not in again.stderr() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert f"API workers connected: {auto}" in again.stderr(), again.stderr()[-3000:]
         engine_pid = int(re.search(r"engine process (\d+) serving model", again.stderr()).group(1))  # type: ignore[union-attr]
         os.kill(engine_pid, signal.SIGKILL)
         assert again.proc is not None
         code = again.proc.wait(timeout=60)
     assert code == 1, again.stderr()[-3000:]
     assert "the engine process exited unexpectedly" in again.stderr()
+
+
+def test_engine_role_workers_share_one_engine(folder: Path, tmp_path: Path) -> None:
+    """`serve --role engine --workers 2` with the engine process (what a gateway routes to): both
+    workers answer from the one engine, so every load report over fresh connections counts the same
+    generated tokens."""
+    env = {
+        "DS_MODEL": str(folder),
+        "DS_RUNNER": "torch",
+        "DS_DEVICE": "cpu",
+        "DS_ENGINE_PROCESS": "on",
+        "DS_CUDA_GRAPHS": "false",
+        "DS_CONTEXT_LENGTH": str(CONTEXT),
+    }
+    server = ServeProcess(tmp_path / "engine", args=("--role", "engine", "--workers", "2"), timeout_s=240, **env)
+    with server:
+        assert asyncio.run(concurrent_streams(server, 4, 6)) == [6] * 4
+        deadline = time.monotonic() + 30
+        while "API workers connected: 2" not in server.stderr() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        reports = []
+        for _ in range(8):  # a new connection each: the kernel spreads them over the workers
+            with httpx.Client(timeout=10) as client:
+                reports.append(client.get(f"{server.url}/internal/load").json())
+        generated = {r["generation_tokens_total"] for r in reports}
+        assert all(r["ready"] for r in reports)
+        assert len(generated) == 1 and min(generated) >= 24, generated
+    assert server.stop() == 0
+    assert server.stderr().count("loaded from") == 1
+    assert "API workers connected: 2" in server.stderr()
