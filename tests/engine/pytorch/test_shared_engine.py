@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from deepseek_serve.engine.async_engine import AsyncEngine
@@ -285,3 +286,60 @@ def test_engine_role_workers_share_one_engine(folder: Path, tmp_path: Path) -> N
     assert server.stop() == 0
     assert server.stderr().count("loaded from") == 1
     assert "API workers connected: 2" in server.stderr()
+
+
+def test_killed_workers_are_replaced_and_their_requests_aborted(folder: Path, tmp_path: Path) -> None:
+    """SIGKILL of every API worker while six streams run: the engine process sees their connections
+    close and aborts all six requests (nothing keeps running for a client that is gone), Uvicorn's
+    supervisor starts new workers, which connect to the same engine process and serve."""
+    env = {
+        "DS_MODEL": str(folder),
+        "DS_RUNNER": "torch",
+        "DS_DEVICE": "cpu",
+        "DS_ENGINE_PROCESS": "on",
+        "DS_CUDA_GRAPHS": "false",
+        "DS_CONTEXT_LENGTH": "512",
+        "DS_MAX_BATCH_SIZE": "8",
+    }
+    server = ServeProcess(tmp_path / "server", args=("--workers", "2"), timeout_s=240, **env)
+    with server:
+        deadline = time.monotonic() + 60
+        while server.stderr().count("Started server process") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", server.stderr())]
+        assert len(workers) == 2
+
+        async def open_streams() -> None:
+            client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=60, max_retries=0)
+            model = (await client.models.list()).data[0].id
+            streams = [
+                await client.completions.create(
+                    model=model, prompt=f"# {i}\n", max_tokens=480, stream=True, extra_body={"ignore_eos": True}
+                )
+                for i in range(6)
+            ]
+            for stream in streams:  # every request is running in the engine
+                await anext(aiter(stream))
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            for stream in streams:  # each ends with the dropped connection
+                with pytest.raises(openai.APIError):
+                    async for _ in stream:
+                        pass
+            await client.close()
+
+        asyncio.run(open_streams())
+        deadline = time.monotonic() + 60
+        while server.stderr().count("API workers connected") < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = server.stderr()
+        aborted = [int(n) for n in re.findall(r"an API worker disconnected \((\d+) requests aborted\)", log)]
+        assert sum(aborted) == 6, log[-3000:]
+        assert log.count("API workers connected") == 4  # 1, 2, then the two new workers
+        # the aborted requests left the batch at once (their 480 tokens would take seconds more)
+        assert httpx.get(f"{server.url}/health/ready", timeout=10).json()["num_running"] == 0
+        assert asyncio.run(concurrent_streams(server, 3, 5)) == [5] * 3
+        ready = httpx.get(f"{server.url}/health/ready", timeout=10)
+        assert ready.status_code == 200
+    assert server.stop() == 0
+    assert server.stderr().count("loaded from") == 1
