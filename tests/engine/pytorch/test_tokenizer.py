@@ -129,3 +129,32 @@ def test_chat_template_read_from_checkpoint_folder(tmp_path: Path) -> None:
     assert read_chat_template(tmp_path) is None
     (tmp_path / "chat_template.jinja").write_text("J", encoding="utf-8")
     assert read_chat_template(tmp_path) == "J"
+
+
+@pytest.mark.parametrize("folder", [CODER, R1_32B_OLD], ids=["coder", "r1-old"])
+def test_pickled_tokenizer_encodes_alike_without_transformers(folder: Path) -> None:
+    """The copy an API process gets from the engine process (pickled, no transformers object) gives
+    the same ids, special tokens written in text and BOS handling included; unpickling imports
+    neither transformers nor torch."""
+    import pickle
+    import subprocess
+    import sys
+
+    need_fixtures()
+    tok = HFTokenizer(folder)
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.hf is None
+    texts = [*TEXTS, "<|EOT|><｜end▁of▁sentence｜> <think>reason</think>", "<|im_start|>user\nhi<|im_end|>", ""]
+    for text in texts:
+        for special in (True, False):
+            assert copy.encode(text, add_special_tokens=special) == tok.encode(text, add_special_tokens=special), text
+    assert (copy.bos_token, copy.eos_token, copy.eos_token_ids) == (tok.bos_token, tok.eos_token, tok.eos_token_ids)
+    assert copy.decode(tok.encode(TEXTS[2])) == tok.decode(tok.encode(TEXTS[2]))
+    code = (
+        "import pickle, sys\n"
+        "tok = pickle.loads(sys.stdin.buffer.read())\n"
+        "print(tok.encode('hello world'), 'transformers' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(tok), capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.decode().split() == [*str(tok.encode("hello world")).split(), "False", "False"]

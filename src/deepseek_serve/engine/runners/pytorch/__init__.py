@@ -8,6 +8,21 @@ Layout: `runner` (TorchRunner: slots, steps, sampling results), `config` (ModelA
 `speculative` (prompt lookup).
 """
 
-from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
 
 __all__ = ["TorchRunner"]
+
+
+def __getattr__(name: str) -> Any:
+    """`TorchRunner` on first use: the package's light modules (the tokenizer an API process unpickles)
+    do not import torch."""
+    if name == "TorchRunner":
+        from deepseek_serve.engine.runners.pytorch.runner import TorchRunner
+
+        return TorchRunner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

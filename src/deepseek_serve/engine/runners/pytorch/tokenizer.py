@@ -42,17 +42,28 @@ def _is_byte_level(backend_json: dict[str, Any]) -> bool:
 
 
 class HFTokenizer(Tokenizer):
-    """Wraps `transformers.AutoTokenizer` loaded from a checkpoint folder (offline)."""
+    """Wraps `transformers.AutoTokenizer` loaded from a checkpoint folder (offline).
+
+    Pickled (the engine process sends it to its API processes), it travels without the transformers
+    object: encoding there goes through the fast tokenizer's own `tokenizers.Tokenizer`, which gives
+    the same ids (tests/engine/pytorch/test_tokenizer.py), so an API process imports neither
+    transformers nor torch for it."""
 
     def __init__(self, path: Path | str) -> None:
         from transformers import AutoTokenizer
 
         self.path = Path(path)
-        self.hf = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
-        backend = json.loads(self.hf.backend_tokenizer.to_str())
+        self.hf: Any = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        self._backend: Any = self.hf.backend_tokenizer
+        backend = json.loads(self._backend.to_str())
         self.byte_level = _is_byte_level(backend)
+        self._bos: str | None = self.hf.bos_token
+        self._eos: str | None = self.hf.eos_token
         self._table = self._build_table()
         self._eos_ids = self._find_eos_ids()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "hf": None}
 
     def _build_table(self) -> list[bytes]:
         hf = self.hf
@@ -95,13 +106,15 @@ class HFTokenizer(Tokenizer):
 
     @property
     def bos_token(self) -> str | None:
-        return self.hf.bos_token
+        return self._bos
 
     @property
     def eos_token(self) -> str | None:
-        return self.hf.eos_token
+        return self._eos
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.hf is None:  # unpickled: the backend alone
+            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def token_bytes(self, token_id: int) -> bytes:
