@@ -85,6 +85,24 @@ def _worker(args: tuple[str, str, int, list[int], int], barrier: Any, results: A
         results.put(exc)
 
 
+def deal(concurrency: int, num_requests: int, procs: int) -> tuple[list[int], list[list[int]]]:
+    """Streams and request indexes per client process. Requests go in proportion to each process's
+    streams, so that every stream runs as many requests (num_requests / concurrency of them when that
+    divides): dealt round robin instead, a process with fewer streams would run one request more than
+    its streams hold and end the phase alone."""
+    procs = max(1, min(procs, concurrency))
+    shares = [concurrency // procs + (1 if p < concurrency % procs else 0) for p in range(procs)]
+    quotas = [share * num_requests // concurrency for share in shares]
+    for p in range(num_requests - sum(quotas)):
+        quotas[p % procs] += 1
+    indexes: list[list[int]] = []
+    start = 0
+    for quota in quotas:
+        indexes.append(list(range(start, start + quota)))
+        start += quota
+    return shares, indexes
+
+
 def run_load(
     url: str,
     concurrency: int,
@@ -98,19 +116,8 @@ def run_load(
     processes stopped) when it has not ended after `timeout_s`."""
     if model is None:
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-    procs = max(1, min(procs, concurrency))
-    shares = [concurrency // procs + (1 if p < concurrency % procs else 0) for p in range(procs)]
-    # requests dealt in proportion to each process's streams, so that every stream runs as many
-    # requests (num_requests / concurrency of them when that divides): dealt round robin, a process
-    # with fewer streams would run one request more than its streams hold and end the phase alone
-    quotas = [share * num_requests // concurrency for share in shares]
-    for p in range(num_requests - sum(quotas)):
-        quotas[p % procs] += 1
-    indexes: list[list[int]] = []
-    start = 0
-    for quota in quotas:
-        indexes.append(list(range(start, start + quota)))
-        start += quota
+    shares, indexes = deal(concurrency, num_requests, procs)
+    procs = len(shares)
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(procs)
     results = ctx.Queue()
