@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -65,3 +66,28 @@ def test_env_example_documents_every_setting() -> None:
     expected = {f"DS_{name.upper()}" for name in Settings.model_fields}
     assert expected - documented == set(), f"undocumented: {sorted(expected - documented)}"
     assert documented - expected == set(), f"documented but unknown: {sorted(documented - expected)}"
+
+
+def test_usable_cpus_follow_a_container_cpu_limit(tmp_path: Path) -> None:
+    """The cgroup quota caps the CPU count (a container sees the host's CPUs in its affinity mask):
+    cgroup v2 `cpu.max`, v1 `cfs_quota_us` / `cfs_period_us`, none set or unreadable = no limit."""
+    from deepseek_serve.config import cpu_quota, usable_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cpu_quota(v2) == 1.5
+    assert usable_cpus(v2) == min(affinity, 2)  # a fraction of a CPU still runs a thread
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(v2) is None and usable_cpus(v2) == affinity
+    (v2 / "cpu.max").write_text("50000 100000\n")
+    assert usable_cpus(v2) == 1
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(v1) == 1.0 and usable_cpus(v1) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota(v1) is None
+    assert cpu_quota(tmp_path / "none") is None and usable_cpus(tmp_path / "none") == affinity

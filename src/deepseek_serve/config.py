@@ -6,6 +6,7 @@ start with a message naming the setting (see `load_settings`).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -72,7 +73,9 @@ class Settings(BaseSettings):
         64, ge=0, le=100_000, description="requests waiting for a batch slot; beyond it requests are refused (HTTP 429)"
     )
     prefill_chunk_tokens: int = Field(512, ge=16, le=65_536, description="prompt tokens per forward step")
-    n_threads: int = Field(0, ge=0, le=1024, description="CPU threads for llama.cpp; 0 = physical cores")
+    n_threads: int = Field(
+        0, ge=0, le=1024, description="CPU threads for llama.cpp; 0 = physical cores, at most the container CPU limit"
+    )
     llama_repack: bool = Field(
         True,
         description="llama.cpp runner: repack quantized weights into llama.cpp's "
@@ -166,7 +169,7 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="Uvicorn worker processes: with the engine in its own process they share it (unset: "
-        "`serve` starts min(4, CPU count) of them then), else each loads the model",
+        "`serve` starts min(4, usable CPUs) of them then), else each loads the model",
     )
     cors_origins: list[str] = Field(default_factory=list, description="JSON list; empty = CORS off")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
@@ -391,6 +394,37 @@ class Settings(BaseSettings):
         if self.auth == "auto":
             return not self.binds_loopback_only
         return self.auth == "on"
+
+
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs this process's cgroup may use (a container's CPU limit: Docker `--cpus`, Kubernetes
+    `limits.cpu`), from cgroup v2 `cpu.max` or v1 `cpu/cpu.cfs_quota_us`; None without a limit. The
+    affinity mask does not show such a limit: a container on a 64-core host sees 64 CPUs."""
+    try:
+        quota, _, period = (cgroup / "cpu.max").read_text().partition(" ")
+        if quota.strip() == "max":
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process can keep busy: its affinity mask, capped by its cgroup's quota (rounded up)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cpus = os.cpu_count() or 1
+    quota = cpu_quota(cgroup)
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -97,15 +97,17 @@ def serve(
 
 def _shared_engine_workers(settings: Settings) -> Settings:
     """With the engine in its own process and no worker count given (flag or DS_WORKERS), serve with
-    min(4, CPU count) API workers over it: one API process frames about 5,000 SSE events/s, a fraction
-    of what a GPU engine produces at 64 streams (docs/performance.md)."""
+    min(4, usable CPUs: the affinity mask capped by a container's CPU limit) API workers over it: one
+    API process frames about 5,000 SSE events/s, a fraction of what a GPU engine produces at 64
+    streams (docs/performance.md)."""
     if "workers" in settings.model_fields_set or settings.role == "gateway":
         return settings
+    from deepseek_serve.config import usable_cpus
     from deepseek_serve.engine.process import use_engine_process
 
     if not use_engine_process(settings):
         return settings
-    workers = max(1, min(AUTO_WORKERS, os.cpu_count() or 1))
+    workers = min(AUTO_WORKERS, usable_cpus())
     # the workers read both (an engine role accepts several workers only with the engine process on)
     os.environ["DS_WORKERS"] = str(workers)
     os.environ["DS_ENGINE_PROCESS"] = "on"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import llama_cpp as lc
 
+from deepseek_serve.config import usable_cpus
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,7 +31,8 @@ def init_backend() -> None:
 
 
 def physical_cores() -> int:
-    """Physical cores available to this process (llama.cpp is slower on hyper-threads)."""
+    """Physical cores available to this process (llama.cpp is slower on hyper-threads), at most its
+    container's CPU limit (threads past the quota are throttled, not run)."""
     try:
         cpus = os.sched_getaffinity(0)
     except AttributeError:  # pragma: no cover - non-Linux
@@ -50,7 +53,7 @@ def physical_cores() -> int:
                     cores.add((pkg, core))
     except OSError:
         pass
-    return max(1, min(len(cores) or len(cpus), len(cpus)))
+    return max(1, min(len(cores) or len(cpus), len(cpus), usable_cpus()))
 
 
 @functools.cache
