@@ -496,20 +496,7 @@ class ProcessEngine(AsyncEngine):
         """Start the engine process and wait until it has loaded the model; RuntimeError with its
         error when it cannot. `log_config`: a `logging.config.dictConfig` dict the child applies
         (the server's own), else a plain stderr handler at `settings.log_level`."""
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=True)
-        process = ctx.Process(target=_child_main, args=(child, settings, log_config), name="engine", daemon=False)
-        process.start()
-        child.close()
-        try:
-            ready = _wait_ready(process, parent)
-        except BaseException:
-            parent.close()
-            process.join(10.0)
-            if process.is_alive():
-                process.kill()
-                process.join()
-            raise
+        process, parent, ready = _start_engine_process(settings, log_config)
         logger.info("engine process %d serving model %s", process.pid, ready.info.id)
         return cls(process, parent, ready)
 
@@ -738,6 +725,27 @@ class ProcessEngine(AsyncEngine):
         self._deliver(outputs)
 
 
+def _start_engine_process(
+    settings: Settings, log_config: dict[str, Any] | None, listen: _Listen | None = None
+) -> tuple[BaseProcess, Connection, _Ready]:
+    """Spawn the engine process and wait for its ready message: (process, this end of the pipe, ready).
+    When it fails to load, the process is reaped (killed if it lingers) and RuntimeError says why."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=True)
+    process = ctx.Process(target=_child_main, args=(child, settings, log_config, listen), name="engine", daemon=False)
+    process.start()
+    child.close()
+    try:
+        return process, parent, _wait_ready(process, parent)
+    except BaseException:
+        parent.close()
+        process.join(10.0)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        raise
+
+
 def _wait_ready(process: BaseProcess, conn: Connection) -> _Ready:
     """The child's ready message; RuntimeError with its error text, or when it exits or times out."""
     deadline = time.monotonic() + _LOAD_TIMEOUT_S
@@ -783,21 +791,9 @@ class EngineHost:
         folder = tempfile.mkdtemp(prefix="deepseek-serve-engine-")  # mode 0700: only this user connects
         address = os.path.join(folder, "engine.sock")
         authkey = os.urandom(32)
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=True)
-        process = ctx.Process(
-            target=_child_main, args=(child, settings, log_config, _Listen(address, authkey)), name="engine"
-        )
-        process.start()
-        child.close()
         try:
-            ready = _wait_ready(process, parent)
+            process, parent, ready = _start_engine_process(settings, log_config, _Listen(address, authkey))
         except BaseException:
-            parent.close()
-            process.join(10.0)
-            if process.is_alive():
-                process.kill()
-                process.join()
             shutil.rmtree(folder, ignore_errors=True)
             raise
         logger.info("engine process %d serving model %s to API workers at %s", process.pid, ready.info.id, address)
