@@ -3,24 +3,16 @@ number of requests, so no process ends the phase alone (a tail the in-process fi
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.bench_scripts import load_bench_module
 
 
 @pytest.fixture(scope="module")
 def sse_load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sse_load", ROOT / "bench" / "sse_load.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sse_load"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_module("sse_load")
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,19 @@ def settings_for(folder: Path, tmp: Path, **overrides: object) -> Settings:
     return make_settings(tmp, **{**base, **overrides})
 
 
+def serve_env(folder: Path, **extra: str) -> dict[str, str]:
+    """`DS_*` of a server on the tiny model with the engine in its own process (CPU, torch runner)."""
+    base = {
+        "DS_MODEL": str(folder),
+        "DS_RUNNER": "torch",
+        "DS_DEVICE": "cpu",
+        "DS_ENGINE_PROCESS": "on",
+        "DS_CUDA_GRAPHS": "false",
+        "DS_CONTEXT_LENGTH": str(CONTEXT),
+    }
+    return {**base, **extra}
+
+
 @pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.Runner]:
     """One event loop for the module: the shared engine's reader thread hands messages to it."""
@@ -226,16 +239,7 @@ def test_load_failure_raises_with_the_error(tmp_path: Path) -> None:
 
 
 def test_server_streams_to_the_openai_client(folder: Path, tmp_path: Path) -> None:
-    env = {
-        "DS_MODEL": str(folder),
-        "DS_RUNNER": "torch",
-        "DS_DEVICE": "cpu",
-        "DS_ENGINE_PROCESS": "on",
-        "DS_CUDA_GRAPHS": "false",
-        "DS_CONTEXT_LENGTH": str(CONTEXT),
-        "DS_LOG_FORMAT": "json",
-        "DS_MAX_BATCH_SIZE": "64",
-    }
+    env = serve_env(folder, DS_LOG_FORMAT="json", DS_MAX_BATCH_SIZE="64")
     server = ServeProcess(tmp_path / "server", timeout_s=180, **env)
     with server:
         client = server.openai_client()

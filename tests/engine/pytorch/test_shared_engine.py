@@ -32,6 +32,7 @@ from tests.engine.pytorch.test_process import (
     PROMPTS,
     concurrent_streams,
     request,
+    serve_env,
     settings_for,
     stream_all,
 )
@@ -216,15 +217,7 @@ def test_serve_with_workers_shares_one_engine(folder: Path, tmp_path: Path) -> N
     (not per worker), SIGTERM exits 0; then, with no worker count given, serve starts min(4, CPU
     count) workers over the engine process, and that process killed under the serving supervisor ends
     the server with exit code 1."""
-    env = {
-        "DS_MODEL": str(folder),
-        "DS_RUNNER": "torch",
-        "DS_DEVICE": "cpu",
-        "DS_ENGINE_PROCESS": "on",
-        "DS_CUDA_GRAPHS": "false",
-        "DS_CONTEXT_LENGTH": str(CONTEXT),
-        "DS_MAX_BATCH_SIZE": "32",
-    }
+    env = serve_env(folder, DS_MAX_BATCH_SIZE="32")
     server = ServeProcess(tmp_path / "server", args=("--workers", "2"), timeout_s=240, **env)
     with server:
         assert asyncio.run(concurrent_streams(server, 24, 10)) == [10] * 24
@@ -262,14 +255,7 @@ def test_engine_role_workers_share_one_engine(folder: Path, tmp_path: Path) -> N
     """`serve --role engine --workers 2` with the engine process (what a gateway routes to): both
     workers answer from the one engine, so every load report over fresh connections counts the same
     generated tokens."""
-    env = {
-        "DS_MODEL": str(folder),
-        "DS_RUNNER": "torch",
-        "DS_DEVICE": "cpu",
-        "DS_ENGINE_PROCESS": "on",
-        "DS_CUDA_GRAPHS": "false",
-        "DS_CONTEXT_LENGTH": str(CONTEXT),
-    }
+    env = serve_env(folder)
     server = ServeProcess(tmp_path / "engine", args=("--role", "engine", "--workers", "2"), timeout_s=240, **env)
     with server:
         assert asyncio.run(concurrent_streams(server, 4, 6)) == [6] * 4
@@ -292,15 +278,7 @@ def test_killed_workers_are_replaced_and_their_requests_aborted(folder: Path, tm
     """SIGKILL of every API worker while six streams run: the engine process sees their connections
     close and aborts all six requests (nothing keeps running for a client that is gone), Uvicorn's
     supervisor starts new workers, which connect to the same engine process and serve."""
-    env = {
-        "DS_MODEL": str(folder),
-        "DS_RUNNER": "torch",
-        "DS_DEVICE": "cpu",
-        "DS_ENGINE_PROCESS": "on",
-        "DS_CUDA_GRAPHS": "false",
-        "DS_CONTEXT_LENGTH": "512",
-        "DS_MAX_BATCH_SIZE": "8",
-    }
+    env = serve_env(folder, DS_CONTEXT_LENGTH="512", DS_MAX_BATCH_SIZE="8")
     server = ServeProcess(tmp_path / "server", args=("--workers", "2"), timeout_s=240, **env)
     with server:
         deadline = time.monotonic() + 60
