@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from deepseek_serve.engine.runners.pytorch.compile import DecodeStep
-from deepseek_serve.engine.runners.pytorch.decode_attention import BLOCK_N, decode_attention
 from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch, additive_mask
 from deepseek_serve.engine.runners.pytorch.loading import load_model
 from deepseek_serve.engine.runners.pytorch.modules import KVCache
@@ -25,6 +24,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def check_kernel() -> None:
     """Against SDPA over an additive mask: GQA and MHA, a head dim that is not a power of two, KV
     lengths across block boundaries (blocks past a row's length are empty), a strided KV view."""
+    from deepseek_serve.engine.runners.pytorch.decode_attention import BLOCK_N, decode_attention
+
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     cases = [(1, 12, 2, 128, 256), (3, 4, 4, 16, 2 * BLOCK_N + 3), (2, 6, 2, 24, BLOCK_N), (4, 8, 1, 64, 5)]
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
@@ -79,6 +80,7 @@ def check_decode_step(checkpoint: Path) -> None:
 
 
 if __name__ == "__main__":
-    check_kernel()
+    # the decode step first: it must register the kernels' op itself (nothing has imported them yet)
     check_decode_step(Path(sys.argv[1]))
+    check_kernel()
     print("decode attention checks passed")

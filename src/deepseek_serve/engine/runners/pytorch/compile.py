@@ -18,6 +18,7 @@ from deepseek_serve.engine.runners.pytorch.ops import (
     Ops,
     add_rms_norm,
     decode_attention_ops,
+    register_decode_attention,
     rms_norm,
     rope_pack,
     silu_mul,
@@ -136,7 +137,7 @@ class DecodeStep:
         self.ops_one = decode_attention_ops("triton" if attention == "auto" else attention)
         self.ops_many = decode_attention_ops("sdpa" if attention == "auto" else attention)
         if self.ops_one.attention == "triton":
-            pass
+            register_decode_attention()
         if gemv_down is None:
             gemv_down = GEMV_DOWN and next(model.parameters()).device.type == "cuda"
         if gemv_down:

@@ -8,6 +8,7 @@ decode step traces.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -115,9 +116,15 @@ def attend_chunk(q: Tensor, cache_l: Tensor, blocks: Tensor) -> Tensor:
     return torch.ops.deepseek_serve.chunk_attention(q, cache_l, blocks)
 
 
+def register_decode_attention() -> None:
+    """Registers the custom op `deepseek_serve::decode_attention` (imports the Triton kernels of
+    `decode_attention`) before a traced step looks it up."""
+    importlib.import_module("deepseek_serve.engine.runners.pytorch.decode_attention")
+
+
 def attend_triton(q: Tensor, kvs: Tensor, lengths: Tensor) -> Tensor:
     """`attend_sdpa` for T == 1 through the split-KV Triton kernels (CUDA; the custom op is
-    registered by importing `decode_attention`): reads each row's `lengths` positions, not the
+    registered by `register_decode_attention`): reads each row's `lengths` positions, not the
     whole bucket."""
     return torch.ops.deepseek_serve.decode_attention(q, kvs, lengths)
 
