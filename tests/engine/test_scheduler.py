@@ -14,6 +14,7 @@ import pytest
 from deepseek_serve.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from deepseek_serve.engine.llm_engine import EngineConfig, LLMEngine
 from deepseek_serve.engine.runners import Runner, SampleResult, ScheduledSeq, Tokenizer
+from deepseek_serve.engine.scheduler import prompt_budget
 from deepseek_serve.engine.sequence import Sequence, SequenceStatus
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams, StreamDelta
 
@@ -320,6 +321,29 @@ def test_chunked_prefill_shares_each_step_with_decoding_sequences() -> None:
     ]
     assert runner.steps[4].entries == [("short", 1, True), ("long", 1, True)]  # the last chunk samples
     run(engine)
+
+
+def test_a_prompt_alone_takes_the_prefill_chunk_and_beside_decoding_streams_the_decode_step() -> None:
+    engine, runner = make_engine(prefill_chunk_tokens=8, decode_step_tokens=4)
+    submit(engine, "first", "abcdefghijkl", max_tokens=3)
+    engine.step()
+    assert runner.steps[0].entries == [("first", 8, False)]  # nothing decodes: the whole chunk
+    engine.step()
+    assert runner.steps[1].entries == [("first", 4, True)]
+    submit(engine, "second", "abcdefghij", max_tokens=1)
+    engine.step()
+    # "first" decodes: its row and the prompt's chunk share the decode step's 4 tokens
+    assert runner.steps[2].entries == [("first", 1, True), ("second", 3, False)]
+    run(engine)
+
+
+def test_prompt_budget_bounds() -> None:
+    assert prompt_budget(0, 512, 256) == 512
+    assert prompt_budget(63, 512, 256) == 193
+    assert prompt_budget(250, 512, 256) == 64  # a full batch of decoding streams: a quarter still goes
+    assert prompt_budget(3, 128, 256) == 125  # the decode step is at most the chunk
+    assert prompt_budget(5, 16, 16) == 11
+    assert prompt_budget(40, 3, 3) == 1
 
 
 # --- the queue bound ---------------------------------------------------------------------------------------
