@@ -6,7 +6,7 @@ Run on a CUDA machine from the repository root:
 Random bf16 weights of the DeepSeek-R1-Distill-Qwen-1.5B shape, 64 slots of 8,448 tokens, every graph
 captured first. 63 sequences (128-token prompts) decode; then the long prompt is admitted and each step
 carries the 63 decode rows plus one chunk of the prompt, sized by the engine scheduler's rule
-(`scheduler.prompt_budget`: a chunk spec N is DS_DECODE_STEP_TOKENS=N under the default
+(`scheduler.prompt_chunk_cap`: a chunk spec N is DS_LONG_PREFILL_TOKENS=N under the default
 DS_PREFILL_CHUNK_TOKENS=512; 256, the default, leaves 193 prompt tokens beside 63 decode rows). Every step is timed
 (its tokens come back to the host at its end, so a step's wall time is the decoding streams' inter-token
 latency). Prints the steady step (median of 64 decode-only steps), the p50 / p99 / max step while the
@@ -40,7 +40,7 @@ from deepseek_serve.engine.runners import ScheduledSeq
 from deepseek_serve.engine.runners.pytorch import chunk_attention as ca
 from deepseek_serve.engine.runners.pytorch import packing
 from deepseek_serve.engine.runners.pytorch.ops import attend_causal
-from deepseek_serve.engine.scheduler import prompt_budget
+from deepseek_serve.engine.scheduler import prompt_chunk_cap
 from deepseek_serve.engine.sequence import Sequence, SequenceStatus
 from deepseek_serve.engine.types import SamplingParams
 
@@ -136,7 +136,7 @@ def use_path(runner: Any, path: str, graphs: Any) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    ap.add_argument("--chunks", default="256,512,f192", help="DS_DECODE_STEP_TOKENS values; fN: N prompt tokens")
+    ap.add_argument("--chunks", default="256,512,f192", help="DS_LONG_PREFILL_TOKENS values; fN: N prompt tokens")
     ap.add_argument("--paths", default="graph,eager,sdpa", help="the first path runs every chunk size, others 512")
     ap.add_argument("--best-tile", action="store_true", help="run with the fastest tile of the kernel timing")
     a = ap.parse_args()
@@ -177,7 +177,7 @@ def main() -> None:
     runs = [(paths[0], c) for c in a.chunks.split(",")] + [(p, "512") for p in paths[1:]]
     for path, spec in runs:
         chunk = int(spec.lstrip("f"))
-        prompt_chunk = chunk if spec.startswith("f") else prompt_budget(DECODERS, 512, chunk)
+        prompt_chunk = chunk if spec.startswith("f") else prompt_chunk_cap(DECODERS, 512, chunk)
         use_path(runner, path, chunk_graphs)
         # a new prompt per run: the last one's KV stays in the prefix cache
         long_prompt = torch.randint(0, SHAPE["vocab_size"], (LONG_PROMPT,), generator=gen).tolist()
@@ -209,7 +209,7 @@ def main() -> None:
     use_path(runner, "graph", chunk_graphs)
     (out / "chunked.json").write_text(json.dumps(results, indent=2))
     gpu.log(
-        "\n| path | DS_DECODE_STEP_TOKENS | prompt tokens / step | steps | steady ms | p50 / p99 / max ms | "
+        "\n| path | DS_LONG_PREFILL_TOKENS | prompt tokens / step | steps | steady ms | p50 / p99 / max ms | "
         "p99 / steady | prefill s |"
     )
     gpu.log("|---|---|---|---|---|---|---|---|")

@@ -73,15 +73,15 @@ class Settings(BaseSettings):
         64, ge=0, le=100_000, description="requests waiting for a batch slot; beyond it requests are refused (HTTP 429)"
     )
     prefill_chunk_tokens: int = Field(
-        512, ge=16, le=65_536, description="prompt tokens per forward step while no stream decodes"
+        512, ge=16, le=65_536, description="tokens per forward step: decode rows and prompt chunks"
     )
-    decode_step_tokens: int = Field(
+    long_prefill_tokens: int = Field(
         256,
         ge=16,
         le=65_536,
-        description="tokens of a forward step while streams decode: one per decoding stream plus a prompt "
-        "chunk (at least a quarter of this), at most prefill_chunk_tokens; bounds the inter-token latency "
-        "a long prompt adds to decoding streams",
+        description="while streams decode, one prompt's chunk and the decode rows stay within this many "
+        "tokens per step (the chunk at least a quarter of it; at most prefill_chunk_tokens): bounds the "
+        "inter-token latency a long prompt adds to decoding streams; short prompts are not held back",
     )
     n_threads: int = Field(
         0, ge=0, le=1024, description="CPU threads for llama.cpp; 0 = physical cores, at most the container CPU limit"

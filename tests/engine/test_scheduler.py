@@ -14,7 +14,7 @@ import pytest
 from deepseek_serve.engine.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from deepseek_serve.engine.llm_engine import EngineConfig, LLMEngine
 from deepseek_serve.engine.runners import Runner, SampleResult, ScheduledSeq, Tokenizer
-from deepseek_serve.engine.scheduler import prompt_budget
+from deepseek_serve.engine.scheduler import prompt_chunk_cap
 from deepseek_serve.engine.sequence import Sequence, SequenceStatus
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams, StreamDelta
 
@@ -323,27 +323,31 @@ def test_chunked_prefill_shares_each_step_with_decoding_sequences() -> None:
     run(engine)
 
 
-def test_a_prompt_alone_takes_the_prefill_chunk_and_beside_decoding_streams_the_decode_step() -> None:
-    engine, runner = make_engine(prefill_chunk_tokens=8, decode_step_tokens=4)
-    submit(engine, "first", "abcdefghijkl", max_tokens=3)
+def test_beside_decoding_streams_a_long_prompts_chunk_is_capped_and_short_prompts_are_not() -> None:
+    engine, runner = make_engine(prefill_chunk_tokens=8, long_prefill_tokens=4)
+    submit(engine, "first", "abcdefghijkl", max_tokens=4)
     engine.step()
     assert runner.steps[0].entries == [("first", 8, False)]  # nothing decodes: the whole chunk
     engine.step()
     assert runner.steps[1].entries == [("first", 4, True)]
-    submit(engine, "second", "abcdefghij", max_tokens=1)
+    submit(engine, "long", "abcdefghij", max_tokens=1)
+    submit(engine, "short", "abc", max_tokens=1)
     engine.step()
-    # "first" decodes: its row and the prompt's chunk share the decode step's 4 tokens
-    assert runner.steps[2].entries == [("first", 1, True), ("second", 3, False)]
+    # "first" decodes: one prompt's chunk and the decode row stay within 4 tokens; the next prompt
+    # takes what the cap leaves it of the step's 8
+    assert runner.steps[2].entries == [("first", 1, True), ("long", 3, False), ("short", 3, True)]
+    engine.step()
+    assert runner.steps[3].entries == [("first", 1, True), ("long", 3, False)]  # "short" had its one token
     run(engine)
 
 
-def test_prompt_budget_bounds() -> None:
-    assert prompt_budget(0, 512, 256) == 512
-    assert prompt_budget(63, 512, 256) == 193
-    assert prompt_budget(250, 512, 256) == 64  # a full batch of decoding streams: a quarter still goes
-    assert prompt_budget(3, 128, 256) == 125  # the decode step is at most the chunk
-    assert prompt_budget(5, 16, 16) == 11
-    assert prompt_budget(40, 3, 3) == 1
+def test_prompt_chunk_cap_bounds() -> None:
+    assert prompt_chunk_cap(0, 512, 256) == 512
+    assert prompt_chunk_cap(63, 512, 256) == 193
+    assert prompt_chunk_cap(250, 512, 256) == 64  # a full batch of decoding streams: a quarter still goes
+    assert prompt_chunk_cap(3, 128, 256) == 125  # at most the step's chunk
+    assert prompt_chunk_cap(5, 16, 16) == 11
+    assert prompt_chunk_cap(40, 3, 3) == 1
 
 
 # --- the queue bound ---------------------------------------------------------------------------------------

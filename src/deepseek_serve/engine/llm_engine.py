@@ -45,7 +45,7 @@ class EngineConfig:
     max_batch_size: int = 8
     max_queue_size: int = 64
     prefill_chunk_tokens: int = 512
-    decode_step_tokens: int | None = None  # None: prefill_chunk_tokens (see scheduler.prompt_budget)
+    long_prefill_tokens: int | None = None  # None: prefill_chunk_tokens (see scheduler.prompt_chunk_cap)
     default_max_tokens: int = 1024
     request_timeout_s: float = 600.0
     burst_wait_s: float = 0.0  # idle engine: wait while requests keep arriving (see AsyncEngine._run)
@@ -203,7 +203,7 @@ class LLMEngine:
             config.max_batch_size,
             config.max_queue_size,
             config.prefill_chunk_tokens,
-            config.decode_step_tokens,
+            config.long_prefill_tokens,
         )
         self._states: dict[str, _SeqState] = {}
         self._abort_lock = threading.Lock()

@@ -67,7 +67,7 @@ def load_model(settings: Settings) -> LoadedModel:
             max_batch_size=settings.max_batch_size,
             max_queue_size=settings.max_queue_size,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
-            decode_step_tokens=settings.decode_step_tokens,
+            long_prefill_tokens=settings.long_prefill_tokens,
             default_max_tokens=settings.default_max_tokens,
             request_timeout_s=settings.request_timeout_s,
             burst_wait_s=settings.burst_wait_ms / 1000.0,

@@ -3,10 +3,11 @@
 Between two steps, waiting sequences join the running batch (FCFS, bounded by free slots and
 KV capacity) and finished ones leave it. Each step gives every decoding sequence one token and
 spends the rest of the token budget on prompt chunks (chunked prefill), so a long prompt never
-stalls the others for more than one chunk. The budget has two sizes (`prompt_budget`): with nothing
-decoding a step takes `prefill_chunk_tokens` prompt tokens (prefill alone: big chunks, fewer steps);
-while streams decode, the step's decode rows and prompt chunk together take `decode_step_tokens`,
-which bounds what a long prompt adds to their inter-token latency.
+stalls the others for more than one chunk. A step holds at most `prefill_chunk_tokens` tokens
+(decode rows and prompt chunks); while streams decode, one prompt's chunk is also capped so that it
+and the decode rows stay within `long_prefill_tokens` (`prompt_chunk_cap`): a long prompt then
+costs the decoding streams a bounded step time per chunk, while a burst of short prompts is still
+prefilled in full-size steps (the first token of each comes sooner).
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from deepseek_serve.engine.sequence import Sequence, SequenceStatus
 logger = logging.getLogger(__name__)
 
 
-def prompt_budget(decoding: int, prefill_chunk_tokens: int, decode_step_tokens: int) -> int:
-    """Prompt tokens one step may take beside `decoding` decode rows: `prefill_chunk_tokens` when
-    nothing decodes; otherwise what is left of `decode_step_tokens` (at most the chunk) after the
-    decode rows, and never less than a quarter of it, so a prompt still moves when the batch is full
-    of decoding streams."""
+def prompt_chunk_cap(decoding: int, prefill_chunk_tokens: int, long_prefill_tokens: int) -> int:
+    """The most prompt tokens one sequence may take in a step beside `decoding` decode rows: the whole
+    chunk when nothing decodes; otherwise what is left of `long_prefill_tokens` (at most the chunk)
+    after the decode rows, never less than a quarter of it, so a prompt still moves when the batch is
+    full of decoding streams."""
     if decoding == 0:
         return prefill_chunk_tokens
-    step = min(decode_step_tokens, prefill_chunk_tokens)
+    step = min(long_prefill_tokens, prefill_chunk_tokens)
     return max(step - decoding, step // 4, 1)
 
 
@@ -41,13 +42,13 @@ class Scheduler:
         max_batch_size: int,
         max_queue_size: int,
         prefill_chunk_tokens: int,
-        decode_step_tokens: int | None = None,
+        long_prefill_tokens: int | None = None,
     ) -> None:
         self.runner = runner
         self.max_batch_size = min(max_batch_size, runner.max_num_seqs)
         self.max_queue_size = max_queue_size
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.decode_step_tokens = prefill_chunk_tokens if decode_step_tokens is None else decode_step_tokens
+        self.long_prefill_tokens = prefill_chunk_tokens if long_prefill_tokens is None else long_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._lock = threading.Lock()  # guards `waiting` against submissions from the event loop
@@ -120,11 +121,12 @@ class Scheduler:
         """The next step's batch: one token per decoding sequence, prompt chunks with what is left."""
         # decode first: latency of running streams comes before throughput of new prompts
         batch = [ScheduledSeq(seq, 1, True) for seq in self.running if not seq.is_prefilling]
-        budget = prompt_budget(len(batch), self.prefill_chunk_tokens, self.decode_step_tokens)
+        budget = max(self.prefill_chunk_tokens, len(self.running)) - len(batch)
+        cap = prompt_chunk_cap(len(batch), self.prefill_chunk_tokens, self.long_prefill_tokens)
         for seq in self.running:
             if seq.is_prefilling and budget > 0:
                 remaining = seq.num_prompt_tokens - seq.num_computed_tokens
-                n = min(remaining, budget)
+                n = min(remaining, budget, cap)
                 batch.append(ScheduledSeq(seq, n, n == remaining))
                 budget -= n
         return batch
