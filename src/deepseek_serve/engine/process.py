@@ -42,6 +42,7 @@ import pickle
 import queue
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -78,6 +79,10 @@ _SUMMARY_INTERVAL_S = 1.0
 _IDLE_WAIT_S = 0.5  # an idle child blocks this long on the pipe between checks
 _LOAD_TIMEOUT_S = 3600.0  # model download + load + warm-up on the device
 _CONNECT_TIMEOUT_S = 60.0  # a worker's wait for the ready message of a running engine process
+# an API worker's connection must finish the authentication handshake in this long, and at most this many
+# handshakes run at once: a connection that stalls holds one handshake thread, never the accept loop
+_HANDSHAKE_TIMEOUT_S = 10.0
+_MAX_HANDSHAKES = 16
 # where `serve` tells its workers the engine process's socket and key (hex)
 ENGINE_SOCKET_ENV = "DS_ENGINE_SOCKET"
 ENGINE_AUTHKEY_ENV = "DS_ENGINE_AUTHKEY"
@@ -185,7 +190,8 @@ def _child_main(
                 "set DS_ENGINE_PROCESS=off"
             ) from exc
         if listen is not None:
-            listener = Listener(listen.address, family="AF_UNIX", backlog=64, authkey=listen.authkey)
+            # no authkey here: `_accept` authenticates each connection in a thread of its own, under a deadline
+            listener = Listener(listen.address, family="AF_UNIX", backlog=64)
     except BaseException as exc:
         logger.exception("the engine process could not load the model")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
@@ -193,8 +199,8 @@ def _child_main(
         return
     conn.send_bytes(message)
     loop = _ChildLoop(conn, core, ready.summary, shared=listener is not None)
-    if listener is not None:
-        loop.listen(listener, message)
+    if listener is not None and listen is not None:
+        loop.listen(listener, listen.authkey, message)
     try:
         loop.run()
     except OSError:  # a send to an API process that is gone (broken pipe)
@@ -227,12 +233,13 @@ class _ChildLoop:
         self.summary = summary
         self.summary_of: list[Any] = []
 
-    def listen(self, listener: Listener, ready: bytes) -> None:
-        """Accept API workers in a thread: each gets `ready`, then joins the loop's connections."""
+    def listen(self, listener: Listener, authkey: bytes, ready: bytes) -> None:
+        """Accept API workers in a thread: each that authenticates gets `ready`, then joins the loop's
+        connections."""
         wake, wake_w = os.pipe()
         self.wake = wake
         threading.Thread(
-            target=_accept, args=(listener, ready, self.joined, wake_w), name="engine-accept", daemon=True
+            target=_accept, args=(listener, authkey, ready, self.joined, wake_w), name="engine-accept", daemon=True
         ).start()
 
     def run(self) -> None:
@@ -436,24 +443,65 @@ class _ChildLoop:
             self.send(conn, ("stats", stats, changed, conn is reporter))
 
 
-def _accept(listener: Listener, ready: bytes, joined: queue.SimpleQueue[Connection], wake: int) -> None:
-    """The engine process's accept thread: authenticate each API worker, send it the ready message,
-    hand it to the loop (and wake the loop). Ends when the listener closes."""
+def _accept(listener: Listener, authkey: bytes, ready: bytes, joined: queue.SimpleQueue[Connection], wake: int) -> None:
+    """The engine process's accept thread: each connection is authenticated in a thread of its own
+    (`_handshake`, at most _MAX_HANDSHAKES at once, each under _HANDSHAKE_TIMEOUT_S), so a client that
+    connects and then says nothing holds up no other. Ends when the listener closes."""
+    handshakes = threading.BoundedSemaphore(_MAX_HANDSHAKES)
     while True:
         try:
             conn = listener.accept()
-        except multiprocessing.AuthenticationError:
-            logger.warning("a connection to the engine socket failed authentication")
-            continue
         except OSError:
             return
-        try:
-            conn.send_bytes(ready)
-        except OSError:
+        if not handshakes.acquire(blocking=False):
+            logger.warning("%d engine socket handshakes in progress: a connection was refused", _MAX_HANDSHAKES)
             conn.close()
             continue
-        joined.put(conn)
-        os.write(wake, b"\0")
+        threading.Thread(
+            target=_handshake,
+            args=(conn, authkey, ready, joined, wake, handshakes),
+            name="engine-handshake",
+            daemon=True,
+        ).start()
+
+
+def _handshake(
+    conn: Connection,
+    authkey: bytes,
+    ready: bytes,
+    joined: queue.SimpleQueue[Connection],
+    wake: int,
+    handshakes: threading.BoundedSemaphore,
+) -> None:
+    """Challenge and answer (multiprocessing's HMAC handshake, as `Listener(authkey=...)` does), then
+    the ready message, then the connection joins the loop (woken through `wake`). Past the deadline
+    the socket is shut down, which ends a blocked read."""
+    lock = threading.Lock()
+    done = False
+
+    def expire() -> None:
+        with lock:
+            if not done:
+                with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(_HANDSHAKE_TIMEOUT_S, expire)
+    timer.start()
+    try:
+        multiprocessing.connection.deliver_challenge(conn, authkey)
+        multiprocessing.connection.answer_challenge(conn, authkey)
+        conn.send_bytes(ready)
+        with lock:
+            done = True
+    except (multiprocessing.AuthenticationError, OSError, EOFError) as exc:
+        logger.warning("a connection to the engine socket failed to authenticate: %s", exc or type(exc).__name__)
+        conn.close()
+        return
+    finally:
+        timer.cancel()
+        handshakes.release()
+    joined.put(conn)
+    os.write(wake, b"\0")
 
 
 # --- the API side ------------------------------------------------------------------------------------------

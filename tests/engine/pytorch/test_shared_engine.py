@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.errors import EngineStoppedError
 from deepseek_serve.engine.process import (
+    _HANDSHAKE_TIMEOUT_S,
     ENGINE_AUTHKEY_ENV,
     ENGINE_SOCKET_ENV,
     EngineHost,
@@ -169,6 +171,35 @@ def test_wrong_key_and_missing_socket_are_refused(
             await engine.shutdown()
 
     assert asyncio.run(run()) == "length"
+
+
+def test_silent_connections_do_not_hold_up_workers(host: EngineHost) -> None:
+    """Connections to the engine socket that never answer the authentication challenge (a local process
+    that connects and stalls) hold up no API worker, and are cut after the handshake deadline."""
+    silent = []
+    for _ in range(3):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(host.address)
+        silent.append(sock)
+    try:
+        t0 = time.monotonic()
+        engine = connect(host)  # would wait behind the silent ones if the handshakes were serial
+        assert time.monotonic() - t0 < _HANDSHAKE_TIMEOUT_S / 2
+
+        async def start_and_stop() -> None:
+            await engine.start()
+            await engine.shutdown()
+
+        asyncio.run(start_and_stop())
+        for sock in silent:
+            sock.settimeout(_HANDSHAKE_TIMEOUT_S * 3)  # a timeout here: the engine never cut the connection
+            data = b""
+            while chunk := sock.recv(4096):  # the challenge, then end of file when the deadline cuts it
+                data += chunk
+            assert b"#CHALLENGE#" in data
+    finally:
+        for sock in silent:
+            sock.close()
 
 
 def test_engine_process_exit_ends_the_workers_streams(folder: Path, tmp_path: Path) -> None:
