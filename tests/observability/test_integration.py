@@ -84,6 +84,7 @@ scrape_configs:
     assert len(access) == 1
     assert access[0]["route"] == "/v1/chat/completions" and access[0]["status"] == 200
     assert access[0]["latency_ms"] > 0 and "time" in access[0] and access[0]["level"] == "info"
+    assert access[0]["completion_id"] == answer.id  # engine lines name `<completion id>-<choice>`
     finished = [e for e in lines if e.get("request_id") == "mon-req-1" and "tokens" in e]
     assert finished and finished[0]["tokens"] == answer.usage.total_tokens
 

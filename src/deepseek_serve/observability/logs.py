@@ -2,8 +2,9 @@
 
 Every line of a request carries its context: `request_id` (the API's request-id middleware puts it on
 each record), plus the fields bound with `bind_log_fields` (key_id, route, status, latency_ms,
-tokens). The HTTP middleware opens one context per request (`request_log_scope`); code deeper in the
-request adds to it, and Uvicorn's access line, written when the response starts, sees it all.
+tokens, completion_id: the engine's own lines name a choice `<completion id>-<index>`). The HTTP
+middleware opens one context per request (`request_log_scope`); code deeper in the request adds to
+it, and Uvicorn's access line, written when the response starts, sees it all.
 
 Prompt and completion text never reach a line unless `DS_LOG_PROMPTS=true`: the fields named in
 `PROMPT_FIELDS` are dropped by the formatter, and query strings are cut from access-log paths.
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 # The request's fields; a mutable dict so what inner code binds is seen by the outer middleware.
 _fields_var: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("log_fields", default=None)
 
-CONTEXT_FIELDS = ("request_id", "key_id", "route", "status", "latency_ms", "tokens")
+CONTEXT_FIELDS = ("request_id", "key_id", "route", "status", "latency_ms", "tokens", "completion_id")
 PROMPT_FIELDS = frozenset({"prompt", "prompt_text", "messages", "completion", "completion_text", "content", "input"})
 # attributes every LogRecord has; anything else on a record came from `extra=`
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {

@@ -9,6 +9,7 @@ import anyio
 from deepseek_serve.contracts import Principal
 from deepseek_serve.engine.errors import ContextLengthError, EngineError, QueueFullError
 from deepseek_serve.engine.types import GenerationRequest
+from deepseek_serve.observability.logs import bind_log_fields
 from deepseek_serve.serving.accounting import RequestAccounting, RequestOutcome
 from deepseek_serve.serving.choice import ChoiceState
 from deepseek_serve.serving.failures import from_engine_error
@@ -44,6 +45,9 @@ class GenerationRun:
         """Add every choice to the engine. An engine refusal ends the request: it is accounted and
         raised as its API error, carrying the rate-limit headers."""
         plan = self.plan
+        # the engine's log lines name a choice by its engine request id, `<completion id>-<index>`: the
+        # request's own lines (its access line) carry the completion id to tie them to the request id
+        bind_log_fields(completion_id=plan.completion_id)
         try:
             for p_index, prompt in enumerate(plan.prompts):
                 for i in range(plan.n):
