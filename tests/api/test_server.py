@@ -178,9 +178,13 @@ def test_overload_and_sigterm(tmp_path: Path) -> None:
         async def drain() -> bytes:
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as http:
                 body = {"model": srv.model, "prompt": "x", "max_tokens": 40, "ignore_eos": True, "stream": True}
-                blocking = {**body, "stream": False}
+                # two blockers hold both batch slots long past a keep-alive interval, so the stream waits
+                blocking = {**body, "stream": False, "max_tokens": 600}
                 blockers = [asyncio.ensure_future(http.post("/v1/completions", json=blocking)) for _ in range(2)]
-                await asyncio.sleep(0.3)
+                deadline = time.monotonic() + 60
+                while srv.stats()["num_running"] < 2:
+                    assert time.monotonic() < deadline, "the blockers never ran"
+                    await asyncio.sleep(0.02)
                 async with http.stream("POST", "/v1/completions", json=body) as resp:
                     srv.proc.send_signal(signal.SIGTERM)
                     raw = b"".join([c async for c in resp.aiter_bytes()])
