@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import gpu  # bench/gpu.py: shapes, random models, the runner driver
 from deepseek_serve.engine.runners.pytorch.quantize import (
     INT4_INNER_K_TILES,
+    INT8_ONE_ROW,
     pack_int4,
     quantize_int4,
     quantize_int8,
@@ -144,7 +145,7 @@ def bench_linears(results: dict[str, Any], names: list[str]) -> None:
 def bench_variant(vname: str, hf: torch.nn.Module, bw: float, results: dict[str, Any]) -> None:
     opts = VARIANTS[vname]
     kernels = dict(
-        int8_one_row=opts.get("int8_one_row", "inductor"),
+        int8_one_row=opts.get("int8_one_row", INT8_ONE_ROW),  # the library default unless a variant says
         int4_kernel=opts.get("kernel", "triton"),
         group_size=opts.get("group", 32),
     )

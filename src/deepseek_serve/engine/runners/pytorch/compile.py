@@ -9,10 +9,10 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch
-from deepseek_serve.engine.runners.pytorch.modules import CausalLM, DecoderLayer, KVCache
+from deepseek_serve.engine.runners.pytorch.modules import MLP, CausalLM, DecoderLayer, KVCache
 from deepseek_serve.engine.runners.pytorch.ops import (
     DECODE_ATTENTIONS,
     Ops,
@@ -25,7 +25,9 @@ from deepseek_serve.engine.runners.pytorch.ops import (
 )
 from deepseek_serve.engine.runners.pytorch.quantize import gemv_kernels
 
-# one-row MLPs through `gemv_kernels` (SiLU·up inside the down projection's split-K GEMV)
+# one-row MLPs through `gemv_kernels` (SiLU·up inside the down projection's split-K GEMV) where the down
+# projections are quantized; bf16 ones stay Inductor's fused SiLU·down reduction, which measured faster
+# in the whole step (1.519 vs 1.617 ms per 1.5B-shape step on an H200, docs/performance.md)
 GEMV_DOWN = True
 
 
@@ -115,7 +117,8 @@ class DecodeStep:
     Compiles per model shape: one for 1 row, one for any other row count; the KV length is dynamic.
     `backend`: torch.compile's (tests trace on CPU with "aot_eager"). `compiler`: the one whose
     wrappers to use (a new one when None). `gemv_down`: the one-row step's MLPs run SiLU·up and the
-    down projection as one split-K GEMV kernel (`gemv_kernels`; None = GEMV_DOWN on CUDA).
+    down projection as one split-K GEMV kernel (`gemv_kernels`; None = GEMV_DOWN on CUDA for a model
+    with quantized down projections).
     """
 
     def __init__(
@@ -139,7 +142,11 @@ class DecodeStep:
         if self.ops_one.attention == "triton":
             register_decode_attention()
         if gemv_down is None:
-            gemv_down = GEMV_DOWN and next(model.parameters()).device.type == "cuda"
+            gemv_down = (
+                GEMV_DOWN
+                and next(model.parameters()).device.type == "cuda"
+                and any(isinstance(m, MLP) and not isinstance(m.down_proj, nn.Linear) for m in model.modules())
+            )
         if gemv_down:
             if not gemv_kernels():  # imports them (registers the ops)
                 raise RuntimeError("gemv_down needs the gemv_kernels module (Triton)")
