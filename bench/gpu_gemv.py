@@ -349,6 +349,7 @@ def bench_variant(
     row["profile_device_us_1"], row["kernels_1"] = dev_us, nk
     with (out / "profiles.txt").open("a") as f:
         f.write(f"\n== {vname}: {dev_us:.1f} us of kernels, {nk} kernels per 1-row step\n{table}\n")
+    gpu.log(f"{vname} kernels per 1-row step:\n" + "\n".join(table.splitlines()[:14]))
     if left() < 25:
         return
     gpu.bench_runner(runner, [prompt], 128)  # the prefill chunk graph and every decode bucket captured

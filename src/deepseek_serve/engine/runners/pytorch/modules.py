@@ -12,15 +12,7 @@ from torch import Tensor, nn
 
 from deepseek_serve.engine.runners.pytorch.config import ModelArgs
 from deepseek_serve.engine.runners.pytorch.forward_batch import ForwardBatch
-from deepseek_serve.engine.runners.pytorch.ops import (
-    EAGER_OPS,
-    Ops,
-    attend_chunk,
-    attend_triton,
-    rms_norm,
-    rope_cache,
-    rope_kv,
-)
+from deepseek_serve.engine.runners.pytorch.ops import EAGER_OPS, Ops, attend_chunk, rms_norm, rope_cache
 from deepseek_serve.engine.runners.pytorch.quantize import gemv
 
 
@@ -71,14 +63,6 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, hk, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x).view(b, t, h + 2 * hk, hd)
-        if ops.attention == "triton" and fb.blocks is None and not fb.kv_concat:
-            # decode: the keys are rotated and written here (one kernel, the write fused in by the
-            # compiler), q is rotated inside the attention kernel
-            assert fb.lengths is not None and fb.mask is not None
-            cache_l[fb.rows, :, fb.write_pos] = rope_kv(qkv, rope[0], rope[1], h, hk)
-            s = fb.mask.shape[-1]
-            kvs = cache_l[:b, :, :s] if fb.slots is None else cache_l[fb.slots, :, :s]
-            return self.o_proj(attend_triton(qkv[:, :, :h], kvs, fb.lengths, rope))
         q, kv = ops.rope_pack(qkv, rope[0], rope[1], h, hk)  # [B, T, H, D], [B, T, Hk, 2D]
         cache_l[fb.rows, :, fb.write_pos] = kv
         if fb.blocks is not None:

@@ -46,12 +46,6 @@ def rope_pack(qkv: Tensor, cos: Tensor, sin: Tensor, h: int, hk: int) -> tuple[T
     return qk[:, :, :h], torch.cat([qk[:, :, h:], qkv[:, :, h + hk :]], dim=-1)
 
 
-def rope_kv(qkv: Tensor, cos: Tensor, sin: Tensor, h: int, hk: int) -> Tensor:
-    """qkv [B, T, H + 2 Hk, D] -> [roped k | v] [B, T, Hk, 2D] (q left to an attention that rotates
-    it itself: `attend_triton` with `rope`)."""
-    return torch.cat([apply_rope(qkv[:, :, h : h + hk], cos, sin), qkv[:, :, h + hk :]], dim=-1)
-
-
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     # float32 statistics, cast back, then the weight: transformers' LlamaRMSNorm exactly
     h = x.float()
@@ -128,13 +122,11 @@ def register_decode_attention() -> None:
     importlib.import_module("deepseek_serve.engine.runners.pytorch.decode_attention")
 
 
-def attend_triton(q: Tensor, kvs: Tensor, lengths: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """`attend_sdpa` for T == 1 through the split-KV Triton kernel (CUDA; the custom op is
+def attend_triton(q: Tensor, kvs: Tensor, lengths: Tensor) -> Tensor:
+    """`attend_sdpa` for T == 1 through the split-KV Triton kernels (CUDA; the custom op is
     registered by `register_decode_attention`): reads each row's `lengths` positions, not the
-    whole bucket. With `rope` (cos, sin [B, 1, 1, D]), q is not yet rotated: the kernel does it."""
-    if rope is None:
-        return torch.ops.deepseek_serve.decode_attention(q, kvs, lengths)
-    return torch.ops.deepseek_serve.decode_attention(q, kvs, lengths, rope[0], rope[1])
+    whole bucket."""
+    return torch.ops.deepseek_serve.decode_attention(q, kvs, lengths)
 
 
 DECODE_ATTENTIONS = ("sdpa", "reductions", "triton")
