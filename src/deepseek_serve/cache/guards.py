@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from deepseek_serve.cache import lua
 from deepseek_serve.cache.client import RedisClient, RedisUnavailable
 
 if TYPE_CHECKING:
@@ -89,23 +90,19 @@ class LocalAuthThrottle:
 
 # KEYS: the bucket. ARGV: capacity, 1 to record a failure (0 to check). Returns the retry time in ms
 # (0: the address may try now).
-_AUTH_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window = 60000
+_AUTH_LUA = (
+    lua.BUCKET
+    + """
 local cap, record = tonumber(ARGV[1]), tonumber(ARGV[2])
-local v = redis.call('HMGET', KEYS[1], 'l', 't')
-local level, ts = tonumber(v[1]), tonumber(v[2])
-if level == nil or ts == nil then level = cap
-else level = math.min(cap, level + math.max(0, now - ts) * cap / window) end
+local level = refilled(KEYS[1], cap) or cap
 if record == 1 then
   level = math.max(level - 1, 0)
-  redis.call('HSET', KEYS[1], 'l', tostring(level), 't', now)
-  redis.call('PEXPIRE', KEYS[1], math.ceil((cap - level) * window / cap) + 1000)
+  store(KEYS[1], cap, level)
 end
 if level >= 1 then return 0 end
 return math.ceil((1 - level) * window / cap)
 """
+)
 
 
 class RedisAuthThrottle:
@@ -193,9 +190,9 @@ class LocalKeyConcurrency:
 
 
 # KEYS: the key's lease set. ARGV: limit, member, lease ms. Returns 1 when the lease was taken.
-_ACQUIRE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_ACQUIRE_LUA = (
+    lua.NOW
+    + """
 local limit, member, lease = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
@@ -203,11 +200,12 @@ redis.call('ZADD', KEYS[1], now + lease, member)
 redis.call('PEXPIRE', KEYS[1], lease + 1000)
 return 1
 """
+)
 
 # KEYS: lease sets. ARGV: lease ms, then one member per key. Renews the members that still exist.
-_RENEW_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_RENEW_LUA = (
+    lua.NOW
+    + """
 local lease = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
   redis.call('ZADD', key, 'XX', now + lease, ARGV[i + 1])
@@ -215,6 +213,7 @@ for i, key in ipairs(KEYS) do
 end
 return #KEYS
 """
+)
 
 
 class RedisKeyConcurrency:

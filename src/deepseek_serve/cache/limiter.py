@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from deepseek_serve.cache import lua
 from deepseek_serve.cache.client import RedisClient, RedisUnavailable
 from deepseek_serve.contracts import Principal, RateLimitDecision
 
@@ -33,23 +34,9 @@ ANONYMOUS_KEY = "anonymous"
 
 # KEYS: request bucket, token bucket. ARGV: rpm (0 = off), tpm (0 = off), tokens to reserve.
 # Returns {allowed, req_remaining, req_reset_ms, tok_remaining, tok_reset_ms, retry_after_ms}.
-_ADMIT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window = 60000
-
-local function load(key, cap)
-  local v = redis.call('HMGET', key, 'l', 't')
-  local level, ts = tonumber(v[1]), tonumber(v[2])
-  if level == nil or ts == nil then return cap end
-  return math.min(cap, level + math.max(0, now - ts) * cap / window)
-end
-
-local function store(key, cap, level)
-  redis.call('HSET', key, 'l', tostring(level), 't', now)
-  redis.call('PEXPIRE', key, math.ceil((cap - level) * window / cap) + 1000)
-end
-
+_ADMIT_LUA = (
+    lua.BUCKET
+    + """
 local function reset_ms(cap, level)
   return math.ceil(math.max(0, cap - level) * window / cap)
 end
@@ -58,11 +45,11 @@ local rpm, tpm, reserve = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]
 local lr, lt = 0, 0
 local retry = 0
 if rpm > 0 then
-  lr = load(KEYS[1], rpm)
+  lr = refilled(KEYS[1], rpm) or rpm
   if lr < 1 then retry = math.max(retry, math.ceil((1 - lr) * window / rpm)) end
 end
 if tpm > 0 then
-  lt = load(KEYS[2], tpm)
+  lt = refilled(KEYS[2], tpm) or tpm
   local need = math.min(reserve, tpm)
   if lt < need then retry = math.max(retry, math.ceil((need - lt) * window / tpm)) end
 end
@@ -77,21 +64,19 @@ if rpm > 0 then rr = reset_ms(rpm, lr) end
 if tpm > 0 then rt = reset_ms(tpm, lt) end
 return {allowed, math.floor(lr), rr, math.floor(lt), rt, retry}
 """
+)
 
 # KEYS: token bucket. ARGV: tpm, tokens to give back (negative = take more).
-_SETTLE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window = 60000
+_SETTLE_LUA = (
+    lua.BUCKET
+    + """
 local cap, delta = tonumber(ARGV[1]), tonumber(ARGV[2])
-local v = redis.call('HMGET', KEYS[1], 'l', 't')
-local level, ts = tonumber(v[1]), tonumber(v[2])
-if level == nil or ts == nil then return 0 end
-level = math.min(cap, math.min(cap, level + math.max(0, now - ts) * cap / window) + delta)
-redis.call('HSET', KEYS[1], 'l', tostring(level), 't', now)
-redis.call('PEXPIRE', KEYS[1], math.ceil((cap - level) * window / cap) + 1000)
+local level = refilled(KEYS[1], cap)
+if level == nil then return 0 end
+store(KEYS[1], cap, math.min(cap, level + delta))
 return 1
 """
+)
 
 
 @dataclass(frozen=True)
