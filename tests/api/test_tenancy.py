@@ -137,6 +137,18 @@ def usage_rows(server: Server, secret: str, expected: int) -> list[list[str]]:
         time.sleep(0.2)
 
 
+def admitted_soon(client: OpenAI, model: str, within_s: float = 10.0) -> None:
+    """A request is admitted within `within_s` (429s before that are retried every 0.2 s)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            ask(client, model, "Now there is room.")
+            return
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, f"still refused after {within_s:.0f}s"
+            time.sleep(0.2)
+
+
 # --- tenant isolation ------------------------------------------------------------------------------
 def test_one_keys_cached_answer_is_never_served_to_another(server: Server) -> None:
     model = model_of(server)
@@ -282,14 +294,7 @@ def test_per_key_concurrency_cap(server: Server) -> None:
     finally:
         for stream in streams:
             stream.close()
-    deadline = time.monotonic() + 10
-    while True:  # the closed streams release their places once the server has seen the disconnects
-        try:
-            ask(client, model, "Now there is room.")
-            break
-        except openai.RateLimitError:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+    admitted_soon(client, model)  # the closed streams release their places once the server sees it
 
 
 def test_two_processes_share_the_throttle_and_the_concurrency_cap(server: Server, twin: Server) -> None:
@@ -325,14 +330,7 @@ def test_two_processes_share_the_throttle_and_the_concurrency_cap(server: Server
     finally:
         for stream in streams:
             stream.close()
-    deadline = time.monotonic() + 10
-    while True:  # released once the first process has seen the disconnects
-        try:
-            ask(twin.client(valid), model, "Now there is room.")
-            break
-        except openai.RateLimitError:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+    admitted_soon(twin.client(valid), model)  # released once the first process has seen the disconnects
 
 
 def test_conversation_writes_count_against_the_keys_limits(server: Server) -> None:
