@@ -43,6 +43,7 @@ import queue
 import shutil
 import signal
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -79,8 +80,8 @@ _SUMMARY_INTERVAL_S = 1.0
 _IDLE_WAIT_S = 0.5  # an idle child blocks this long on the pipe between checks
 _LOAD_TIMEOUT_S = 3600.0  # model download + load + warm-up on the device
 _CONNECT_TIMEOUT_S = 60.0  # a worker's wait for the ready message of a running engine process
-# an API worker's connection must finish the authentication handshake in this long, and at most this many
-# handshakes run at once: a connection that stalls holds one handshake thread, never the accept loop
+# each read / write of an API worker's authentication handshake times out after this long, and at most this
+# many handshakes run at once: a connection that stalls holds one handshake thread, never the accept loop
 _HANDSHAKE_TIMEOUT_S = 10.0
 _MAX_HANDSHAKES = 16
 # where `serve` tells its workers the engine process's socket and key (hex)
@@ -190,7 +191,7 @@ def _child_main(
                 "set DS_ENGINE_PROCESS=off"
             ) from exc
         if listen is not None:
-            # no authkey here: `_accept` authenticates each connection in a thread of its own, under a deadline
+            # no authkey here: `_accept` authenticates each connection in a thread of its own, with timeouts
             listener = Listener(listen.address, family="AF_UNIX", backlog=64)
     except BaseException as exc:
         logger.exception("the engine process could not load the model")
@@ -445,8 +446,8 @@ class _ChildLoop:
 
 def _accept(listener: Listener, authkey: bytes, ready: bytes, joined: queue.SimpleQueue[Connection], wake: int) -> None:
     """The engine process's accept thread: each connection is authenticated in a thread of its own
-    (`_handshake`, at most _MAX_HANDSHAKES at once, each under _HANDSHAKE_TIMEOUT_S), so a client that
-    connects and then says nothing holds up no other. Ends when the listener closes."""
+    (`_handshake`, at most _MAX_HANDSHAKES at once, its reads and writes under _HANDSHAKE_TIMEOUT_S),
+    so a client that connects and then says nothing holds up no other. Ends when the listener closes."""
     handshakes = threading.BoundedSemaphore(_MAX_HANDSHAKES)
     while True:
         try:
@@ -465,6 +466,15 @@ def _accept(listener: Listener, authkey: bytes, ready: bytes, joined: queue.Simp
         ).start()
 
 
+def _io_timeout(conn: Connection, seconds: float) -> None:
+    """A blocking read or write on `conn` fails (BlockingIOError) after `seconds`; 0: never."""
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:  # the options belong to the shared socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
 def _handshake(
     conn: Connection,
     authkey: bytes,
@@ -474,31 +484,19 @@ def _handshake(
     handshakes: threading.BoundedSemaphore,
 ) -> None:
     """Challenge and answer (multiprocessing's HMAC handshake, as `Listener(authkey=...)` does), then
-    the ready message, then the connection joins the loop (woken through `wake`). Past the deadline
-    the socket is shut down, which ends a blocked read."""
-    lock = threading.Lock()
-    done = False
-
-    def expire() -> None:
-        with lock:
-            if not done:
-                with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    timer = threading.Timer(_HANDSHAKE_TIMEOUT_S, expire)
-    timer.start()
+    the ready message, then the connection joins the loop (woken through `wake`). Each read and write
+    of the handshake times out after _HANDSHAKE_TIMEOUT_S (socket options, cleared once it is done)."""
     try:
+        _io_timeout(conn, _HANDSHAKE_TIMEOUT_S)
         multiprocessing.connection.deliver_challenge(conn, authkey)
         multiprocessing.connection.answer_challenge(conn, authkey)
         conn.send_bytes(ready)
-        with lock:
-            done = True
+        _io_timeout(conn, 0.0)
     except (multiprocessing.AuthenticationError, OSError, EOFError) as exc:
         logger.warning("a connection to the engine socket failed to authenticate: %s", exc or type(exc).__name__)
         conn.close()
         return
     finally:
-        timer.cancel()
         handshakes.release()
     joined.put(conn)
     os.write(wake, b"\0")
