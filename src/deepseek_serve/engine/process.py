@@ -318,14 +318,12 @@ class _ChildLoop:
     def take_joined(self) -> None:
         assert self.wake is not None
         os.read(self.wake, 4096)
-        if self.joined.empty():
-            return
         while not self.joined.empty():
             conn = self.joined.get()
             self.conns.append(conn)
             # the ready message's snapshot was taken at load: the current one, with the summary
             self.send(conn, ("stats", self.core.stats(), self.summary, conn is self.reporter()))
-        logger.info("API workers connected: %d", len(self.workers()))
+            logger.info("API workers connected: %d", len(self.workers()))  # a line per worker that joins
 
     def drop(self, conn: Connection) -> None:
         """A worker's connection closed: end its requests, hand metrics to the next worker."""
