@@ -27,7 +27,7 @@ from deepseek_serve.engine.errors import (
     InvalidRequestError,
     QueueFullError,
 )
-from deepseek_serve.engine.process import ProcessEngine, use_engine_process
+from deepseek_serve.engine.process import _STATS_INTERVAL_S, ProcessEngine, use_engine_process
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams
 from tests.support.server import REPO, ServeProcess
 from tests.support.settings import make_settings
@@ -187,6 +187,9 @@ async def wait_idle(eng: ProcessEngine, timeout_s: float = 20.0) -> bool:
 
 def test_closing_a_stream_frees_its_sequence(engine: ProcessEngine, loop: asyncio.Runner) -> None:
     async def run() -> None:
+        # past the stats snapshots' rate limit (a test before may have just had one sent), so the engine
+        # reports the request running at its first step rather than after this short request is over
+        await asyncio.sleep(2 * _STATS_INTERVAL_S)
         stream = await engine.add_request(request(0, "def", max_tokens=200, ignore_eos=True))
         first = await anext(stream)
         assert not first.finished
