@@ -93,6 +93,15 @@ LOG: list[str] = []
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def linears(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """The distinct linears of a shape's decoder step, name -> (K, N): the fused q/k/v and gate/up
+    projections, o, down and the LM head."""
+    d, i = cfg["hidden_size"], cfg["intermediate_size"]
+    head = d // cfg["num_attention_heads"]
+    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * head
+    return {"qkv": (d, qkv), "o": (d, d), "gate_up": (d, 2 * i), "down": (i, d), "lm_head": (d, cfg["vocab_size"])}
+
+
 def sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()

@@ -39,13 +39,6 @@ from deepseek_serve.engine.runners.pytorch.quant_kernels import TileConfig
 from deepseek_serve.engine.runners.pytorch.quantize import dequantize_int4, pack_int4, quantize_int4, quantize_int8
 
 DEVICE = torch.device("cuda")
-LINEARS = {  # name: (K, N)
-    "qkv": (1536, 2048),
-    "o": (1536, 1536),
-    "gate_up": (1536, 17920),
-    "down": (8960, 1536),
-    "lm_head": (1536, 151936),
-}
 ROWS = (16, 32, 64, 128)
 GROUPS = (32, 128)
 SPLITS = (1, 2, 3, 4, 6, 8, 12)
@@ -218,10 +211,12 @@ def timed_us(fns: list[Callable[[], Any]]) -> float | str:
 
 
 def sweep(results: dict[str, Any], deadline: float) -> None:
+    import gpu_quant  # not at the top: the check workers need none of its imports
+
     old = old_kernels()
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     rows: list[dict[str, Any]] = results.setdefault("sweep", [])
-    for name, (k, n) in LINEARS.items():
+    for name, (k, n) in gpu_quant.LINEARS.items():
         if time.perf_counter() > deadline:
             log(f"sweep: out of time before {name}")
             break

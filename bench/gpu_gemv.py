@@ -49,13 +49,7 @@ from gpu_quant import L2_DEFEAT_BYTES, graph_time_us
 
 DEVICE = torch.device("cuda")
 SHAPE = gpu.SHAPES["r1-distill-qwen-1.5b"]
-LINEARS = {  # name: (K, N, SiLU·up fused)
-    "qkv": (1536, 2048, False),
-    "o": (1536, 1536, False),
-    "gate_up": (1536, 17920, False),
-    "down": (8960, 1536, True),
-    "lm_head": (1536, 151936, False),
-}
+LINEARS = {name: (k, n, name == "down") for name, (k, n) in gpu.linears(SHAPE).items()}  # + SiLU·up fused
 # (BLOCK_N, BLOCK_K, num_warps) per kind; SPLIT is swept per linear (a runtime argument: no compile)
 TILES: dict[str, list[tuple[int, int, int]]] = {
     "float": [(16, 256, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8), (32, 512, 8), (128, 128, 8)],
@@ -67,6 +61,7 @@ SPLITS = (1, 2, 4, 8)
 VARIANTS: dict[str, dict[str, Any]] = {  # quant, quantize_model options, DecodeStep's gemv_down; by priority
     "bf16": dict(quant="none", gemv_down=False),
     "bf16-gemv": dict(quant="none", gemv_down=True),
+    "bf16-bias-apart": dict(quant="none", gemv_down=False, bias_apart=True),
     "int8-gemv": dict(quant="int8", opts=dict(int8_one_row="gemv"), gemv_down=True),
     "int4-gemv-g32": dict(quant="int4", opts=dict(int4_kernel="triton", group_size=32), gemv_down=True),
     "int8-inductor": dict(quant="int8", opts=dict(int8_one_row="inductor"), gemv_down=False),
@@ -332,7 +327,9 @@ def bench_variant(
     runner = gpu.our_runner(
         hf, SHAPE, torch.bfloat16, slots=1, max_len=256, quant=v["quant"], quant_options=v.get("opts")
     )
-    runner.decode_step = DecodeStep(runner.model, compiler=runner.compiler, gemv_down=v["gemv_down"])
+    runner.decode_step = DecodeStep(
+        runner.model, compiler=runner.compiler, gemv_down=v["gemv_down"], bias_apart=v.get("bias_apart", False)
+    )
     wbytes = weight_bytes(runner.model)
     row["weight_GB"] = wbytes / 1e9
     row["roofline_tok_s"] = bw / wbytes

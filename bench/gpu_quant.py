@@ -40,13 +40,7 @@ from deepseek_serve.engine.runners.pytorch.quantize import (
 
 DEVICE = torch.device("cuda")
 SHAPE = gpu.SHAPES["r1-distill-qwen-1.5b"]
-LINEARS = {  # name: (K, N)
-    "qkv": (1536, 2048),
-    "o": (1536, 1536),
-    "gate_up": (1536, 17920),
-    "down": (8960, 1536),
-    "lm_head": (1536, 151936),
-}
+LINEARS = gpu.linears(SHAPE)  # name: (K, N)
 ROWS = (1, 8, 64, 128)
 L2_DEFEAT_BYTES = 256 << 20
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 # The request's fields; a mutable dict so what inner code binds is seen by the outer middleware.
 _fields_var: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("log_fields", default=None)
 
-CONTEXT_FIELDS = ("request_id", "key_id", "route", "status", "latency_ms", "tokens", "completion_id")
 PROMPT_FIELDS = frozenset({"prompt", "prompt_text", "messages", "completion", "completion_text", "content", "input"})
 # attributes every LogRecord has; anything else on a record came from `extra=`
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
