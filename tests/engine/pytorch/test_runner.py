@@ -402,7 +402,9 @@ def test_traced_decode_step_matches_eager_and_compiles_once_per_row_class(tiny: 
     args = model.args
     model.setup_rope(129, "cpu")
     torch._dynamo.reset()
-    steps = [DecodeStep(model, backend="aot_eager", attention=a) for a in ("sdpa", "reductions")]
+    # the second step adds the biases after the matmuls (`bias_apart`: the qkv bias of Qwen2 shapes)
+    steps = [DecodeStep(model, backend="aot_eager", attention="sdpa")]
+    steps.append(DecodeStep(model, backend="aot_eager", attention="reductions", bias_apart=True))
     steps[0].eager_argmax = False  # the argmax inside the compiled head: one step covers each head
     before = counters["stats"]["unique_graphs"]
     for n, kv_len in ((1, 32), (1, 64), (2, 32), (4, 64)):

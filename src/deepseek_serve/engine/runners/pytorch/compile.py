@@ -118,7 +118,12 @@ class DecodeStep:
     `backend`: torch.compile's (tests trace on CPU with "aot_eager"). `compiler`: the one whose
     wrappers to use (a new one when None). `gemv_down`: the one-row step's MLPs run SiLU·up and the
     down projection as one split-K GEMV kernel (`gemv_kernels`; None = GEMV_DOWN on CUDA for a model
-    with quantized down projections).
+    with quantized down projections). `bias_apart`: the one-row step adds the linears' biases after
+    their matmuls (`Ops.bias_apart`). Inductor's M = 1 decomposition skips a matmul with a bias
+    (addmm), so a Qwen2 one-row step runs its qkv projection as a cuBLAS GEMV after a separate RMSNorm
+    kernel (5.3 + 2.3 µs per layer of the 1.5B shape on an H200); apart, the two could become one
+    reduction like gate_up's. Off by default: not yet measured on a GPU (`bench/gpu_gemv.py
+    --variants bf16,bf16-bias-apart`).
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class DecodeStep:
         eager_argmax: bool = True,
         compiler: Compiler | None = None,
         gemv_down: bool | None = None,
+        bias_apart: bool = False,
     ) -> None:
         if attention != "auto" and attention not in DECODE_ATTENTIONS:
             names = ", ".join(["auto", *DECODE_ATTENTIONS])
@@ -151,6 +157,8 @@ class DecodeStep:
             if not gemv_kernels():  # imports them (registers the ops)
                 raise RuntimeError("gemv_down needs the gemv_kernels module (Triton)")
             self.ops_one = replace(self.ops_one, gemv_down=True)
+        if bias_apart:
+            self.ops_one = replace(self.ops_one, bias_apart=True)
         self.model = model
         self.eager_argmax = eager_argmax
         compiler = compiler or Compiler()

@@ -62,21 +62,21 @@ class Attention(nn.Module):
         """`cache_l` [slots, Hk, S_max + 1, 2D] is this layer's part of `KVCache.kv`."""
         b, t, _ = x.shape
         h, hk, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x).view(b, t, h + 2 * hk, hd)
+        qkv = project(self.qkv_proj, x, ops).view(b, t, h + 2 * hk, hd)
         q, kv = ops.rope_pack(qkv, rope[0], rope[1], h, hk)  # [B, T, H, D], [B, T, Hk, 2D]
         cache_l[fb.rows, :, fb.write_pos] = kv
         if fb.blocks is not None:
-            return self.o_proj(attend_chunk(q, cache_l, fb.blocks))
+            return project(self.o_proj, attend_chunk(q, cache_l, fb.blocks), ops)
         assert fb.mask is not None
         s = fb.mask.shape[-1]
         if fb.kv_concat:  # one packed row: its segments' slots side by side
             assert fb.slots is not None
             n = fb.slots.shape[0]
             kvs = cache_l[fb.slots, :, : s // n].transpose(0, 1).reshape(1, hk, s, 2 * hd)  # [1, Hk, S, 2D]
-            return self.o_proj(ops.attend(q, kvs, fb, hk))
+            return project(self.o_proj, ops.attend(q, kvs, fb, hk), ops)
         # decode over a slot range: row i is slot i (a view); else gather the rows' slots
         kvs = cache_l[:b, :, :s] if fb.slots is None else cache_l[fb.slots, :, :s]  # [B, Hk, S, 2D]
-        return self.o_proj(ops.attend(q, kvs, fb, hk))
+        return project(self.o_proj, ops.attend(q, kvs, fb, hk), ops)
 
 
 class MLP(nn.Module):
@@ -96,7 +96,16 @@ class MLP(nn.Module):
             if partials is not None:
                 return partials.view(partials.shape[0], *x.shape)
             return self.down_proj(ops.silu_mul(self.gate_up_proj(x))).unsqueeze(0)
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        return project(self.down_proj, ops.silu_mul(project(self.gate_up_proj, x, ops)), ops)
+
+
+def project(linear: nn.Module, x: Tensor, ops: Ops) -> Tensor:
+    """linear(x); with `ops.bias_apart` a plain linear's bias is added after the matmul, which Inductor
+    then reduces for one row with the RMSNorm before it and the bias fused in (it sends a matmul with
+    a bias, addmm, to cuBLAS whatever the rows)."""
+    if ops.bias_apart and isinstance(linear, nn.Linear) and linear.bias is not None:
+        return nn.functional.linear(x, linear.weight) + linear.bias
+    return linear(x)
 
 
 def _has_gemv(linear: nn.Module, dtype: torch.dtype) -> bool:

@@ -137,7 +137,9 @@ class Ops:
     """The elementwise pieces of a layer and its attention. `attention`: "sdpa" (SDPA with the mask,
     or causal for a causal tail), "reductions" (`attend_reductions`) or "triton" (`attend_triton`);
     the last two are for one decode token per row. `gemv_down`: one-row MLPs run their down projection
-    through the GEMV kernel that computes SiLU·up itself (`modules.silu_down`)."""
+    through the GEMV kernel that computes SiLU·up itself (`modules.silu_down`). `bias_apart`: plain
+    linears add their bias after the matmul (`modules.project`), for a compiler that turns one-row
+    matmuls into reductions but leaves a matmul with a bias (addmm) to cuBLAS, as Inductor does."""
 
     rms_norm: Callable[[Tensor, Tensor, float], Tensor]
     add_rms_norm: Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
@@ -145,6 +147,7 @@ class Ops:
     rope_pack: Callable[[Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor]]
     attention: str = "sdpa"
     gemv_down: bool = False
+    bias_apart: bool = False
 
     def attend(self, q: Tensor, kvs: Tensor, fb: ForwardBatch, hk: int) -> Tensor:
         if self.attention == "triton":
