@@ -137,7 +137,7 @@ class Ops:
     """The elementwise pieces of a layer and its attention. `attention`: "sdpa" (SDPA with the mask,
     or causal for a causal tail), "reductions" (`attend_reductions`) or "triton" (`attend_triton`);
     the last two are for one decode token per row. `gemv_down`: one-row MLPs run their down projection
-    through the GEMV kernel that computes SiLU·up itself (`modules.silu_down`). `bias_apart`: plain
+    through the GEMV kernel that computes SiLU·up itself (`modules.mlp_partials`). `bias_apart`: plain
     linears add their bias after the matmul (`modules.project`), for a compiler that turns one-row
     matmuls into reductions but leaves a matmul with a bias (addmm) to cuBLAS, as Inductor does."""
 
