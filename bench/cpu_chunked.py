@@ -29,31 +29,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deepseek_serve.bench.stats import percentile
 from deepseek_serve.cli._common import run_loop
 from deepseek_serve.config import load_settings
 from deepseek_serve.engine.async_engine import AsyncEngine
 from deepseek_serve.engine.runners.llamacpp.backend import physical_cores
 from deepseek_serve.engine.types import GenerationRequest, SamplingParams
 from deepseek_serve.models.packs import PACKS, pull_pack
+from engine import PROMPTS  # bench/engine.py's short chat prompts
 
-SHORT = [
-    "Explain how a bicycle works.",
-    "Write a short story about a lighthouse keeper.",
-    "What are the benefits of drinking water?",
-    "Describe the water cycle to a child.",
-    "Give three tips for learning a new language.",
-    "Why is the sky blue?",
-    "Summarize the history of the printing press.",
-    "How do bees make honey?",
-]
 DECODE_TOKENS = 400  # per decoding stream: more than a run needs (they are closed once the prompt is in)
 # a long prompt built from numbered, distinct sentences (no repeated block a prefix cache could share)
 SENTENCE = "Note {i}: the {i}th entry of the maintenance log lists checks on valve {v} and pump {p}."
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))] if s else float("nan")
 
 
 def long_prompt(engine: AsyncEngine, tokens: int) -> str:
@@ -79,7 +66,7 @@ async def one_run(engine: AsyncEngine, streams: int, prompt: str, tag: str) -> d
     async def decoder(i: int) -> None:
         req = GenerationRequest(
             request_id=f"{tag}-d{i}",
-            prompt=engine.render_chat([{"role": "user", "content": SHORT[i % len(SHORT)]}]),
+            prompt=engine.render_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]),
             add_special_tokens=False,
             params=SamplingParams(temperature=0.0, max_tokens=DECODE_TOKENS, ignore_eos=True),
         )
@@ -125,8 +112,8 @@ async def one_run(engine: AsyncEngine, streams: int, prompt: str, tag: str) -> d
         "prompt_tokens": last.usage.prompt_tokens,
         "ttft_s": first - sent,
         "steady_ms": 1e3 * statistics.median(steady),
-        "during_p50_ms": 1e3 * percentile(during, 0.5),
-        "during_p99_ms": 1e3 * percentile(during, 0.99),
+        "during_p50_ms": 1e3 * percentile(during, 50) if during else float("nan"),
+        "during_p99_ms": 1e3 * percentile(during, 99) if during else float("nan"),
         "during_max_ms": 1e3 * max(during) if during else float("nan"),
         "gaps_during": len(during),
     }
